@@ -1,0 +1,324 @@
+"""Recipes: YAML files of nested keys, validated against one schema before any work starts.
+
+Every key a recipe or an override (`--set data.root=/x`) may set is declared in `SCHEMA` with its default,
+type and allowed range, so an unknown key or a bad value fails early with a message that names it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import yaml
+
+_logger = logging.getLogger(__name__)
+
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown key or gives a bad value."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: default value, accepted types, optional extra check returning an error text or None."""
+
+    default: Any
+    types: tuple
+    check: Callable[[Any], str | None] | None = None
+    nullable: bool = False
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {list(options)}"
+
+
+def _at_least(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}]"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _pair_of_increasing(v: Any) -> str | None:
+    if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v) or not 0 <= v[0] <= v[1]:
+        return "must be [low, high] with 0 <= low <= high"
+    return None
+
+
+def _positive_ints(v: Any) -> str | None:
+    return None if all(isinstance(x, int) and x > 0 for x in v) else "must be a list of positive integers"
+
+
+def _dims(v: Any) -> str | None:
+    return None if len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) else "must be [hidden, out] positive integers"
+
+
+INT = (int,)
+FLOAT = (int, float)
+STR = (str,)
+BOOL = (bool,)
+LIST = (list,)
+
+SCHEMA: dict[str, Any] = {
+    "name": Field("", STR),
+    "epochs": Field(10, INT, _at_least(1)),
+    "seed": Field(0, INT, _at_least(0)),
+    "method": Field("none", STR, _choice("none", "sam", "gkp", "gsa", "gkp_gsa")),
+    "log_interval": Field(50, INT, _at_least(1)),
+    "checkpoint_interval": Field(1, INT, _at_least(1)),
+    "max_nonfinite_steps": Field(20, INT, _at_least(1)),
+    "data": {
+        "dataset": Field("digits", STR,
+                         _choice("digits", "fmnist", "cifar10", "cifar100", "imagenet_lt", "places_lt", "inat2018")),
+        "root": Field(None, STR, nullable=True),
+        "imbalance_ratio": Field(None, FLOAT, _at_least(1.0), nullable=True),
+        "val_per_class": Field(10, INT, _at_least(0)),
+        "test_per_class": Field(50, INT, _at_least(1)),
+        "train_list": Field(None, STR, nullable=True),
+        "val_list": Field(None, STR, nullable=True),
+        "test_list": Field(None, STR, nullable=True),
+        "img_size": Field(32, INT, _at_least(1)),
+        "augment": Field("basic", STR, _choice("none", "basic", "autoaugment", "randaugment")),
+        "contrastive_views": Field(0, INT, _choice(0, 2)),
+        "batch_size": Field(128, INT, _at_least(1)),
+        "eval_batch_size": Field(256, INT, _at_least(1)),
+        "num_workers": Field(0, INT, _at_least(0)),
+        "sampler": Field("random", STR, _choice("random", "class_balanced")),
+        "skip_bad_images": Field(False, BOOL),
+        "mean": Field(None, LIST, nullable=True),
+        "std": Field(None, LIST, nullable=True),
+    },
+    "model": {
+        "name": Field("resnet8_cifar", STR),
+        "pretrained_path": Field(None, STR, nullable=True),
+        "classifier": Field("linear", STR, _choice("linear", "cosine")),
+        "cosine_scale": Field(30.0, FLOAT, _positive),
+        "proj_head": Field(None, LIST, _dims, nullable=True),
+        "drop_rate": Field(0.0, FLOAT, _between(0.0, 1.0)),
+    },
+    "loss": {
+        "name": Field("ce", STR, _choice("ce", "la", "bs", "ldam_drw", "bcl")),
+        "tau": Field(1.0, FLOAT),
+        "ldam_max_m": Field(0.5, FLOAT, _positive),
+        "ldam_s": Field(30.0, FLOAT, _positive),
+        "drw_start": Field(0.8, FLOAT, _between(0.0, 1.0)),
+        "drw_beta": Field(0.9999, FLOAT, _between(0.0, 1.0)),
+        "bcl_alpha": Field(2.0, FLOAT, _at_least(0.0)),
+        "bcl_beta": Field(0.6, FLOAT, _at_least(0.0)),
+        "bcl_temperature": Field(0.1, FLOAT, _positive),
+        "label_smoothing": Field(0.0, FLOAT, _between(0.0, 1.0)),
+    },
+    "optim": {
+        "opt": Field("sgd", STR),
+        "lr": Field(0.1, FLOAT, _positive),
+        "momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
+        "weight_decay": Field(5e-4, FLOAT, _at_least(0.0)),
+        "nesterov": Field(False, BOOL),
+        "clip_grad": Field(None, FLOAT, _positive, nullable=True),
+    },
+    "sched": {
+        "sched": Field("cosine", STR, _choice("cosine", "step", "multistep", "none")),
+        "warmup_epochs": Field(0, INT, _at_least(0)),
+        "warmup_lr": Field(1e-4, FLOAT, _at_least(0.0)),
+        "min_lr": Field(0.0, FLOAT, _at_least(0.0)),
+        "decay_milestones": Field([], LIST, _positive_ints),
+        "decay_rate": Field(0.1, FLOAT, _positive),
+    },
+    "groups": {
+        "num_groups": Field(4, INT, _at_least(1)),
+        "start_epoch": Field(1, INT, _at_least(0)),
+        "interval": Field(0, INT, _at_least(0)),
+        "eval_interval": Field(1, INT, _at_least(1)),
+        "quality_beta": Field(0.5, FLOAT, _at_least(0.0)),
+        "affinity": Field("cosine", STR, _choice("cosine")),
+        "bank_dtype": Field("fp32", STR, _choice("fp32", "bf16")),
+        "bank_spill_dir": Field(None, STR, nullable=True),
+    },
+    "gkp": {
+        "lam": Field(100.0, FLOAT, _at_least(0.0)),
+        "norm": Field("per_classes", STR, _choice("per_classes", "per_samples")),
+        "fisher": Field("exact", STR, _choice("exact", "ema")),
+        "fisher_ema": Field(0.9, FLOAT, _between(0.0, 1.0)),
+        "fisher_batches": Field(0, INT, _at_least(0)),
+        "state_dtype": Field("fp32", STR, _choice("fp32", "bf16", "fp16")),
+    },
+    "gsa": {
+        "direction": Field("gsa", STR, _choice("gsa", "sam", "gsa_proj", "friendly")),
+        "z": Field(1e-2, FLOAT, _positive),
+        "rho_clamp": Field(None, LIST, _pair_of_increasing, nullable=True),
+        "regularizer": Field(False, BOOL),
+        "friendly_sigma": Field(1.0, FLOAT),
+        "friendly_momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
+        "sync": Field(True, BOOL),
+        "backend": Field("auto", STR, _choice("auto", "fused", "reference")),
+    },
+    "sam": {
+        "rho": Field(0.05, FLOAT, _positive),
+    },
+    "alpha": {
+        "start": Field(0.95, FLOAT, _between(0.0, 1.0)),
+        "end": Field(0.6, FLOAT, _between(0.0, 1.0)),
+    },
+}
+
+_LIST_DATASETS = ("imagenet_lt", "places_lt", "inat2018")
+
+
+def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The configuration every recipe starts from."""
+    schema = SCHEMA if schema is None else schema
+    return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
+
+
+def _field(key: str) -> Field:
+    node: Any = SCHEMA
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown recipe key '{key}'")
+        node = node[part]
+    if isinstance(node, dict):
+        raise ConfigError(f"recipe key '{key}' is a section; set one of its keys: {sorted(node)}")
+    return node
+
+
+def _check_value(key: str, value: Any) -> Any:
+    f = _field(key)
+    if value is None:
+        if f.nullable:
+            return None
+        raise ConfigError(f"recipe key '{key}' may not be null")
+    if isinstance(value, bool) and bool not in f.types:
+        raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in f.types)}, got {value!r}")
+    if not isinstance(value, f.types):
+        raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in f.types)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"recipe key '{key}': value {value!r} is not finite")
+    if f.check is not None:
+        err = f.check(value)
+        if err:
+            raise ConfigError(f"recipe key '{key}' = {value!r}: {err}")
+    return value
+
+
+def _merge(cfg: dict[str, Any], update: dict[str, Any], prefix: str, source: str) -> None:
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if not isinstance(cfg.get(k), dict):
+                raise ConfigError(f"{source}: unknown recipe key '{key}'" if k not in cfg
+                                  else f"{source}: recipe key '{key}' is a value, not a section")
+            _merge(cfg[k], v, key + ".", source)
+        else:
+            try:
+                cfg[k] = _check_value(key, v)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `KEY=VALUE`; VALUE is read as YAML so numbers, lists, null and booleans work."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    _field(key)
+    if isinstance(value, int) and not isinstance(value, bool) and _field(key).types == FLOAT:
+        value = float(value)
+    return key, value
+
+
+def recipe_path(name: str) -> str:
+    """Resolve a recipe name (file stem in recipes/) or a path to a YAML file."""
+    if os.path.isfile(name):
+        return name
+    path = os.path.join(RECIPE_DIR, f"{name}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
+        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(known)})")
+    return path
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Cross-key checks: combinations of keys that cannot work together."""
+    data, loss, model = cfg["data"], cfg["loss"], cfg["model"]
+    if data["dataset"] in _LIST_DATASETS:
+        if data["imbalance_ratio"] is not None:
+            raise ConfigError(f"recipe key 'data.imbalance_ratio' does not apply to {data['dataset']} "
+                              "(its long tail comes from the list files); set it to null")
+    elif data["imbalance_ratio"] is None:
+        raise ConfigError(f"recipe key 'data.imbalance_ratio' is required for {data['dataset']}")
+    if loss["name"] == "bcl":
+        if data["contrastive_views"] != 2:
+            raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per image)")
+        if model["proj_head"] is None:
+            raise ConfigError("loss.name=bcl needs model.proj_head=[hidden, out] (the contrastive heads)")
+    elif data["contrastive_views"]:
+        raise ConfigError(f"data.contrastive_views={data['contrastive_views']} is only used by loss.name=bcl, "
+                          f"not {loss['name']}")
+    if cfg["alpha"]["end"] > cfg["alpha"]["start"]:
+        raise ConfigError("alpha.end must not exceed alpha.start (alpha decays over the method's epochs)")
+    if cfg["method"] in ("gkp", "gsa", "gkp_gsa") and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
+        raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
+                          f"for method={cfg['method']}")
+    if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
+        raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa")
+    if cfg["method"] == "sam" and cfg["gsa"]["direction"] != "gsa":
+        raise ConfigError("gsa.direction applies to methods gsa/gkp_gsa, not method=sam")
+    if cfg["sched"]["warmup_epochs"] >= cfg["epochs"]:
+        raise ConfigError(f"sched.warmup_epochs={cfg['sched']['warmup_epochs']} must be < epochs={cfg['epochs']}")
+    return cfg
+
+
+def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key."""
+    path = recipe_path(recipe)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe file {path} must hold a mapping of keys")
+    cfg = defaults()
+    _merge(cfg, raw, "", path)
+    if not cfg["name"]:
+        cfg["name"] = os.path.splitext(os.path.basename(path))[0]
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), "", f"override '{text}'")
+    return validate(cfg)
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for logging and comparison."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,77 @@
+"""Grouped Knowledge Preservation (SPEC.md section 3): Fisher estimates and the Eq. 6 coefficients.
+
+Summed over the groups of Eq. 16, the penalty is sum_j c_j sum_i F_ji (theta_i - theta*_ji)^2 with
+c_j = (1 - alpha) (lambda / 2) (G - 1) / |G_j|, which `lt_recipes.ops.gkp_penalty` evaluates with its gradient in
+one pass over theta, the anchors and the Fisher rows.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, ContextManager, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .gsa import ordered_parameters
+
+_logger = logging.getLogger(__name__)
+
+
+def gkp_coefficients(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str,
+                     alpha: float) -> torch.Tensor:
+    """c_j = (1 - alpha) (lambda/2) (G - 1) / |G_j|, |G_j| in classes ("per_classes", paper) or samples ("per_samples")."""
+    sizes = group_classes if norm == "per_classes" else group_samples
+    G = len(sizes)
+    return torch.tensor([(1 - alpha) * lam / 2 * (G - 1) / max(int(s), 1) for s in sizes], dtype=torch.float32)
+
+
+@torch.no_grad()
+def _set_vector(params: Sequence[torch.Tensor], vec: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.copy_(vec[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def exact_fisher(model: nn.Module, classification_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 dataset: Dataset, targets: np.ndarray, group_of_class: np.ndarray, anchors: torch.Tensor,
+                 is_excluded: Callable[[str], bool], batch_size: int, device: torch.device,
+                 autocast: Callable[[], ContextManager], max_batches: int = 0) -> torch.Tensor:
+    """Diagonal Fisher per group as the released code estimates it (SPEC.md section 3).
+
+    For group j: theta*_j loaded into a copy of the model (classifier kept), eval mode, group j's training images with
+    the test-time transform, F_j = sum over batches of (grad of the batch-mean classification loss)^2 / N_j, over the
+    covered (non-classifier) parameters. Under DDP each rank takes a shard of the images and the sums are all-reduced.
+    """
+    G, n_cov = anchors.shape
+    work = copy.deepcopy(model).to(device).eval()
+    cov_params, _ = ordered_parameters(work, is_excluded)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    fisher = torch.zeros(G, n_cov, dtype=torch.float32, device=device)
+    counts = torch.zeros(G, dtype=torch.float64, device=device)
+    group_of_sample = group_of_class[targets]
+    for j in range(G):
+        _set_vector(cov_params, anchors[j].to(device=device, dtype=torch.float32))
+        idx = np.flatnonzero(group_of_sample == j)[rank::world]
+        loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False)
+        for b, (x, y) in enumerate(loader):
+            if max_batches and b >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                loss = classification_loss(work(x), y)
+            grads = torch.autograd.grad(loss.float(), cov_params, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for g, p in zip(grads, cov_params)])
+            fisher[j].addcmul_(flat, flat)
+            counts[j] += len(y)
+    if world > 1:
+        dist.all_reduce(fisher)
+        dist.all_reduce(counts)
+    fisher /= counts.clamp_min(1).to(fisher.dtype)[:, None]
+    _logger.info("fisher: exact estimate over %s images per group", [int(c) for c in counts.tolist()])
+    return fisher

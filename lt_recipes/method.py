@@ -1,0 +1,329 @@
+"""Training methods on top of a base loss: plain steps, SAM, and the paper's GKP / GSA (recipe key `method`).
+
+`create_method` turns the recipe into one object with the hooks the engine calls: `epoch_start`, `train_step`,
+`epoch_end`, `artifacts` and `state_dict`. The grouped method warms up with plain base steps, evaluates class
+feature quality on the held-out validation split after every `groups.eval_interval` epochs to update the memory
+bank, groups at `groups.start_epoch` (and every `groups.interval` epochs after), and then trains with Eq. 16.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from . import reference
+from .data import LTData
+from .gkp import exact_fisher, gkp_coefficients
+from .grouping import MemoryBank, compute_groups, feature_quality
+from .gsa import SAM, GroupedSAM, LossScaler, StepStats
+
+_logger = logging.getLogger(__name__)
+
+_STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MODULES = {"none": [], "sam": ["sam"], "gkp": ["gkp"], "gsa": ["gsa"], "gkp_gsa": ["gkp", "gsa"]}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""
+
+
+def method_label(cfg: dict[str, Any]) -> str:
+    """`<base>` or `<base>+<modules>`, with `@<direction>` when GSA ascends along a non-default direction."""
+    label = "+".join([cfg["loss"]["name"]] + _MODULES[cfg["method"]])
+    if "gsa" in _MODULES[cfg["method"]] and cfg["gsa"]["direction"] != "gsa":
+        label += f"@{cfg['gsa']['direction']}"
+    return label
+
+
+def index_inputs(inputs: torch.Tensor | list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """The batch rows `idx` of an input tensor or of every view of a multi-view input."""
+    if isinstance(inputs, (list, tuple)):
+        return [x[idx] for x in inputs]
+    return inputs[idx]
+
+
+def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class Method:
+    """Method `none`: one forward/backward of the base loss per step (Accelerate handles DDP and loss scaling)."""
+
+    def __init__(self, cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
+                 accelerator: Accelerator) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.criterion = criterion
+        self.data = data
+        self.acc = accelerator
+        self.skipped_steps = 0
+        self.nonfinite_run = 0
+
+    def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
+        """Attach the prepared (possibly DDP-wrapped) model, optimizer and validation loader."""
+        self.ddp_model = ddp_model
+        self.optimizer = optimizer
+        self.val_loader = val_loader
+
+    def epoch_start(self, epoch: int) -> None:
+        """Hook before an epoch's first step."""
+
+    def _nonfinite(self, epoch: int, step: int, where: str) -> None:
+        self.skipped_steps += 1
+        self.nonfinite_run += 1
+        if self.nonfinite_run > self.cfg["max_nonfinite_steps"]:
+            raise NonFiniteError(f"non-finite values in {where} for {self.nonfinite_run} steps in a row "
+                                 f"(epoch {epoch}, step {step}); lower optim.lr or check the data")
+
+    def base_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+        with self.acc.autocast():
+            loss = self.criterion(self.ddp_model, inputs, targets)
+        if not bool(torch.isfinite(loss.detach())):
+            self.optimizer.zero_grad(set_to_none=False)
+            self._nonfinite(epoch, step, "the base loss")
+            return None
+        self.acc.backward(loss)
+        if self.cfg["optim"]["clip_grad"] is not None:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg["optim"]["clip_grad"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        if self.acc.optimizer_step_was_skipped:
+            self._nonfinite(epoch, step, "the gradients (fp16 overflow)")
+            return None
+        self.nonfinite_run = 0
+        return float(loss.detach())
+
+    def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+        """One optimisation step; returns the batch loss, or None when the step was skipped."""
+        return self.base_step(inputs, targets, epoch, step)
+
+    def epoch_end(self, epoch: int) -> dict[str, Any]:
+        """Hook after an epoch; returns extra summary.csv columns."""
+        return {"skipped_steps": self.skipped_steps}
+
+    def artifacts(self) -> dict[str, Any]:
+        """Extra JSON files for the run directory, by file name."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def _loss_fn(self, inputs: Any, targets: torch.Tensor):
+        return lambda idx: self.criterion(self.model, index_inputs(inputs, idx), targets[idx])
+
+    def _finish(self, stats: StepStats, epoch: int, step: int) -> float | None:
+        if stats.skipped:
+            self._nonfinite(epoch, step, "the gradients of a SAM/GSA pass")
+            return None
+        self.nonfinite_run = 0
+        return stats.loss
+
+
+class SAMMethod(Method):
+    """Method `sam`: plain SAM with radius `sam.rho` on the base loss (a baseline for GSA)."""
+
+    def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
+        super().bind(ddp_model, optimizer, val_loader)
+        self.sam = SAM(self.model, _raw_optimizer(optimizer), rho=self.cfg["sam"]["rho"], autocast=self.acc.autocast,
+                       scaler=LossScaler(self.acc.mixed_precision == "fp16"), clip_grad=self.cfg["optim"]["clip_grad"])
+
+    def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+        return self._finish(self.sam.step(self._loss_fn(inputs, targets), targets), epoch, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "scaler": self.sam.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.sam.scaler.load_state_dict(state["scaler"])
+
+
+class GroupedMethod(Method):
+    """Methods `gkp`, `gsa`, `gkp_gsa`: memory bank, grouping, Fisher, and the Eq. 16 step via GroupedSAM."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        gcfg = self.cfg["groups"]
+        self.use_gkp = "gkp" in _MODULES[self.cfg["method"]]
+        self.use_gsa = "gsa" in _MODULES[self.cfg["method"]]
+        self.bank = MemoryBank(self.data.num_classes, gcfg["bank_dtype"], gcfg["bank_spill_dir"])
+        self.labels: np.ndarray | None = None
+        self.anchors: torch.Tensor | None = None
+        self.fisher: torch.Tensor | None = None
+        self.group_epochs: list[int] = []
+        self.alpha_history: list[float] = []
+        self.quality: dict[str, list] = {"epochs": [], "q": []}
+        self.rho_last: list[float] = []
+        self.alpha = 1.0
+        self._epoch_stats: dict[str, list[float]] = defaultdict(list)
+
+    def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
+        super().bind(ddp_model, optimizer, val_loader)
+        g, c = self.cfg["gsa"], self.cfg
+        self.step_fn = GroupedSAM(
+            self.model, _raw_optimizer(optimizer), num_groups=c["groups"]["num_groups"], direction=g["direction"],
+            z=g["z"], rho_clamp=g["rho_clamp"], regularizer=g["regularizer"], friendly_sigma=g["friendly_sigma"],
+            friendly_momentum=g["friendly_momentum"], sync=g["sync"], perturb=self.use_gsa,
+            autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
+            clip_grad=c["optim"]["clip_grad"], backend=g["backend"])
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def _grouping_due(self, epoch: int) -> bool:
+        start, interval = self.cfg["groups"]["start_epoch"], self.cfg["groups"]["interval"]
+        return epoch == start or (interval > 0 and epoch > start and (epoch - start) % interval == 0)
+
+    def epoch_start(self, epoch: int) -> None:
+        if self._grouping_due(epoch):
+            if not self.bank.uids:
+                self._update_bank(epoch - 1)
+            self._regroup(epoch)
+        if self.labels is not None:
+            start, total = self.cfg["groups"]["start_epoch"], self.cfg["epochs"]
+            a = self.cfg["alpha"]
+            self.alpha = reference.alpha_schedule(epoch - start, total - start, a["start"], a["end"]) \
+                if self.use_gkp else 1.0
+            self.alpha_history.append(self.alpha)
+            if self.use_gkp:
+                self._install_gkp()
+        self._epoch_stats = defaultdict(list)
+
+    # ---- memory bank and grouping -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _val_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        was = self.model.training
+        self.model.eval()
+        feats, labels = [], []
+        for x, y in self.val_loader:
+            with self.acc.autocast():
+                f = self.model.forward_features(x.to(self.acc.device))
+            f, y = self.acc.gather_for_metrics((f.float(), y.to(self.acc.device)))
+            feats.append(f.cpu())
+            labels.append(y.cpu())
+        self.model.train(was)
+        return torch.cat(feats), torch.cat(labels)
+
+    def _update_bank(self, epoch: int) -> None:
+        feats, labels = self._val_features()
+        q = feature_quality(feats, labels, self.data.num_classes, self.cfg["groups"]["quality_beta"])
+        improved = self.bank.update(q, self.step_fn.flat.data[:self.step_fn.num_covered])
+        self.quality["epochs"].append(epoch)
+        self.quality["q"].append([float(v) for v in q.tolist()])
+        _logger.info("memory bank: %d classes improved after epoch %d; %d distinct snapshots (%.1f MB)",
+                     len(improved), epoch, len(self.bank.uids), self.bank.nbytes / 2**20)
+
+    def _group_sizes(self) -> tuple[list[int], list[int]]:
+        G = int(self.labels.max()) + 1
+        counts = np.asarray(self.data.train_counts)
+        return ([int((self.labels == g).sum()) for g in range(G)],
+                [int(counts[self.labels == g].sum()) for g in range(G)])
+
+    def _regroup(self, epoch: int) -> None:
+        gcfg = self.cfg["groups"]
+        self.labels = compute_groups(self.bank, gcfg["num_groups"], self.data.train_counts, self.cfg["seed"])
+        G = int(self.labels.max()) + 1
+        dtype = _STATE_DTYPES[self.cfg["gkp"]["state_dtype"]]
+        self.anchors = self.bank.anchors(self.labels, G, dtype=dtype).to(self.acc.device)
+        self.group_epochs.append(epoch)
+        _, samples = self._group_sizes()
+        self.step_fn.set_groups(self.labels, samples)
+        if self.use_gkp:
+            k = self.cfg["gkp"]
+            if k["fisher"] == "exact":
+                self.fisher = exact_fisher(
+                    self.model, self.criterion.classification_loss, self.data.train_eval, self.data.train_targets,
+                    self.labels, self.anchors, lambda n: n.startswith("classifier."),
+                    self.cfg["data"]["eval_batch_size"], self.acc.device, self.acc.autocast,
+                    k["fisher_batches"]).to(dtype)
+            else:
+                self.fisher = self.step_fn.track_fisher(k["fisher_ema"])
+        _logger.info("groups at epoch %d: %s (classes per group %s)", epoch, G, self._group_sizes()[0])
+
+    def _install_gkp(self) -> None:
+        classes, samples = self._group_sizes()
+        k = self.cfg["gkp"]
+        coef = gkp_coefficients(classes, samples, k["lam"], k["norm"], self.alpha).to(self.acc.device)
+        self.step_fn.set_gkp(self.anchors, self.fisher, coef)
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+        if self.labels is None:
+            return self.base_step(inputs, targets, epoch, step)
+        stats = self.step_fn.step(self._loss_fn(inputs, targets), targets, alpha=self.alpha)
+        if not stats.skipped:
+            for g, v in enumerate(stats.group_loss):
+                self._epoch_stats[f"loss_g{g}"].append(v)
+            for g, v in enumerate(stats.rho):
+                self._epoch_stats[f"rho_g{g}"].append(v)
+            for g, v in enumerate(stats.cos):
+                self._epoch_stats[f"cos_g{g}"].append(v)
+            self._epoch_stats["gkp"].append(stats.gkp)
+            if stats.rho:
+                self.rho_last = list(stats.rho)
+        return self._finish(stats, epoch, step)
+
+    def epoch_end(self, epoch: int) -> dict[str, Any]:
+        if (epoch + 1) % self.cfg["groups"]["eval_interval"] == 0:
+            self._update_bank(epoch)
+        row: dict[str, Any] = {"skipped_steps": self.skipped_steps,
+                               "alpha": self.alpha if self.labels is not None else math.nan,
+                               "num_groups": 0 if self.labels is None else int(self.labels.max()) + 1,
+                               "bank_snapshots": len(self.bank.uids)}
+        for g in range(self.cfg["groups"]["num_groups"]):
+            for key in (f"loss_g{g}", f"rho_g{g}", f"cos_g{g}"):
+                vals = [v for v in self._epoch_stats.get(key, []) if not math.isnan(v)]
+                row[key] = float(np.mean(vals)) if vals else math.nan
+        gkp = self._epoch_stats.get("gkp", [])
+        row["gkp"] = float(np.mean(gkp)) if gkp else math.nan
+        return row
+
+    def artifacts(self) -> dict[str, Any]:
+        groups = [] if self.labels is None else [np.flatnonzero(self.labels == g).tolist()
+                                                 for g in range(int(self.labels.max()) + 1)]
+        return {
+            "groups.json": {
+                "groups": groups,
+                "memory_bank": {"snapshots": len(self.bank.uids), "class_snapshot": list(self.bank.class_snapshot),
+                                "bytes": self.bank.nbytes},
+                "rho": self.rho_last, "alpha": self.alpha_history, "group_epochs": self.group_epochs},
+            "quality.json": self.quality,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "bank": self.bank.state_dict(),
+                "labels": None if self.labels is None else self.labels.tolist(),
+                "anchors": None if self.anchors is None else self.anchors.cpu(),
+                "fisher": None if self.fisher is None else self.fisher.cpu(),
+                "group_epochs": list(self.group_epochs), "alpha_history": list(self.alpha_history),
+                "quality": self.quality, "rho_last": list(self.rho_last), "step": self.step_fn.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.bank.load_state_dict(state["bank"])
+        self.group_epochs = list(state["group_epochs"])
+        self.alpha_history = list(state["alpha_history"])
+        self.quality = state["quality"]
+        self.rho_last = list(state["rho_last"])
+        if state["labels"] is not None:
+            self.labels = np.asarray(state["labels"], dtype=np.int64)
+            self.anchors = state["anchors"].to(self.acc.device)
+            self.step_fn.set_groups(self.labels, self._group_sizes()[1])
+        self.step_fn.load_state_dict(state["step"])
+        if state["fisher"] is not None:
+            ema = self.cfg["gkp"]["fisher"] == "ema"
+            self.fisher = self.step_fn.fisher_ema if ema else state["fisher"].to(self.acc.device)
+
+
+def create_method(cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
+                  accelerator: Accelerator) -> Method:
+    """The method object for `cfg["method"]`."""
+    cls = {"none": Method, "sam": SAMMethod}.get(cfg["method"], GroupedMethod)
+    return cls(cfg, model, criterion, data, accelerator)
