@@ -462,19 +462,23 @@ def _mean_std(data_cfg: dict[str, Any], dataset: str, in_chans: int) -> tuple[tu
 
 
 def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
 def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
                      native_size: int | None) -> tuple[Callable, Callable]:
-    """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files."""
+    """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files.
+
+    Geometry and colour ops run on what the dataset yields (uint8 tensors, or PIL images for files, where PIL's
+    resampling is the faster one); conversion to float and normalisation come last.
+    """
     size, augment = data_cfg["img_size"], data_cfg["augment"]
     mean, std = _mean_std(data_cfg, dataset, in_chans)
     files = native_size is None
     resize = [] if size == native_size else [v2.Resize(size)]
     if files:
         resize = [v2.Resize(int(math.floor(size / DEFAULT_CROP_PCT))), v2.CenterCrop(size)]
-    eval_tf = v2.Compose([v2.ToImage(), *resize, *_finish(mean, std)])
+    eval_tf = v2.Compose([*resize, *_finish(mean, std)])
     flip = [] if dataset == "digits" else [v2.RandomHorizontalFlip()]
     if augment == "none":
         train_tf = eval_tf
@@ -487,11 +491,11 @@ def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
                 policy.append(Cutout(size // 2))
         elif augment == "randaugment":
             policy = [v2.RandAugment(num_ops=2, magnitude=10)]
-        train_tf = v2.Compose([v2.ToImage(), *crop, *flip, *policy, *_finish(mean, std)])
+        train_tf = v2.Compose([*crop, *flip, *policy, *_finish(mean, std)])
     views = data_cfg["contrastive_views"]
     if views:
         colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-        view_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0)), *flip,
+        view_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), *flip,
                               *(colour if in_chans == 3 else []), *_finish(mean, std)])
         train_tf = MultiViewTransform(train_tf, view_tf, views)
     return train_tf, eval_tf

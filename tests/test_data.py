@@ -120,6 +120,8 @@ def test_long_tail_errors_name_class_and_ratio():
         long_tail_indices(targets[targets != 3], 10, 2.0)
     with pytest.raises(DataError, match=r"data.imbalance_ratio=0.5"):
         long_tail_counts(10, 10, 0.5)
+    with pytest.raises(DataError, match="class 0 has 10 samples, fewer than the 11"):
+        long_tail_indices(targets, 10, 2.0, n_max=11)
     with pytest.raises(DataError, match="label 12 outside"):
         long_tail_indices(np.array([0, 12]), 10, 2.0)
 
