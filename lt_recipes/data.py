@@ -280,7 +280,7 @@ class _Record:
 def _read_list(path: str) -> list[tuple[str, int, str]]:
     """(relative path, label, 'file:line') for every non-blank ``relative/path.jpg label`` line."""
     entries = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             text = line.strip()
             if not text:
@@ -304,10 +304,17 @@ def _require(obj: Any, keys: Sequence[str], where: str) -> None:
             raise DataError(f"{where}: missing key '{key}'")
 
 
+def _int_field(obj: dict[str, Any], key: str, where: str) -> int:
+    try:
+        return int(obj[key])
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: '{key}' must be an integer, got {obj[key]!r}") from None
+
+
 def _read_inat_json(path: str) -> tuple[list[tuple[str, int, str]], list[int]]:
     """(file name, category id, source) per image of a COCO-style json, and its sorted category ids."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
@@ -315,13 +322,13 @@ def _read_inat_json(path: str) -> tuple[list[tuple[str, int, str]], list[int]]:
     category_ids = set()
     for i, cat in enumerate(doc["categories"]):
         _require(cat, ("id",), f"{path} categories[{i}]")
-        category_ids.add(int(cat["id"]))
+        category_ids.add(_int_field(cat, "id", f"{path} categories[{i}]"))
     by_image: dict[Any, int] = {}
     for i, ann in enumerate(doc["annotations"]):
         _require(ann, ("image_id", "category_id"), f"{path} annotations[{i}]")
         if ann["image_id"] in by_image:
             raise DataError(f"{path} annotations[{i}]: image_id {ann['image_id']!r} has a second annotation")
-        by_image[ann["image_id"]] = int(ann["category_id"])
+        by_image[ann["image_id"]] = _int_field(ann, "category_id", f"{path} annotations[{i}]")
     entries = []
     for i, img in enumerate(doc["images"]):
         where = f"{path} images[{i}]"
@@ -332,7 +339,8 @@ def _read_inat_json(path: str) -> tuple[list[tuple[str, int, str]], list[int]]:
     return entries, sorted(category_ids)
 
 
-def _read_entries(path: str, label_of: dict[int, int] | None) -> tuple[list[tuple[str, int, str]], dict[int, int] | None]:
+def _read_entries(path: str,
+                  label_of: dict[int, int] | None) -> tuple[list[tuple[str, int, str]], dict[int, int] | None]:
     """(relative path, label, source) of a list file or COCO-style json; json category ids become contiguous labels
     through ``label_of``, built from this json's sorted category ids when None (the training json)."""
     if not path.endswith(".json"):
@@ -483,7 +491,8 @@ def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
     if augment == "none":
         train_tf = eval_tf
     else:
-        crop = [v2.RandomResizedCrop(size)] if files else [*resize, v2.RandomCrop(size, padding=max(1, round(size / 8)))]
+        pad = max(1, round(size / 8))
+        crop = [v2.RandomResizedCrop(size)] if files else [*resize, v2.RandomCrop(size, padding=pad)]
         policy: list[Any] = []
         if augment == "autoaugment":
             policy = [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET if files else v2.AutoAugmentPolicy.CIFAR10)]
@@ -622,7 +631,7 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
 
 
 def build_data(cfg: dict[str, Any]) -> LTData:
-    """Build the train / train-eval / val / test datasets of a validated recipe (``cfg["data"]`` and ``cfg["seed"]``)."""
+    """Build the train / train-eval / val / test datasets of a validated recipe (uses ``cfg["data"]``, ``cfg["seed"]``)."""
     dataset = cfg["data"]["dataset"]
     if dataset in IN_MEMORY_DATASETS:
         data = _build_in_memory(cfg)

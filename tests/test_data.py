@@ -470,6 +470,10 @@ def test_inat_json_errors(image_list_root):
     path.write_text(json.dumps(doc))
     with pytest.raises(DataError, match=rf"{path} images\[1\]: image id 101 \(x.png\) has no annotation"):
         build_data(cfg)
+    doc["annotations"][0]["category_id"] = "five"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=rf"{path} annotations\[0\]: 'category_id' must be an integer, got 'five'"):
+        build_data(cfg)
     path.write_text("{not json")
     with pytest.raises(DataError, match=f"{path}: not valid JSON"):
         build_data(cfg)
