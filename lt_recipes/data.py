@@ -631,7 +631,7 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
 
 
 def build_data(cfg: dict[str, Any]) -> LTData:
-    """Build the train / train-eval / val / test datasets of a validated recipe (uses ``cfg["data"]``, ``cfg["seed"]``)."""
+    """Build train / train-eval / val / test datasets from a validated recipe (its `data` section and `seed`)."""
     dataset = cfg["data"]["dataset"]
     if dataset in IN_MEMORY_DATASETS:
         data = _build_in_memory(cfg)
