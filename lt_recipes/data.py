@@ -584,11 +584,14 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
     if train_path is None:
         raise DataError(f"data.train_list is required for dataset {dataset!r}")
     val_path = _list_path(root, d, "val_list")
-    if val_path is None:
-        raise DataError(f"data.val_list is required for dataset {dataset!r} (the official validation split)")
     test_path = _list_path(root, d, "test_list")
+    if val_path is None and test_path is None:
+        raise DataError(f"dataset {dataset!r} needs data.val_list or data.test_list (or both)")
     if test_path is None:
         _logger.info("data.test_list is not set: %s is scored on the validation split %s", dataset, val_path)
+    if val_path is None:
+        _logger.info("data.val_list is not set: %s holds out %d training images per class for validation",
+                     dataset, d["val_per_class"])
 
     train_entries, label_of = _read_entries(train_path, None)
     num_classes = len(label_of) if label_of is not None else max(label for _, label, _ in train_entries) + 1
@@ -614,8 +617,16 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
     empty = np.flatnonzero(train_counts == 0)
     if empty.size:
         raise DataError(f"class {int(empty[0])} has no readable training images left in {train_path}")
+    num_val_from_train = 0
+    if "val" not in splits:
+        labels = np.array([r.label for r in splits["train"]], dtype=np.int64)
+        train_idx, val_idx = _hold_out_val(labels, np.arange(len(labels)), num_classes, d["val_per_class"],
+                                           np.random.default_rng(cfg["seed"]))
+        splits["val"] = [splits["train"][i] for i in val_idx]
+        splits["train"] = [splits["train"][i] for i in train_idx]
+        num_val_from_train = len(val_idx)
     train_tf, eval_tf = build_transforms(dataset, d, 3, None)
-    train_counts_list = train_counts.tolist()
+    targets = np.array([r.label for r in splits["train"]], dtype=np.int64)
     val = ImageListDataset(splits["val"], eval_tf)
     return LTData(
         dataset=dataset, num_classes=num_classes, in_chans=3,
@@ -623,10 +634,10 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
         train_eval=ImageListDataset(splits["train"], eval_tf),
         val=val,
         test=ImageListDataset(splits["test"], eval_tf) if "test" in splits else val,
-        train_targets=np.array([r.label for r in splits["train"]], dtype=np.int64),
-        train_counts=train_counts_list,
-        lt_counts=train_counts_list,
-        num_val_from_train=0,
+        train_targets=targets,
+        train_counts=np.bincount(targets, minlength=num_classes).tolist(),
+        lt_counts=train_counts.tolist(),
+        num_val_from_train=num_val_from_train,
     )
 
 

@@ -27,6 +27,10 @@ _logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
+# A group gradient whose residual after projection is below this fraction of its norm is parallel to the global
+# gradient (always so for G = 1): there is no group-specific direction, and the group ascends along g_g, as SAM does.
+_PARALLEL_TOL = 1e-6
+
 
 class LossScaler:
     """Dynamic fp16 loss scale shared by both passes: halve on overflow, double after `growth_interval` clean steps."""
@@ -279,6 +283,9 @@ class GroupedSAM(_FlatStep):
         """(row, other, c, ||h||) such that h = row - c * other."""
         rows = self.flat.rows
         if self.direction == "gsa":
+            group_norm = math.hypot(res_norm, coef * glob_norm)
+            if res_norm <= _PARALLEL_TOL * group_norm:
+                return rows[g], glob, 0.0, group_norm
             return rows[g], glob, coef, res_norm
         if self.direction == "sam":
             return glob, glob, 0.0, glob_norm

@@ -120,7 +120,12 @@ def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentu
                      sigma: float = 1.0) -> torch.Tensor:
     """The ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g), sam (g), gsa_proj (g_g - h_g), friendly."""
     if direction == "gsa":
-        return project_out(g_g, g)
+        h = project_out(g_g, g)
+        # Our convention where the paper is silent: a group gradient parallel to g (always so for G = 1) has no
+        # group-specific direction left, so the group ascends along g_g and GSA reduces to SAM.
+        if torch.linalg.vector_norm(h) <= 1e-6 * torch.linalg.vector_norm(g_g):
+            return g_g.clone()
+        return h
     if direction == "sam":
         return g.clone()
     if direction == "gsa_proj":

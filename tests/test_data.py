@@ -367,6 +367,18 @@ def test_list_test_defaults_to_val(image_list_root):
     assert data.test is data.val
 
 
+def test_list_without_val_holds_out_training_images(image_list_root):
+    """iNat protocol: val2018 is the test set, so feature quality needs a class-balanced hold-out of training images."""
+    data = build_data(list_cfg(image_list_root, dataset="inat2018", val_list=None, val_per_class=1))
+    assert data.num_val_from_train == 3 and len(data.val) == 3 and len(data.test) == 6
+    assert data.lt_counts == LIST_COUNTS["train"]
+    assert data.train_counts == [n - 1 for n in LIST_COUNTS["train"]]
+    assert not set(data.train.paths) & set(data.val.paths)
+    assert sorted(data.val.targets.tolist()) == [0, 1, 2]
+    with pytest.raises(DataError, match="val_list or data.test_list"):
+        build_data(list_cfg(image_list_root, val_list=None, test_list=None))
+
+
 def test_list_absolute_paths(image_list_root, tmp_path_factory):
     other = tmp_path_factory.mktemp("lists")
     lines = [f"{image_list_root / name} {label}" for name, label in

@@ -1,0 +1,36 @@
+"""Run by tests/test_distributed.py under torchrun: one synchronized GSA(+GKP) step on this rank's half of a batch."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta  # noqa: E402
+
+from lt_recipes.gsa import GroupedSAM  # noqa: E402
+
+
+def main(out: str, sync: bool) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = _batch(n=24)
+    half = len(y) // world
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, z=0.5,
+                     backend="reference", sync=sync)
+    gsa.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
+    stats = gsa.step(lambda idx: F.cross_entropy(model(xs[idx]), ys[idx]), ys)
+    theta = _theta(model)
+    gathered = [torch.zeros_like(theta) for _ in range(world)]
+    dist.all_gather(gathered, theta)
+    if rank == 0:
+        torch.save({"theta": gathered, "group_loss": stats.group_loss, "rho": stats.rho}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "sync")

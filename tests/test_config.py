@@ -1,0 +1,88 @@
+"""Recipes and overrides: every recipe loads, and every bad key or value is an error that names it."""
+import os
+import re
+
+import pytest
+
+from lt_recipes.config import RECIPE_DIR, ConfigError, load_config, parse_override
+
+RECIPES = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
+REQUIRED = ["cifar10_lt_resnet32", "cifar100_lt_resnet32", "imagenet_lt_resnet50", "imagenet_lt_resnext50",
+            "inat2018_resnet50", "places_lt_resnet152", "fmnist_lt_resnet8", "digits_lt"]
+
+
+def test_required_recipes_exist():
+    assert set(REQUIRED) <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_loads_with_common_keys(name):
+    cfg = load_config(name)
+    assert cfg["name"] == name
+    for key in ("root", "imbalance_ratio"):
+        assert key in cfg["data"]
+    for key in ("epochs", "seed", "model", "loss", "method"):
+        assert key in cfg
+
+
+def test_paper_hyperparameters():
+    c = load_config("cifar100_lt_resnet32")
+    assert (c["epochs"], c["data"]["batch_size"], c["optim"]["lr"], c["optim"]["weight_decay"]) == (200, 256, 0.15, 5e-4)
+    assert c["sched"]["decay_milestones"] == [160, 180] and c["sched"]["warmup_epochs"] == 5
+    assert c["loss"]["name"] == "bcl" and (c["loss"]["bcl_alpha"], c["loss"]["bcl_beta"]) == (2.0, 0.6)
+    assert c["groups"]["num_groups"] == 4 and c["gkp"]["lam"] == 100.0 and c["gsa"]["z"] == 1e-2
+    i = load_config("imagenet_lt_resnext50")
+    assert i["groups"]["num_groups"] == 6 and i["model"]["name"] == "resnext50_32x4d" and i["epochs"] == 90
+    assert load_config("inat2018_resnet50")["optim"]["lr"] == 0.2
+
+
+def test_overrides_apply_and_parse_yaml():
+    cfg = load_config("digits_lt", ["epochs=8", "data.root=/x", "gsa.rho_clamp=[0.002, 0.003]", "optim.lr=1"])
+    assert cfg["epochs"] == 8 and cfg["data"]["root"] == "/x" and cfg["gsa"]["rho_clamp"] == [0.002, 0.003]
+    assert isinstance(cfg["optim"]["lr"], float)
+    assert parse_override("model.pretrained_path=null") == ("model.pretrained_path", None)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("epochz=3", "'epochz'"),
+    ("data.rooot=/x", "'data.rooot'"),
+    ("epochs=-1", "'epochs'"),
+    ("epochs=two", "'epochs'"),
+    ("groups.num_groups=0", "'groups.num_groups'"),
+    ("data.imbalance_ratio=0.5", "'data.imbalance_ratio'"),
+    ("gsa.direction=up", "'gsa.direction'"),
+    ("method=magic", "'method'"),
+    ("loss.name=bcl", "contrastive_views"),
+    ("data=3", "'data' is a section"),
+    ("epochs", "KEY=VALUE"),
+    ("groups.start_epoch=100", "groups.start_epoch"),
+    ("optim.lr=.nan", "not finite"),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config("digits_lt", [override])
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match="method=gkp_gsa"):
+        load_config("digits_lt", ["method=gkp", "gkp.fisher=ema"])
+    with pytest.raises(ConfigError, match="model.proj_head"):
+        load_config("digits_lt", ["loss.name=bcl", "data.contrastive_views=2"])
+
+
+def test_unknown_recipe_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nmodel:\n  nam: resnet8_cifar\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*'model.nam'"):
+        load_config(str(bad))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [3\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(broken))
+
+
+def test_list_dataset_rejects_ratio():
+    with pytest.raises(ConfigError, match="data.imbalance_ratio"):
+        load_config("imagenet_lt_resnet50", ["data.imbalance_ratio=100"])

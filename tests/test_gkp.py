@@ -1,0 +1,72 @@
+"""GKP: Eq. 6 summed over groups (value and gradient) against autograd, and the Fisher estimate against a direct one."""
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lt_recipes import ops, reference
+from lt_recipes.gkp import exact_fisher, gkp_coefficients
+from lt_recipes.gsa import ordered_parameters
+
+
+@pytest.mark.parametrize("norm", ["per_classes", "per_samples"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend):
+    g = torch.Generator().manual_seed(0)
+    G, d, lam, alpha = 4, 301, 100.0, 0.7
+    theta = torch.randn(d, generator=g)
+    anchors, fisher = torch.randn(G, d, generator=g), torch.rand(G, d, generator=g)
+    classes, samples = [3, 2, 4, 1], [500, 120, 60, 7]
+    sizes = torch.tensor(classes if norm == "per_classes" else samples, dtype=torch.float64)
+    t = theta.double().requires_grad_(True)
+    want = sum((1 - alpha) * reference.gkp_group_loss(t, anchors.double(), fisher.double(), sizes, k, lam)
+               for k in range(G))
+    want_grad, = torch.autograd.grad(want, t)
+    coef = gkp_coefficients(classes, samples, lam, norm, alpha)
+    grad = torch.zeros(d)
+    value = ops.gkp_penalty(theta, anchors, fisher, coef, grad_out=grad, backend=backend)
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    assert torch.allclose(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_coefficients_formula():
+    c = gkp_coefficients([2, 3], [100, 10], lam=10.0, norm="per_samples", alpha=0.5)
+    assert c.tolist() == pytest.approx([0.5 * 5 * 1 / 100, 0.5 * 5 * 1 / 10])
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5))
+        self.classifier = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def test_exact_fisher_equals_direct_per_batch_computation():
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(37, 3)
+    y = torch.randint(0, 4, (37,))
+    group_of_class = np.array([0, 1, 1, 0])
+    cov, _ = ordered_parameters(model, lambda n: n.startswith("classifier."))
+    n_cov = sum(p.numel() for p in cov)
+    anchors = torch.randn(2, n_cov)
+    before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
+    fisher = exact_fisher(model, F.cross_entropy, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
+                          lambda n: n.startswith("classifier."), batch_size=5, device=torch.device("cpu"),
+                          autocast=contextlib.nullcontext)
+    for j in range(2):
+        m = copy.deepcopy(model).eval()
+        torch.nn.utils.vector_to_parameters(anchors[j], list(m.encoder.parameters()))
+        idx = np.flatnonzero(group_of_class[y.numpy()] == j)
+        batches = [(x[idx[i:i + 5]], y[idx[i:i + 5]]) for i in range(0, len(idx), 5)]
+        want = reference.fisher_diagonal(m, F.cross_entropy, batches, list(m.encoder.parameters()))
+        assert torch.allclose(fisher[j].double(), torch.cat([w.reshape(-1) for w in want]), rtol=1e-5, atol=1e-9)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), before)  # works on a copy

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Time one full training step of SGD, SAM, GSA, GKP+GSA and a naive GSA side by side (interleaved A B C ...).
+
+The step kinds run on the same model, batch and groups; every repeat times each kind once in turn, so machine
+load affects all of them alike, and the table reports medians and ratios to SAM. Groups, anchors and Fisher are
+real: a memory bank is filled with snapshots, cut with spectral clustering, and the Fisher is estimated with the
+exact estimator, before anything is timed. `--json` prints one JSON object as the last line.
+
+    python tools/bench_step.py                       # resnet32_cifar, batch 128, G=4, CPU
+    python tools/bench_step.py --device cuda --amp bf16 --batch 256
+    python tools/bench_step.py --device cuda --amp bf16 --model resnet50 --batch 64 --img-size 224 --num-classes 1000
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from lt_recipes.data import long_tail_counts
+from lt_recipes.gkp import exact_fisher, gkp_coefficients
+from lt_recipes.grouping import MemoryBank, compute_groups
+from lt_recipes.gsa import SAM, GroupedSAM, frozen_bn_stats, ordered_parameters
+from lt_recipes.models import create_lt_model
+
+KINDS = ["sgd", "sam", "gsa", "gkp_gsa", "naive_gsa"]
+
+
+def is_classifier(name: str) -> bool:
+    return name.startswith("classifier.")
+
+
+class NaiveGSA:
+    """The released code's cost profile: G full-batch forward/backward passes for the group gradients (each loss
+    masked to one group), then one full-batch pass at the averaged perturbation: G + 1 forwards per step."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, group_of_class: torch.Tensor, G: int,
+                 rho: float = 0.05) -> None:
+        self.model, self.opt, self.group_of_class, self.G, self.rho = model, opt, group_of_class, G, rho
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, autocast: Callable) -> None:
+        gid = self.group_of_class[y]
+        eps = [torch.zeros_like(p) for p in self.params]
+        for g in range(self.G):
+            mask = (gid == g).float()
+            if not mask.any():
+                continue
+            with autocast():
+                per_sample = F.cross_entropy(self.model(x), y, reduction="none")
+            loss = (per_sample.float() * mask).sum() / mask.sum()
+            grads = torch.autograd.grad(loss, self.params)
+            norm = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads)) + 1e-12
+            for e, gr in zip(eps, grads):
+                e.add_(gr, alpha=float(self.rho / norm) / self.G)
+        with torch.no_grad():
+            for p, e in zip(self.params, eps):
+                p.add_(e)
+        with frozen_bn_stats(self.model), autocast():
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for p, e in zip(self.params, eps):
+                p.sub_(e)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+
+
+def build_groups(model: torch.nn.Module, num_classes: int, counts: list[int], G: int, device: torch.device,
+                 img: tuple[int, int, int], autocast: Callable) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Real grouping: a bank of perturbed snapshots with random class qualities, spectral groups, anchors, exact Fisher."""
+    cov, _ = ordered_parameters(model, is_classifier)
+    theta = torch.cat([p.detach().reshape(-1).float().cpu() for p in cov])
+    bank = MemoryBank(num_classes)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2 * G + 2):
+        bank.update(torch.randn(num_classes, generator=gen),
+                    theta + 0.01 * theta.abs().mean() * torch.randn(theta.shape, generator=gen))
+    labels = compute_groups(bank, G, counts, seed=0)
+    anchors = bank.anchors(labels, int(labels.max()) + 1).to(device)
+    n = 4 * num_classes
+    xs = torch.randn(n, *img, generator=gen)
+    ys = torch.arange(num_classes).repeat(4)
+    fisher = exact_fisher(model, F.cross_entropy, TensorDataset(xs, ys), ys.numpy(), labels, anchors, is_classifier,
+                          batch_size=64, device=device, autocast=autocast, max_batches=2)
+    return labels, anchors, fisher
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet32_cifar")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--num-classes", type=int, default=100)
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    counts = long_tail_counts(500, args.num_classes, 100.0)
+    img = (3, args.img_size, args.img_size)
+    probs = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    y = torch.multinomial(probs, args.batch, replacement=True, generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn(args.batch, *img, device=device)
+    kinds = args.kinds.split(",")
+
+    models, steps, state_bytes = {}, {}, {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = create_lt_model({"name": args.model, "pretrained_path": None, "classifier": "linear",
+                                 "cosine_scale": 30.0, "proj_head": None, "drop_rate": 0.0},
+                                args.num_classes, 3).to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        models[kind] = model
+        if kind == "sgd":
+            def sgd_step(model=model, opt=opt):
+                with autocast():
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+            steps[kind], state_bytes[kind] = sgd_step, 0
+        elif kind == "sam":
+            sam = SAM(model, opt, rho=0.05, autocast=autocast)
+            steps[kind] = lambda sam=sam, model=model: sam.step(lambda i: F.cross_entropy(model(x[i]), y[i]), y)
+            state_bytes[kind] = sam.base.numel() * 4
+        elif kind in ("gsa", "gkp_gsa"):
+            labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
+            G = int(labels.max()) + 1
+            gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast)
+            sizes = [int(np.asarray(counts)[labels == g].sum()) for g in range(G)]
+            gsa.set_groups(labels, sizes)
+            extra = 0
+            if kind == "gkp_gsa":
+                classes = [int((labels == g).sum()) for g in range(G)]
+                gsa.set_gkp(anchors, fisher, gkp_coefficients(classes, sizes, 100.0, "per_classes", 0.8).to(device))
+                extra = anchors.numel() * anchors.element_size() + fisher.numel() * fisher.element_size()
+            steps[kind] = lambda gsa=gsa, model=model: gsa.step(lambda i: F.cross_entropy(model(x[i]), y[i]), y,
+                                                                 alpha=0.8)
+            state_bytes[kind] = (gsa.flat.rows.numel() + gsa.base.numel()) * 4 + extra
+        elif kind == "naive_gsa":
+            labels, _, _ = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
+            naive = NaiveGSA(model, opt, torch.as_tensor(labels, device=device), int(labels.max()) + 1)
+            steps[kind] = lambda naive=naive: naive.step(x, y, autocast)
+            state_bytes[kind] = sum(p.numel() for p in model.parameters()) * 4
+        else:
+            raise SystemExit(f"unknown step kind '{kind}' (known: {', '.join(KINDS)})")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    peak: dict[str, int] = {}
+    for r in range(args.warmup + args.repeats):
+        for kind in kinds:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            steps[kind]()
+            sync()
+            if r >= args.warmup:
+                times[kind].append((time.perf_counter() - t0) * 1e3)
+            if device.type == "cuda":
+                peak[kind] = max(peak.get(kind, 0), torch.cuda.max_memory_allocated())
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    d = sum(p.numel() for p in models[kinds[0]].parameters())
+    out = {"model": args.model, "batch": args.batch, "groups": args.groups, "device": str(device), "amp": args.amp,
+           "params": d, "repeats": args.repeats,
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "threads": torch.get_num_threads()}
+    for k in kinds:
+        out[f"{k}_ms"] = med[k]
+        out[f"{k}_state_bytes"] = state_bytes[k]
+        if k in peak:
+            out[f"{k}_peak_bytes"] = peak[k]
+    if "sam" in med:
+        for k in kinds:
+            if k != "sam":
+                out[f"{k}_over_sam"] = med[k] / med["sam"]
+    print(f"{args.model} batch {args.batch} G={args.groups} on {out['device_name']} ({args.amp}), "
+          f"{args.repeats} interleaved repeats, median ms:")
+    print(f"{'step':<10} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}" + ("  peak MB" if peak else ""))
+    for k in kinds:
+        ratio = f"{med[k] / med['sam']:7.3f}" if "sam" in med else "      -"
+        line = f"{k:<10} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
+        if k in peak:
+            line += f"  {peak[k] / 2**20:7.1f}"
+        print(line)
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

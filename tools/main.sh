@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: set up .venv, train the default recipe (digits_lt) and print its Top-1 / Many / Medium / Few table.
+# Re-running reuses .venv and the finished run (--resume on a complete run only re-evaluates it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup_env.sh
+.venv/bin/python train.py --recipe digits_lt --output output/digits_lt --resume "$@"
