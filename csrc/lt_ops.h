@@ -1,0 +1,39 @@
+// Shared declarations of the lt_recipes fused ops: input checks used by the CPU and the CUDA implementations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace lt_recipes {
+
+// Most groups (rows of grads / anchors) a fused kernel takes: the CUDA kernels keep 2 accumulators per group in
+// registers. The Python wrappers send larger G to the reference backend.
+constexpr int64_t kMaxGroups = 32;
+
+// Each check raises c10::Error naming the op, the argument, what was expected and what was given.
+void check_gsa_project(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& global_grad);
+void check_gsa_perturb(const at::Tensor& param, const at::Tensor& base, const at::Tensor& grads_row,
+                       const at::Tensor& global_grad);
+void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher, const at::Tensor& coef,
+               const at::Tensor* grad_out);
+
+// Calls fn(T{}) with T the C++ type of the anchors / Fisher storage dtype (float32, bfloat16 or float16).
+template <typename Fn>
+void dispatch_stored(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat:
+      fn(float{});
+      return;
+    case at::kBFloat16:
+      fn(c10::BFloat16{});
+      return;
+    case at::kHalf:
+      fn(c10::Half{});
+      return;
+    default:
+      TORCH_CHECK(false, "gkp_penalty: anchors and fisher must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+}  // namespace lt_recipes
