@@ -77,8 +77,8 @@ LT_INLINE void dot_sq(const float* x, const double* y, int64_t n, double& dot, d
 
 // One chunk [begin, end) of gsa_project: writes global_grad there and adds, to partial (2G + 1 doubles),
 // <grads_g, global> at g, ||grads_g||^2 at G + g and ||global||^2 at 2G.
-LT_SIMD_CLONES void gsa_project_chunk(const float* grads, const float* weights, float* global, int64_t G, int64_t d, int64_t begin,
-                       int64_t end, double* partial) {
+LT_SIMD_CLONES void gsa_project_chunk(const float* grads, const float* weights, float* global, int64_t G,
+                                      int64_t d, int64_t begin, int64_t end, double* partial) {
   double acc[kBlock];
   double gl[kBlock];
   double unused = 0.0;
@@ -147,15 +147,16 @@ void gsa_perturb_cpu(const at::Tensor& param, const at::Tensor& base, const at::
   const float* g = global_grad.const_data_ptr<float>();
   const float s = static_cast<float>(scale);
   const float c = static_cast<float>(coef);
-  at::parallel_for(0, param.size(0), kChunk, [&](int64_t i0, int64_t i1) { gsa_perturb_range(p, b, r, g, s, c, i0, i1); });
+  at::parallel_for(0, param.size(0), kChunk,
+                   [&](int64_t i0, int64_t i1) { gsa_perturb_range(p, b, r, g, s, c, i0, i1); });
 }
 
 // One chunk of gkp_penalty: returns sum_i sum_j coef_j F_ji (theta_i - a_ji)^2 over the chunk and, when grad is
 // given, adds 2 sum_j coef_j F_ji (theta_i - a_ji) to it. Per element the G terms add in fp32, across elements in
 // double.
 template <typename TA, typename TF>
-LT_SIMD_CLONES double gkp_chunk(const float* theta, const TA* anchors, const TF* fisher, const float* coef, float* grad, int64_t G,
-                 int64_t d, int64_t begin, int64_t end) {
+LT_SIMD_CLONES double gkp_chunk(const float* theta, const TA* anchors, const TF* fisher, const float* coef,
+                                float* grad, int64_t G, int64_t d, int64_t begin, int64_t end) {
   float gacc[kBlock];
   float vacc[kBlock];
   double4 v0 = {}, v1 = {};

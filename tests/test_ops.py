@@ -1,0 +1,391 @@
+"""The fused GSA/GKP ops against float64 NumPy and against the reference backend, on the CPU and (when present)
+the GPU; input validation; opcheck; torch.compile; the missing-extension paths."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lt_recipes import ops
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+STORED = [torch.float32, torch.bfloat16, torch.float16]
+CHUNK = 1 << 14  # the CPU kernels' reduction chunk: sizes around it cross chunk and block edges
+SIZES = st.one_of(st.integers(1, 3000), st.sampled_from([CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]))
+BIG_SIZES = st.integers(1_000_001, 1_100_000)
+FEW = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SOME = settings(max_examples=25, deadline=None)
+
+
+def _rand(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _t(a: np.ndarray, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, copy=True)
+
+
+# ---- float64 NumPy references (independent of ops.py) -----------------------------------------------------------
+
+
+def np_project(grads: np.ndarray, weights: np.ndarray):
+    """global in float64 rounded to float32 (what the op returns), then everything about it in float64 with the
+    residual formed explicitly."""
+    g = grads.astype(np.float64)
+    glob = (weights.astype(np.float64)[:, None] * g).sum(0).astype(np.float32).astype(np.float64)
+    gg = glob @ glob
+    coef = g @ glob / gg if gg > 0 else np.zeros(len(g))
+    residual = np.linalg.norm(g - coef[:, None] * glob, axis=1)
+    return glob, coef, residual
+
+
+def np_gkp(theta: np.ndarray, anchors: np.ndarray, fisher: np.ndarray, coef: np.ndarray):
+    """Value, gradient and an elementwise bound on the gradient's float32 rounding (sum of |terms|)."""
+    diff = theta.astype(np.float64)[None, :] - anchors
+    terms = coef.astype(np.float64)[:, None] * fisher * diff
+    return (terms * diff).sum(), 2 * terms.sum(0), 2 * np.abs(terms).sum(0)
+
+
+def _assert_project(out, grads: np.ndarray, weights: np.ndarray) -> None:
+    glob, coef, residual = (t.cpu().double().numpy() for t in out)
+    ref_glob, ref_coef, ref_res = np_project(grads, weights)
+    row_norm = np.linalg.norm(grads.astype(np.float64), axis=1)
+    np.testing.assert_allclose(glob, ref_glob, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(coef, ref_coef, rtol=1e-5,
+                               atol=1e-6 * row_norm.max() / max(np.linalg.norm(ref_glob), 1e-30))
+    # the fused residual comes from ||g||^2 - c <g, global> in float64: compare on the scale of ||g_g||
+    np.testing.assert_allclose(residual, ref_res, rtol=1e-5, atol=1e-5 * row_norm.max())
+
+
+def _run_project(grads: np.ndarray, weights: np.ndarray, device: str) -> None:
+    gt, wt = _t(grads, device), _t(weights, device)
+    fused = ops.gsa_project(gt, wt, backend="fused")
+    reference = ops.gsa_project(gt, wt, backend="reference")
+    _assert_project(fused, grads, weights)
+    _assert_project(reference, grads, weights)
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SOME
+@given(groups=st.integers(1, 8), d=SIZES, seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_gsa_project_matches_float64(device, groups, d, seed, scale):
+    rng = np.random.default_rng(seed)
+    _run_project(_rand(rng, groups, d, scale=scale), rng.random(groups).astype(np.float32), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FEW
+@given(groups=st.integers(1, 8), d=BIG_SIZES, seed=st.integers(0, 2**32 - 1))
+def test_gsa_project_matches_float64_big(device, groups, d, seed):
+    rng = np.random.default_rng(seed)
+    _run_project(_rand(rng, groups, d), rng.random(groups).astype(np.float32), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gsa_project_zero_global_gradient(device):
+    rng = np.random.default_rng(0)
+    row = _rand(rng, 5001)
+    for grads, weights in [(np.stack([row, row]), np.array([1.0, -1.0], np.float32)),  # cancels exactly
+                           (_rand(rng, 3, 5001), np.zeros(3, np.float32))]:
+        for backend in ("fused", "reference"):
+            glob, coef, residual = ops.gsa_project(_t(grads, device), _t(weights, device), backend=backend)
+            assert torch.count_nonzero(glob) == 0
+            assert torch.count_nonzero(coef) == 0
+            np.testing.assert_allclose(residual.cpu().numpy(), np.linalg.norm(grads.astype(np.float64), axis=1),
+                                       rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [1, 7, CHUNK + 3, 200_001])
+def test_gsa_project_zero_residual(device, d):
+    """Rows that are multiples of the global gradient: coef is the multiple, the residual 0 (no cancellation
+    noise: with global == row 0 exactly, ||g||^2 - c <g, global> is 0 in exact arithmetic and in float64)."""
+    row = _rand(np.random.default_rng(d), d)
+    grads = np.stack([row, 2 * row, -row])
+    weights = np.array([0.5, 0.25, 0.0], np.float32)  # global = 0.5 row + 0.5 row = row, exactly
+    for backend in ("fused", "reference"):
+        glob, coef, residual = ops.gsa_project(_t(grads, device), _t(weights, device), backend=backend)
+        torch.testing.assert_close(glob.cpu(), torch.from_numpy(row), rtol=0, atol=0)
+        torch.testing.assert_close(coef.cpu(), torch.tensor([1.0, 2.0, -1.0]), rtol=1e-6, atol=0)
+        assert residual.abs().max().item() <= 1e-6 * np.linalg.norm(row)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [1000, 200_001])
+def test_gsa_project_small_residual_keeps_precision(device, d):
+    """Rows nearly parallel to the global gradient (residual 1e-4 of the row): ||g||^2 - c <g, global> cancels 8
+    digits, which float32 accumulation would lose entirely; float64 keeps the residual to 1e-3 relative."""
+    rng = np.random.default_rng(d)
+    direction = rng.standard_normal(d)
+    grads = np.stack([k * direction + 1e-4 * k * rng.standard_normal(d) for k in (1.0, -2.0, 0.5)]).astype(np.float32)
+    weights = np.array([0.6, 0.1, 0.3], np.float32)
+    _, _, ref_res = np_project(grads, weights)
+    assert (ref_res < 2e-4 * np.linalg.norm(grads.astype(np.float64), axis=1)).all()
+    for backend in ("fused", "reference"):
+        _, _, residual = ops.gsa_project(_t(grads, device), _t(weights, device), backend=backend)
+        np.testing.assert_allclose(residual.cpu().numpy(), ref_res, rtol=1e-3)
+
+
+def test_gsa_project_out_and_thread_count_independence():
+    rng = np.random.default_rng(1)
+    grads = _t(_rand(rng, 4, 5 * CHUNK + 11), "cpu")
+    weights = _t(rng.random(4).astype(np.float32), "cpu")
+    out = torch.full((grads.shape[1],), float("nan"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.gsa_project(grads, weights, backend="fused")
+        torch.set_num_threads(max(2, threads))
+        multi = ops.gsa_project(grads, weights, backend="fused", out=out)
+    finally:
+        torch.set_num_threads(threads)
+    assert multi[0] is out
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)  # fixed chunking: bitwise the same for any thread count
+
+
+def _run_perturb(d: int, seed: int, device: str, in_place: bool) -> None:
+    rng = np.random.default_rng(seed)
+    base, row, glob = (_rand(rng, d) for _ in range(3))
+    scale, coef = float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))
+    expected = base.astype(np.float64) + scale * (row.astype(np.float64) - coef * glob.astype(np.float64))
+    bound = 1e-6 * (np.abs(base) + abs(scale) * (np.abs(row) + abs(coef) * np.abs(glob))) + 1e-30
+    results = []
+    for backend in ("fused", "reference"):
+        base_t = _t(base, device)
+        param = base_t if in_place else torch.full_like(base_t, float("nan"))
+        out = ops.gsa_perturb_(param, base_t, _t(row, device), _t(glob, device), scale, coef, backend=backend)
+        assert out is param
+        err = np.abs(param.cpu().double().numpy() - expected)
+        assert (err <= bound).all(), f"{backend}: max error {err.max()}"
+        results.append(param)
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SOME
+@given(d=SIZES, seed=st.integers(0, 2**32 - 1), in_place=st.booleans())
+def test_gsa_perturb_matches_float64(device, d, seed, in_place):
+    _run_perturb(d, seed, device, in_place)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FEW
+@given(d=BIG_SIZES, seed=st.integers(0, 2**32 - 1))
+def test_gsa_perturb_matches_float64_big(device, d, seed):
+    _run_perturb(d, seed, device, in_place=False)
+
+
+def _run_gkp(groups: int, d: int, seed: int, a_dtype: torch.dtype, f_dtype: torch.dtype, device: str,
+             with_grad: bool) -> None:
+    rng = np.random.default_rng(seed)
+    theta = _rand(rng, d)
+    anchors = _t(theta[None, :] + _rand(rng, groups, d, scale=0.1), device, a_dtype)
+    fisher = _t(np.abs(_rand(rng, groups, d)), device, f_dtype)
+    coef = rng.random(groups).astype(np.float32)
+    # the float64 reference sees exactly the stored (rounded) anchors and Fisher values
+    value, grad, bound = np_gkp(theta, anchors.cpu().double().numpy(), fisher.cpu().double().numpy(), coef)
+    start = _rand(rng, d)
+    results = []
+    for backend in ("fused", "reference"):
+        grad_out = _t(start, device) if with_grad else None
+        got = ops.gkp_penalty(_t(theta, device), anchors, fisher, _t(coef, device), grad_out=grad_out,
+                              backend=backend)
+        assert got.shape == () and got.dtype == torch.float32
+        np.testing.assert_allclose(got.item(), value, rtol=1e-5, atol=1e-30)
+        if with_grad:
+            err = np.abs(grad_out.cpu().double().numpy() - (start + grad))
+            assert (err <= 1e-6 * (bound + np.abs(start)) + 1e-30).all(), f"{backend}: max error {err.max()}"
+        results.append((got, grad_out))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    if with_grad:
+        torch.testing.assert_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SOME
+@given(groups=st.integers(1, 8), d=SIZES, seed=st.integers(0, 2**32 - 1), a_dtype=st.sampled_from(STORED),
+       f_dtype=st.sampled_from(STORED), with_grad=st.booleans())
+def test_gkp_penalty_matches_float64(device, groups, d, seed, a_dtype, f_dtype, with_grad):
+    _run_gkp(groups, d, seed, a_dtype, f_dtype, device, with_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("a_dtype", STORED)
+@pytest.mark.parametrize("f_dtype", STORED)
+def test_gkp_penalty_each_storage_dtype(device, a_dtype, f_dtype):
+    _run_gkp(3, 2 * CHUNK + 5, 7, a_dtype, f_dtype, device, with_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FEW
+@given(groups=st.integers(1, 8), d=BIG_SIZES, seed=st.integers(0, 2**32 - 1), a_dtype=st.sampled_from(STORED))
+def test_gkp_penalty_matches_float64_big(device, groups, d, seed, a_dtype):
+    _run_gkp(groups, d, seed, a_dtype, a_dtype, device, with_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gkp_penalty_at_the_anchor_is_zero(device):
+    theta = torch.randn(1001, device=device)
+    anchors = theta.expand(2, -1).contiguous()
+    grad_out = torch.zeros(1001, device=device)
+    value = ops.gkp_penalty(theta, anchors, torch.rand(2, 1001, device=device), torch.ones(2, device=device),
+                            grad_out=grad_out, backend="fused")
+    assert value.item() == 0.0 and torch.count_nonzero(grad_out) == 0
+
+
+def test_more_groups_than_the_kernels_take_use_the_reference():
+    grads, weights = torch.randn(ops.MAX_FUSED_GROUPS + 1, 50), torch.rand(ops.MAX_FUSED_GROUPS + 1)
+    auto = ops.gsa_project(grads, weights)
+    for a, b in zip(auto, ops.gsa_project(grads, weights, backend="reference")):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="at most 32 groups"):
+        ops.gsa_project(grads, weights, backend="fused")
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+
+
+def _bad_calls():
+    g, w, d = torch.randn(3, 10), torch.rand(3), torch.randn(10)
+    meta = torch.device("meta")
+    th, a, f, c = torch.randn(10), torch.randn(2, 10), torch.rand(2, 10), torch.rand(2)
+    return [
+        (lambda b: ops.gsa_project(g[0], w, backend=b),
+         r"grads must be a 2-D float32 tensor \[G, d\], got shape \[10\]"),
+        (lambda b: ops.gsa_project(g.double(), w, backend=b), r"grads must be a 2-D float32 .* dtype torch.float64"),
+        (lambda b: ops.gsa_project(torch.randn(10, 3).t(), w, backend=b), r"grads must be contiguous"),
+        (lambda b: ops.gsa_project(g, w[:2], backend=b), r"weights must have length 3 \(G, the rows of grads\)"),
+        (lambda b: ops.gsa_project(g, w.to(meta), backend=b), r"weights must be on cpu like the first argument"),
+        (lambda b: ops.gsa_project(g[:0], w[:0], backend=b), r"grads must have at least one row"),
+        (lambda b: ops.gsa_project(g, w, backend=b, out=d[:9]), r"out must have length 10"),
+        (lambda b: ops.gsa_project(g, w, backend=b, out=g[1]), r"out must not share memory with grads"),
+        (lambda b: ops.gsa_perturb_(d, d[:9], d, d, 1.0, 0.0, backend=b), r"base must have length 10"),
+        (lambda b: ops.gsa_perturb_(d, d, d.half(), d, 1.0, 0.0, backend=b), r"grads_row must be a 1-D float32"),
+        (lambda b: ops.gsa_perturb_(d, d, d, torch.randn(20)[::2], 1.0, 0.0, backend=b),
+         r"global_grad must be contiguous"),
+        (lambda b: ops.gsa_perturb_(d, d.to(meta), d, d, 1.0, 0.0, backend=b), r"base must be on cpu"),
+        (lambda b: ops.gsa_perturb_(d, d, d, d, torch.tensor(1.0), 0.0, backend=b), r"scale must be a Python float"),
+        (lambda b: ops.gkp_penalty(th, a.long(), f, c, backend=b),
+         r"anchors must be a 2-D float32, bfloat16 or float16 tensor \[G, d\]"),
+        (lambda b: ops.gkp_penalty(th, a[:, :9].contiguous(), f, c, backend=b), r"anchors must have 10 columns"),
+        (lambda b: ops.gkp_penalty(th, a, f[:1], c, backend=b), r"fisher must have the shape of anchors \[2, 10\]"),
+        (lambda b: ops.gkp_penalty(th, a, f, c[:1], backend=b), r"coef must have length 2"),
+        (lambda b: ops.gkp_penalty(th, a, f.to(meta), c, backend=b), r"fisher must be on cpu"),
+        (lambda b: ops.gkp_penalty(th, a, f, c, grad_out=th.double(), backend=b), r"grad_out must be a 1-D float32"),
+        (lambda b: ops.gkp_penalty(torch.randn(20)[::2], a, f, c, backend=b), r"theta must be contiguous"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference", "auto"])
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_is_rejected_with_what_was_expected(backend, case):
+    call, message = _bad_calls()[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(backend)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'fused', 'reference'\), got 'cuda'"):
+        ops.gsa_project(torch.randn(2, 3), torch.rand(2), backend="cuda")
+
+
+def test_kernels_check_their_inputs_when_called_directly():
+    lt = torch.ops.lt_recipes
+    g, w, out = torch.randn(3, 10), torch.rand(3), torch.empty(10)
+    with pytest.raises(RuntimeError, match=r"gsa_project: weights must have length 3"):
+        lt.gsa_project(g, w[:2], out)
+    with pytest.raises(RuntimeError, match=r"gsa_project: out must not share memory with grads"):
+        lt.gsa_project(g, w, g[2])
+    with pytest.raises(RuntimeError, match=r"gsa_project: grads must be contiguous"):
+        lt.gsa_project(torch.randn(10, 3).t(), w, out)
+    with pytest.raises(RuntimeError, match=r"gsa_project: the fused kernels take 1 to 32 groups, got 33"):
+        lt.gsa_project(torch.randn(33, 10), torch.rand(33), out)
+    with pytest.raises(RuntimeError, match=r"gsa_perturb_: global_grad must be a 1-D float32 tensor \[d\]"):
+        lt.gsa_perturb(out, out, out, out.double(), 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"gkp_penalty: fisher must have the shape of anchors"):
+        lt.gkp_penalty(out, g, g[:2].contiguous(), w)
+    with pytest.raises(RuntimeError, match=r"gkp_penalty: grad_out must have length 10"):
+        lt.gkp_penalty_accumulate(out, g, g, w, out[:9])
+
+
+# ---- torch.library integration ------------------------------------------------------------------------------------
+
+
+def _op_samples(device: str):
+    g = torch.randn(3, 1001, device=device)
+    w = torch.rand(3, device=device)
+    d = [torch.randn(1001, device=device) for _ in range(4)]
+    a, f = torch.randn(3, 1001, device=device).bfloat16(), torch.rand(3, 1001, device=device)
+    lt = torch.ops.lt_recipes
+    return [(lt.gsa_project.default, (g, w, torch.empty(1001, device=device))),
+            (lt.gsa_perturb.default, (d[0], d[1], d[2], d[3], 0.5, 0.25)),
+            (lt.gkp_penalty.default, (d[0], a, f, w)),
+            (lt.gkp_penalty_accumulate.default, (d[0], a, f, w, d[1]))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in _op_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_compiled_function_calls_the_ops():
+    """aot_eager: traces the ops through their fake kernels and functionalizes the mutations (inductor compiles
+    the same graph but takes far longer on a 2-core machine)."""
+    def step(grads, weights, theta, anchors, fisher, coef, grad_out, param):
+        glob, coef_g, residual = ops.gsa_project(grads, weights, backend="fused")
+        ops.gsa_perturb_(param, theta, grads[0], glob, 0.1, 0.5, backend="fused")
+        value = ops.gkp_penalty(theta, anchors, fisher, coef, grad_out=grad_out, backend="fused")
+        return glob * 2, coef_g, residual, value + 1
+
+    torch.manual_seed(0)
+    args = [torch.randn(3, 999), torch.rand(3), torch.randn(999), torch.randn(2, 999).half(), torch.rand(2, 999),
+            torch.rand(2), torch.zeros(999), torch.zeros(999)]
+    eager_args = [a.clone() for a in args]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(*args), step(*eager_args)):
+        assert torch.equal(got, want)
+    assert torch.equal(args[6], eager_args[6]) and torch.equal(args[7], eager_args[7])  # mutations kept
+
+
+# ---- backend selection --------------------------------------------------------------------------------------------
+
+
+def test_fused_backend_without_extension_raises(monkeypatch):
+    monkeypatch.setattr(ops, "_EXT_LOADED", False)
+    monkeypatch.setattr(ops, "_EXT_ERROR", "ImportError: simulated")
+    assert not ops.fused_available()
+    with pytest.raises(RuntimeError, match=r"backend='fused' needs the compiled extension lt_recipes._C.*simulated"):
+        ops.gkp_penalty(torch.randn(5), torch.randn(1, 5), torch.rand(1, 5), torch.rand(1), backend="fused")
+
+
+def test_auto_backend_without_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(ops, "_EXT_LOADED", False)
+    monkeypatch.setattr(ops, "_EXT_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(ops, "_warned_fallback", False)
+    grads, weights = torch.randn(2, 40), torch.rand(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ops.gsa_project(grads, weights)
+        ops.gsa_project(grads, weights)
+        ops.gsa_perturb_(torch.empty(40), grads[0], grads[1], grads[0], 1.0, 0.0)
+    assert [str(w.message) for w in caught if "extension did not load" in str(w.message)] == \
+        ["lt_recipes.ops: the compiled extension did not load (ImportError: simulated); using the slower reference "
+         "backend"]
+    for a, b in zip(first, ops.gsa_project(grads, weights, backend="reference")):
+        assert torch.equal(a, b)
+
+
+def test_fused_backend_without_a_kernel_for_the_device_raises(monkeypatch):
+    monkeypatch.setattr(ops, "_FUSED_DEVICES", frozenset({"cuda"}))
+    with pytest.raises(RuntimeError, match=r"no kernel for cpu tensors in this build"):
+        ops.gsa_project(torch.randn(2, 3), torch.rand(2), backend="fused")
+    glob, _, _ = ops.gsa_project(torch.ones(2, 3), torch.ones(2))  # auto: reference, silently
+    assert torch.equal(glob, torch.full((3,), 2.0))

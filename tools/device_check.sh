@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check, as one prepared script for a machine with an NVIDIA GPU (run from anywhere; it works in the repo):
+#   1. builds the CUDA extension in place for sm_90 (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0),
+#   2. runs the CUDA tests (fused CUDA kernels against float64 NumPy and the reference backend on the GPU),
+#   3. runs the kernel benchmark and, when present, the training-step benchmark, both with --json.
+# Each step has its own time limit (together under 10 minutes); a failing step does not stop the later ones, and the
+# script exits non-zero at the end if any step failed. PYTHON overrides the interpreter (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  # torch guesses CUDA_HOME from nvcc's folder without resolving links (/usr/local/bin/nvcc -> /usr/local)
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  export CUDA_HOME
+fi
+log=$(mktemp)
+failed=()
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo
+  echo "==== $name (limit ${limit}s) ===="
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "---- $name: ok in $((SECONDS - start))s"
+  else
+    echo "---- $name: FAILED with exit $rc after $((SECONDS - start))s$([ "$rc" -eq 124 ] && echo ' (time limit)')"
+    failed+=("$name")
+  fi
+}
+
+step "environment" 30 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0))"
+step "build the CUDA extension (sm_90)" 180 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 "$PY" setup.py build_ext --inplace
+step "CUDA kernels registered" 30 "$PY" -c "import torch, lt_recipes.ops as ops; \
+assert ops.fused_available(), 'lt_recipes._C did not load'; \
+assert torch._C._dispatch_has_kernel_for_dispatch_key('lt_recipes::gsa_project', 'CUDA'), 'no CUDA kernels'; \
+print('fused kernels for', sorted(ops._FUSED_DEVICES))"
+# all-skipped (no GPU seen) counts as a failure: at least one test must pass
+step "CUDA tests" 100 bash -c '"$0" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda | tee "$1"; \
+[ "${PIPESTATUS[0]}" -eq 0 ] && grep -q " passed" "$1"' "$PY" "$log"
+step "kernel benchmark" 75 "$PY" tools/bench_kernels.py --device cuda --json
+if [ -f tools/bench_step.py ]; then
+  step "step benchmark" 100 "$PY" tools/bench_step.py --device cuda --json
+fi
+
+echo
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "device check FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "device check passed"
