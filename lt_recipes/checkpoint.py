@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
+from . import faults
+
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -35,6 +37,7 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        faults.hit("write")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

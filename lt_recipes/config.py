@@ -197,6 +197,11 @@ def _check_value(key: str, value: Any) -> Any:
         if f.nullable:
             return None
         raise ConfigError(f"recipe key '{key}' may not be null")
+    if isinstance(value, str) and f.types == FLOAT:
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) and bool not in f.types:
         raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in f.types)}, got {value!r}")
     if not isinstance(value, f.types):

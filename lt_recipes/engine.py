@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
+from . import faults
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                          load_checkpoint, save_checkpoint)
 from .data import LTData, build_data, build_loaders
@@ -32,7 +34,8 @@ _logger = logging.getLogger(__name__)
 
 def _identity(cfg: dict[str, Any], data: LTData) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that resumes from it."""
-    return {"recipe": cfg["name"], "dataset": cfg["data"]["dataset"], "num_classes": data.num_classes,
+    return {"recipe": cfg["name"], "dataset": cfg["data"]["dataset"],
+            "imbalance_ratio": cfg["data"]["imbalance_ratio"], "num_classes": data.num_classes,
             "model": cfg["model"]["name"], "loss": cfg["loss"]["name"], "method": cfg["method"],
             "seed": cfg["seed"], "epochs": cfg["epochs"]}
 
@@ -76,7 +79,6 @@ class Trainer:
         self.model = create_lt_model(cfg["model"], self.data.num_classes, self.data.in_chans).to(acc.device)
         self.criterion = create_loss(cfg["loss"], self.data.train_counts, cfg["epochs"]).to(acc.device)
         train_loader, val_loader, test_loader = build_loaders(self.data, cfg)
-        self.sampler = train_loader.sampler
         self.method: Method = create_method(cfg, self.model, self.criterion, self.data, acc)
         o, s = cfg["optim"], cfg["sched"]
         optimizer = create_optimizer_v2(self.model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"],
@@ -132,12 +134,14 @@ class Trainer:
         acc = self.accelerator
         self.method.epoch_start(epoch)
         self.criterion.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to our EpochSampler
         self.ddp_model.train()
         total, count = 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", disable=not acc.is_main_process, leave=False)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False,
+                   disable=not acc.is_main_process or not sys.stderr.isatty())
         for step, (inputs, targets) in enumerate(bar):
             loss = self.method.train_step(_to_device(inputs, acc.device), targets.to(acc.device), epoch, step)
+            faults.hit("step")
             if loss is not None:
                 total += loss
                 count += 1

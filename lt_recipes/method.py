@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from . import reference
+from . import faults, reference
 from .data import LTData
 from .gkp import exact_fisher, gkp_coefficients
 from .grouping import MemoryBank, compute_groups, feature_quality
@@ -233,6 +233,7 @@ class GroupedMethod(Method):
         dtype = _STATE_DTYPES[self.cfg["gkp"]["state_dtype"]]
         self.anchors = self.bank.anchors(self.labels, G, dtype=dtype).to(self.acc.device)
         self.group_epochs.append(epoch)
+        faults.hit("grouping")
         _, samples = self._group_sizes()
         self.step_fn.set_groups(self.labels, samples)
         if self.use_gkp:

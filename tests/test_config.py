@@ -40,6 +40,7 @@ def test_overrides_apply_and_parse_yaml():
     cfg = load_config("digits_lt", ["epochs=8", "data.root=/x", "gsa.rho_clamp=[0.002, 0.003]", "optim.lr=1"])
     assert cfg["epochs"] == 8 and cfg["data"]["root"] == "/x" and cfg["gsa"]["rho_clamp"] == [0.002, 0.003]
     assert isinstance(cfg["optim"]["lr"], float)
+    assert load_config("digits_lt", ["optim.lr=1e-3", "optim.weight_decay=5e-4"])["optim"]["lr"] == 1e-3
     assert parse_override("model.pretrained_path=null") == ("model.pretrained_path", None)
 
 

@@ -1,0 +1,95 @@
+"""Crash safety: SIGKILL a training subprocess at several moments, resume, and get exactly the uninterrupted results."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--recipe", "digits_lt", "--set", "epochs=4", "--set", "groups.start_epoch=1", "--set", "groups.interval=2",
+        "--set", "gsa.direction=friendly"]
+
+
+def train(out, *extra, failpoint=None, args=ARGS):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LT_RECIPES_FAILPOINT", None)
+    if failpoint:
+        env["LT_RECIPES_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--output", str(out), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def summary_without_time(run):
+    with open(run / "summary.csv") as f:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    proc = train(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("point", [
+    "step:13",      # mid-epoch 1 (8 steps per epoch)
+    "write:9",      # epoch 1's checkpoint fully written to its temporary file, not yet renamed (4 writes per epoch)
+    "grouping:2",   # second grouping (epoch 3): groups computed, Fisher not yet estimated
+])
+def test_kill_then_resume_gives_identical_results(point, tmp_path, uninterrupted):
+    killed = train(tmp_path, failpoint=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] or point.startswith("write")
+    resumed = train(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text()) == \
+        json.loads((uninterrupted / "results.json").read_text())
+    assert summary_without_time(tmp_path) == summary_without_time(uninterrupted)
+    assert json.loads((tmp_path / "groups.json").read_text()) == \
+        json.loads((uninterrupted / "groups.json").read_text())
+
+
+def test_resume_of_a_finished_run_only_reevaluates(uninterrupted):
+    before = (uninterrupted / "summary.csv").read_text()
+    proc = train(uninterrupted, "--resume")
+    assert proc.returncode == 0 and (uninterrupted / "summary.csv").read_text() == before
+
+
+def test_existing_run_needs_resume(uninterrupted):
+    proc = train(uninterrupted)
+    assert proc.returncode == 2 and "pass --resume" in proc.stderr
+
+
+def test_corrupt_or_foreign_checkpoint_is_named(uninterrupted, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes((uninterrupted / "checkpoint.pt").read_bytes()[:5000])
+    proc = train(tmp_path, "--resume")
+    assert proc.returncode == 2 and f"checkpoint {ckpt} is corrupt or truncated" in proc.stderr
+    ckpt.write_bytes((uninterrupted / "checkpoint.pt").read_bytes())
+    proc = train(tmp_path, "--resume", args=ARGS + ["--set", "seed=3"])
+    assert proc.returncode == 2 and "seed=0" in proc.stderr and "seed=3" in proc.stderr
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    torch.save({"identity": {}, "payload": Evil()}, tmp_path / "checkpoint.pt")
+    proc = train(tmp_path, "--resume")
+    assert proc.returncode == 2 and "cannot be read" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_repeated_nonfinite_losses_stop_the_run_without_a_checkpoint(tmp_path):
+    proc = train(tmp_path, args=["--recipe", "digits_lt", "--set", "method=none", "--set", "optim.lr=1e12",
+                                 "--set", "max_nonfinite_steps=2", "--set", "epochs=2",
+                                 "--set", "sched.warmup_epochs=0"])
+    assert proc.returncode == 2 and "non-finite values in the base loss" in proc.stderr
+    assert "epoch 0" in proc.stderr and not (tmp_path / "checkpoint.pt").exists()
