@@ -1,0 +1,330 @@
+"""Analysis tools: power iteration, filter normalization, collect_results tables, plot_run and landscape outputs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from matplotlib.image import imread
+from torch import nn
+
+from lt_recipes.analysis import (AnalysisError, analysis_groups, balanced_indices, filter_normalized_direction,
+                                 group_means, hessian_vector_product, read_summary, split_boundaries,
+                                 top_hessian_eigenvalue)
+from lt_recipes.checkpoint import atomic_write_csv, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> ModuleType:
+    """Import tools/<name>.py (registered in sys.modules, as dataclasses need)."""
+    key = f"tool_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / f"{name}.py")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on the shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- Hessian power iteration ----------------------------------------------------------------------------------
+def _quadratic(eigs: list[float], seed: int = 0) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigs), len(eigs))))
+    return q @ np.diag(eigs) @ q.T
+
+
+def test_power_iteration_finds_top_eigenvalue_of_quadratic() -> None:
+    a = _quadratic([4.0, 2.5, 1.0, 0.5, 0.1, -0.3])
+    A = torch.tensor(a)
+    # theta split over two parameter tensors, loss split into two terms: both must be summed correctly
+    x1 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def terms():
+        for weight in (0.25, 0.75):
+            x = torch.cat([x1.reshape(-1), x2])
+            yield weight * 0.5 * x @ A @ x
+
+    lam = top_hessian_eigenvalue(terms, [x1, x2], iters=200, seed=3, tol=1e-12)
+    assert abs(lam - np.linalg.eigvalsh(a).max()) < 1e-3
+
+
+def test_hessian_vector_product_matches_matrix_and_ignores_unused_params() -> None:
+    a = _quadratic([3.0, 1.0, 0.2], seed=1)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    v = [torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
+    hv = hessian_vector_product(lambda: [0.5 * x @ torch.tensor(a) @ x], [x, unused], v)
+    np.testing.assert_allclose(hv[0].numpy(), a @ v[0].numpy(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(hv[1], torch.zeros(2, dtype=torch.float64))
+
+
+def test_power_iteration_on_small_network_matches_dense_hessian() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 3, (16,))
+    params = list(net.parameters())
+    shapes = [p.shape for p in params]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        chunks, off = [], 0
+        for s in shapes:
+            chunks.append(flat[off:off + math.prod(s)].view(s))
+            off += math.prod(s)
+        h = torch.tanh(x @ chunks[0].T + chunks[1])
+        return F.cross_entropy(h @ chunks[2].T + chunks[3], y)
+
+    dense = torch.autograd.functional.hessian(loss_of, torch.cat([p.detach().reshape(-1) for p in params]))
+    eig = torch.linalg.eigvalsh(dense)
+    top = float(eig[eig.abs().argmax()])
+    lam = top_hessian_eigenvalue(lambda: [F.cross_entropy(net(x), y)], params, iters=500, tol=1e-12)
+    assert abs(lam - top) < 1e-3 * max(1.0, abs(top))
+
+
+# ---- filter-normalized directions -----------------------------------------------------------------------------
+def _small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))
+
+
+def test_filter_normalized_direction_has_weight_filter_norms() -> None:
+    torch.manual_seed(0)
+    net = _small_net()
+    with torch.no_grad():
+        net[0].weight[1].mul_(7.0)  # filters of very different sizes
+    direction = filter_normalized_direction(net, seed=5)
+    for (name, p), d in zip(net.named_parameters(), direction):
+        assert d.shape == p.shape and d.dtype == p.dtype
+        if p.dim() <= 1:
+            assert torch.count_nonzero(d) == 0, name
+            continue
+        w_norms = p.detach().double().reshape(p.shape[0], -1).norm(dim=1)
+        d_norms = d.double().reshape(p.shape[0], -1).norm(dim=1)
+        torch.testing.assert_close(d_norms, w_norms, rtol=1e-5, atol=0)
+
+
+def test_same_seed_gives_same_direction_across_runs() -> None:
+    torch.manual_seed(0)
+    a, b = _small_net(), _small_net()  # two "runs": same architecture, different weights
+    da, db = filter_normalized_direction(a, 2), filter_normalized_direction(b, 2)
+    dc = filter_normalized_direction(a, 3)
+    for pa, pb, xa, xb, xc in zip(a.parameters(), b.parameters(), da, db, dc):
+        if pa.dim() <= 1:
+            continue
+        # same random draw: the unit filters agree, only the per-filter scale follows each run's weights
+        ua = xa.reshape(pa.shape[0], -1) / pa.detach().reshape(pa.shape[0], -1).norm(dim=1, keepdim=True)
+        ub = xb.reshape(pb.shape[0], -1) / pb.detach().reshape(pb.shape[0], -1).norm(dim=1, keepdim=True)
+        torch.testing.assert_close(ua, ub)
+        assert not torch.allclose(xa, xc)
+
+
+# ---- groups and samples ---------------------------------------------------------------------------------------
+def test_group_means_balanced_indices_and_splits() -> None:
+    targets = torch.tensor([0, 0, 1, 2, 2, 2])
+    values = torch.tensor([1.0, 3.0, 5.0, 0.0, 3.0, 6.0], dtype=torch.float64)
+    means = group_means(values, targets, {"a": [0, 1], "b": [2], "empty": [7]})
+    assert means["a"] == pytest.approx(3.0) and means["b"] == pytest.approx(3.0) and math.isnan(means["empty"])
+    t = np.array([0] * 10 + [1] * 3 + [2] * 1)
+    idx = balanced_indices(t, per_class=4, seed=0)
+    assert np.bincount(t[idx]).tolist() == [4, 3, 1] and len(set(idx.tolist())) == len(idx)
+    assert np.array_equal(idx, balanced_indices(t, per_class=4, seed=0))
+    counts = [150, 120, 60, 30, 10, 5]
+    assert split_boundaries(counts) == [("many", 0, 1), ("medium", 2, 3), ("few", 4, 5)]
+    assert analysis_groups(None, counts) == {"all": list(range(6)), "many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+    assert analysis_groups({"groups": [[0, 2], [1, 3, 4, 5]]}, counts) == {
+        "all": list(range(6)), "g0": [0, 2], "g1": [1, 3, 4, 5]}
+
+
+def test_read_summary_names_bad_cell(tmp_path: Path) -> None:
+    path = tmp_path / "summary.csv"
+    path.write_text("epoch,lr,alpha\n0,0.1,\n1,0.05,oops\n")
+    with pytest.raises(AnalysisError, match=r"line 3, column 'alpha': value 'oops'"):
+        read_summary(str(path))
+    path.write_text("epoch,lr,alpha\n0,0.1,\n1,0.05,0.9\n")
+    cols = read_summary(str(path))
+    assert math.isnan(cols["alpha"][0]) and cols["alpha"][1] == 0.9 and cols["epoch"].tolist() == [0.0, 1.0]
+
+
+# ---- collect_results ------------------------------------------------------------------------------------------
+COUNTS = [300, 150, 80, 40, 15, 5]  # many: 0-1, medium: 2-3, few: 4-5
+RUNS = {  # method: [(top1, many, medium, few) per seed]
+    "ce": [(39.0, 80.0, 30.0, 5.0), (41.0, 82.0, 34.0, 7.0)],
+    "ce+gkp+gsa": [(43.0, 80.0, 40.0, 9.0), (44.0, 81.0, 41.0, 10.0)],
+    "ce+gkp+gsa@sam": [(40.5, 81.0, 35.0, 6.0)],
+}
+
+
+def _write_results(root: Path) -> None:
+    for method, seeds in RUNS.items():
+        for seed, (top1, many, medium, few) in enumerate(seeds):
+            d = root / "fmnist_r100" / method / f"seed{seed}"
+            d.mkdir(parents=True)
+            per_class = [many, many, medium, medium, few, few]
+            (d / "results.json").write_text(json.dumps({
+                "recipe": "fmnist_lt_resnet8", "method": method, "dataset": "fmnist", "imbalance_ratio": 100.0,
+                "seed": seed, "epochs": 2, "top1": top1, "many": many, "medium": medium, "few": few,
+                "per_class": per_class, "train_counts": COUNTS, "num_test_evaluated": 60}))
+
+
+def _row(text: str, label: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| `{label}` |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_collect_results_tables_check_and_plot(tmp_path: Path) -> None:
+    tool = _tool("collect_results")
+    _write_results(tmp_path / "results")
+    readme = tmp_path / "README.md"
+    head, tail = "# Title\n\nintro text\n\n", "\n\n## After\nkept as is\n"
+    readme.write_text(head + "<!-- results:begin -->\nold\n<!-- results:end -->" + tail)
+    argv = ["--results", str(tmp_path / "results"), "--readme", str(readme), "--docs", str(tmp_path / "docs")]
+    assert tool.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith(head) and text.endswith(tail) and "old" not in text
+    # hand-computed: ce top1 39, 41 -> 40 +- sqrt(2); ce+gkp+gsa 43, 44 -> 43.5 +- sqrt(0.5)
+    assert _row(text, "ce") == ["`ce`", "2", "40.00 ± 1.41", "81.00 ± 1.41", "32.00 ± 2.83", "6.00 ± 1.41",
+                                "—", "—"]
+    # delta 3.5 > 1.41 + 0.71: beyond the seed spread
+    assert _row(text, "ce+gkp+gsa") == ["`ce+gkp+gsa`", "2", "43.50 ± 0.71", "80.50 ± 0.71", "40.50 ± 0.71",
+                                        "9.50 ± 0.71", "+3.50", "yes"]
+    # one seed: no std, spread undecidable
+    assert _row(text, "ce+gkp+gsa@sam")[2:] == ["40.50", "81.00", "35.00", "6.00", "+0.50", "n/a"]
+    comp = next(ln for ln in text.splitlines() if ln.startswith("| `ce` | 40.00"))
+    assert "43.50 ± 0.71 (+3.50, yes)" in comp
+    direction_rows = [ln for ln in text.splitlines() if ln.startswith(("| SAM", "| GSA"))]
+    assert [r.split("|")[2].strip() for r in direction_rows] == ["`ce+gkp+gsa@sam`", "`ce+gkp+gsa`"]
+    assert direction_rows[0].rstrip(" |").endswith("52.1") and direction_rows[1].rstrip(" |").endswith("53.2")
+    png = tmp_path / "docs" / "per_class_fmnist_r100.png"
+    assert imread(str(png)).ndim == 3 and "](docs/per_class_fmnist_r100.png)" in text
+    # regenerating is a no-op and --check agrees; an edited number in the block is detected
+    assert tool.main(argv) == 0 and readme.read_text() == text
+    assert tool.main(argv + ["--check"]) == 0
+    readme.write_text(text.replace("43.50 ± 0.71", "45.00 ± 0.71", 1))
+    assert tool.main(argv + ["--check"]) == 1
+    readme.write_text("no markers here\n")
+    assert tool.main(argv) == 2 and readme.read_text() == "no markers here\n"
+
+
+def test_collect_results_rejects_mislabelled_run(tmp_path: Path) -> None:
+    tool = _tool("collect_results")
+    _write_results(tmp_path / "results")
+    bad = tmp_path / "results" / "fmnist_r100" / "ce" / "seed1" / "results.json"
+    bad.write_text(bad.read_text().replace('"method": "ce"', '"method": "la"'))
+    with pytest.raises(AnalysisError, match=r"seed1/results.json: method 'la' does not match its folder 'ce'"):
+        tool.build_block(str(tmp_path / "results"), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
+
+
+# ---- plot_run ---------------------------------------------------------------------------------------------------
+def _digits_cfg(method: str = "gkp_gsa") -> dict:
+    from lt_recipes.config import load_config
+    return load_config("digits_lt", [f"method={method}", "epochs=3", "groups.start_epoch=1",
+                                     "data.eval_batch_size=32"])
+
+
+def test_plot_run_writes_pngs(tmp_path: Path) -> None:
+    tool = _tool("plot_run")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.yaml").write_text(yaml.safe_dump(_digits_cfg()))  # train counts are rebuilt from it
+    nan = float("nan")
+    rows = [{"epoch": 0, "lr": 0.05, "train_loss": 2.1, "val_top1": 30.0, "time": 1.0, "skipped_steps": 0,
+             "alpha": nan, "num_groups": 0, "bank_snapshots": 1, "loss_g0": nan, "rho_g0": nan, "cos_g0": nan,
+             "loss_g1": nan, "rho_g1": nan, "cos_g1": nan, "gkp": nan}]
+    for e in (1, 2):
+        rows.append({"epoch": e, "lr": 0.05 / e, "train_loss": 1.5 / e, "val_top1": 40.0 + e, "time": 1.0,
+                     "skipped_steps": 0, "alpha": 0.95 - 0.1 * e, "num_groups": 2, "bank_snapshots": 2,
+                     "loss_g0": 1.0, "rho_g0": 0.01, "cos_g0": 0.9, "loss_g1": 2.0, "rho_g1": 0.02, "cos_g1": 0.2,
+                     "gkp": 0.1 * e})
+    atomic_write_csv(str(run / "summary.csv"), rows)
+    (run / "quality.json").write_text(json.dumps({"epochs": [0, 1, 2], "q": [[float(c + e) for c in range(10)]
+                                                                            for e in range(3)]}))
+    out = tmp_path / "plots"
+    assert tool.main([str(run), "--out", str(out)]) == 0
+    for name in ("curves.png", "groups.png", "quality.png"):
+        assert imread(str(out / name)).ndim == 3, name
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    atomic_write_csv(str(plain / "summary.csv"), [{k: r[k] for k in ("epoch", "lr", "train_loss", "val_top1")}
+                                                   for r in rows])
+    assert tool.plot_run(str(plain)) == [str(plain / "curves.png")]
+    (plain / "quality.json").write_text(json.dumps({"epochs": [0, 1], "q": [[1.0, 2.0]]}))
+    with pytest.raises(AnalysisError, match="2 epochs but q has shape"):
+        tool.plot_run(str(plain))
+
+
+# ---- landscape --------------------------------------------------------------------------------------------------
+def _trained_run(path: Path, data, groups: list[list[int]] | None, steps: int, seed: int) -> None:
+    """A hand-made run directory: args.yaml, a few SGD steps of the real model on digits-LT, checkpoint.pt."""
+    from lt_recipes.models import create_lt_model
+    cfg = _digits_cfg("gkp_gsa" if groups else "none")
+    path.mkdir()
+    (path / "args.yaml").write_text(yaml.safe_dump(cfg))
+    torch.manual_seed(seed)  # the batches below and the initial weights
+    model = create_lt_model(cfg["model"], data.num_classes, data.in_chans)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True)
+    for _, (x, y) in zip(range(steps), loader):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    save_checkpoint(str(path / "checkpoint.pt"), {"identity": {"recipe": cfg["name"]}, "model": model.state_dict()})
+    label = "ce+gkp+gsa" if groups else "ce"
+    (path / "results.json").write_text(json.dumps({"method": label, "seed": seed}))
+    if groups:
+        (path / "groups.json").write_text(json.dumps({"groups": groups}))
+
+
+def test_landscape_writes_plots_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lt_recipes.data import build_data
+    from lt_recipes.models import create_lt_model
+    tool = _tool("landscape")
+    cfg = _digits_cfg("none")
+    data = build_data(cfg)
+    groups = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    _trained_run(tmp_path / "base", data, None, steps=8, seed=0)
+    _trained_run(tmp_path / "method", data, groups, steps=8, seed=1)
+    out = tmp_path / "plots"
+    argv = [str(tmp_path / "base"), str(tmp_path / "method"), "--points", "5", "--span", "0.5", "--two-d",
+            "--batches", "1", "--hessian-iters", "4", "--out", str(out), "--json"]
+    assert tool.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("landscape_1d.png", "sharpness.png", "landscape_2d.png"):
+        assert imread(str(out / name)).ndim == 3, name
+    assert set(result) == {str(tmp_path / "base"), str(tmp_path / "method")}
+    # the groups of the run that has them are used for every run, plus "all"
+    for run in result.values():
+        assert list(run) == ["all", "g0", "g1", "g2"]
+        for g in run.values():
+            assert len(g["slice"]) == 5 and np.asarray(g["surface"]).shape == (5, 5)
+            assert math.isfinite(g["lambda_max"]) and g["lambda_max"] > 0
+            assert g["slice"][2] == pytest.approx(g["surface"][2][2], rel=1e-9)
+    # the centre of the slice is the trained model's loss on the seeded balanced sample, group by group
+    model = create_lt_model(cfg["model"], data.num_classes, data.in_chans)
+    model.load_state_dict(torch.load(tmp_path / "method" / "checkpoint.pt", weights_only=True)["model"])
+    model.eval()
+    idx = balanced_indices(np.asarray(data.train_targets), cfg["data"]["eval_batch_size"] // 10, seed=0)
+    x = torch.stack([data.train_eval[i][0] for i in idx])
+    y = torch.tensor([data.train_eval[i][1] for i in idx])
+    with torch.no_grad():
+        losses = F.cross_entropy(model(x).double(), y, reduction="none")
+    for k, classes in enumerate(groups):
+        mask = torch.isin(y, torch.tensor(classes))
+        assert result[str(tmp_path / "method")][f"g{k}"]["slice"][2] == pytest.approx(float(losses[mask].mean()),
+                                                                                      rel=1e-6)
+    assert not os.path.exists(tmp_path / "base" / "landscape_1d.png")

@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Build the README result tables and per-class accuracy plots from the committed results/ tree.
+
+    python tools/collect_results.py [--results results] [--readme README.md] [--docs docs] [--check]
+
+Reads results/<dataset>_r<ratio>/<method>/seed<k>/results.json and replaces only the block between
+`<!-- results:begin -->` and `<!-- results:end -->` in the README with: per ratio, mean +- std over seeds of
+Top-1 / Many / Medium / Few per method with the change of Top-1 against the method's base and whether that change
+exceeds the seed spread (|delta| > std_base + std_method); the component ablation (base, +gkp, +gsa, +gkp+gsa);
+the direction ablation (GSA ascent along g, the removed component, or h_g) next to the paper's numbers. It also
+writes docs/per_class_<dataset>_r<ratio>.png (per-class accuracy head -> tail, base vs base+gkp+gsa, seed means).
+`--check` writes nothing and exits 1 when the README block differs from what would be written.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lt_recipes.analysis import (AnalysisError, head_to_tail, load_run, new_figure, read_artifact,  # noqa: E402
+                                 save_figure, split_boundaries, train_counts_of)
+from lt_recipes.checkpoint import atomic_write_text  # noqa: E402
+from lt_recipes.data import DataError  # noqa: E402
+
+_logger = logging.getLogger("collect_results")
+
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+METRICS = ("top1", "many", "medium", "few")
+BASE_ORDER = ("ce", "la", "bs", "ldam_drw", "bcl")
+MODULE_ORDER = ("", "sam", "gkp", "gsa", "gkp+gsa")
+DIRECTIONS = {"gsa": "GSA: h_g (global component removed)", "sam": "SAM: global gradient g",
+              "gsa_proj": "GSA-proj: removed component only", "friendly": "FriendlySAM: g - EMA"}
+PAPER = "CIFAR-100-LT r=100"
+PAPER_DIRECTIONS = {"sam": 52.1, "gsa_proj": 46.4, "gsa": 53.2}
+PAPER_COMPONENTS = {"ce": {"": 38.4, "gkp": 42.1, "gkp+gsa": 42.8},
+                    "bcl": {"": 51.9, "gkp": 52.4, "gsa": 52.7, "gkp+gsa": 53.2}}
+
+
+@dataclass
+class MethodStats:
+    """Seed statistics of one method at one (dataset, ratio): means, sample stds (NaN with one seed)."""
+
+    method: str
+    seeds: list[int]
+    mean: dict[str, float]
+    std: dict[str, float]
+    per_class: np.ndarray
+    train_counts: list[int] | None
+
+
+def parse_label(label: str) -> tuple[str, str, str]:
+    """'bcl+gkp+gsa@sam' -> ('bcl', 'gkp+gsa', 'sam'); the direction is 'gsa' when no '@' is given."""
+    name, _, direction = label.partition("@")
+    base, _, modules = name.partition("+")
+    return base, modules, direction or "gsa"
+
+
+def _order_key(label: str) -> tuple:
+    base, modules, direction = parse_label(label)
+    b = BASE_ORDER.index(base) if base in BASE_ORDER else len(BASE_ORDER)
+    m = MODULE_ORDER.index(modules) if modules in MODULE_ORDER else len(MODULE_ORDER)
+    d = list(DIRECTIONS).index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
+    return b, base, m, modules, d, direction
+
+
+def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
+    """{folder: {method: [(run dir, results), ...] sorted by seed}} from <root>/<folder>/<method>/seed<k>/."""
+    if not os.path.isdir(root):
+        raise AnalysisError(f"results folder {root} does not exist")
+    tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {}
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "*", "results.json"))):
+        run_dir = os.path.dirname(path)
+        folder, method, seed_dir = Path(path).parts[-4:-1]
+        res = read_artifact(path)
+        missing = [k for k in ("method", "seed", "dataset", "imbalance_ratio", "per_class") + METRICS if k not in res]
+        if missing:
+            raise AnalysisError(f"{path} lacks key(s) {missing}")
+        if res["method"] != method:
+            raise AnalysisError(f"{path}: method {res['method']!r} does not match its folder {method!r}")
+        if seed_dir != f"seed{res['seed']}":
+            raise AnalysisError(f"{path}: seed {res['seed']} does not match its folder {seed_dir!r}")
+        tree.setdefault(folder, {}).setdefault(method, []).append((run_dir, res))
+    for folder, methods in tree.items():
+        ids = {(r["dataset"], r["imbalance_ratio"]) for runs in methods.values() for _, r in runs}
+        if len(ids) > 1:
+            raise AnalysisError(f"{os.path.join(root, folder)} mixes datasets/ratios {sorted(ids, key=str)}")
+        for runs in methods.values():
+            runs.sort(key=lambda item: item[1]["seed"])
+    return tree
+
+
+def summarize(runs: Sequence[tuple[str, dict[str, Any]]], with_counts: bool = False) -> MethodStats:
+    """Mean and sample std (ddof=1; NaN for one seed) of each metric, and the seed-mean per-class accuracy."""
+    res = [r for _, r in runs]
+    mean, std = {}, {}
+    for key in METRICS:
+        vals = np.array([float(r[key]) for r in res])
+        mean[key] = float(vals.mean())
+        std[key] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+    lengths = {len(r["per_class"]) for r in res}
+    if len(lengths) > 1:
+        raise AnalysisError(f"{runs[0][0]} and its other seeds disagree on the number of classes {sorted(lengths)}")
+    per_class = np.mean(np.array([[math.nan if v is None else float(v) for v in r["per_class"]] for r in res]), axis=0)
+    counts = train_counts_of(load_run(runs[0][0])) if with_counts else None
+    return MethodStats(res[0]["method"], [int(r["seed"]) for r in res], mean, std, per_class, counts)
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def delta_vs(base: MethodStats, other: MethodStats, key: str = "top1") -> tuple[float, str]:
+    """Change of `key` against the base and whether it exceeds the seed spread ('yes'/'no'/'n/a' with one seed)."""
+    delta = other.mean[key] - base.mean[key]
+    spread = base.std[key] + other.std[key]
+    verdict = "n/a" if math.isnan(spread) else ("yes" if abs(delta) > spread else "no")
+    return delta, verdict
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _ratio(value: Any) -> str:
+    return f"{float(value):g}"
+
+
+def main_table(stats: dict[str, MethodStats]) -> list[str]:
+    """Per-method Top-1 / Many / Medium / Few with seeds and the Top-1 change against the base."""
+    rows = []
+    for label in sorted(stats, key=_order_key):
+        s = stats[label]
+        base = stats.get(parse_label(label)[0])
+        if base is None or base is s:
+            change = ["—", "—"]
+        else:
+            d, verdict = delta_vs(base, s)
+            change = [f"{d:+.2f}", verdict]
+        rows.append([f"`{label}`", str(len(s.seeds))] + [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change)
+    return _table(["method", "seeds", "Top-1", "Many", "Medium", "Few", "Δ Top-1 vs base", "beyond seed spread"],
+                  rows)
+
+
+def component_table(stats: dict[str, MethodStats]) -> list[str]:
+    """Top-1 of base, +gkp, +gsa, +gkp+gsa for every base with at least one module run, then the paper's rows."""
+    rows = []
+    bases = sorted({parse_label(m)[0] for m in stats}, key=_order_key)
+    for base in bases:
+        if base not in stats or not any(f"{base}+{m}" in stats for m in MODULE_ORDER[2:]):
+            continue
+        cells = [f"`{base}`"]
+        for m in ("",) + MODULE_ORDER[2:]:
+            s = stats.get(f"{base}+{m}" if m else base)
+            if s is None:
+                cells.append("—")
+            elif m:
+                d, verdict = delta_vs(stats[base], s)
+                cells.append(f"{_fmt(s.mean['top1'], s.std['top1'])} ({d:+.2f}, {verdict})")
+            else:
+                cells.append(_fmt(s.mean["top1"], s.std["top1"]))
+        rows.append(cells)
+    if not rows:
+        return []
+    for base, paper in PAPER_COMPONENTS.items():
+        rows.append([f"{base} (paper, {PAPER})"] + [f"{paper[m]:.1f}" if m in paper else "—"
+                                                    for m in ("",) + MODULE_ORDER[2:]])
+    return _table(["base loss", "base alone", "+gkp", "+gsa", "+gkp+gsa"], rows) + [
+        "", "Cells: Top-1 mean ± std over seeds (Δ vs base, beyond seed spread)."]
+
+
+def direction_table(stats: dict[str, MethodStats]) -> list[str]:
+    """GSA ascent-direction ablation per base with `@` runs: ours next to the paper's Table 5."""
+    rows = []
+    for base in sorted({parse_label(m)[0] for m in stats}, key=_order_key):
+        full = f"{base}+gkp+gsa"
+        variants = [m for m in stats if m.startswith(full + "@")]
+        if not variants:
+            continue
+        paper_order = list(PAPER_DIRECTIONS) + list(DIRECTIONS)
+        for label in sorted(variants + ([full] if full in stats else []),
+                            key=lambda m: (paper_order.index(parse_label(m)[2]) if parse_label(m)[2] in paper_order
+                                           else len(paper_order), m)):
+            s, direction = stats[label], parse_label(label)[2]
+            change = ["—", "—"]
+            if base in stats:
+                d, verdict = delta_vs(stats[base], s)
+                change = [f"{d:+.2f}", verdict]
+            paper = PAPER_DIRECTIONS.get(direction)
+            rows.append([DIRECTIONS.get(direction, direction), f"`{label}`", str(len(s.seeds)),
+                         _fmt(s.mean["top1"], s.std["top1"])] + change + ["—" if paper is None else f"{paper:.1f}"])
+    if not rows:
+        return []
+    return _table(["ascent direction", "method", "seeds", "Top-1", "Δ vs base", "beyond seed spread",
+                   f"paper Top-1 ({PAPER}, BCL base)"], rows)
+
+
+def plot_pairs(stats: dict[str, MethodStats]) -> list[tuple[str, str]]:
+    """(base, base+gkp+gsa) label pairs with both methods present, in table order."""
+    return [(b, f"{b}+gkp+gsa") for b in sorted({parse_label(m)[0] for m in stats}, key=_order_key)
+            if b in stats and f"{b}+gkp+gsa" in stats]
+
+
+def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str]], title: str, path: str) -> str:
+    """Seed-mean per-class accuracy head -> tail for each (base, base+gkp+gsa) pair, one panel per pair."""
+    fig, axes = new_figure(1, len(pairs), size=(5.5, 3.4))
+    for ax, (base, full) in zip(axes[0], pairs):
+        counts = stats[base].train_counts
+        order = head_to_tail(counts, len(stats[base].per_class))
+        x = np.arange(len(order))
+        for label, style in ((base, "-o"), (full, "-s")):
+            s = stats[label]
+            ax.plot(x, s.per_class[order], style, ms=3, label=f"{label} ({s.mean['top1']:.1f})")
+        if counts is not None:
+            for name, lo, hi in split_boundaries(counts):
+                ax.axvspan(lo - 0.5, hi + 0.5, alpha=0.08, color={"many": "C0", "medium": "C2", "few": "C3"}[name])
+                ax.text((lo + hi) / 2, 2, name.capitalize(), ha="center", fontsize=8)
+                if lo > 0:
+                    ax.axvline(lo - 0.5, color="gray", ls="--", lw=0.8)
+        ax.set(xlabel="class (head → tail)" if counts is not None else "class index", ylabel="test accuracy (%)",
+               ylim=(0, 100), title=f"{title}: {base}")
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def build_block(results_root: str, readme: str, docs: str, write_plots: bool) -> str:
+    """The README block (markers included); PNGs are written when `write_plots`."""
+    tree = _scan(results_root)
+    if not tree:
+        raise AnalysisError(f"no results.json under {results_root}/<dataset>_r<ratio>/<method>/seed<k>/")
+    first = {f: next(iter(m.values()))[0][1] for f, m in tree.items()}
+    lines = [BEGIN, f"<!-- generated by tools/collect_results.py from {results_root}/; edits here are overwritten -->"]
+    for folder in sorted(tree, key=lambda f: (first[f]["dataset"], -float(first[f]["imbalance_ratio"]), f)):
+        dataset, ratio = first[folder]["dataset"], _ratio(first[folder]["imbalance_ratio"])
+        stats = {m: summarize(runs, with_counts=write_plots) for m, runs in tree[folder].items()}
+        title = f"{dataset} r={ratio}"
+        lines += ["", f"### {title}", "", "Test accuracy (%), mean ± std over seeds.", ""] + main_table(stats)
+        png = os.path.join(docs, f"per_class_{folder}.png")
+        pairs = plot_pairs(stats)
+        if pairs:
+            if write_plots:
+                per_class_plot(stats, pairs, title, png)
+            rel = os.path.relpath(png, os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
+            lines += ["", f"![per-class accuracy, {title}]({rel})"]
+        comp = component_table(stats)
+        if comp:
+            lines += ["", f"#### Component ablation, {title} (Top-1)", ""] + comp
+        direc = direction_table(stats)
+        if direc:
+            lines += ["", f"#### GSA direction ablation, {title}", ""] + direc
+    return "\n".join(lines + ["", END])
+
+
+def replace_block(text: str, block: str, readme: str) -> str:
+    """`text` with its marker block replaced by `block`; the markers must appear once each, in order."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise AnalysisError(f"{readme} must contain the line {BEGIN} once, followed later by {END} once "
+                            "(add them where the result tables belong)")
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    return text[:start] + block + text[stop:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="results", help="results tree (default: results)")
+    p.add_argument("--readme", default="README.md", help="README whose marker block is replaced (default: README.md)")
+    p.add_argument("--docs", default="docs", help="folder for the per-class PNGs (default: docs)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the README block is out of date")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with open(args.readme) as f:
+            text = f.read()
+        block = build_block(args.results, args.readme, args.docs, write_plots=not args.check)
+        new_text = replace_block(text, block, args.readme)
+    except (AnalysisError, DataError, OSError) as e:
+        _logger.error("%s", e)
+        return 2
+    print(block)
+    if args.check:
+        if new_text != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new_text.splitlines(True),
+                                                       f"{args.readme} (current)", f"{args.readme} (generated)"))
+            _logger.error("%s: the results block is out of date; run tools/collect_results.py", args.readme)
+            return 1
+        return 0
+    if new_text != text:
+        atomic_write_text(args.readme, new_text)
+        _logger.info("updated the results block of %s", args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
