@@ -6,7 +6,7 @@ reference backend is the same math in plain torch ops; the fused kernels are tes
 
 backend: "fused" runs the extension and raises when it is missing; "reference" runs plain torch; "auto" runs the
 extension when it has a kernel for the inputs' device and otherwise the reference (warning once per process when
-the extension failed to load). Groups beyond the kernels' limit (32) always run the reference.
+the extension failed to load, and also for more groups than the kernels take, MAX_FUSED_GROUPS).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ try:
     _EXT_ERROR: str | None = None
 except ImportError as exc:
     _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    _logger.debug("lt_recipes._C did not load: %s", _EXT_ERROR)
 _EXT_LOADED = _EXT_ERROR is None
 # Device types with a compiled kernel, fixed at import so backend choice is plain Python under torch.compile.
 _FUSED_DEVICES = frozenset(
