@@ -82,6 +82,7 @@ SCHEMA: dict[str, Any] = {
                          _choice("digits", "fmnist", "cifar10", "cifar100", "imagenet_lt", "places_lt", "inat2018")),
         "root": Field(None, STR, nullable=True),
         "imbalance_ratio": Field(None, FLOAT, _at_least(1.0), nullable=True),
+        "max_per_class": Field(None, INT, _at_least(1), nullable=True),
         "val_per_class": Field(10, INT, _at_least(0)),
         "test_per_class": Field(50, INT, _at_least(1)),
         "train_list": Field(None, STR, nullable=True),

@@ -542,7 +542,9 @@ def _build_in_memory(cfg: dict[str, Any]) -> LTData:
         images, targets, test_images, test_targets = _read_fmnist(_data_root(d))
     else:
         images, targets, test_images, test_targets = _read_cifar(_data_root(d), dataset)
-    kept = long_tail_indices(targets, num_classes, d["imbalance_ratio"])
+    cap = d["max_per_class"]
+    n_max = None if cap is None else min(cap, int(np.bincount(targets, minlength=num_classes).min()))
+    kept = long_tail_indices(targets, num_classes, d["imbalance_ratio"], n_max)
     lt_counts = np.bincount(targets[kept], minlength=num_classes).tolist()
     train_idx, val_idx = _hold_out_val(targets, kept, num_classes, d["val_per_class"],
                                        np.random.default_rng(cfg["seed"]))

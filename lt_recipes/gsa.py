@@ -245,6 +245,7 @@ class GroupedSAM(_FlatStep):
         self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
         self.momentum_set: list[bool] = []
+        self.glob = torch.empty_like(self.flat.data)
         self.fisher_ema: torch.Tensor | None = None
         self.fisher_ema_decay = 0.0
         self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -368,7 +369,7 @@ class GroupedSAM(_FlatStep):
         """Pass 2: for each group, theta + eps_g, gradient of alpha * L_{D_g} accumulated into the update buffer."""
         flat, rows = self.flat, self.flat.rows
         weights = torch.tensor([c / max(sum(counts_l), 1) for c in counts_l], dtype=rows.dtype, device=rows.device)
-        glob, coef, res_norm = ops.gsa_project(rows, weights, backend=self.backend)
+        glob, coef, res_norm = ops.gsa_project(rows, weights, backend=self.backend, out=self.glob)
         coef_l, res_l = coef.tolist(), res_norm.tolist()
         glob_norm = float(torch.linalg.vector_norm(glob))
         theta_norm = float(torch.linalg.vector_norm(self.base))

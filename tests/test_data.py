@@ -367,6 +367,11 @@ def test_list_test_defaults_to_val(image_list_root):
     assert data.test is data.val
 
 
+def test_max_per_class_caps_the_profile_head():
+    data = build_data(make_cfg(dataset="digits", imbalance_ratio=10.0, max_per_class=60, val_per_class=5))
+    assert data.lt_counts == long_tail_counts(60, 10, 10.0)
+
+
 def test_list_without_val_holds_out_training_images(image_list_root):
     """iNat protocol: val2018 is the test set, so feature quality needs a class-balanced hold-out of training images."""
     data = build_data(list_cfg(image_list_root, dataset="inat2018", val_list=None, val_per_class=1))
