@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from matplotlib.figure import Figure
 from torch import nn
 
+from .config import load_config
 from .data import build_data, class_splits
 
 _logger = logging.getLogger(__name__)
@@ -32,13 +32,13 @@ class AnalysisError(ValueError):
 
 
 # ---- run directories ------------------------------------------------------------------------------------------
-def read_artifact(path: str) -> Any:
-    """Parse a JSON or (by extension) YAML artifact, naming the file when it does not parse."""
+def read_json(path: str) -> Any:
+    """Parse a JSON artifact, naming the file when it is not valid JSON."""
     try:
         with open(path) as f:
-            return yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise AnalysisError(f"{path} does not parse: {e}") from None
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnalysisError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def read_summary(path: str) -> dict[str, np.ndarray]:
@@ -82,7 +82,11 @@ class Run:
 
 
 def load_run(run_dir: str) -> Run:
-    """Read every artifact present in `run_dir` (see README "Training" for what a run writes)."""
+    """Read every artifact present in `run_dir` (see README "Training" for what a run writes).
+
+    args.yaml goes through the recipe schema like any recipe file, so keys added to the schema after the run was
+    trained take their defaults and a key the schema no longer knows is an error naming it.
+    """
     if not os.path.isdir(run_dir):
         raise AnalysisError(f"run directory {run_dir} does not exist")
 
@@ -90,8 +94,8 @@ def load_run(run_dir: str) -> Run:
         path = os.path.join(run_dir, name)
         return reader(path) if os.path.isfile(path) else None
 
-    return Run(path=run_dir, args=opt("args.yaml", read_artifact), results=opt("results.json", read_artifact),
-               groups=opt("groups.json", read_artifact), quality=opt("quality.json", read_artifact),
+    return Run(path=run_dir, args=opt("args.yaml", load_config), results=opt("results.json", read_json),
+               groups=opt("groups.json", read_json), quality=opt("quality.json", read_json),
                summary=opt("summary.csv", read_summary))
 
 
@@ -120,10 +124,11 @@ def split_boundaries(train_counts: Sequence[int]) -> list[tuple[str, int, int]]:
 
 
 def analysis_groups(groups_json: dict[str, Any] | None, train_counts: Sequence[int]) -> dict[str, list[int]]:
-    """Named class sets to evaluate a run on: "all", then groups.json's groups (g0 = head) or Many/Medium/Few."""
+    """Named class sets to evaluate a run on: "all", then groups.json's groups (g0 = head) when there are two or
+    more, else Many/Medium/Few (a single group would only repeat "all")."""
     out = {"all": list(range(len(train_counts)))}
     groups = (groups_json or {}).get("groups") or []
-    if groups:
+    if len(groups) > 1:
         out.update({f"g{k}": [int(c) for c in cls] for k, cls in enumerate(groups)})
     else:
         out.update({name: cls for name, cls in class_splits(train_counts).items() if cls})

@@ -147,6 +147,7 @@ def test_group_means_balanced_indices_and_splits() -> None:
     counts = [150, 120, 60, 30, 10, 5]
     assert split_boundaries(counts) == [("many", 0, 1), ("medium", 2, 3), ("few", 4, 5)]
     assert analysis_groups(None, counts) == {"all": list(range(6)), "many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+    assert analysis_groups({"groups": [list(range(6))]}, counts) == analysis_groups(None, counts)
     assert analysis_groups({"groups": [[0, 2], [1, 3, 4, 5]]}, counts) == {
         "all": list(range(6)), "g0": [0, 2], "g1": [1, 3, 4, 5]}
 

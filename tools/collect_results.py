@@ -27,9 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (AnalysisError, head_to_tail, load_run, new_figure, read_artifact,  # noqa: E402
+from lt_recipes.analysis import (AnalysisError, head_to_tail, load_run, new_figure, read_json,  # noqa: E402
                                  save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text  # noqa: E402
+from lt_recipes.config import ConfigError  # noqa: E402
 from lt_recipes.data import DataError  # noqa: E402
 
 _logger = logging.getLogger("collect_results")
@@ -82,7 +83,7 @@ def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
     for path in sorted(glob.glob(os.path.join(root, "*", "*", "*", "results.json"))):
         run_dir = os.path.dirname(path)
         folder, method, seed_dir = Path(path).parts[-4:-1]
-        res = read_artifact(path)
+        res = read_json(path)
         missing = [k for k in ("method", "seed", "dataset", "imbalance_ratio", "per_class") + METRICS if k not in res]
         if missing:
             raise AnalysisError(f"{path} lacks key(s) {missing}")
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             text = f.read()
         block = build_block(args.results, args.readme, args.docs, write_plots=not args.check)
         new_text = replace_block(text, block, args.readme)
-    except (AnalysisError, DataError, OSError) as e:
+    except (AnalysisError, ConfigError, DataError, OSError) as e:
         _logger.error("%s", e)
         return 2
     print(block)

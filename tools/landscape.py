@@ -7,8 +7,8 @@
 Every run is rebuilt from its args.yaml and checkpoint.pt and evaluated in eval mode on the same fixed, class-balanced
 sample of its training data (eval transform; about `batches` evaluation batches in all, at least one image per
 class). The loss is the cross-entropy of the model's logits. Class groups: the groups.json groups of the first run
-that has them (g0 = head), used for every run so the curves are comparable, else Many / Medium / Few; "all" is
-every class. For each run and group:
+that has two or more (g0 = head), used for every run so the curves are comparable, else Many / Medium / Few; "all"
+is every class. For each run and group:
 - a 1-D slice L(theta + a d) for a in [-span, span], d a filter-normalized Gaussian direction (Li et al. 2018)
   drawn from --seed, so every run moves along the same random draw scaled to its own filters;
 - with --two-d, the surface L(theta + a d1 + b d2) on a points x points grid (d2 from seed + 1);
@@ -38,6 +38,7 @@ from lt_recipes.analysis import (AnalysisError, analysis_groups, balanced_indice
                                  filter_normalized_direction, group_means, load_run, new_figure, new_panels,
                                  per_sample_loss, save_figure, set_parameters, top_hessian_eigenvalue, train_counts_of)
 from lt_recipes.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint  # noqa: E402
+from lt_recipes.config import ConfigError  # noqa: E402
 from lt_recipes.data import DataError, build_data  # noqa: E402
 from lt_recipes.models import create_lt_model  # noqa: E402
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {len(r.train_counts) for r in runs}
         if len(sizes) > 1:
             raise AnalysisError(f"runs {args.run_dirs} have different numbers of classes {sorted(sizes)}")
-        grouped = next((r for r in runs if (r.groups_json or {}).get("groups")), runs[0])
+        grouped = next((r for r in runs if len((r.groups_json or {}).get("groups") or []) > 1), runs[0])
         groups = analysis_groups(grouped.groups_json, grouped.train_counts)
         _logger.info("groups from %s: %s", grouped.path, {g: len(c) for g, c in groups.items()})
         stats = {}
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             bs = max(1, len(run.targets) // args.batches)
             stats[run.path] = analyse(run, groups, args.points, args.span, args.two_d, args.hessian_iters,
                                       args.seed, bs)
-    except (AnalysisError, CheckpointError, DataError, OSError) as e:
+    except (AnalysisError, CheckpointError, ConfigError, DataError, OSError) as e:
         _logger.error("%s", e)
         return 2
     coords = np.linspace(-args.span, args.span, args.points)

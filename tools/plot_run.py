@@ -19,10 +19,12 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lt_recipes.analysis import (AnalysisError, head_to_tail, indexed_columns, load_run, new_figure,  # noqa: E402
                                  new_panels, save_figure, split_boundaries, train_counts_of)
+from lt_recipes.config import ConfigError  # noqa: E402
 from lt_recipes.data import DataError  # noqa: E402
 
 _logger = logging.getLogger("plot_run")
@@ -43,6 +45,7 @@ def plot_curves(summary: dict[str, np.ndarray], path: str) -> str:
     for ax, (key, label) in zip(axes[0], CURVES):
         ax.plot(summary["epoch"], summary[key], "-o", ms=3)
         ax.set(xlabel="epoch", ylabel=label, title=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return save_figure(fig, path)
 
 
@@ -65,6 +68,7 @@ def plot_groups(summary: dict[str, np.ndarray], path: str) -> str | None:
         for name, col in cols:
             ax.plot(summary["epoch"], col, "-o", ms=3, label=name)
         ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(cols) > 1:
             ax.legend(fontsize=8, title="g0 = head" if title != "alpha (GSA weight)" else None)
     return save_figure(fig, path)
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         paths = plot_run(args.run_dir, args.out)
-    except (AnalysisError, DataError, OSError) as e:
+    except (AnalysisError, ConfigError, DataError, OSError) as e:
         _logger.error("%s", e)
         return 2
     print("\n".join(paths))
