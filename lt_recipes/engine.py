@@ -204,7 +204,13 @@ class Trainer:
 
 def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precision: str | None = None) -> dict[str, Any]:
     """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there."""
-    accelerator = Accelerator(mixed_precision=mixed_precision) if mixed_precision else Accelerator()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Accelerate picks gloo on the CPU only when asked to: without this, torchrun on a machine without a GPU
+    # would start independent single-process runs that overwrite each other's files.
+    cpu = world > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu) if mixed_precision else Accelerator(cpu=cpu)
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but Accelerate set up {accelerator.num_processes}")
     if not resume and os.path.exists(os.path.join(output_dir, CHECKPOINT_NAME)):
         raise CheckpointError(f"{output_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
                               "or choose another --output")
