@@ -192,7 +192,8 @@ class Trainer:
             "recipe": cfg["name"], "method": method_label(cfg), "dataset": cfg["data"]["dataset"],
             "imbalance_ratio": cfg["data"]["imbalance_ratio"], "seed": cfg["seed"], "epochs": cfg["epochs"],
             "top1": rep["top1"], "many": rep["many"], "medium": rep["medium"], "few": rep["few"],
-            "per_class": rep["per_class"], "num_test_evaluated": int(len(targets)),
+            "per_class": rep["per_class"], "train_counts": self.data.train_counts,
+            "num_test_evaluated": int(len(targets)),
             "num_processes": acc.num_processes, "skipped_steps": self.method.skipped_steps,
         }
         if acc.is_main_process:

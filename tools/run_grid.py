@@ -2,7 +2,7 @@
 """Run the Fashion-MNIST-LT results grid of the README and commit-ready files under results/.
 
 Each job trains `fmnist_lt_resnet8` with one method label (`<base>` or `<base>+<modules>[@direction]`), ratio and
-seed into a scratch run directory, then copies results.json, groups.json, quality.json and summary.csv to
+seed into a scratch run directory, then copies args.yaml, results.json, groups.json, quality.json and summary.csv to
 results/fmnist_r<ratio>/<label>/seed<k>/ (checkpoints stay in scratch). Jobs whose results exist are skipped and
 unfinished scratch runs are resumed, so the grid can be stopped and restarted. The direction ablation runs on the
 base with the best mean Top-1 at r=100 among the finished base runs (`--ablation-base auto`).
@@ -31,7 +31,7 @@ BASES = {
 }
 MODULES = {"": "none", "sam": "sam", "gkp": "gkp", "gsa": "gsa", "gkp+gsa": "gkp_gsa"}
 GRID = ["ce", "ce+sam", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la+gkp+gsa", "bcl", "bcl+gkp+gsa"]
-COPY = ["results.json", "groups.json", "quality.json", "summary.csv"]
+COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
 
 def overrides(label: str, ratio: int, seed: int) -> list[str]:
