@@ -1,0 +1,61 @@
+"""Long-tail evaluation: per-class accuracy, the Many / Medium / Few split report, and its text table.
+
+Splits follow the usual protocol on the training class counts (`data.class_splits`): Many > 100 images, Medium
+20..100, Few < 20.
+A split's accuracy is the mean of its classes' accuracies (classes absent from the evaluated set are skipped).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+
+from .data import class_splits
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["per_class_accuracy", "split_report", "format_table"]
+
+
+def per_class_accuracy(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Accuracy in % of every class [num_classes], float64; nan for classes with no sample in `targets`."""
+    preds, targets = torch.as_tensor(preds).flatten().cpu(), torch.as_tensor(targets).flatten().cpu().long()
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds has {preds.numel()} entries but targets has {targets.numel()}")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+        bad = targets[(targets < 0) | (targets >= num_classes)][0].item()
+        raise ValueError(f"target label {bad} is outside [0, {num_classes}) (num_classes={num_classes})")
+    total = torch.bincount(targets, minlength=num_classes).double()
+    correct = torch.bincount(targets[preds.long() == targets], minlength=num_classes).double()
+    acc = 100.0 * correct / total
+    acc[total == 0] = math.nan
+    return acc
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    values = values[~values.isnan()]
+    return values.mean().item() if values.numel() else math.nan
+
+
+def split_report(preds: torch.Tensor, targets: torch.Tensor, train_counts: Sequence[int]) -> dict[str, Any]:
+    """Top-1 over all samples, the mean per-class accuracy of each split (nan if empty), and per-class accuracy (%)."""
+    acc = per_class_accuracy(preds, targets, len(train_counts))
+    preds, targets = torch.as_tensor(preds).flatten().cpu(), torch.as_tensor(targets).flatten().cpu()
+    top1 = 100.0 * (preds.long() == targets.long()).double().mean().item() if targets.numel() else math.nan
+    report: dict[str, Any] = {"top1": top1}
+    for name, classes in class_splits(train_counts).items():
+        report[name] = _nanmean(acc[classes])
+    report["per_class"] = acc.tolist()
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a two-line text table: Top-1 | Many | Medium | Few (n/a for an empty split)."""
+    cols = [("Top-1", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few")]
+    cells = ["n/a" if math.isnan(report[key]) else f"{report[key]:.2f}" for _, key in cols]
+    widths = [max(len(title), len(cell)) for (title, _), cell in zip(cols, cells)]
+    header = " | ".join(title.rjust(w) for (title, _), w in zip(cols, widths))
+    row = " | ".join(cell.rjust(w) for cell, w in zip(cells, widths))
+    return f"{header}\n{row}"

@@ -1,0 +1,312 @@
+"""Models: the CIFAR ResNets registered with timm, the cosine classifier, and `LTModel` (backbone + classifier + the
+optional BCL heads) built by `create_lt_model` from a recipe's `model` section.
+
+Importing this module registers `resnet32_cifar` and `resnet8_cifar`, so `timm.create_model("resnet32_cifar")` works
+like any timm model. Nothing here downloads weights: backbones always start from `pretrained=False` and a local
+checkpoint can be loaded with `model.pretrained_path`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model"]
+
+
+class ModelError(ValueError):
+    """A recipe's model section or a checkpoint that cannot build or load the model (names the key or file)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CIFAR ResNet (He et al. 2016, section 4.2): 3x3 stem, three stages of BasicBlocks at 16/32/64 channels
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: parameter-free, subsamples by `stride` and zero-pads the channels up to `out_chs`.
+
+    The padding is split evenly before and after the input channels, as in the CIFAR ResNet paper's code.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        if out_chs < in_chs:
+            raise ValueError(f"option-A shortcut cannot shrink channels ({in_chs} -> {out_chs})")
+        self.stride = stride
+        self.pad_before = (out_chs - in_chs) // 2
+        self.pad_after = out_chs - in_chs - self.pad_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.shortcut = ShortcutA(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    """He-normal (fan-in) weights for convs and linears, as the CIFAR ResNet reference code does."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet with the timm model API (`depth` = 6 * blocks_per_stage + 2: 8, 20, 32, 44, 56, 110)."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
+                 drop_rate: float = 0.0, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.act1 = nn.ReLU(inplace=True)
+        stages, in_chs, reduction = [], widths[0], 1
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="act1")]
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = [BasicBlock(in_chs if b == 0 else width, width, stride if b == 0 else 1)
+                      for b in range(blocks_per_stage)]
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
+            in_chs = width
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = in_chs
+        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(_kaiming_init)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the final layer (0 removes it: forward then returns pooled features)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.fc.apply(_kaiming_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map [B, 64, H/4, W/4] before pooling."""
+        return self.stages(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global pool, dropout, and the classifier unless `pre_logits`."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cifar_cfg() -> dict[str, Any]:
+    return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
+            "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+            "first_conv": "conv1", "classifier": "head.fc"}
+
+
+default_cfgs = generate_default_cfgs({"resnet32_cifar": _cifar_cfg(), "resnet8_cifar": _cifar_cfg()})
+
+
+def _create_cifar_resnet(variant: str, blocks_per_stage: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
+    return build_model_with_cfg(CifarResNet, variant, pretrained, blocks_per_stage=blocks_per_stage,
+                                feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
+
+
+@register_model
+def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-32 for 32x32 inputs (5 BasicBlocks per stage, option-A shortcuts; 0.46M parameters)."""
+    return _create_cifar_resnet("resnet32_cifar", 5, pretrained, **kwargs)
+
+
+@register_model
+def resnet8_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-8 for 32x32 inputs (1 BasicBlock per stage): the same family, small enough for CPU runs."""
+    return _create_cifar_resnet("resnet8_cifar", 1, pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classifier and the long-tail model wrapper
+
+
+class CosineLinear(nn.Module):
+    """Normalised linear classifier: logits = scale * cos(x, w_c) for every class row w_c of `weight` [C, F]."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, scale={self.scale}"
+
+
+def _mlp_head(in_features: int, hidden: int, out: int) -> nn.Sequential:
+    """BCL head: Linear -> BatchNorm1d -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out))
+
+
+class LTModel(nn.Module):
+    """A timm backbone (created with num_classes=0, so its forward returns pooled features) plus our classifier.
+
+    `classifier` is the only module whose parameter names start with "classifier." (GKP and GSA rely on that to
+    leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the contrastive embedding and
+    `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight rows to class prototypes.
+    """
+
+    def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, classifier: str = "linear",
+                 cosine_scale: float = 30.0, proj_dims: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_features = num_features
+        self.num_classes = num_classes
+        if classifier == "linear":
+            self.classifier: nn.Module = nn.Linear(num_features, num_classes)
+        elif classifier == "cosine":
+            self.classifier = CosineLinear(num_features, num_classes, cosine_scale)
+        else:
+            raise ModelError(f"model.classifier={classifier!r} must be 'linear' or 'cosine'")
+        self.proj_head: nn.Module | None = None
+        self.proto_head: nn.Module | None = None
+        if proj_dims is not None:
+            hidden, out = proj_dims
+            self.proj_head = _mlp_head(num_features, hidden, out)
+            self.proto_head = _mlp_head(num_features, hidden, out)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features [B, num_features]."""
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C]; with `return_features`, (logits, pooled features) from the same pass.
+
+        Losses that need the features ask for them here rather than calling `forward_features` separately, so one
+        call goes through a DDP wrapper and its gradient synchronisation.
+        """
+        feats = self.forward_features(x)
+        logits = self.classifier(feats)
+        return (logits, feats) if return_features else logits
+
+    def _heads(self) -> tuple[nn.Module, nn.Module]:
+        if self.proj_head is None or self.proto_head is None:
+            raise ModelError("this model has no contrastive heads: set model.proj_head=[hidden, out]")
+        return self.proj_head, self.proto_head
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """L2-normalised contrastive embeddings [B, out] of pooled features."""
+        return F.normalize(self._heads()[0](feats), dim=1)
+
+    def prototypes(self) -> torch.Tensor:
+        """L2-normalised class prototypes [C, out]: the prototype head applied to the classifier's weight rows."""
+        return F.normalize(self._heads()[1](self.classifier.weight), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building and local checkpoints
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: plain, or under "state_dict" / "model"; DDP's "module." prefixes removed."""
+    if not os.path.isfile(path):
+        raise ModelError(f"model.pretrained_path={path!r} is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types (pickle, zip, unsupported global); all mean "unreadable"
+        raise ModelError(f"model.pretrained_path={path!r} could not be read as a torch checkpoint: {e}") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"model.pretrained_path={path!r} holds no state dict (expected a mapping of tensors, "
+                         "optionally under 'state_dict' or 'model')")
+    return clean_state_dict(dict(obj))
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str) -> None:
+    """load_state_dict(strict=True) with errors that name the file, the keys and both shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelError(f"model.pretrained_path={path!r} does not match the {what}: "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ModelError(f"model.pretrained_path={path!r}: key {key!r} has shape {tuple(value.shape)} in the "
+                             f"checkpoint but {tuple(own[key].shape)} in the {what} (different number of classes "
+                             "or architecture?)")
+    module.load_state_dict(state, strict=True)
+
+
+def load_pretrained(model: LTModel, path: str, backbone_classifier: str | tuple[str, ...] | None) -> None:
+    """Load a local checkpoint: an `LTModel` state dict (keys "encoder.*") into the whole model, otherwise a backbone
+    state dict into `model.encoder` after dropping the backbone's own classifier keys (`backbone_classifier`)."""
+    state = _read_state_dict(path)
+    if any(k.startswith("encoder.") for k in state):
+        _load_strict(model, state, path, "model")
+        _logger.info("loaded the whole model (encoder, classifier, heads) from %s", path)
+        return
+    names = [backbone_classifier] if isinstance(backbone_classifier, str) else list(backbone_classifier or ())
+    dropped = sorted(k for k in state if k.startswith(tuple(f"{n}." for n in names)))
+    _load_strict(model.encoder, {k: v for k, v in state.items() if k not in dropped}, path, "backbone")
+    _logger.info("loaded the backbone from %s (dropped its classifier keys %s)", path, dropped)
+
+
+def create_lt_model(model_cfg: dict[str, Any], num_classes: int, in_chans: int) -> LTModel:
+    """Build the recipe's model: timm backbone `model_cfg["name"]` without classifier, plus our classifier and heads.
+
+    Keys: name, pretrained_path, classifier ("linear" | "cosine"), cosine_scale, proj_head ([hidden, out] or None),
+    drop_rate. Never downloads: timm gets pretrained=False, weights come only from `pretrained_path`.
+    """
+    name = model_cfg["name"]
+    if not timm.is_model(name):
+        raise ModelError(f"model.name={name!r} is not a timm model (e.g. resnet32_cifar, resnet8_cifar, resnet50, "
+                         "resnext50_32x4d, resnet152)")
+    try:
+        encoder = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
+                                    drop_rate=model_cfg["drop_rate"])
+    except TypeError as e:
+        raise ModelError(f"model.name={name!r} could not be created with in_chans={in_chans}, "
+                         f"drop_rate={model_cfg['drop_rate']}: {e}") from None
+    num_features = int(getattr(encoder, "head_hidden_size", None) or encoder.num_features)
+    proj = model_cfg["proj_head"]
+    model = LTModel(encoder, num_features, num_classes, classifier=model_cfg["classifier"],
+                    cosine_scale=float(model_cfg["cosine_scale"]), proj_dims=tuple(proj) if proj else None)
+    if model_cfg["pretrained_path"]:
+        load_pretrained(model, model_cfg["pretrained_path"], encoder.pretrained_cfg.get("classifier"))
+    _logger.info("model %s: %d features, %d classes, %s classifier, %.3fM parameters", name, num_features,
+                 num_classes, model_cfg["classifier"], sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
