@@ -73,5 +73,7 @@ def exact_fisher(model: nn.Module, classification_loss: Callable[[torch.Tensor, 
         dist.all_reduce(fisher)
         dist.all_reduce(counts)
     fisher /= counts.clamp_min(1).to(fisher.dtype)[:, None]
-    _logger.info("fisher: exact estimate over %s images per group", [int(c) for c in counts.tolist()])
+    _logger.info("fisher: exact estimate over %s images per group; mean %s, max %s",
+                 [int(c) for c in counts.tolist()], [f"{v:.3g}" for v in fisher.mean(1).tolist()],
+                 [f"{v:.3g}" for v in fisher.amax(1).tolist()])
     return fisher

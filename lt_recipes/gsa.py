@@ -59,18 +59,43 @@ class LossScaler:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
 
+class BNState:
+    """A copy of every BatchNorm running statistic, to put back after a pass that must leave them untouched.
+
+    Momentum 0 is not enough: 0 * NaN is NaN, so one non-finite forward would poison the running statistics.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.live = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.saved = [b.clone() for b in self.live]
+
+    def save(self) -> None:
+        for s, b in zip(self.saved, self.live):
+            s.copy_(b)
+
+    def restore(self) -> None:
+        for s, b in zip(self.saved, self.live):
+            b.copy_(s)
+
+
 @contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm running statistics untouched during a perturbed pass (momentum 0), as usual for SAM."""
+def frozen_bn_stats(model: nn.Module, state: BNState | None = None) -> Iterator[None]:
+    """BatchNorm running statistics untouched by a perturbed pass, as usual for SAM: momentum 0 inside, and the
+    saved values put back on exit. Wrap the backward passes too: BatchNorm's backward checks that the statistics
+    it saved were not modified in between."""
+    state = state or BNState(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
+    momenta = [m.momentum for m in bns]
+    state.save()
     for m in bns:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, mom in zip(bns, saved):
+        for m, mom in zip(bns, momenta):
             m.momentum = mom
+        state.restore()
 
 
 @contextlib.contextmanager
@@ -143,6 +168,8 @@ class _FlatStep:
         self.clip_grad = clip_grad
         self.backend = backend
         self.skipped_steps = 0
+        self.bn_at_start = BNState(model)
+        self.bn_scratch = BNState(model)
 
     @property
     def d(self) -> int:
@@ -170,8 +197,10 @@ class _FlatStep:
         return stats
 
     def _skip(self, stats: StepStats) -> StepStats:
-        """An overflow in either pass skips the whole step: weights restored, gradients dropped, scale halved."""
+        """An overflow in either pass skips the whole step: weights and BatchNorm statistics restored, gradients
+        dropped, loss scale halved."""
         self.flat.data.copy_(self.base)
+        self.bn_at_start.restore()
         self.flat.grads_to_main()
         self.flat.grad.zero_()
         self.scaler.update(True)
@@ -195,6 +224,7 @@ class SAM(_FlatStep):
         idx = torch.arange(len(targets), device=targets.device)
         stats = StepStats()
         self.base.copy_(self.flat.data)
+        self.bn_at_start.save()
         with self.autocast():
             loss = loss_fn(idx)
         self._backward(loss, 1.0)
@@ -206,9 +236,10 @@ class SAM(_FlatStep):
         if norm > 0:
             self.flat.data.add_(grad, alpha=self.rho / (norm * self.scaler.scale))
         grad.zero_()
-        with frozen_bn_stats(self.model), self.autocast():
-            loss2 = loss_fn(idx)
-        self._backward(loss2, 1.0 / _world())
+        with frozen_bn_stats(self.model, self.bn_scratch):
+            with self.autocast():
+                loss2 = loss_fn(idx)
+            self._backward(loss2, 1.0 / _world())
         return self._finish(stats)
 
 
@@ -313,6 +344,7 @@ class GroupedSAM(_FlatStep):
         index = torch.split(order, local_l)
         present = [g for g in range(G) if counts_l[g] > 0]
         self.base.copy_(flat.data)
+        self.bn_at_start.save()
 
         # Pass 1: exact group gradients g_g (means over D_g), each backward writing into row g.
         rows = flat.rows
@@ -380,19 +412,20 @@ class GroupedSAM(_FlatStep):
         stats.rho = [0.0] * self.num_groups
         stats.cos = [_cosine(coef_l[g], res_l[g], glob_norm) if counts_l[g] > 0 else math.nan
                      for g in range(self.num_groups)]
-        for g in present:
-            row, other, c, h_norm = self._direction(g, glob, coef_l[g], res_l[g], glob_norm)
-            if h_norm > 0 and math.isfinite(h_norm):
-                rho = self._radius(theta_norm, h_norm, g)
-                ops.gsa_perturb_(flat.data, self.base, row, other, math.sqrt(self.d) * rho / h_norm, c,
-                                 backend=self.backend)
-                stats.rho[g] = rho
-            else:
-                flat.data.copy_(self.base)
-            if local_l[g] > 0:
-                with frozen_bn_stats(self.model), single_sample_safe(self.model, local_l[g]), self.autocast():
-                    loss = loss_fn(index[g])
-                self._backward(loss, alpha * local_l[g] / counts_l[g])
+        with frozen_bn_stats(self.model, self.bn_scratch):
+            for g in present:
+                row, other, c, h_norm = self._direction(g, glob, coef_l[g], res_l[g], glob_norm)
+                if h_norm > 0 and math.isfinite(h_norm):
+                    rho = self._radius(theta_norm, h_norm, g)
+                    ops.gsa_perturb_(flat.data, self.base, row, other, math.sqrt(self.d) * rho / h_norm, c,
+                                     backend=self.backend)
+                    stats.rho[g] = rho
+                else:
+                    flat.data.copy_(self.base)
+                if local_l[g] > 0:
+                    with single_sample_safe(self.model, local_l[g]), self.autocast():
+                        loss = loss_fn(index[g])
+                    self._backward(loss, alpha * local_l[g] / counts_l[g])
         if self.direction == "friendly":
             lam = self.friendly_momentum
             for g in present:

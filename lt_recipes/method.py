@@ -21,7 +21,7 @@ from . import faults, reference
 from .data import LTData
 from .gkp import exact_fisher, gkp_coefficients
 from .grouping import MemoryBank, compute_groups, feature_quality
-from .gsa import SAM, GroupedSAM, LossScaler, StepStats
+from .gsa import SAM, BNState, GroupedSAM, LossScaler, StepStats
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Method:
         self.acc = accelerator
         self.skipped_steps = 0
         self.nonfinite_run = 0
+        self.bn_state = BNState(model)
 
     def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
         """Attach the prepared (possibly DDP-wrapped) model, optimizer and validation loader."""
@@ -82,9 +83,11 @@ class Method:
                                  f"(epoch {epoch}, step {step}); lower optim.lr or check the data")
 
     def base_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+        self.bn_state.save()
         with self.acc.autocast():
             loss = self.criterion(self.ddp_model, inputs, targets)
         if not bool(torch.isfinite(loss.detach())):
+            self.bn_state.restore()
             self.optimizer.zero_grad(set_to_none=False)
             self._nonfinite(epoch, step, "the base loss")
             return None

@@ -254,11 +254,13 @@ def test_zero_global_gradient_takes_no_perturbation():
 @pytest.mark.parametrize("bad_pass", [0, 1])
 def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass):
     torch.manual_seed(0)
-    model = Tiny()
+    model = Tiny(bn=True)
     x, y = _batch()
     scaler = LossScaler(enabled=True, init_scale=1024.0)
     gsa = _gsa(model, scaler=scaler)
     before = _theta(model)
+    bn = model.encoder[2]
+    running = (bn.running_mean.clone(), bn.running_var.clone())
     calls = []
     base_fn = _loss_fn(model, x, y)
     n_groups = len(set(torch.tensor(GROUP_OF_CLASS)[y].tolist()))
@@ -271,9 +273,28 @@ def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass):
     stats = gsa.step(fn, y)
     assert stats.skipped and gsa.skipped_steps == 1 and scaler.scale == 512.0
     assert torch.equal(_theta(model), before)
+    assert torch.equal(bn.running_mean, running[0]) and torch.equal(bn.running_var, running[1])
     assert float(gsa.flat.grad.abs().sum()) == 0.0
     stats = gsa.step(_loss_fn(model, x, y), y)
     assert not stats.skipped and not torch.equal(_theta(model), before)
+
+
+def test_nonfinite_perturbed_pass_cannot_poison_bn_statistics():
+    torch.manual_seed(0)
+    model = Tiny(bn=True)
+    x, y = _batch()
+    gsa = _gsa(model)
+    bn = model.encoder[2]
+    n_groups = len(set(torch.tensor(GROUP_OF_CLASS)[y].tolist()))
+    calls = []
+
+    def fn(idx):
+        calls.append(1)
+        xi = x[idx] * (float("nan") if len(calls) > n_groups else 1.0)  # NaN activations in pass 2 only
+        return F.cross_entropy(model(xi), y[idx])
+    stats = gsa.step(fn, y)
+    assert stats.skipped
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
 
 
 def test_sam_matches_definition():

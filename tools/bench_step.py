@@ -63,9 +63,10 @@ class NaiveGSA:
         with torch.no_grad():
             for p, e in zip(self.params, eps):
                 p.add_(e)
-        with frozen_bn_stats(self.model), autocast():
-            loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
+        with frozen_bn_stats(self.model):
+            with autocast():
+                loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
         with torch.no_grad():
             for p, e in zip(self.params, eps):
                 p.sub_(e)

@@ -2,7 +2,7 @@
 # The GPU check, as one prepared script for a machine with an NVIDIA GPU (run from anywhere; it works in the repo):
 #   1. builds the CUDA extension in place for sm_90 (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0),
 #   2. runs the CUDA tests (fused CUDA kernels against float64 NumPy and the reference backend on the GPU),
-#   3. runs the kernel benchmark and, when present, the training-step benchmark, both with --json.
+#   3. runs the kernel benchmark and the training-step benchmarks (ResNet-32 b256, ResNet-50 b64, bf16), with --json.
 # Each step has its own time limit (together under 10 minutes); a failing step does not stop the later ones, and the
 # script exits non-zero at the end if any step failed. PYTHON overrides the interpreter (default python3).
 set -uo pipefail
@@ -43,9 +43,9 @@ print('fused kernels for', sorted(ops._FUSED_DEVICES))"
 step "CUDA tests" 100 bash -c '"$0" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda | tee "$1"; \
 [ "${PIPESTATUS[0]}" -eq 0 ] && grep -q " passed" "$1"' "$PY" "$log"
 step "kernel benchmark" 75 "$PY" tools/bench_kernels.py --device cuda --json
-if [ -f tools/bench_step.py ]; then
-  step "step benchmark" 100 "$PY" tools/bench_step.py --device cuda --json
-fi
+step "step benchmark, ResNet-32 batch 256 bf16" 100 "$PY" tools/bench_step.py --device cuda --amp bf16 --batch 256 --json
+step "step benchmark, ResNet-50 batch 64 bf16" 150 "$PY" tools/bench_step.py --device cuda --amp bf16 \
+  --model resnet50 --batch 64 --img-size 224 --num-classes 1000 --groups 6 --repeats 10 --json
 
 echo
 if [ "${#failed[@]}" -gt 0 ]; then
