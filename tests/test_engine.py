@@ -67,3 +67,27 @@ def test_two_process_gkp_gsa_run_resumes_to_the_same_result(tmp_path):
     resumed = launch(cut, *GSA, nproc=2, extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((cut / "results.json").read_text()) == json.loads((full / "results.json").read_text())
+
+
+@pytest.mark.parametrize("direction", ["gsa", "sam", "gsa_proj", "friendly"])
+def test_each_direction_runs_end_to_end_in_process(direction, tmp_path):
+    from lt_recipes.config import load_config
+    from lt_recipes.engine import run
+
+    cfg = load_config("digits_lt", ["epochs=2", "groups.start_epoch=1", f"gsa.direction={direction}",
+                                    "gkp.fisher=ema" if direction == "friendly" else "gkp.norm=per_samples"])
+    res = run(cfg, str(tmp_path))
+    suffix = "" if direction == "gsa" else f"@{direction}"
+    assert res["method"] == f"ce+gkp+gsa{suffix}" and res["num_test_evaluated"] == DIGITS_TEST
+    groups = json.loads((tmp_path / "groups.json").read_text())
+    assert groups["group_epochs"] == [1] and all(r >= 0 for r in groups["rho"])
+
+
+def test_fisher_ema_and_friendly_state_survive_a_kill(tmp_path):
+    sets = GSA + ["gkp.fisher=ema", "gsa.direction=friendly"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert launch(full, *sets).returncode == 0
+    assert launch(cut, *sets, failpoint="step:20").returncode == -signal.SIGKILL  # mid-epoch 2, after grouping
+    resumed = launch(cut, *sets, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((cut / "results.json").read_text()) == json.loads((full / "results.json").read_text())

@@ -1,0 +1,30 @@
+"""Run by tests/test_distributed.py under torchrun: which sample positions each rank's prepared loader yields."""
+import os
+import sys
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, TensorDataset
+
+from lt_recipes.data import EpochSampler
+
+
+def main(out: str) -> None:
+    acc = Accelerator(cpu=True)
+    targets = np.repeat(np.arange(5), [40, 20, 10, 5, 3])
+    sampler = EpochSampler(targets, "class_balanced", seed=7)
+    loader = acc.prepare(DataLoader(TensorDataset(torch.arange(len(targets))), batch_size=6, sampler=sampler))
+    seen = {}
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        seen[epoch] = [batch[0].tolist() for batch in loader]
+    gathered = [None] * acc.num_processes
+    torch.distributed.all_gather_object(gathered, seen)
+    if acc.is_main_process:
+        torch.save(gathered, out)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main(sys.argv[1])
