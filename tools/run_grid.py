@@ -30,7 +30,7 @@ BASES = {
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
 MODULES = {"": "none", "sam": "sam", "gkp": "gkp", "gsa": "gsa", "gkp+gsa": "gkp_gsa"}
-GRID = ["ce", "ce+sam", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la+gkp+gsa", "bcl", "bcl+gkp+gsa"]
+GRID = ["ce", "la", "ce+gkp+gsa", "la+gkp+gsa", "ce+sam", "ce+gkp", "ce+gsa", "bcl", "bcl+gkp+gsa"]
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
 
