@@ -13,7 +13,9 @@ from lt_recipes.checkpoint import CheckpointError
 from lt_recipes.config import ConfigError, load_config
 from lt_recipes.data import DataError
 from lt_recipes.engine import run
+from lt_recipes.losses import LossError
 from lt_recipes.method import NonFiniteError
+from lt_recipes.models import ModelError
 
 _logger = logging.getLogger("train")
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
         output = args.output or f"output/{cfg['name']}"
         results = run(cfg, output, resume=args.resume, mixed_precision=args.mixed_precision)
-    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteError, ModelError, LossError) as e:
         _logger.error("%s", e)
         return 2
     print(f"results: {output}/results.json  top1={results['top1']:.2f}")

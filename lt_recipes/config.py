@@ -282,6 +282,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per image)")
         if model["proj_head"] is None:
             raise ConfigError("loss.name=bcl needs model.proj_head=[hidden, out] (the contrastive heads)")
+    elif model["proj_head"] is not None:
+        raise ConfigError("model.proj_head builds the contrastive heads of loss.name=bcl; unused heads break DDP "
+                          f"with loss.name={loss['name']}: set model.proj_head=null")
     elif data["contrastive_views"]:
         raise ConfigError(f"data.contrastive_views={data['contrastive_views']} is only used by loss.name=bcl, "
                           f"not {loss['name']}")

@@ -79,6 +79,61 @@ class BNState:
             b.copy_(s)
 
 
+class FullBatchBNStats:
+    """BatchNorm running statistics of the whole batch from passes over its group subsets.
+
+    Left alone, each group's pass would move the running statistics towards that group's own statistics (the last,
+    a tail group of a few samples of one class, weighing most), which breaks evaluation. While collecting, momentum
+    is 0 and a pre-hook sums every BatchNorm input per channel; `apply` then makes the one momentum update that a
+    full-batch forward would make, with the batch's mean and unbiased variance.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = [m for m in model.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.sums: dict[int, list] = {}
+
+    def _hook(self, bn: nn.Module, args: tuple) -> None:
+        if not bn.training:
+            return
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = self.sums.setdefault(id(bn), [0.0, 0.0, 0])
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] += x.numel() // x.shape[1]
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        self.sums = {}
+        momenta = [m.momentum for m in self.bns]
+        handles = [m.register_forward_pre_hook(self._hook) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mom in zip(self.bns, momenta):
+                m.momentum = mom
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """One running-statistics update per BatchNorm layer with the collected whole-batch mean and variance."""
+        for m in self.bns:
+            acc = self.sums.get(id(m))
+            if acc is None or acc[2] < 2:
+                continue
+            s1, s2, n = acc
+            mean = s1 / n
+            var = (s2 / n - mean * mean).clamp_min(0) * (n / (n - 1))
+            m.num_batches_tracked.add_(1)
+            mom = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+            m.running_mean.mul_(1 - mom).add_(mean.to(m.running_mean.dtype), alpha=mom)
+            m.running_var.mul_(1 - mom).add_(var.to(m.running_var.dtype), alpha=mom)
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module, state: BNState | None = None) -> Iterator[None]:
     """BatchNorm running statistics untouched by a perturbed pass, as usual for SAM: momentum 0 inside, and the
@@ -170,6 +225,7 @@ class _FlatStep:
         self.skipped_steps = 0
         self.bn_at_start = BNState(model)
         self.bn_scratch = BNState(model)
+        self.bn_batch = FullBatchBNStats(model)
 
     @property
     def d(self) -> int:
@@ -351,16 +407,19 @@ class GroupedSAM(_FlatStep):
         rows.zero_()
         group_loss = torch.zeros(G, dtype=torch.float64, device=rows.device)
         task_weight = 1.0 if self.perturb else alpha
-        for g in present:
-            if local_l[g] == 0:
-                continue
-            if self.perturb:
-                flat.grads_to_row(g)
-            with single_sample_safe(self.model, local_l[g]), self.autocast():
-                loss = loss_fn(index[g])
-            share = local_l[g] / counts_l[g]
-            self._backward(loss, share * task_weight)
-            group_loss[g] = loss.detach().double() * share
+        with self.bn_batch.collect():
+            for g in present:
+                if local_l[g] == 0:
+                    continue
+                if self.perturb:
+                    flat.grads_to_row(g)
+                with single_sample_safe(self.model, local_l[g]), self.autocast():
+                    loss = loss_fn(index[g])
+                share = local_l[g] / counts_l[g]
+                self._backward(loss, share * task_weight)
+                group_loss[g] = loss.detach().double() * share
+        self.bn_at_start.restore()
+        self.bn_batch.apply()
         flat.grads_to_main()
         if self.sync:
             _all_reduce_(group_loss)

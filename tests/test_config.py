@@ -69,6 +69,8 @@ def test_impossible_combinations():
         load_config("digits_lt", ["method=gkp", "gkp.fisher=ema"])
     with pytest.raises(ConfigError, match="model.proj_head"):
         load_config("digits_lt", ["loss.name=bcl", "data.contrastive_views=2"])
+    with pytest.raises(ConfigError, match="model.proj_head=null"):
+        load_config("digits_lt", ["model.proj_head=[32, 16]"])
 
 
 def test_unknown_recipe_and_bad_file(tmp_path):

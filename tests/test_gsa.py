@@ -204,7 +204,25 @@ def test_one_sample_group_with_batchnorm1d_does_not_crash():
     stats = gsa.step(_loss_fn(model, x, y), y)
     assert not stats.skipped and stats.rho[3] > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not torch.equal(running, model.encoder[2].running_mean)  # first pass updates BN statistics
+    assert not torch.equal(running, model.encoder[2].running_mean)  # the step updates BN statistics once
+
+
+def test_bn_running_statistics_get_one_full_batch_update():
+    """Per-group passes must not leave BN statistics dominated by the last (tail) group: one whole-batch update."""
+    torch.manual_seed(0)
+    model = Tiny(bn=True)
+    x, y = _batch(n=40)
+    bn = model.encoder[2]
+    with torch.no_grad():
+        a = model.encoder[1](model.encoder[0](x)).double()  # the BN input for the whole batch at theta
+    m = bn.momentum
+    want_mean = (1 - m) * bn.running_mean.double() + m * a.mean(0)
+    want_var = (1 - m) * bn.running_var.double() + m * a.var(0, unbiased=True)
+    gsa = _gsa(model)
+    gsa.step(_loss_fn(model, x, y), y)
+    assert torch.allclose(bn.running_mean.double(), want_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var.double(), want_var, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 1
 
 
 def test_perturbed_pass_leaves_bn_statistics_alone():
