@@ -310,7 +310,9 @@ class GroupedSAM(_FlatStep):
     >>> gsa.set_groups(group_of_class, group_sizes)          # group id per class, training samples per group
     >>> stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx]), y)
 
-    `loss_fn(idx)` must return the mean base loss over the batch samples `idx`. Directions (`direction`): "gsa"
+    `loss_fn(idx)` must return the mean base loss over the batch samples `idx`. The task term sums the group losses
+    as Eq. 16 does (`group_weighting="sum"`), or averages them ("mean"), or weighs them by their share of the batch
+    ("samples": the full-batch gradient, as the released code's single second pass). Directions (`direction`): "gsa"
     (h_g, Eq. 12), "sam" (global g), "gsa_proj" (the removed component), "friendly" (g_g - sigma m_g, m_g an EMA of
     past group gradients). With `sync` (default) group gradients and counts are all-reduced so every rank takes the
     same perturbation; without it each replica perturbs from its own samples and only the update is averaged.
@@ -319,9 +321,12 @@ class GroupedSAM(_FlatStep):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
                  direction: str = "gsa", z: float = 1e-2, rho_clamp: Sequence[float] | None = None,
                  regularizer: bool = False, friendly_sigma: float = 1.0, friendly_momentum: float = 0.9,
-                 sync: bool = True, perturb: bool = True, bn_min_samples: int = 2, **kw: Any) -> None:
+                 sync: bool = True, perturb: bool = True, bn_min_samples: int = 2, group_weighting: str = "sum",
+                 **kw: Any) -> None:
         if direction not in ("gsa", "sam", "gsa_proj", "friendly"):
             raise ValueError(f"gsa direction must be gsa, sam, gsa_proj or friendly, got '{direction}'")
+        if group_weighting not in ("sum", "mean", "samples"):
+            raise ValueError(f"group_weighting must be sum, mean or samples, got '{group_weighting}'")
         super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
         self.num_groups = num_groups
         self.direction = direction
@@ -333,6 +338,7 @@ class GroupedSAM(_FlatStep):
         self.sync = sync
         self.perturb = perturb
         self.bn_min_samples = bn_min_samples
+        self.group_weighting = group_weighting
         self.group_of_class: torch.Tensor | None = None
         self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
@@ -411,6 +417,10 @@ class GroupedSAM(_FlatStep):
         rows = flat.rows
         rows.zero_()
         group_loss = torch.zeros(G, dtype=torch.float64, device=rows.device)
+        total = max(sum(counts_l), 1)
+        group_weight = [1.0 if self.group_weighting == "sum" else
+                        1.0 / len(present) if self.group_weighting == "mean" else counts_l[g] / total
+                        for g in range(G)]
         task_weight = 1.0 if self.perturb else alpha
         with self.bn_batch.collect():
             for g in present:
@@ -421,7 +431,7 @@ class GroupedSAM(_FlatStep):
                 with single_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
                     loss = loss_fn(index[g])
                 share = local_l[g] / counts_l[g]
-                self._backward(loss, share * task_weight)
+                self._backward(loss, share * (task_weight if self.perturb else task_weight * group_weight[g]))
                 group_loss[g] = loss.detach().double() * share
         self.bn_at_start.restore()
         self.bn_batch.apply()
@@ -438,7 +448,7 @@ class GroupedSAM(_FlatStep):
                 rows.div_(self.scaler.scale)
             if not bool(torch.isfinite(rows).all()):
                 return self._skip(stats)
-            self._perturbed_pass(loss_fn, index, local_l, counts_l, present, alpha, stats)
+            self._perturbed_pass(loss_fn, index, local_l, counts_l, present, alpha, stats, group_weight)
         if not self.sync and _world() > 1:
             flat.grad.div_(_world())
 
@@ -461,7 +471,8 @@ class GroupedSAM(_FlatStep):
         return self._finish(stats, extras)
 
     def _perturbed_pass(self, loss_fn: LossFn, index: Sequence[torch.Tensor], local_l: list[int],
-                        counts_l: list[float], present: list[int], alpha: float, stats: StepStats) -> None:
+                        counts_l: list[float], present: list[int], alpha: float, stats: StepStats,
+                        group_weight: list[float]) -> None:
         """Pass 2: for each group, theta + eps_g, gradient of alpha * L_{D_g} accumulated into the update buffer."""
         flat, rows = self.flat, self.flat.rows
         weights = torch.tensor([c / max(sum(counts_l), 1) for c in counts_l], dtype=rows.dtype, device=rows.device)
@@ -489,7 +500,7 @@ class GroupedSAM(_FlatStep):
                 if local_l[g] > 0:
                     with single_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
                         loss = loss_fn(index[g])
-                    self._backward(loss, alpha * local_l[g] / counts_l[g])
+                    self._backward(loss, alpha * group_weight[g] * local_l[g] / counts_l[g])
         if self.direction == "friendly":
             lam = self.friendly_momentum
             for g in present:
