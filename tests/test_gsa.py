@@ -47,7 +47,7 @@ def _ordered(model):
 
 
 def reference_step(model, x, y, direction, z, alpha, lr, gkp=None, group_of_class=GROUP_OF_CLASS,
-                   group_sizes=GROUP_SIZES):
+                   group_sizes=GROUP_SIZES, weighting="sum"):
     """theta_new = theta - lr * [sum_g alpha grad L_{D_g}(theta + eps_g) + grad sum_g (1 - alpha) L_gkp^g], float64."""
     m = copy.deepcopy(model).double()
     params, n_cov = _ordered(m)
@@ -82,7 +82,8 @@ def reference_step(model, x, y, direction, z, alpha, lr, gkp=None, group_of_clas
             eps = torch.zeros_like(theta)
         eps_all[g] = eps
         v = (theta + eps).requires_grad_(True)
-        total += alpha * torch.autograd.grad(loss_at(v, ix), v)[0]
+        w = {"sum": 1.0, "mean": 1.0 / len(idx), "samples": len(ix) / len(y)}[weighting]
+        total += alpha * w * torch.autograd.grad(loss_at(v, ix), v)[0]
     if gkp is not None:
         anchors, fisher, lam = gkp
         v = theta[:n_cov].clone().requires_grad_(True)
@@ -122,6 +123,17 @@ def test_step_equals_float64_reference(direction):
     gsa = _gsa(model, direction)
     stats = gsa.step(_loss_fn(model, x, y), y)
     assert not stats.skipped
+    assert torch.allclose(_theta(model), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "samples"])
+def test_group_weightings_equal_reference(weighting):
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = _batch()
+    want, _, _, _ = reference_step(model, x, y, "gsa", 0.5, 1.0, 0.1, weighting=weighting)
+    gsa = _gsa(model, group_weighting=weighting)
+    gsa.step(_loss_fn(model, x, y), y)
     assert torch.allclose(_theta(model), want, rtol=1e-5, atol=1e-6)
 
 
