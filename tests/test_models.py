@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from lt_recipes.models import BasicBlock, CosineLinear, LTModel, ModelError, ShortcutA, create_lt_model
+from lt_recipes.models import BasicBlock, CosineLinear, ModelError, ShortcutA, create_lt_model
 
 
 def model_cfg(**kw):
