@@ -21,15 +21,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
+from .reference import PARALLEL_TOL
 from .flat import FlatParams
 
 _logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
-
-# A group gradient whose residual after projection is below this fraction of its norm is parallel to the global
-# gradient (always so for G = 1): there is no group-specific direction, and the group ascends along g_g, as SAM does.
-_PARALLEL_TOL = 1e-6
 
 
 class LossScaler:
@@ -154,7 +151,7 @@ def frozen_bn_stats(model: nn.Module, state: BNState | None = None) -> Iterator[
 
 
 @contextlib.contextmanager
-def single_sample_safe(model: nn.Module, batch_size: int, min_samples: int = 2) -> Iterator[None]:
+def few_sample_safe(model: nn.Module, batch_size: int, min_samples: int = 2) -> Iterator[None]:
     """A pass over fewer than `min_samples` samples uses BatchNorm running statistics.
 
     BatchNorm1d heads cannot normalise a batch of one, and the batch statistics of a few samples of one tail class
@@ -383,7 +380,7 @@ class GroupedSAM(_FlatStep):
         rows = self.flat.rows
         if self.direction == "gsa":
             group_norm = math.hypot(res_norm, coef * glob_norm)
-            if res_norm <= _PARALLEL_TOL * group_norm:
+            if res_norm <= PARALLEL_TOL * group_norm:  # no group-specific direction (G = 1): ascend along g_g
                 return rows[g], glob, 0.0, group_norm
             return rows[g], glob, coef, res_norm
         if self.direction == "sam":
@@ -428,7 +425,7 @@ class GroupedSAM(_FlatStep):
                     continue
                 if self.perturb:
                     flat.grads_to_row(g)
-                with single_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
+                with few_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
                     loss = loss_fn(index[g])
                 share = local_l[g] / counts_l[g]
                 self._backward(loss, share * (task_weight if self.perturb else task_weight * group_weight[g]))
@@ -438,8 +435,9 @@ class GroupedSAM(_FlatStep):
         flat.grads_to_main()
         if self.sync:
             _all_reduce_(group_loss)
-        stats.group_loss = [float(v) if counts_l[g] > 0 else math.nan for g, v in enumerate(group_loss.tolist())]
-        stats.loss = float(sum(v * counts_l[g] for g, v in enumerate(group_loss.tolist())) / max(sum(counts_l), 1))
+        losses_l = group_loss.tolist()
+        stats.group_loss = [float(v) if counts_l[g] > 0 else math.nan for g, v in enumerate(losses_l)]
+        stats.loss = float(sum(v * counts_l[g] for g, v in enumerate(losses_l)) / max(sum(counts_l), 1))
 
         if self.perturb:
             if self.sync:
@@ -498,7 +496,7 @@ class GroupedSAM(_FlatStep):
                 else:
                     flat.data.copy_(self.base)
                 if local_l[g] > 0:
-                    with single_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
+                    with few_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
                         loss = loss_fn(index[g])
                     self._backward(loss, alpha * group_weight[g] * local_l[g] / counts_l[g])
         if self.direction == "friendly":

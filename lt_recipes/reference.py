@@ -116,6 +116,10 @@ def project_out(g_g: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g_g - torch.dot(g_g, g) / gg * g
 
 
+# A group gradient whose residual after projection is below this fraction of its norm is parallel to g.
+PARALLEL_TOL = 1e-6
+
+
 def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor | None = None,
                      sigma: float = 1.0) -> torch.Tensor:
     """The ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g), sam (g), gsa_proj (g_g - h_g), friendly."""
@@ -123,7 +127,7 @@ def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentu
         h = project_out(g_g, g)
         # Our convention where the paper is silent: a group gradient parallel to g (always so for G = 1) has no
         # group-specific direction left, so the group ascends along g_g and GSA reduces to SAM.
-        if torch.linalg.vector_norm(h) <= 1e-6 * torch.linalg.vector_norm(g_g):
+        if torch.linalg.vector_norm(h) <= PARALLEL_TOL * torch.linalg.vector_norm(g_g):
             return g_g.clone()
         return h
     if direction == "sam":
