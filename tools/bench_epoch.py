@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Time whole training epochs of a CIFAR recipe on synthetic CIFAR-shaped data and project the full schedule.
+
+Writes a CIFAR-100 (or CIFAR-10) folder in the official pickle layout filled with random pixels (500 training and 100
+test images per class, as the real sets have), then trains the recipe for a few epochs with the real data pipeline,
+model, loss and method: epochs before `--group-epoch` run the base step, the grouping epoch builds the groups (memory
+bank, spectral grouping, exact Fisher) and the later ones run the grouped step. Each epoch's wall time (training,
+validation and memory-bank update) comes from the run's summary.csv. The projection for the recipe's own schedule is
+
+    T = start * t_base + (epochs - start) * t_grouped + regroups * (t_grouping_epoch - t_grouped)
+
+with start = groups.start_epoch, regroups = the grouping epochs of the schedule, t_base the median of the base epochs
+after the first (which pays for start-up) and t_grouped the median of the grouped epochs after the grouping epoch.
+The base recipe alone (method none) is projected as epochs * t_base.
+
+    python tools/bench_epoch.py --recipe cifar100_lt_resnet32 --mixed-precision bf16 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from accelerate import Accelerator  # noqa: E402
+
+from lt_recipes.config import load_config  # noqa: E402
+from lt_recipes.engine import Trainer  # noqa: E402
+
+LAYOUT = {"cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", 100),
+          "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels", 10)}
+
+
+def write_synthetic_cifar(root: str, dataset: str, seed: int = 0) -> None:
+    """Random-pixel CIFAR in torchvision's on-disk layout: 50,000 training and 10,000 test images."""
+    folder, train_files, test_file, key, num_classes = LAYOUT[dataset]
+    out = os.path.join(root, folder)
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(num_classes), 50_000 // num_classes))
+    for name, idx in zip(train_files, np.array_split(np.arange(len(labels)), len(train_files))):
+        with open(os.path.join(out, name), "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
+                         key: labels[idx].tolist()}, f, protocol=4)
+    test_labels = np.repeat(np.arange(num_classes), 10_000 // num_classes)
+    with open(os.path.join(out, test_file), "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8),
+                     key: test_labels.tolist()}, f, protocol=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="cifar100_lt_resnet32")
+    ap.add_argument("--base-epochs", type=int, default=2, help="base epochs timed before grouping (first is warm-up)")
+    ap.add_argument("--grouped-epochs", type=int, default=3, help="grouped epochs after the grouping epoch")
+    ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--paper-hours", type=float, default=None, help="the paper's full-schedule time, for the ratio")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.base_epochs < 2 or args.grouped_epochs < 1:
+        raise SystemExit("need --base-epochs >= 2 (the first pays for start-up) and --grouped-epochs >= 1")
+
+    full = load_config(args.recipe, args.overrides)
+    if full["data"]["dataset"] not in LAYOUT:
+        raise SystemExit(f"recipe {args.recipe} trains {full['data']['dataset']}: this benchmark writes CIFAR only")
+    g_start, interval, total = full["groups"]["start_epoch"], full["groups"]["interval"], full["epochs"]
+    regroups = 1 + ((total - 1 - g_start) // interval if interval > 0 else 0)
+    bench_epochs = args.base_epochs + 1 + args.grouped_epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_cifar(tmp, full["data"]["dataset"])
+        cfg = load_config(args.recipe, args.overrides + [
+            f"data.root={tmp}", f"data.num_workers={args.num_workers}", f"epochs={bench_epochs}",
+            "sched.warmup_epochs=1", f"groups.start_epoch={args.base_epochs}", "groups.interval=0",
+            "groups.eval_interval=1", f"checkpoint_interval={bench_epochs + 1}"])
+        acc = Accelerator(mixed_precision=args.mixed_precision)
+        trainer = Trainer(cfg, os.path.join(tmp, "run"), acc)
+        trainer.fit()
+        times = [float(r["time"]) for r in trainer.rows]
+        steps = len(trainer.train_loader)
+    t_base = statistics.median(times[1:args.base_epochs])
+    t_grouping = times[args.base_epochs]
+    t_grouped = statistics.median(times[args.base_epochs + 1:])
+    method_s = g_start * t_base + (total - g_start) * t_grouped + regroups * (t_grouping - t_grouped)
+    base_s = total * t_base
+    out = {
+        "recipe": args.recipe, "device": str(acc.device), "mixed_precision": args.mixed_precision,
+        "num_workers": args.num_workers, "steps_per_epoch": steps, "epoch_times_s": times,
+        "t_base_s": t_base, "t_grouping_epoch_s": t_grouping, "t_grouped_s": t_grouped,
+        "schedule": {"epochs": total, "group_start": g_start, "regroups": regroups},
+        "projected_base_h": base_s / 3600, "projected_method_h": method_s / 3600,
+        "method_over_base": method_s / base_s,
+    }
+    if args.paper_hours:
+        out["paper_hours"] = args.paper_hours
+        out["projected_over_paper"] = out["projected_method_h"] / args.paper_hours
+    if "cuda" in out["device"]:
+        out["gpu"] = torch.cuda.get_device_name(0)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.recipe} on {out.get('gpu', out['device'])} ({args.mixed_precision}), {steps} steps per epoch")
+        print(f"  base epoch {t_base:.2f}s, grouping epoch {t_grouping:.2f}s, grouped epoch {t_grouped:.2f}s")
+        print(f"  projected {total} epochs: base {out['projected_base_h']:.2f} h, method {out['projected_method_h']:.2f} h"
+              f" ({out['method_over_base']:.2f}x)" +
+              (f"; paper {args.paper_hours} h" if args.paper_hours else ""))
+
+
+if __name__ == "__main__":
+    main()
