@@ -162,6 +162,7 @@ SCHEMA: dict[str, Any] = {
         "friendly_momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "sync": Field(True, BOOL),
         "bn_min_samples": Field(8, INT, _at_least(2)),
+        "bn_stats": Field("group", STR, _choice("group", "batch", "batch_theta")),
         "group_weighting": Field("sum", STR, _choice("sum", "mean", "samples")),
         "backend": Field("auto", STR, _choice("auto", "fused", "reference")),
     },

@@ -131,6 +131,64 @@ class FullBatchBNStats:
             m.running_var.mul_(1 - mom).add_(var.to(m.running_var.dtype), alpha=mom)
 
 
+class RecordedBNStats:
+    """Group passes normalised with the statistics of a whole-batch forward (`gsa.bn_stats: batch | batch_theta`).
+
+    `record` wraps a no-grad forward of the whole batch in training mode: every BatchNorm call's batch mean and biased
+    variance are kept, in call order. Inside `use`, which wraps one group pass, BatchNorm layers run in eval mode and
+    the k-th call of a layer normalises with its k-th recorded statistics, held constant (no gradient flows through
+    them): a group's samples are normalised as in the whole-batch forward, instead of with the statistics of the
+    group's few samples (`gsa.bn_stats: group`, the literal per-subset loss).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = [m for m in model.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.calls: dict[int, int] = {}
+
+    def _record(self, bn: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float()
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        self.stats.setdefault(id(bn), []).append((mean, var))
+
+    def _use(self, bn: nn.Module, args: tuple) -> None:
+        recorded = self.stats.get(id(bn))
+        if not recorded:
+            raise RuntimeError("gsa.bn_stats: a BatchNorm layer ran in a group pass but not in the whole-batch forward")
+        k = self.calls.get(id(bn), 0)
+        mean, var = recorded[min(k, len(recorded) - 1)]
+        self.calls[id(bn)] = k + 1
+        bn.running_mean, bn.running_var = mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        self.stats = {}
+        handles = [m.register_forward_pre_hook(self._record) for m in self.bns if m.training]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Wrap one group pass's forward (the backward may run outside: it keeps the tensors it normalised with)."""
+        saved = [(m.running_mean, m.running_var, m.training) for m in self.bns]
+        handles = [m.register_forward_pre_hook(self._use) for m in self.bns]
+        self.calls = {}
+        for m in self.bns:
+            m.eval()
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m, (mean, var, training) in zip(self.bns, saved):
+                m.running_mean, m.running_var = mean, var
+                m.train(training)
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module, state: BNState | None = None) -> Iterator[None]:
     """BatchNorm running statistics untouched by a perturbed pass, as usual for SAM: momentum 0 inside, and the
@@ -168,6 +226,9 @@ def few_sample_safe(model: nn.Module, batch_size: int, min_samples: int = 2) -> 
     finally:
         for m in bns:
             m.train()
+
+
+BN_STATS = ("group", "batch", "batch_theta")
 
 
 def _world() -> int:
@@ -313,17 +374,22 @@ class GroupedSAM(_FlatStep):
     (h_g, Eq. 12), "sam" (global g), "gsa_proj" (the removed component), "friendly" (g_g - sigma m_g, m_g an EMA of
     past group gradients). With `sync` (default) group gradients and counts are all-reduced so every rank takes the
     same perturbation; without it each replica perturbs from its own samples and only the update is averaged.
+    BatchNorm in a group pass (`bn_stats`): "group" normalises with the group's own samples (the literal L_{D_g});
+    "batch" with the whole batch's statistics at the pass's weights (theta, then theta + eps_g: one no-grad
+    whole-batch forward per pass); "batch_theta" with the statistics at theta in every pass.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
                  direction: str = "gsa", z: float = 1e-2, rho_clamp: Sequence[float] | None = None,
                  regularizer: bool = False, friendly_sigma: float = 1.0, friendly_momentum: float = 0.9,
                  sync: bool = True, perturb: bool = True, bn_min_samples: int = 2, group_weighting: str = "sum",
-                 **kw: Any) -> None:
+                 bn_stats: str = "group", **kw: Any) -> None:
         if direction not in ("gsa", "sam", "gsa_proj", "friendly"):
             raise ValueError(f"gsa direction must be gsa, sam, gsa_proj or friendly, got '{direction}'")
         if group_weighting not in ("sum", "mean", "samples"):
             raise ValueError(f"group_weighting must be sum, mean or samples, got '{group_weighting}'")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got '{bn_stats}'")
         super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
         self.num_groups = num_groups
         self.direction = direction
@@ -336,6 +402,8 @@ class GroupedSAM(_FlatStep):
         self.perturb = perturb
         self.bn_min_samples = bn_min_samples
         self.group_weighting = group_weighting
+        self.bn_stats = bn_stats
+        self.bn_recorded = RecordedBNStats(model)
         self.group_of_class: torch.Tensor | None = None
         self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
@@ -392,6 +460,12 @@ class GroupedSAM(_FlatStep):
         m = self.momentum[g]
         return rows[g], m, self.friendly_sigma, float(torch.linalg.vector_norm(rows[g] - self.friendly_sigma * m))
 
+    def _group_bn(self, n: int) -> ContextManager:
+        """How BatchNorm normalises a group pass over `n` local samples (`bn_stats`, `bn_min_samples`)."""
+        if self.bn_stats != "group":
+            return self.bn_recorded.use()
+        return few_sample_safe(self.model, n, self.bn_min_samples)
+
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP (Eq. 16)."""
         if self.group_of_class is None:
@@ -409,6 +483,9 @@ class GroupedSAM(_FlatStep):
         present = [g for g in range(G) if counts_l[g] > 0]
         self.base.copy_(flat.data)
         self.bn_at_start.save()
+        everyone = torch.arange(len(targets), device=targets.device)
+        if self.bn_stats != "group":  # the step's running-statistics update, and the statistics group passes use
+            self._record_batch_stats(loss_fn, everyone)
 
         # Pass 1: exact group gradients g_g (means over D_g), each backward writing into row g.
         rows = flat.rows
@@ -419,19 +496,20 @@ class GroupedSAM(_FlatStep):
                         1.0 / len(present) if self.group_weighting == "mean" else counts_l[g] / total
                         for g in range(G)]
         task_weight = 1.0 if self.perturb else alpha
-        with self.bn_batch.collect():
+        with self.bn_batch.collect() if self.bn_stats == "group" else contextlib.nullcontext():
             for g in present:
                 if local_l[g] == 0:
                     continue
                 if self.perturb:
                     flat.grads_to_row(g)
-                with few_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
+                with self._group_bn(local_l[g]), self.autocast():
                     loss = loss_fn(index[g])
                 share = local_l[g] / counts_l[g]
                 self._backward(loss, share * (task_weight if self.perturb else task_weight * group_weight[g]))
                 group_loss[g] = loss.detach().double() * share
-        self.bn_at_start.restore()
-        self.bn_batch.apply()
+        if self.bn_stats == "group":
+            self.bn_at_start.restore()
+            self.bn_batch.apply()
         flat.grads_to_main()
         if self.sync:
             _all_reduce_(group_loss)
@@ -446,7 +524,7 @@ class GroupedSAM(_FlatStep):
                 rows.div_(self.scaler.scale)
             if not bool(torch.isfinite(rows).all()):
                 return self._skip(stats)
-            self._perturbed_pass(loss_fn, index, local_l, counts_l, present, alpha, stats, group_weight)
+            self._perturbed_pass(loss_fn, index, everyone, local_l, counts_l, present, alpha, stats, group_weight)
         if not self.sync and _world() > 1:
             flat.grad.div_(_world())
 
@@ -468,9 +546,13 @@ class GroupedSAM(_FlatStep):
 
         return self._finish(stats, extras)
 
-    def _perturbed_pass(self, loss_fn: LossFn, index: Sequence[torch.Tensor], local_l: list[int],
-                        counts_l: list[float], present: list[int], alpha: float, stats: StepStats,
-                        group_weight: list[float]) -> None:
+    def _record_batch_stats(self, loss_fn: LossFn, everyone: torch.Tensor) -> None:
+        with torch.no_grad(), self.bn_recorded.record(), self.autocast():
+            loss_fn(everyone)
+
+    def _perturbed_pass(self, loss_fn: LossFn, index: Sequence[torch.Tensor], everyone: torch.Tensor,
+                        local_l: list[int], counts_l: list[float], present: list[int], alpha: float,
+                        stats: StepStats, group_weight: list[float]) -> None:
         """Pass 2: for each group, theta + eps_g, gradient of alpha * L_{D_g} accumulated into the update buffer."""
         flat, rows = self.flat, self.flat.rows
         weights = torch.tensor([c / max(sum(counts_l), 1) for c in counts_l], dtype=rows.dtype, device=rows.device)
@@ -495,8 +577,10 @@ class GroupedSAM(_FlatStep):
                     stats.rho[g] = rho
                 else:
                     flat.data.copy_(self.base)
+                if self.bn_stats == "batch":  # the whole batch's statistics at theta + eps_g
+                    self._record_batch_stats(loss_fn, everyone)
                 if local_l[g] > 0:
-                    with few_sample_safe(self.model, local_l[g], self.bn_min_samples), self.autocast():
+                    with self._group_bn(local_l[g]), self.autocast():
                         loss = loss_fn(index[g])
                     self._backward(loss, alpha * group_weight[g] * local_l[g] / counts_l[g])
         if self.direction == "friendly":

@@ -176,7 +176,7 @@ class GroupedMethod(Method):
             self.model, _raw_optimizer(optimizer), num_groups=c["groups"]["num_groups"], direction=g["direction"],
             z=g["z"], rho_clamp=g["rho_clamp"], regularizer=g["regularizer"], friendly_sigma=g["friendly_sigma"],
             friendly_momentum=g["friendly_momentum"], sync=g["sync"], perturb=self.use_gsa,
-            bn_min_samples=g["bn_min_samples"], group_weighting=g["group_weighting"],
+            bn_min_samples=g["bn_min_samples"], group_weighting=g["group_weighting"], bn_stats=g["bn_stats"],
             autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
             clip_grad=c["optim"]["clip_grad"], backend=g["backend"])
 

@@ -47,20 +47,41 @@ def _ordered(model):
 
 
 def reference_step(model, x, y, direction, z, alpha, lr, gkp=None, group_of_class=GROUP_OF_CLASS,
-                   group_sizes=GROUP_SIZES, weighting="sum"):
-    """theta_new = theta - lr * [sum_g alpha grad L_{D_g}(theta + eps_g) + grad sum_g (1 - alpha) L_gkp^g], float64."""
+                   group_sizes=GROUP_SIZES, weighting="sum", bn_stats="group"):
+    """theta_new = theta - lr * [sum_g alpha grad L_{D_g}(theta + eps_g) + grad sum_g (1 - alpha) L_gkp^g], float64.
+
+    With `bn_stats` "batch" / "batch_theta" (Tiny(bn=True) only), every L_{D_g} normalises with the whole batch's
+    statistics, held constant, at the weights it is evaluated at / at theta: BatchNorm in eval mode with its running
+    statistics set to that batch's mean and biased variance, computed here from the layer's formula."""
     m = copy.deepcopy(model).double()
+    if bn_stats != "group":
+        m.eval()
     params, n_cov = _ordered(m)
     names = {id(p): n for n, p in m.named_parameters()}
     shapes = [(names[id(p)], p.shape, p.numel()) for p in params]
     theta = torch.cat([p.detach().reshape(-1) for p in params]).double()
 
-    def loss_at(vec, idx):
+    def unflatten(vec):
         d, o = {}, 0
         for name, shape, n in shapes:
             d[name] = vec[o:o + n].view(shape)
             o += n
-        return F.cross_entropy(functional_call(m, d, (x[idx].double(),)), y[idx])
+        return d
+
+    def set_batch_stats(vec):
+        d = unflatten(vec.detach())
+        with torch.no_grad():
+            a = torch.tanh(F.linear(x.double(), d["encoder.0.weight"], d["encoder.0.bias"]))
+            m.encoder[2].running_mean.copy_(a.mean(0))
+            m.encoder[2].running_var.copy_(a.var(0, unbiased=False))
+
+    if bn_stats == "batch_theta":
+        set_batch_stats(theta)
+
+    def loss_at(vec, idx):
+        if bn_stats == "batch":
+            set_batch_stats(vec)
+        return F.cross_entropy(functional_call(m, unflatten(vec), (x[idx].double(),)), y[idx])
 
     gid = torch.tensor(group_of_class)[y]
     G = len(group_sizes)
@@ -137,6 +158,35 @@ def test_group_weightings_equal_reference(weighting):
     assert torch.allclose(_theta(model), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bn_stats,direction,weighting", [("batch", "gsa", "sum"), ("batch", "gsa", "samples"),
+                                                          ("batch", "sam", "samples"), ("batch_theta", "gsa", "sum")])
+def test_whole_batch_bn_statistics_equal_reference(bn_stats, direction, weighting):
+    """Group passes normalise with the whole batch's statistics at their own weights (batch) or at theta."""
+    torch.manual_seed(0)
+    model = Tiny(bn=True)
+    x, y = _batch(n=30)
+    want, _, _, _ = reference_step(model, x, y, direction, 0.5, 1.0, 0.1, weighting=weighting, bn_stats=bn_stats)
+    gsa = _gsa(model, direction, bn_stats=bn_stats, group_weighting=weighting)
+    assert not gsa.step(_loss_fn(model, x, y), y).skipped
+    assert torch.allclose(_theta(model), want, rtol=1e-5, atol=1e-6)
+    assert model.encoder[2].training  # BatchNorm back in training mode, its own buffers back in place
+    assert model.encoder[2].running_mean is model.encoder[2]._buffers["running_mean"]
+
+
+def test_bn_statistics_choices_give_different_steps():
+    torch.manual_seed(0)
+    model = Tiny(bn=True)
+    x, y = _batch(n=30)
+    thetas = []
+    for bn_stats in ("group", "batch", "batch_theta"):
+        m = copy.deepcopy(model)
+        _gsa(m, bn_stats=bn_stats).step(_loss_fn(m, x, y), y)
+        thetas.append(_theta(m))
+    for i in range(3):
+        for j in range(i):
+            assert not torch.allclose(thetas[i], thetas[j], rtol=1e-4, atol=1e-5)
+
+
 def test_step_with_gkp_equals_reference():
     torch.manual_seed(0)
     model = Tiny()
@@ -206,12 +256,13 @@ def test_absent_group_contributes_nothing():
     assert torch.allclose(_theta(model), want, rtol=1e-5, atol=1e-6)
 
 
-def test_one_sample_group_with_batchnorm1d_does_not_crash():
+@pytest.mark.parametrize("bn_stats", ["group", "batch"])
+def test_one_sample_group_with_batchnorm1d_does_not_crash(bn_stats):
     torch.manual_seed(0)
     model = Tiny(bn=True)
     x, y = _batch(n=9, classes=[0, 1])
     x, y = torch.cat([x, torch.randn(1, 5)]), torch.cat([y, torch.tensor([5])])  # one sample of group 3
-    gsa = _gsa(model)
+    gsa = _gsa(model, bn_stats=bn_stats)
     running = model.encoder[2].running_mean.clone()
     stats = gsa.step(_loss_fn(model, x, y), y)
     assert not stats.skipped and stats.rho[3] > 0
@@ -219,7 +270,8 @@ def test_one_sample_group_with_batchnorm1d_does_not_crash():
     assert not torch.equal(running, model.encoder[2].running_mean)  # the step updates BN statistics once
 
 
-def test_bn_running_statistics_get_one_full_batch_update():
+@pytest.mark.parametrize("bn_stats", ["group", "batch"])
+def test_bn_running_statistics_get_one_full_batch_update(bn_stats):
     """Per-group passes must not leave BN statistics dominated by the last (tail) group: one whole-batch update."""
     torch.manual_seed(0)
     model = Tiny(bn=True)
@@ -230,7 +282,7 @@ def test_bn_running_statistics_get_one_full_batch_update():
     m = bn.momentum
     want_mean = (1 - m) * bn.running_mean.double() + m * a.mean(0)
     want_var = (1 - m) * bn.running_var.double() + m * a.var(0, unbiased=True)
-    gsa = _gsa(model)
+    gsa = _gsa(model, bn_stats=bn_stats)
     gsa.step(_loss_fn(model, x, y), y)
     assert torch.allclose(bn.running_mean.double(), want_mean, atol=1e-6)
     assert torch.allclose(bn.running_var.double(), want_var, atol=1e-6)

@@ -9,6 +9,9 @@ Top-1 / Many / Medium / Few per method with the change of Top-1 against the meth
 exceeds the seed spread (|delta| > std_base + std_method); the component ablation (base, +gkp, +gsa, +gkp+gsa);
 the direction ablation (GSA ascent along g, the removed component, or h_g) next to the paper's numbers. It also
 writes docs/per_class_<dataset>_r<ratio>.png (per-class accuracy head -> tail, base vs base+gkp+gsa, seed means).
+The investigation runs of `tools/run_grid.py --sweep` (results/sweeps/<dataset>_r<ratio>/<name>/seed<k>/, each with
+a sweep.json naming its method label and changed recipe keys) get one table per folder, next to the grid's runs of
+the same method and of its base on the same seeds.
 `--check` writes nothing and exits 1 when the README block differs from what would be written.
 """
 from __future__ import annotations
@@ -75,8 +78,9 @@ def _order_key(label: str) -> tuple:
     return b, base, m, modules, d, direction
 
 
-def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
-    """{folder: {method: [(run dir, results), ...] sorted by seed}} from <root>/<folder>/<method>/seed<k>/."""
+def _scan(root: str, named_by_method: bool = True) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
+    """{folder: {method: [(run dir, results), ...] sorted by seed}} from <root>/<folder>/<method>/seed<k>/
+    (the sweeps' run folders are named by entry, not by method: `named_by_method=False`)."""
     if not os.path.isdir(root):
         raise AnalysisError(f"results folder {root} does not exist")
     tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {}
@@ -87,7 +91,7 @@ def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
         missing = [k for k in ("method", "seed", "dataset", "imbalance_ratio", "per_class") + METRICS if k not in res]
         if missing:
             raise AnalysisError(f"{path} lacks key(s) {missing}")
-        if res["method"] != method:
+        if named_by_method and res["method"] != method:
             raise AnalysisError(f"{path}: method {res['method']!r} does not match its folder {method!r}")
         if seed_dir != f"seed{res['seed']}":
             raise AnalysisError(f"{path}: seed {res['seed']} does not match its folder {seed_dir!r}")
@@ -102,11 +106,13 @@ def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
 
 
 def summarize(runs: Sequence[tuple[str, dict[str, Any]]], with_counts: bool = False) -> MethodStats:
-    """Mean and sample std (ddof=1; NaN for one seed) of each metric, and the seed-mean per-class accuracy."""
+    """Mean and sample std (ddof=1; NaN for one seed) of each metric, and the seed-mean per-class accuracy.
+
+    A split with no class (Few at r=10: no class has under 20 training images) is null in results.json: NaN here."""
     res = [r for _, r in runs]
     mean, std = {}, {}
     for key in METRICS:
-        vals = np.array([float(r[key]) for r in res])
+        vals = np.array([math.nan if r[key] is None else float(r[key]) for r in res])
         mean[key] = float(vals.mean())
         std[key] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
     lengths = {len(r["per_class"]) for r in res}
@@ -118,6 +124,8 @@ def summarize(runs: Sequence[tuple[str, dict[str, Any]]], with_counts: bool = Fa
 
 
 def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "—"
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
@@ -234,6 +242,37 @@ def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str
     return save_figure(fig, path)
 
 
+def sweep_tables(results_root: str, tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]) -> list[str]:
+    """One table per results/sweeps/<folder>: each entry's seed means beside the grid's same method and its base."""
+    lines: list[str] = []
+    sweeps = os.path.join(results_root, "sweeps")
+    if not os.path.isdir(sweeps):
+        return lines
+    for folder, entries in sorted(_scan(sweeps, named_by_method=False).items()):
+        grid = tree.get(folder, {})
+        infos = {name: read_json(os.path.join(runs[0][0], "sweep.json")) for name, runs in entries.items()}
+        rows = []
+        for name in sorted(entries, key=lambda n: (infos[n].get("order", math.inf), n)):
+            runs, info = entries[name], infos[name]
+            label = info["label"]
+            if any(r["method"] != label for _, r in runs):
+                raise AnalysisError(f"{os.path.join(sweeps, folder, name)}: results.json method differs from "
+                                    f"sweep.json label {label!r}")
+            s = summarize(runs)
+            seeds = set(s.seeds)
+
+            def same_seeds(method: str) -> str:
+                vals = [r["top1"] for _, r in grid.get(method, []) if r["seed"] in seeds]
+                return f"{np.mean(vals):.2f}" if len(vals) == len(seeds) else "—"
+            rows.append([f"`{name}`", f"`{label}`", ", ".join(f"`{o}`" for o in info["overrides"]),
+                         ",".join(str(k) for k in s.seeds)] + [_fmt(s.mean[k], s.std[k]) for k in METRICS] +
+                        [same_seeds(label), same_seeds(parse_label(label)[0])])
+        lines += ["", f"#### Investigation runs, {folder} (`results/sweeps/{folder}`)", ""] + _table(
+            ["run", "method", "changed keys", "seeds", "Top-1", "Many", "Medium", "Few",
+             "Top-1, same method, recipe keys", "Top-1, base alone"], rows)
+    return lines
+
+
 def build_block(results_root: str, readme: str, docs: str, write_plots: bool) -> str:
     """The README block (markers included); PNGs are written when `write_plots`."""
     tree = _scan(results_root)
@@ -245,7 +284,7 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         dataset, ratio = first[folder]["dataset"], _ratio(first[folder]["imbalance_ratio"])
         stats = {m: summarize(runs, with_counts=write_plots) for m, runs in tree[folder].items()}
         title = f"{dataset} r={ratio}"
-        lines += ["", f"### {title}", "", "Test accuracy (%), mean ± std over seeds.", ""] + main_table(stats)
+        lines += ["", f"### {title}", "", "Test accuracy (%), mean ± std over seeds (— where a split has no class).", ""] + main_table(stats)
         png = os.path.join(docs, f"per_class_{folder}.png")
         pairs = plot_pairs(stats)
         if pairs:
@@ -259,6 +298,7 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         direc = direction_table(stats)
         if direc:
             lines += ["", f"#### GSA direction ablation, {title}", ""] + direc
+    lines += sweep_tables(results_root, tree)
     return "\n".join(lines + ["", END])
 
 

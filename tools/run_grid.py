@@ -7,7 +7,12 @@ results/fmnist_r<ratio>/<label>/seed<k>/ (checkpoints stay in scratch). Jobs who
 unfinished scratch runs are resumed, so the grid can be stopped and restarted. The direction ablation runs on the
 base with the best mean Top-1 at r=100 among the finished base runs (`--ablation-base auto`).
 
+`--sweep` runs the investigation instead: one method label with one set of changed recipe keys per entry of SWEEP
+(radius, lambda, grouping epoch, Fisher estimate, BatchNorm statistics of the group passes), into
+results/sweeps/fmnist_r<ratio>/<name>/seed<k>/ with a sweep.json that records the label and the changed keys.
+
     python tools/run_grid.py --workers 2
+    python tools/run_grid.py --sweep --ratios 100 --seeds 0
 """
 from __future__ import annotations
 
@@ -32,6 +37,20 @@ BASES = {
 MODULES = {"": "none", "sam": "sam", "gkp": "gkp", "gsa": "gsa", "gkp+gsa": "gkp_gsa"}
 GRID = ["ce", "la", "ce+gkp+gsa", "la+gkp+gsa", "ce+sam", "ce+gkp", "ce+gsa", "bcl", "bcl+gkp+gsa"]
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
+# (name, method label, changed recipe keys): what was tried when the grouped step lost accuracy (README, results)
+SWEEP = [
+    ("subset_passes_lam0", "ce+gkp", ["gkp.lam=0"]),
+    ("bn_batch_stats_lam0", "ce+gkp", ["gkp.lam=0", "gsa.bn_stats=batch"]),
+    ("bn_batch_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch"]),
+    ("bn_theta_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch_theta"]),
+    ("lam1", "ce+gkp+gsa", ["gkp.lam=1"]),
+    ("lam100", "ce+gkp+gsa", ["gkp.lam=100"]),
+    ("radius_unclamped_z1e-2", "ce+gkp+gsa", ["gsa.rho_clamp=null"]),
+    ("radius_div10", "ce+gkp+gsa", ["gsa.rho_clamp=[0.0002, 0.0003]"]),
+    ("groups_from_epoch3", "ce+gkp+gsa", ["groups.start_epoch=3"]),
+    ("groups_from_epoch11", "ce+gkp+gsa", ["groups.start_epoch=11"]),
+    ("fisher_ema", "ce+gkp+gsa", ["gkp.fisher=ema"]),
+]
 
 
 def overrides(label: str, ratio: int, seed: int) -> list[str]:
@@ -48,13 +67,21 @@ def result_dir(results: str, label: str, ratio: int, seed: int) -> str:
     return os.path.join(results, f"fmnist_r{ratio}", label, f"seed{seed}")
 
 
-def run_job(label: str, ratio: int, seed: int, args: argparse.Namespace) -> str:
-    dest = result_dir(args.results, label, ratio, seed)
+def run_job(label: str, ratio: int, seed: int, args: argparse.Namespace,
+            sweep: tuple[str, list[str]] | None = None) -> str:
+    """Train one grid cell (or, with `sweep` = (name, changed keys), one investigation run) and copy its files."""
+    if sweep is None:
+        dest = result_dir(args.results, label, ratio, seed)
+        scratch = os.path.join(args.scratch, f"r{ratio}", label, f"seed{seed}")
+        extra: list[str] = []
+    else:
+        dest = os.path.join(args.results, "sweeps", f"fmnist_r{ratio}", sweep[0], f"seed{seed}")
+        scratch = os.path.join(args.scratch, "sweeps", f"r{ratio}", sweep[0], f"seed{seed}")
+        extra = sweep[1]
     if os.path.exists(os.path.join(dest, "results.json")):
         return f"skip {label} r={ratio} seed={seed}"
-    scratch = os.path.join(args.scratch, f"r{ratio}", label, f"seed{seed}")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", args.recipe, "--output", scratch]
-    for o in overrides(label, ratio, seed):
+    for o in overrides(label, ratio, seed) + extra:
         cmd += ["--set", o]
     if os.path.exists(os.path.join(scratch, "checkpoint.pt")):
         cmd.append("--resume")
@@ -69,6 +96,10 @@ def run_job(label: str, ratio: int, seed: int, args: argparse.Namespace) -> str:
     for name in COPY:
         if os.path.exists(os.path.join(scratch, name)):
             shutil.copy(os.path.join(scratch, name), os.path.join(dest, name))
+    if sweep is not None:
+        with open(os.path.join(dest, "sweep.json"), "w") as f:
+            order = [name for name, _, _ in SWEEP].index(sweep[0])
+            json.dump({"name": sweep[0], "label": label, "overrides": sweep[1], "order": order}, f, indent=1)
     return f"done {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
 
 
@@ -96,6 +127,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument("--ablation-base", default="auto", help="base for the direction ablation at r=100, or 'none'")
+    ap.add_argument("--sweep", action="store_true", help="run the SWEEP investigation instead of the grid")
+    ap.add_argument("--only", default=None, help="with --sweep: comma-separated entry names to run")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
@@ -104,6 +137,14 @@ def main() -> None:
     ratios = [int(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    if args.sweep:
+        only = set(args.only.split(",")) if args.only else None
+        jobs = [(label, ratio, seed, args, (name, keys)) for name, label, keys in SWEEP
+                for ratio in ratios for seed in seeds if only is None or name in only]
+        with ThreadPoolExecutor(args.workers) as pool:
+            for msg in pool.map(lambda j: run_job(*j), jobs):
+                print(msg, flush=True)
+        return
     with ThreadPoolExecutor(args.workers) as pool:
         for ratio in ratios:
             jobs = [(m, ratio, s) for m in methods for s in seeds]
