@@ -56,6 +56,18 @@ def write_synthetic_cifar(root: str, dataset: str, seed: int = 0) -> None:
                      key: test_labels.tolist()}, f, protocol=4)
 
 
+def project(times: list[float], base_epochs: int, epochs: int, group_start: int, interval: int) -> dict[str, float]:
+    """Seconds per epoch kind from the timed epochs, and the projected hours of the full schedule (module docstring)."""
+    t_base = statistics.median(times[1:base_epochs])
+    t_grouping = times[base_epochs]
+    t_grouped = statistics.median(times[base_epochs + 1:])
+    regroups = 1 + ((epochs - 1 - group_start) // interval if interval > 0 else 0)
+    method_s = group_start * t_base + (epochs - group_start) * t_grouped + regroups * (t_grouping - t_grouped)
+    return {"t_base_s": t_base, "t_grouping_epoch_s": t_grouping, "t_grouped_s": t_grouped, "regroups": regroups,
+            "projected_base_h": epochs * t_base / 3600, "projected_method_h": method_s / 3600,
+            "method_over_base": method_s / (epochs * t_base)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="cifar100_lt_resnet32")
@@ -74,7 +86,6 @@ def main() -> None:
     if full["data"]["dataset"] not in LAYOUT:
         raise SystemExit(f"recipe {args.recipe} trains {full['data']['dataset']}: this benchmark writes CIFAR only")
     g_start, interval, total = full["groups"]["start_epoch"], full["groups"]["interval"], full["epochs"]
-    regroups = 1 + ((total - 1 - g_start) // interval if interval > 0 else 0)
     bench_epochs = args.base_epochs + 1 + args.grouped_epochs
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_cifar(tmp, full["data"]["dataset"])
@@ -87,18 +98,14 @@ def main() -> None:
         trainer.fit()
         times = [float(r["time"]) for r in trainer.rows]
         steps = len(trainer.train_loader)
-    t_base = statistics.median(times[1:args.base_epochs])
-    t_grouping = times[args.base_epochs]
-    t_grouped = statistics.median(times[args.base_epochs + 1:])
-    method_s = g_start * t_base + (total - g_start) * t_grouped + regroups * (t_grouping - t_grouped)
-    base_s = total * t_base
+    p = project(times, args.base_epochs, total, g_start, interval)
     out = {
         "recipe": args.recipe, "device": str(acc.device), "mixed_precision": args.mixed_precision,
         "num_workers": args.num_workers, "steps_per_epoch": steps, "epoch_times_s": times,
-        "t_base_s": t_base, "t_grouping_epoch_s": t_grouping, "t_grouped_s": t_grouped,
-        "schedule": {"epochs": total, "group_start": g_start, "regroups": regroups},
-        "projected_base_h": base_s / 3600, "projected_method_h": method_s / 3600,
-        "method_over_base": method_s / base_s,
+        "t_base_s": p["t_base_s"], "t_grouping_epoch_s": p["t_grouping_epoch_s"], "t_grouped_s": p["t_grouped_s"],
+        "schedule": {"epochs": total, "group_start": g_start, "regroups": p["regroups"]},
+        "projected_base_h": p["projected_base_h"], "projected_method_h": p["projected_method_h"],
+        "method_over_base": p["method_over_base"],
     }
     if args.paper_hours:
         out["paper_hours"] = args.paper_hours
@@ -109,7 +116,8 @@ def main() -> None:
         print(json.dumps(out))
     else:
         print(f"{args.recipe} on {out.get('gpu', out['device'])} ({args.mixed_precision}), {steps} steps per epoch")
-        print(f"  base epoch {t_base:.2f}s, grouping epoch {t_grouping:.2f}s, grouped epoch {t_grouped:.2f}s")
+        print(f"  base epoch {p['t_base_s']:.2f}s, grouping epoch {p['t_grouping_epoch_s']:.2f}s, "
+              f"grouped epoch {p['t_grouped_s']:.2f}s")
         print(f"  projected {total} epochs: base {out['projected_base_h']:.2f} h, method {out['projected_method_h']:.2f} h"
               f" ({out['method_over_base']:.2f}x)" +
               (f"; paper {args.paper_hours} h" if args.paper_hours else ""))
