@@ -106,6 +106,7 @@ SCHEMA: dict[str, Any] = {
         "cosine_scale": Field(30.0, FLOAT, _positive),
         "proj_head": Field(None, LIST, _dims, nullable=True),
         "drop_rate": Field(0.0, FLOAT, _between(0.0, 1.0)),
+        "norm_layer": Field(None, STR, nullable=True),
     },
     "loss": {
         "name": Field("ce", STR, _choice("ce", "la", "bs", "ldam_drw", "bcl")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import timm
 import torch
@@ -50,15 +50,28 @@ class ShortcutA(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
 
-class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU."""
+GROUP_NORM_GROUPS = 8
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(GROUP_NORM_GROUPS, num_channels), num_channels)
+
+
+# `model.norm_layer` of the CIFAR ResNets: BatchNorm (the reference design) or GroupNorm, which normalises each sample
+# on its own, so that a pass over a group's samples computes exactly that group's share of a whole-batch pass.
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {"batchnorm": nn.BatchNorm2d, "groupnorm": _group_norm}
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-norm-ReLU-conv3x3-norm plus the shortcut, then ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.bn1 = norm_layer(out_chs)
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.bn2 = norm_layer(out_chs)
         self.shortcut = ShortcutA(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,21 +90,25 @@ class CifarResNet(nn.Module):
     """CIFAR-style ResNet with the timm model API (`depth` = 6 * blocks_per_stage + 2: 8, 20, 32, 44, 56, 110)."""
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
-                 drop_rate: float = 0.0, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+                 drop_rate: float = 0.0, widths: tuple[int, int, int] = (16, 32, 64),
+                 norm_layer: str = "batchnorm") -> None:
         super().__init__()
+        if norm_layer not in NORM_LAYERS:
+            raise ValueError(f"norm_layer must be one of {sorted(NORM_LAYERS)}, got {norm_layer!r}")
+        norm = NORM_LAYERS[norm_layer]
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = norm(widths[0])
         self.act1 = nn.ReLU(inplace=True)
         stages, in_chs, reduction = [], widths[0], 1
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="act1")]
         for i, width in enumerate(widths):
             stride = 1 if i == 0 else 2
             reduction *= stride
-            blocks = [BasicBlock(in_chs if b == 0 else width, width, stride if b == 0 else 1)
+            blocks = [BasicBlock(in_chs if b == 0 else width, width, stride if b == 0 else 1, norm)
                       for b in range(blocks_per_stage)]
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
@@ -289,18 +306,19 @@ def create_lt_model(model_cfg: dict[str, Any], num_classes: int, in_chans: int) 
     """Build the recipe's model: timm backbone `model_cfg["name"]` without classifier, plus our classifier and heads.
 
     Keys: name, pretrained_path, classifier ("linear" | "cosine"), cosine_scale, proj_head ([hidden, out] or None),
-    drop_rate. Never downloads: timm gets pretrained=False, weights come only from `pretrained_path`.
+    drop_rate, norm_layer (None: the backbone's own; passed to timm otherwise). Never downloads: timm gets pretrained=False, weights come only from `pretrained_path`.
     """
     name = model_cfg["name"]
     if not timm.is_model(name):
         raise ModelError(f"model.name={name!r} is not a timm model (e.g. resnet32_cifar, resnet8_cifar, resnet50, "
                          "resnext50_32x4d, resnet152)")
+    extra = {"norm_layer": model_cfg["norm_layer"]} if model_cfg["norm_layer"] else {}
     try:
         encoder = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
-                                    drop_rate=model_cfg["drop_rate"])
-    except TypeError as e:
+                                    drop_rate=model_cfg["drop_rate"], **extra)
+    except (TypeError, ValueError) as e:
         raise ModelError(f"model.name={name!r} could not be created with in_chans={in_chans}, "
-                         f"drop_rate={model_cfg['drop_rate']}: {e}") from None
+                         f"drop_rate={model_cfg['drop_rate']}, {extra or 'its own norm layer'}: {e}") from None
     num_features = int(getattr(encoder, "head_hidden_size", None) or encoder.num_features)
     proj = model_cfg["proj_head"]
     model = LTModel(encoder, num_features, num_classes, classifier=model_cfg["classifier"],

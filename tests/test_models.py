@@ -14,7 +14,7 @@ from lt_recipes.models import BasicBlock, CosineLinear, ModelError, ShortcutA, c
 
 def model_cfg(**kw):
     cfg = dict(name="resnet8_cifar", pretrained_path=None, classifier="linear", cosine_scale=30.0, proj_head=None,
-               drop_rate=0.0)
+               drop_rate=0.0, norm_layer=None)
     cfg.update(kw)
     return cfg
 
@@ -161,6 +161,25 @@ def test_timm_resnet50_backbone():
     assert model.encoder.num_classes == 0 and model.num_features == 2048 and model.encoder.drop_rate == 0.2
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_groupnorm_resnet_normalises_each_sample_alone():
+    """norm_layer=groupnorm: same parameter count, no BatchNorm, and a sample's output does not depend on its batch."""
+    torch.manual_seed(0)
+    model = create_lt_model(model_cfg(norm_layer="groupnorm"), num_classes=5, in_chans=1).train()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 7 and norms[0].num_groups == 8  # stem + 2 per block, 8 groups
+    assert sum(p.numel() for p in model.encoder.parameters()) == cifar_resnet_params(1, 0, in_chans=1)
+    x = torch.randn(6, 1, 16, 16)
+    assert torch.allclose(model(x)[:2], model(x[:2]), atol=1e-5)
+    bn = create_lt_model(model_cfg(), num_classes=5, in_chans=1).train()
+    assert not torch.allclose(bn(x)[:2], bn(x[:2]), atol=1e-3)  # BatchNorm couples the batch: the contrast
+
+
+def test_unknown_norm_layer_names_the_key():
+    with pytest.raises(ModelError, match="norm_layer.*'layernorm'"):
+        create_lt_model(model_cfg(norm_layer="layernorm"), num_classes=4, in_chans=3)
 
 
 def test_unknown_model_name():

@@ -43,6 +43,8 @@ SWEEP = [
     ("bn_batch_stats_lam0", "ce+gkp", ["gkp.lam=0", "gsa.bn_stats=batch"]),
     ("bn_batch_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch"]),
     ("bn_theta_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch_theta"]),
+    ("groupnorm_ce", "ce", ["model.norm_layer=groupnorm"]),
+    ("groupnorm_ce_gkp_gsa", "ce+gkp+gsa", ["model.norm_layer=groupnorm"]),
     ("lam1", "ce+gkp+gsa", ["gkp.lam=1"]),
     ("lam100", "ce+gkp+gsa", ["gkp.lam=100"]),
     ("radius_unclamped_z1e-2", "ce+gkp+gsa", ["gsa.rho_clamp=null"]),
