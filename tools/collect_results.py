@@ -243,14 +243,18 @@ def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str
 
 
 def sweep_tables(results_root: str, tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]) -> list[str]:
-    """One table per results/sweeps/<folder>: each entry's seed means beside the grid's same method and its base."""
+    """One table per results/sweeps/<folder>: each entry's seed means beside the grid's same method and its base.
+
+    A sweep folder without a grid folder of its name (runs made elsewhere, e.g. fmnist_r100_h200) takes its
+    references from its own entries that change no key."""
     lines: list[str] = []
     sweeps = os.path.join(results_root, "sweeps")
     if not os.path.isdir(sweeps):
         return lines
     for folder, entries in sorted(_scan(sweeps, named_by_method=False).items()):
-        grid = tree.get(folder, {})
         infos = {name: read_json(os.path.join(runs[0][0], "sweep.json")) for name, runs in entries.items()}
+        grid = tree[folder] if folder in tree else \
+            {infos[n]["label"]: runs for n, runs in entries.items() if not infos[n]["overrides"]}
         rows = []
         for name in sorted(entries, key=lambda n: (infos[n].get("order", math.inf), n)):
             runs, info = entries[name], infos[name]
@@ -264,7 +268,7 @@ def sweep_tables(results_root: str, tree: dict[str, dict[str, list[tuple[str, di
             def same_seeds(method: str) -> str:
                 vals = [r["top1"] for _, r in grid.get(method, []) if r["seed"] in seeds]
                 return f"{np.mean(vals):.2f}" if len(vals) == len(seeds) else "—"
-            rows.append([f"`{name}`", f"`{label}`", ", ".join(f"`{o}`" for o in info["overrides"]),
+            rows.append([f"`{name}`", f"`{label}`", ", ".join(f"`{o}`" for o in info["overrides"]) or "(none)",
                          ",".join(str(k) for k in s.seeds)] + [_fmt(s.mean[k], s.std[k]) for k in METRICS] +
                         [same_seeds(label), same_seeds(parse_label(label)[0])])
         lines += ["", f"#### Investigation runs, {folder} (`results/sweeps/{folder}`)", ""] + _table(

@@ -45,6 +45,10 @@ SWEEP = [
     ("bn_theta_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch_theta"]),
     ("groupnorm_ce", "ce", ["model.norm_layer=groupnorm"]),
     ("groupnorm_ce_gkp_gsa", "ce+gkp+gsa", ["model.norm_layer=groupnorm"]),
+    # lambda 0 and alpha 1 without GSA: with GroupNorm this step is plain CE's, computed group by group
+    ("groupnorm_lam0_alpha1", "ce+gkp", ["model.norm_layer=groupnorm", "gkp.lam=0", "alpha.start=1.0",
+                                         "alpha.end=1.0"]),
+    ("bn_batch_stats_lam0_alpha1", "ce+gkp", ["gsa.bn_stats=batch", "gkp.lam=0", "alpha.start=1.0", "alpha.end=1.0"]),
     ("lam1", "ce+gkp+gsa", ["gkp.lam=1"]),
     ("lam100", "ce+gkp+gsa", ["gkp.lam=100"]),
     ("radius_unclamped_z1e-2", "ce+gkp+gsa", ["gsa.rho_clamp=null"]),
@@ -52,6 +56,13 @@ SWEEP = [
     ("groups_from_epoch3", "ce+gkp+gsa", ["groups.start_epoch=3"]),
     ("groups_from_epoch11", "ce+gkp+gsa", ["groups.start_epoch=11"]),
     ("fisher_ema", "ce+gkp+gsa", ["gkp.fisher=ema"]),
+    # a perturbation norm near plain SAM's (sqrt(d) * 0.0002 = 0.056 for ResNet-8 here, against SAM's 0.05), with
+    # the two BatchNorm-free settings of the group passes
+    ("groupnorm_radius_div10", "ce+gkp+gsa", ["model.norm_layer=groupnorm", "gsa.rho_clamp=[0.0002, 0.0003]"]),
+    ("bn_batch_stats_radius_div10", "ce+gkp+gsa", ["gsa.bn_stats=batch", "gsa.rho_clamp=[0.0002, 0.0003]"]),
+    # the grid's own cells again, as the references of a sweep run elsewhere (another device or library version)
+    ("recipe_ce", "ce", []),
+    ("recipe_ce_gkp_gsa", "ce+gkp+gsa", []),
 ]
 
 
@@ -83,7 +94,7 @@ def run_job(label: str, ratio: int, seed: int, args: argparse.Namespace,
     if os.path.exists(os.path.join(dest, "results.json")):
         return f"skip {label} r={ratio} seed={seed}"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", args.recipe, "--output", scratch]
-    for o in overrides(label, ratio, seed) + extra:
+    for o in overrides(label, ratio, seed) + extra + args.overrides:
         cmd += ["--set", o]
     if os.path.exists(os.path.join(scratch, "checkpoint.pt")):
         cmd.append("--resume")
@@ -131,6 +142,8 @@ def main() -> None:
     ap.add_argument("--ablation-base", default="auto", help="base for the direction ablation at r=100, or 'none'")
     ap.add_argument("--sweep", action="store_true", help="run the SWEEP investigation instead of the grid")
     ap.add_argument("--only", default=None, help="with --sweep: comma-separated entry names to run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every job (e.g. data.root=/elsewhere/fashion-mnist)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
