@@ -1,13 +1,10 @@
 """Analysis tools: power iteration, filter normalization, collect_results tables, plot_run and landscape outputs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -21,18 +18,7 @@ from lt_recipes.analysis import (AnalysisError, analysis_groups, balanced_indice
                                  group_means, hessian_vector_product, read_summary, split_boundaries,
                                  top_hessian_eigenvalue)
 from lt_recipes.checkpoint import atomic_write_csv, save_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name: str) -> ModuleType:
-    """Import tools/<name>.py (registered in sys.modules, as dataclasses need)."""
-    key = f"tool_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / f"{name}.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
+from toolload import load_tool
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +175,7 @@ def _row(text: str, label: str) -> list[str]:
 
 
 def test_collect_results_tables_check_and_plot(tmp_path: Path) -> None:
-    tool = _tool("collect_results")
+    tool = load_tool("collect_results")
     _write_results(tmp_path / "results")
     readme = tmp_path / "README.md"
     head, tail = "# Title\n\nintro text\n\n", "\n\n## After\nkept as is\n"
@@ -235,7 +221,7 @@ def _write_sweep_run(root: Path, name: str, label: str, overrides: list[str], or
 
 
 def test_collect_results_sweep_table_and_empty_split(tmp_path: Path) -> None:
-    tool = _tool("collect_results")
+    tool = load_tool("collect_results")
     _write_results(tmp_path / "results")
     # written in the reverse of their order: the table follows sweep.json's order, not names or file times
     _write_sweep_run(tmp_path / "results", "b_second", "ce+gkp+gsa", ["gkp.lam=1"], 1, 1, (30.0, 60.0, 20.0, 1.0))
@@ -258,7 +244,7 @@ def test_collect_results_sweep_table_and_empty_split(tmp_path: Path) -> None:
 
 
 def test_collect_results_rejects_mislabelled_run(tmp_path: Path) -> None:
-    tool = _tool("collect_results")
+    tool = load_tool("collect_results")
     _write_results(tmp_path / "results")
     bad = tmp_path / "results" / "fmnist_r100" / "ce" / "seed1" / "results.json"
     bad.write_text(bad.read_text().replace('"method": "ce"', '"method": "la"'))
@@ -274,7 +260,7 @@ def _digits_cfg(method: str = "gkp_gsa") -> dict:
 
 
 def test_plot_run_writes_pngs(tmp_path: Path) -> None:
-    tool = _tool("plot_run")
+    tool = load_tool("plot_run")
     run = tmp_path / "run"
     run.mkdir()
     (run / "args.yaml").write_text(yaml.safe_dump(_digits_cfg()))  # train counts are rebuilt from it
@@ -329,7 +315,7 @@ def _trained_run(path: Path, data, groups: list[list[int]] | None, steps: int, s
 def test_landscape_writes_plots_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from lt_recipes.data import build_data
     from lt_recipes.models import create_lt_model
-    tool = _tool("landscape")
+    tool = load_tool("landscape")
     cfg = _digits_cfg("none")
     data = build_data(cfg)
     groups = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]

@@ -1,28 +1,13 @@
 """Tools: the epoch benchmark's synthetic CIFAR and projection; the results grid's and sweep's recipes."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from lt_recipes.config import load_config
 from lt_recipes.data import build_data
 from lt_recipes.method import method_label
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-    key = f"tool_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / f"{name}.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
-
+from toolload import load_tool
 
 def _bench_epoch():
-    return _tool("bench_epoch")
+    return load_tool("bench_epoch")
 
 
 def test_projection_hand_computed():
@@ -44,7 +29,7 @@ def test_synthetic_cifar100_loads_as_cifar100_lt(tmp_path):
 
 def test_grid_and_sweep_runs_are_valid_recipes_with_their_labels():
     """Every grid cell and sweep entry loads as a valid recipe whose results.json label is the folder's label."""
-    grid = _tool("run_grid")
+    grid = load_tool("run_grid")
     labels = grid.GRID + ["la+gkp+gsa@sam", "la+gkp+gsa@gsa_proj", "bs", "ldam_drw"]
     for label in labels:
         cfg = load_config("fmnist_lt_resnet8", grid.overrides(label, 10, 2))
