@@ -97,8 +97,8 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only) and check that it belongs to this run set-up.
 
-    `expect` maps identity keys (recipe, num_classes, model, method, ...) to the values of the current run; any
-    difference is an error naming the key and both values.
+    `expect` maps identity keys (recipe, num_classes, model, method, ..., and `config`: the flattened recipe) to the
+    values of the current run; any difference is an error naming the key(s) and both values.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
@@ -111,6 +111,14 @@ def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str
         raise CheckpointError(f"checkpoint {path} is not an lt-recipes checkpoint (no 'identity' entry)")
     for key, want in (expect or {}).items():
         have = state["identity"].get(key)
-        if have != want:
-            raise CheckpointError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}")
+        if isinstance(want, dict) and isinstance(have, dict):
+            diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+            if diff:
+                raise CheckpointError(f"checkpoint {path} was made with a different recipe: " + "; ".join(
+                    f"{k}={have.get(k)!r} there, {k}={want.get(k)!r} here" for k in diff[:5]) +
+                    (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""))
+        elif have != want:
+            raise CheckpointError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}"
+                                  + (" (a checkpoint from before lt-recipes recorded the whole recipe: start a new "
+                                     "--output)" if have is None else ""))
     return state

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import faults
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                          load_checkpoint, save_checkpoint)
+from .config import flatten
 from .data import LTData, build_data, build_loaders
 from .losses import create_loss
 from .method import Method, NonFiniteError, create_method, method_label
@@ -32,12 +33,19 @@ from .models import create_lt_model
 _logger = logging.getLogger(__name__)
 
 
+# Recipe keys that may differ when a run is resumed: where things are and how fast they load, not what is trained.
+RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "data.eval_batch_size", "log_interval",
+                               "checkpoint_interval", "groups.bank_spill_dir", "gsa.backend", "model.pretrained_path"})
+
+
 def _identity(cfg: dict[str, Any], data: LTData) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that resumes from it."""
+    """What a checkpoint must agree on with the run that resumes from it: the main keys, named first in errors,
+    then every other recipe key except RESUMABLE_CHANGES."""
     return {"recipe": cfg["name"], "dataset": cfg["data"]["dataset"],
             "imbalance_ratio": cfg["data"]["imbalance_ratio"], "num_classes": data.num_classes,
             "model": cfg["model"]["name"], "loss": cfg["loss"]["name"], "method": cfg["method"],
-            "seed": cfg["seed"], "epochs": cfg["epochs"]}
+            "seed": cfg["seed"], "epochs": cfg["epochs"],
+            "config": {k: v for k, v in flatten(cfg).items() if k not in RESUMABLE_CHANGES}}
 
 
 def _to_device(inputs: Any, device: torch.device) -> Any:

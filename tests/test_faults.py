@@ -75,6 +75,16 @@ def test_corrupt_or_foreign_checkpoint_is_named(uninterrupted, tmp_path):
     assert proc.returncode == 2 and "seed=0" in proc.stderr and "seed=3" in proc.stderr
 
 
+def test_resume_with_another_recipe_is_refused_naming_the_keys(uninterrupted, tmp_path):
+    """Any recipe key that changes what is trained must match the checkpoint; where data lives may change."""
+    (tmp_path / "checkpoint.pt").write_bytes((uninterrupted / "checkpoint.pt").read_bytes())
+    proc = train(tmp_path, "--resume", args=ARGS + ["--set", "gkp.lam=5", "--set", "gsa.rho_clamp=null"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "gkp.lam=100.0 there, gkp.lam=5.0 here" in proc.stderr and "gsa.rho_clamp=" in proc.stderr
+    proc = train(tmp_path, "--resume", args=ARGS + ["--set", "data.eval_batch_size=64", "--set", "data.root=/moved"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
     import torch
 
