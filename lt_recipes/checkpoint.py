@@ -117,8 +117,9 @@ def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str
                 raise CheckpointError(f"checkpoint {path} was made with a different recipe: " + "; ".join(
                     f"{k}={have.get(k)!r} there, {k}={want.get(k)!r} here" for k in diff[:5]) +
                     (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""))
+        elif isinstance(want, dict) and have is None:
+            raise CheckpointError(f"checkpoint {path} does not record its {key} (made before lt-recipes did), so it "
+                                  "cannot be checked against this run: start a new --output")
         elif have != want:
-            raise CheckpointError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}"
-                                  + (" (a checkpoint from before lt-recipes recorded the whole recipe: start a new "
-                                     "--output)" if have is None else ""))
+            raise CheckpointError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}")
     return state

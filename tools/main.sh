@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-.venv/bin/python train.py --recipe digits_lt --output output/digits_lt --resume "$@"
+# one run directory per version of the recipe file: editing the recipe starts a fresh run instead of a refused resume
+out="output/digits_lt-$(sha256sum recipes/digits_lt.yaml | cut -c1-8)"
+.venv/bin/python train.py --recipe digits_lt --output "$out" --resume "$@"
