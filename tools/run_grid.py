@@ -60,6 +60,7 @@ SWEEP = [
     # the two BatchNorm-free settings of the group passes
     ("groupnorm_radius_div10", "ce+gkp+gsa", ["model.norm_layer=groupnorm", "gsa.rho_clamp=[0.0002, 0.0003]"]),
     ("bn_batch_stats_radius_div10", "ce+gkp+gsa", ["gsa.bn_stats=batch", "gsa.rho_clamp=[0.0002, 0.0003]"]),
+    ("la_bn_batch_stats_radius_div10", "la+gkp+gsa", ["gsa.bn_stats=batch", "gsa.rho_clamp=[0.0002, 0.0003]"]),
     # the grid's own cells again, as the references of a sweep run elsewhere (another device or library version)
     ("recipe_ce", "ce", []),
     ("recipe_ce_gkp_gsa", "ce+gkp+gsa", []),
