@@ -52,14 +52,14 @@ DIGITS_TEST_SEED = 0
 MANY_SHOT = 100
 FEW_SHOT = 20
 
-_NUM_CLASSES = {"digits": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"digits": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
 _DEFAULT_MEAN_STD = {
     "digits": ((0.3053,), (0.3759,)),
     "fmnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-_CIFAR_LAYOUT = {
+CIFAR_LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
@@ -231,7 +231,7 @@ def _read_fmnist(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{images_path} (shape {images.shape}) and {labels_path} (shape {labels.shape}) "
                             "do not hold N images of HxW and N labels")
-        _class_sizes(labels, _NUM_CLASSES["fmnist"], labels_path)
+        _class_sizes(labels, NUM_CLASSES["fmnist"], labels_path)
         out += [images[:, None], labels]
     return out[0], out[1], out[2], out[3]
 
@@ -262,9 +262,9 @@ def _read_cifar_files(folder: str, files: list[str], label_key: str, num_classes
 
 
 def _read_cifar(root: str, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    folder, train_files, test_files, label_key = _CIFAR_LAYOUT[dataset]
+    folder, train_files, test_files, label_key = CIFAR_LAYOUT[dataset]
     folder = os.path.join(root, folder)
-    num_classes = _NUM_CLASSES[dataset]
+    num_classes = NUM_CLASSES[dataset]
     train = _read_cifar_files(folder, train_files, label_key, num_classes)
     test = _read_cifar_files(folder, test_files, label_key, num_classes)
     return train[0], train[1], test[0], test[1]
@@ -528,7 +528,7 @@ def _data_root(data_cfg: dict[str, Any]) -> str:
 def _build_in_memory(cfg: dict[str, Any]) -> LTData:
     d = cfg["data"]
     dataset = d["dataset"]
-    num_classes = _NUM_CLASSES[dataset]
+    num_classes = NUM_CLASSES[dataset]
     if d["imbalance_ratio"] is None:
         raise DataError(f"data.imbalance_ratio is required for dataset {dataset!r}")
     if dataset == "digits":

@@ -76,6 +76,15 @@ class BNState:
             b.copy_(s)
 
 
+def _tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _channel_dims(x: torch.Tensor) -> list[int]:
+    """Every dimension of a BatchNorm input except the channels (dim 1): what its statistics reduce over."""
+    return [d for d in range(x.dim()) if d != 1]
+
+
 class FullBatchBNStats:
     """BatchNorm running statistics of the whole batch from passes over its group subsets.
 
@@ -86,15 +95,14 @@ class FullBatchBNStats:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.bns = [m for m in model.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.bns = _tracked_batchnorms(model)
         self.sums: dict[int, list] = {}
 
     def _hook(self, bn: nn.Module, args: tuple) -> None:
         if not bn.training:
             return
         x = args[0].detach().float()
-        dims = [d for d in range(x.dim()) if d != 1]
+        dims = _channel_dims(x)
         acc = self.sums.setdefault(id(bn), [0.0, 0.0, 0])
         acc[0] = acc[0] + x.sum(dims)
         acc[1] = acc[1] + (x * x).sum(dims)
@@ -142,14 +150,13 @@ class RecordedBNStats:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.bns = [m for m in model.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.bns = _tracked_batchnorms(model)
         self.stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.calls: dict[int, int] = {}
 
     def _record(self, bn: nn.Module, args: tuple) -> None:
         x = args[0].detach().float()
-        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        var, mean = torch.var_mean(x, dim=_channel_dims(x), correction=0)
         self.stats.setdefault(id(bn), []).append((mean, var))
 
     def _use(self, bn: nn.Module, args: tuple) -> None:

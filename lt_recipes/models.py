@@ -306,7 +306,8 @@ def create_lt_model(model_cfg: dict[str, Any], num_classes: int, in_chans: int) 
     """Build the recipe's model: timm backbone `model_cfg["name"]` without classifier, plus our classifier and heads.
 
     Keys: name, pretrained_path, classifier ("linear" | "cosine"), cosine_scale, proj_head ([hidden, out] or None),
-    drop_rate, norm_layer (None: the backbone's own; passed to timm otherwise). Never downloads: timm gets pretrained=False, weights come only from `pretrained_path`.
+    drop_rate, norm_layer (None: the backbone's own; passed to timm otherwise). Never downloads: timm gets
+    pretrained=False, weights come only from `pretrained_path`.
     """
     name = model_cfg["name"]
     if not timm.is_model(name):

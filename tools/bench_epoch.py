@@ -33,15 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accelerate import Accelerator  # noqa: E402
 
 from lt_recipes.config import load_config  # noqa: E402
+from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES  # noqa: E402
 from lt_recipes.engine import Trainer  # noqa: E402
-
-LAYOUT = {"cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", 100),
-          "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels", 10)}
 
 
 def write_synthetic_cifar(root: str, dataset: str, seed: int = 0) -> None:
     """Random-pixel CIFAR in torchvision's on-disk layout: 50,000 training and 10,000 test images."""
-    folder, train_files, test_file, key, num_classes = LAYOUT[dataset]
+    folder, train_files, (test_file,), key = CIFAR_LAYOUT[dataset]
+    num_classes = NUM_CLASSES[dataset]
     out = os.path.join(root, folder)
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -83,7 +82,7 @@ def main() -> None:
         raise SystemExit("need --base-epochs >= 2 (the first pays for start-up) and --grouped-epochs >= 1")
 
     full = load_config(args.recipe, args.overrides)
-    if full["data"]["dataset"] not in LAYOUT:
+    if full["data"]["dataset"] not in CIFAR_LAYOUT:
         raise SystemExit(f"recipe {args.recipe} trains {full['data']['dataset']}: this benchmark writes CIFAR only")
     g_start, interval, total = full["groups"]["start_epoch"], full["groups"]["interval"], full["epochs"]
     bench_epochs = args.base_epochs + 1 + args.grouped_epochs
@@ -118,8 +117,8 @@ def main() -> None:
         print(f"{args.recipe} on {out.get('gpu', out['device'])} ({args.mixed_precision}), {steps} steps per epoch")
         print(f"  base epoch {p['t_base_s']:.2f}s, grouping epoch {p['t_grouping_epoch_s']:.2f}s, "
               f"grouped epoch {p['t_grouped_s']:.2f}s")
-        print(f"  projected {total} epochs: base {out['projected_base_h']:.2f} h, method {out['projected_method_h']:.2f} h"
-              f" ({out['method_over_base']:.2f}x)" +
+        print(f"  projected {total} epochs: base {out['projected_base_h']:.2f} h, "
+              f"method {out['projected_method_h']:.2f} h ({out['method_over_base']:.2f}x)" +
               (f"; paper {args.paper_hours} h" if args.paper_hours else ""))
 
 

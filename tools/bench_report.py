@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Write the README's benchmark tables from the committed JSON files under results/bench/.
 
-Reads every `step_*.json` (tools/bench_step.py --json), `kernels_*.json` (tools/bench_kernels.py --json) and
-`memory_*.json` (tools/bench_memory.py --json), `epoch_*.json` (tools/bench_epoch.py --json) and replaces the block between `<!-- bench:begin -->` and
-`<!-- bench:end -->`. `--check` writes nothing and exits 1 when the block is out of date.
+Reads every `step_*.json` (tools/bench_step.py --json), `kernels_*.json` (tools/bench_kernels.py --json),
+`memory_*.json` (tools/bench_memory.py --json) and `epoch_*.json` (tools/bench_epoch.py --json), and replaces the
+block between `<!-- bench:begin -->` and `<!-- bench:end -->`. `--check` writes nothing and exits 1 when the block
+is out of date.
 Record new figures with `bash tools/record_bench.sh` (it saves the CPU JSON files this reads) and, on a GPU machine,
 `bash tools/device_check.sh` (it saves the *_cuda*.json files).
 """

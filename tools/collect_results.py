@@ -288,7 +288,8 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         dataset, ratio = first[folder]["dataset"], _ratio(first[folder]["imbalance_ratio"])
         stats = {m: summarize(runs, with_counts=write_plots) for m, runs in tree[folder].items()}
         title = f"{dataset} r={ratio}"
-        lines += ["", f"### {title}", "", "Test accuracy (%), mean ± std over seeds (— where a split has no class).", ""] + main_table(stats)
+        lines += ["", f"### {title}", "", "Test accuracy (%), mean ± std over seeds (— where a split has no class).",
+                  ""] + main_table(stats)
         png = os.path.join(docs, f"per_class_{folder}.png")
         pairs = plot_pairs(stats)
         if pairs:
