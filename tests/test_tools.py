@@ -42,3 +42,11 @@ def test_grid_and_sweep_runs_are_valid_recipes_with_their_labels():
     cfg = load_config("fmnist_lt_resnet8", grid.overrides("ce+gkp+gsa", 100, 0) + dict(
         (n, k) for n, _, k in grid.SWEEP)["groupnorm_radius_div10"])
     assert cfg["model"]["norm_layer"] == "groupnorm" and cfg["gsa"]["rho_clamp"] == [0.0002, 0.0003]
+
+
+def test_sweep_only_names_an_unknown_entry():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(load_tool("run_grid").ROOT) + "/tools/run_grid.py", "--sweep", "--only",
+                           "lam1,no_such_run", "--workers", "0"], capture_output=True, text=True)  # 0: never trains
+    assert proc.returncode != 0 and "no SWEEP entry named no_such_run" in proc.stderr

@@ -155,6 +155,9 @@ def main() -> None:
     methods = args.methods.split(",")
     if args.sweep:
         only = set(args.only.split(",")) if args.only else None
+        unknown = sorted((only or set()) - {name for name, _, _ in SWEEP})
+        if unknown:
+            raise SystemExit(f"--only: no SWEEP entry named {', '.join(unknown)}")
         jobs = [(label, ratio, seed, args, (name, keys)) for name, label, keys in SWEEP
                 for ratio in ratios for seed in seeds if only is None or name in only]
         with ThreadPoolExecutor(args.workers) as pool:
