@@ -55,6 +55,12 @@ def _pair_of_increasing(v: Any) -> str | None:
     return None
 
 
+def _clamp(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v == "auto" else "must be auto, null or [low, high]"
+    return _pair_of_increasing(v)
+
+
 def _positive_ints(v: Any) -> str | None:
     return None if all(isinstance(x, int) and x > 0 for x in v) else "must be a list of positive integers"
 
@@ -148,7 +154,7 @@ SCHEMA: dict[str, Any] = {
     },
     "gkp": {
         "lam": Field(100.0, FLOAT, _at_least(0.0)),
-        "norm": Field("per_classes", STR, _choice("per_classes", "per_samples")),
+        "norm": Field("per_samples", STR, _choice("per_samples", "per_classes")),
         "fisher": Field("exact", STR, _choice("exact", "ema")),
         "fisher_ema": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "fisher_batches": Field(0, INT, _at_least(0)),
@@ -156,19 +162,21 @@ SCHEMA: dict[str, Any] = {
     },
     "gsa": {
         "direction": Field("gsa", STR, _choice("gsa", "sam", "gsa_proj", "friendly")),
-        "z": Field(1e-2, FLOAT, _positive),
-        "rho_clamp": Field(None, LIST, _pair_of_increasing, nullable=True),
+        "scale": Field("adaptive", STR, _choice("adaptive", "euclidean")),
+        "z": Field(None, FLOAT, _at_least(0.0), nullable=True),
+        "rho_clamp": Field("auto", LIST + STR, _clamp, nullable=True),
+        "group_grads": Field("masked", STR, _choice("masked", "share")),
+        "perturbation": Field("per_group", STR, _choice("per_group", "averaged")),
+        "group_weighting": Field("samples", STR, _choice("samples", "sum", "mean")),
         "regularizer": Field(False, BOOL),
         "friendly_sigma": Field(1.0, FLOAT),
         "friendly_momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "sync": Field(True, BOOL),
-        "bn_min_samples": Field(8, INT, _at_least(2)),
-        "bn_stats": Field("group", STR, _choice("group", "batch", "batch_theta")),
-        "group_weighting": Field("sum", STR, _choice("sum", "mean", "samples")),
         "backend": Field("auto", STR, _choice("auto", "fused", "reference")),
     },
     "sam": {
         "rho": Field(0.05, FLOAT, _positive),
+        "adaptive": Field(False, BOOL),
     },
     "alpha": {
         "start": Field(0.95, FLOAT, _between(0.0, 1.0)),

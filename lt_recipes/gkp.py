@@ -1,8 +1,8 @@
-"""Grouped Knowledge Preservation (SPEC.md section 3): Fisher estimates and the Eq. 6 coefficients.
+"""Grouped Knowledge Preservation (paper Eq. 5-6): Fisher estimates and the per-group strengths.
 
-Summed over the groups of Eq. 16, the penalty is sum_j c_j sum_i F_ji (theta_i - theta*_ji)^2 with
-c_j = (1 - alpha) (lambda / 2) (G - 1) / |G_j|, which `lt_recipes.ops.gkp_penalty` evaluates with its gradient in
-one pass over theta, the anchors and the Fisher rows.
+Summed over the groups of Eq. 16 with group weights w_g, the penalty is sum_j c_j sum_i F_ji (theta_i - theta*_ji)^2
+with c_j = (1 - alpha) (sum_{g != j} w_g) (lambda / 2) / |G_j|, which `lt_recipes.ops.gkp_penalty` evaluates with
+its gradient in one pass over theta, the anchors and the Fisher rows (`GroupedSAM` forms c_j every step).
 """
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ from .gsa import ordered_parameters
 _logger = logging.getLogger(__name__)
 
 
-def gkp_coefficients(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str,
-                     alpha: float) -> torch.Tensor:
-    """c_j = (1 - alpha) (lambda/2) (G - 1) / |G_j|, |G_j| in classes ("per_classes", paper) or samples ("per_samples")."""
-    sizes = group_classes if norm == "per_classes" else group_samples
-    G = len(sizes)
-    return torch.tensor([(1 - alpha) * lam / 2 * (G - 1) / max(int(s), 1) for s in sizes], dtype=torch.float32)
+GKP_NORMS = ("per_samples", "per_classes")
+
+
+def gkp_strength(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str) -> torch.Tensor:
+    """(lambda / 2) / |G_j| of Eq. 6, |G_j| the group's training samples ("per_samples", the released code) or
+    classes ("per_classes")."""
+    if norm not in GKP_NORMS:
+        raise ValueError(f"gkp norm must be one of {', '.join(GKP_NORMS)}, got '{norm}'")
+    sizes = group_samples if norm == "per_samples" else group_classes
+    return torch.tensor([lam / 2 / max(int(s), 1) for s in sizes], dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -41,7 +45,7 @@ def exact_fisher(model: nn.Module, classification_loss: Callable[[torch.Tensor, 
                  dataset: Dataset, targets: np.ndarray, group_of_class: np.ndarray, anchors: torch.Tensor,
                  is_excluded: Callable[[str], bool], batch_size: int, device: torch.device,
                  autocast: Callable[[], ContextManager], max_batches: int = 0) -> torch.Tensor:
-    """Diagonal Fisher per group as the released code estimates it (SPEC.md section 3).
+    """Diagonal Fisher per group as the released code estimates it (docs/method.md).
 
     For group j: theta*_j loaded into a copy of the model (classifier kept), eval mode, group j's training images with
     the test-time transform, F_j = sum over batches of (grad of the batch-mean classification loss)^2 / N_j, over the

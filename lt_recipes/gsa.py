@@ -1,12 +1,22 @@
-"""SAM and Grouped Sharpness-Aware minimization (SPEC.md section 4) as optimizer-style step wrappers.
+"""SAM / ASAM and the paper's grouped step (GSA with optional GKP) as optimizer-style step wrappers.
 
-Both work on a flattened copy-free view of the parameters (lt_recipes.flat), so every vector operation is one
-pass over one buffer, and the per-group backward passes write straight into rows of a [G, d] buffer.
-`GroupedSAM.step` does the whole paper step: exact per-group gradients from forward/backward passes over each
-group's subset of the batch (one full batch of work in total), the global gradient as their sample-weighted sum,
-the projection (Eq. 12), radius (Eq. 13) and perturbation (Eq. 14), the perturbed group losses (Eq. 15, one more
-batch of work), weights restored, the GKP gradient (Eq. 6) added, and the base optimizer step. So it costs about
-what SAM costs: two passes, not G + 1.
+Both work on flattened parameters (lt_recipes.flat): every vector operation is one pass over one buffer, and group
+gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md):
+
+1. Group gradients g_g (Eq. 11) from one whole-batch forward at theta, which makes the step's one BatchNorm
+   running-statistics update: `masked` differentiates each group's masked share of the batch loss through that one
+   graph (G backward passes: the gradient of L_{D_g} with whole-batch BatchNorm, exact); `share` splits the one
+   batch gradient by group with zero per-group parameter offsets (lt_recipes.segments; one backward).
+2. The global gradient g = sum_g (|D_g| / |D|) g_g and each group's component along it (fused op), the ascent
+   direction (Eq. 12), radius (Eq. 13) and perturbation eps_g (Eq. 14), Euclidean as printed or adaptive as the
+   released code.
+3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `per_group` runs one forward over the group-sorted
+   batch in which group g's samples see theta + eps_g; `averaged` one whole-batch pass at the batch-share mean of
+   the eps_g (the released code). BatchNorm normalises the whole batch; its running statistics are left alone.
+4. theta restored, the GKP gradient (Eq. 6) added in one fused pass, the base optimizer's step.
+
+A loss function `loss_fn(idx)` returns the per-sample losses of the batch rows `idx`, in that order, whose mean over
+the whole batch is the batch loss (lt_recipes.losses.LTLoss.per_sample).
 """
 from __future__ import annotations
 
@@ -14,19 +24,27 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
-from .reference import PARALLEL_TOL
+from . import ops, reference
+from .batchnorm import BNState, frozen_bn_stats
 from .flat import FlatParams
+from .segments import Layout, group_offsets, offset_modules
 
 _logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+GROUP_GRADS = ("masked", "share")
+PERTURBATIONS = ("per_group", "averaged")
+# The radius scale Z / C and the clamp that belong to each perturbation scaling (docs/method.md): the released
+# code's adaptive scaling with C = 0.1 and its clamp; Eq. 13-14 as printed with Z = 1e-2 and no clamp.
+SCALE_DEFAULTS: dict[str, tuple[float, tuple[float, float] | None]] = {
+    "adaptive": (0.1, (0.002, 0.003)), "euclidean": (1e-2, None)}
 
 
 class LossScaler:
@@ -56,188 +74,6 @@ class LossScaler:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
 
-class BNState:
-    """A copy of every BatchNorm running statistic, to put back after a pass that must leave them untouched.
-
-    Momentum 0 is not enough: 0 * NaN is NaN, so one non-finite forward would poison the running statistics.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.live = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                     for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        self.saved = [b.clone() for b in self.live]
-
-    def save(self) -> None:
-        for s, b in zip(self.saved, self.live):
-            s.copy_(b)
-
-    def restore(self) -> None:
-        for s, b in zip(self.saved, self.live):
-            b.copy_(s)
-
-
-def _tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-def _channel_dims(x: torch.Tensor) -> list[int]:
-    """Every dimension of a BatchNorm input except the channels (dim 1): what its statistics reduce over."""
-    return [d for d in range(x.dim()) if d != 1]
-
-
-class FullBatchBNStats:
-    """BatchNorm running statistics of the whole batch from passes over its group subsets.
-
-    Left alone, each group's pass would move the running statistics towards that group's own statistics (the last,
-    a tail group of a few samples of one class, weighing most), which breaks evaluation. While collecting, momentum
-    is 0 and a pre-hook sums every BatchNorm input per channel; `apply` then makes the one momentum update that a
-    full-batch forward would make, with the batch's mean and unbiased variance.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.bns = _tracked_batchnorms(model)
-        self.sums: dict[int, list] = {}
-
-    def _hook(self, bn: nn.Module, args: tuple) -> None:
-        if not bn.training:
-            return
-        x = args[0].detach().float()
-        dims = _channel_dims(x)
-        acc = self.sums.setdefault(id(bn), [0.0, 0.0, 0])
-        acc[0] = acc[0] + x.sum(dims)
-        acc[1] = acc[1] + (x * x).sum(dims)
-        acc[2] += x.numel() // x.shape[1]
-
-    @contextlib.contextmanager
-    def collect(self) -> Iterator[None]:
-        self.sums = {}
-        momenta = [m.momentum for m in self.bns]
-        handles = [m.register_forward_pre_hook(self._hook) for m in self.bns]
-        for m in self.bns:
-            m.momentum = 0.0
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mom in zip(self.bns, momenta):
-                m.momentum = mom
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """One running-statistics update per BatchNorm layer with the collected whole-batch mean and variance."""
-        for m in self.bns:
-            acc = self.sums.get(id(m))
-            if acc is None or acc[2] < 2:
-                continue
-            s1, s2, n = acc
-            mean = s1 / n
-            var = (s2 / n - mean * mean).clamp_min(0) * (n / (n - 1))
-            m.num_batches_tracked.add_(1)
-            mom = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
-            m.running_mean.mul_(1 - mom).add_(mean.to(m.running_mean.dtype), alpha=mom)
-            m.running_var.mul_(1 - mom).add_(var.to(m.running_var.dtype), alpha=mom)
-
-
-class RecordedBNStats:
-    """Group passes normalised with the statistics of a whole-batch forward (`gsa.bn_stats: batch | batch_theta`).
-
-    `record` wraps a no-grad forward of the whole batch in training mode: every BatchNorm call's batch mean and biased
-    variance are kept, in call order. Inside `use`, which wraps one group pass, BatchNorm layers run in eval mode and
-    the k-th call of a layer normalises with its k-th recorded statistics, held constant (no gradient flows through
-    them): a group's samples are normalised as in the whole-batch forward, instead of with the statistics of the
-    group's few samples (`gsa.bn_stats: group`, the literal per-subset loss).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.bns = _tracked_batchnorms(model)
-        self.stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.calls: dict[int, int] = {}
-
-    def _record(self, bn: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float()
-        var, mean = torch.var_mean(x, dim=_channel_dims(x), correction=0)
-        self.stats.setdefault(id(bn), []).append((mean, var))
-
-    def _use(self, bn: nn.Module, args: tuple) -> None:
-        recorded = self.stats.get(id(bn))
-        if not recorded:
-            raise RuntimeError("gsa.bn_stats: a BatchNorm layer ran in a group pass but not in the whole-batch forward")
-        k = self.calls.get(id(bn), 0)
-        mean, var = recorded[min(k, len(recorded) - 1)]
-        self.calls[id(bn)] = k + 1
-        bn.running_mean, bn.running_var = mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
-
-    @contextlib.contextmanager
-    def record(self) -> Iterator[None]:
-        self.stats = {}
-        handles = [m.register_forward_pre_hook(self._record) for m in self.bns if m.training]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    @contextlib.contextmanager
-    def use(self) -> Iterator[None]:
-        """Wrap one group pass's forward (the backward may run outside: it keeps the tensors it normalised with)."""
-        saved = [(m.running_mean, m.running_var, m.training) for m in self.bns]
-        handles = [m.register_forward_pre_hook(self._use) for m in self.bns]
-        self.calls = {}
-        for m in self.bns:
-            m.eval()
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            for m, (mean, var, training) in zip(self.bns, saved):
-                m.running_mean, m.running_var = mean, var
-                m.train(training)
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module, state: BNState | None = None) -> Iterator[None]:
-    """BatchNorm running statistics untouched by a perturbed pass, as usual for SAM: momentum 0 inside, and the
-    saved values put back on exit. Wrap the backward passes too: BatchNorm's backward checks that the statistics
-    it saved were not modified in between."""
-    state = state or BNState(model)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    state.save()
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        state.restore()
-
-
-@contextlib.contextmanager
-def few_sample_safe(model: nn.Module, batch_size: int, min_samples: int = 2) -> Iterator[None]:
-    """A pass over fewer than `min_samples` samples uses BatchNorm running statistics.
-
-    BatchNorm1d heads cannot normalise a batch of one, and the batch statistics of a few samples of one tail class
-    have a near-zero variance whose gradients blew Fashion-MNIST-LT runs up (`gsa.bn_min_samples`).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if batch_size >= max(min_samples, 2) or not bns:
-        yield
-        return
-    for m in bns:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.train()
-
-
-BN_STATS = ("group", "batch", "batch_theta")
-
-
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -264,7 +100,8 @@ def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
 
 @dataclass
 class StepStats:
-    """What one step measured: mean base loss at theta per group, radius per group, GKP value, skip flag."""
+    """What one step measured: mean base loss at theta (all, per group), radius and cos(g_g, g) per group, GKP value,
+    skip flag."""
 
     loss: float = math.nan
     group_loss: list[float] = field(default_factory=list)
@@ -294,14 +131,13 @@ class _FlatStep:
         self.skipped_steps = 0
         self.bn_at_start = BNState(model)
         self.bn_scratch = BNState(model)
-        self.bn_batch = FullBatchBNStats(model)
 
     @property
     def d(self) -> int:
         return self.flat.numel
 
-    def _backward(self, loss: torch.Tensor, weight: float) -> None:
-        (loss * (weight * self.scaler.scale)).backward()
+    def _backward(self, loss: torch.Tensor, weight: float, retain_graph: bool = False) -> None:
+        (loss * (weight * self.scaler.scale)).backward(retain_graph=retain_graph)
 
     def _finish(self, stats: StepStats, extra_grad: Callable[[], float] | None = None) -> StepStats:
         """Restore theta, reduce and unscale the update gradient, skip on inf/NaN, add extra terms, step."""
@@ -335,15 +171,22 @@ class _FlatStep:
         return stats
 
 
-class SAM(_FlatStep):
-    """Sharpness-Aware Minimization (Foret et al.): ascend to theta + rho g/||g||, take the gradient there, step from theta.
+def _mean_loss(losses: torch.Tensor) -> torch.Tensor:
+    return losses.float().mean()
 
-    The ascent gradient is each replica's own (as common for SAM under DDP); the update gradient is averaged.
+
+class SAM(_FlatStep):
+    """Sharpness-Aware Minimization (Foret et al.): ascend to theta + eps, take the gradient there, step from theta.
+
+    eps = rho g / ||g||, or with `adaptive` ASAM's (Kwon et al.) rho theta^2 g / ||theta g||. The ascent gradient is
+    each replica's own (as common for SAM under DDP); the update gradient is averaged.
     """
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
+                 adaptive: bool = False, **kw: Any) -> None:
         super().__init__(model, base_optimizer, num_rows=0, **kw)
         self.rho = rho
+        self.scale = "adaptive" if adaptive else "euclidean"
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor) -> StepStats:
         idx = torch.arange(len(targets), device=targets.device)
@@ -351,19 +194,21 @@ class SAM(_FlatStep):
         self.base.copy_(self.flat.data)
         self.bn_at_start.save()
         with self.autocast():
-            loss = loss_fn(idx)
+            loss = _mean_loss(loss_fn(idx))
         self._backward(loss, 1.0)
         stats.loss = float(loss.detach())
         grad = self.flat.grad
-        norm = float(torch.linalg.vector_norm(grad)) / self.scaler.scale
-        if not math.isfinite(norm):
+        if self.scaler.scale != 1.0:
+            grad.div_(self.scaler.scale)
+        if not bool(torch.isfinite(grad).all()):
             return self._skip(stats)
-        if norm > 0:
-            self.flat.data.add_(grad, alpha=self.rho / (norm * self.scaler.scale))
+        if reference.scaled_norm(self.scale, grad, self.base) > 0:
+            # SAM's radius rho is Eq. 14's sqrt(d) rho*: the same perturbation formula as a one-group GSA step
+            self.flat.data.add_(reference.gsa_perturbation(self.scale, grad, self.base, self.rho / math.sqrt(self.d)))
         grad.zero_()
         with frozen_bn_stats(self.model, self.bn_scratch):
             with self.autocast():
-                loss2 = loss_fn(idx)
+                loss2 = _mean_loss(loss_fn(idx))
             self._backward(loss2, 1.0 / _world())
         return self._finish(stats)
 
@@ -373,44 +218,44 @@ class GroupedSAM(_FlatStep):
 
     >>> gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_groups=4)
     >>> gsa.set_groups(group_of_class, group_sizes)          # group id per class, training samples per group
-    >>> stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx]), y)
+    >>> stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
 
-    `loss_fn(idx)` must return the mean base loss over the batch samples `idx`. The task term sums the group losses
-    as Eq. 16 does (`group_weighting="sum"`), or averages them ("mean"), or weighs them by their share of the batch
-    ("samples": the full-batch gradient, as the released code's single second pass). Directions (`direction`): "gsa"
-    (h_g, Eq. 12), "sam" (global g), "gsa_proj" (the removed component), "friendly" (g_g - sigma m_g, m_g an EMA of
-    past group gradients). With `sync` (default) group gradients and counts are all-reduced so every rank takes the
-    same perturbation; without it each replica perturbs from its own samples and only the update is averaged.
-    BatchNorm in a group pass (`bn_stats`): "group" normalises with the group's own samples (the literal L_{D_g});
-    "batch" with the whole batch's statistics at the pass's weights (theta, then theta + eps_g: one no-grad
-    whole-batch forward per pass); "batch_theta" with the statistics at theta in every pass.
+    Options (docs/method.md): `direction` gsa (h_g, Eq. 12) | sam (g) | gsa_proj (the removed component) | friendly
+    (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` and
+    clamp `rho_clamp` ("auto": the scale's own, SCALE_DEFAULTS; None: no clamp); `group_grads` masked | share;
+    `perturbation` per_group | averaged; `group_weighting` samples (each group's share of the batch, the released
+    code) | sum (Eq. 16 as printed) | mean. With `sync` (default) group gradients and counts are all-reduced so every
+    rank takes the same perturbation; without it each replica perturbs from its own samples. `perturb=False` is GKP
+    without GSA: one plain pass of the weighted task term.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
-                 direction: str = "gsa", z: float = 1e-2, rho_clamp: Sequence[float] | None = None,
-                 regularizer: bool = False, friendly_sigma: float = 1.0, friendly_momentum: float = 0.9,
-                 sync: bool = True, perturb: bool = True, bn_min_samples: int = 2, group_weighting: str = "sum",
-                 bn_stats: str = "group", **kw: Any) -> None:
-        if direction not in ("gsa", "sam", "gsa_proj", "friendly"):
-            raise ValueError(f"gsa direction must be gsa, sam, gsa_proj or friendly, got '{direction}'")
-        if group_weighting not in ("sum", "mean", "samples"):
-            raise ValueError(f"group_weighting must be sum, mean or samples, got '{group_weighting}'")
-        if bn_stats not in BN_STATS:
-            raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got '{bn_stats}'")
+                 direction: str = "gsa", scale: str = "adaptive", z: float | None = None,
+                 rho_clamp: Sequence[float] | str | None = "auto", group_grads: str = "masked",
+                 perturbation: str = "per_group", group_weighting: str = "samples", regularizer: bool = False,
+                 friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, sync: bool = True,
+                 perturb: bool = True, **kw: Any) -> None:
+        for name, value, options in (("direction", direction, reference.DIRECTIONS), ("scale", scale, reference.SCALES),
+                                     ("group_grads", group_grads, GROUP_GRADS),
+                                     ("perturbation", perturbation, PERTURBATIONS),
+                                     ("group_weighting", group_weighting, reference.WEIGHTINGS)):
+            if value not in options:
+                raise ValueError(f"GroupedSAM: {name} must be one of {', '.join(options)}, got '{value}'")
         super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
         self.num_groups = num_groups
         self.direction = direction
-        self.z = z
-        self.rho_clamp = rho_clamp
+        self.scale = scale
+        self.z = SCALE_DEFAULTS[scale][0] if z is None else z
+        self.rho_clamp = SCALE_DEFAULTS[scale][1] if rho_clamp == "auto" else rho_clamp
+        self.group_grads = group_grads
+        self.perturbation = perturbation
+        self.group_weighting = group_weighting
         self.regularizer = regularizer
         self.friendly_sigma = friendly_sigma
         self.friendly_momentum = friendly_momentum
         self.sync = sync
         self.perturb = perturb
-        self.bn_min_samples = bn_min_samples
-        self.group_weighting = group_weighting
-        self.bn_stats = bn_stats
-        self.bn_recorded = RecordedBNStats(model)
+        self.seg_modules, _ = offset_modules(model, self.flat.params)
         self.group_of_class: torch.Tensor | None = None
         self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
@@ -419,6 +264,21 @@ class GroupedSAM(_FlatStep):
         self.fisher_ema: torch.Tensor | None = None
         self.fisher_ema_decay = 0.0
         self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._offsets()
+
+    def _offsets(self) -> None:
+        """Per-parameter [G, ...] views of the rows buffer: the perturbed pass's offsets, and the gradients of the
+        zero offsets E of a share pass (stride-0 leaves, so E costs no memory)."""
+        flat, G = self.flat, self.num_groups
+        rows = flat.rows
+        self.row_views: dict[int, torch.Tensor] = {}
+        self.zero_offsets: dict[int, torch.Tensor] = {}
+        for p, off, stride in zip(flat.params, flat.offsets, flat.strides):
+            view = rows.as_strided((G, *p.shape), (flat.numel, *stride), rows.storage_offset() + off)
+            self.row_views[id(p)] = view
+            zero = torch.zeros((), dtype=p.dtype, device=p.device).expand(G, *p.shape).detach().requires_grad_()
+            zero.grad = view
+            self.zero_offsets[id(p)] = zero
 
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id of every class and the number of training samples n_g of every group."""
@@ -427,13 +287,15 @@ class GroupedSAM(_FlatStep):
         if len(self.group_sizes) != self.num_groups:
             self.num_groups = len(self.group_sizes)
             self.flat.resize_rows(self.num_groups)
+            self._offsets()
         if self.direction == "friendly":
             self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
             self.momentum_set = [False] * self.num_groups
 
-    def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> None:
-        """GKP terms over the covered parameters: sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 is added to the objective."""
-        self.gkp_terms = (anchors, fisher, coef)
+    def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor) -> None:
+        """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
+        strength_j = (lambda / 2) / |G_j| (Eq. 6); each step weighs it by (1 - alpha) sum_{g != j} w_g (Eq. 16)."""
+        self.gkp_terms = (anchors, fisher, strength)
 
     def track_fisher(self, decay: float) -> torch.Tensor:
         """Keep an EMA of squared per-group gradients (the cheap Fisher option) over the covered parameters."""
@@ -443,127 +305,114 @@ class GroupedSAM(_FlatStep):
         return self.fisher_ema
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def _radius(self, theta_norm: float, h_norm: float, g: int) -> float:
-        rho = self.z * math.sqrt(theta_norm / (2 * h_norm)) * self.d ** -0.25 * max(self.group_sizes[g] - 1, 1) ** -0.25
-        if self.rho_clamp is not None:
-            rho = min(max(rho, self.rho_clamp[0]), self.rho_clamp[1])
-        return rho
-
-    def _direction(self, g: int, glob: torch.Tensor, coef: float, res_norm: float,
-                   glob_norm: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """(row, other, c, ||h||) such that h = row - c * other."""
-        rows = self.flat.rows
-        if self.direction == "gsa":
-            group_norm = math.hypot(res_norm, coef * glob_norm)
-            if res_norm <= PARALLEL_TOL * group_norm:  # no group-specific direction (G = 1): ascend along g_g
-                return rows[g], glob, 0.0, group_norm
-            return rows[g], glob, coef, res_norm
-        if self.direction == "sam":
-            return glob, glob, 0.0, glob_norm
-        if self.direction == "gsa_proj":
-            return glob, glob, 1.0 - coef, abs(coef) * glob_norm
-        if not self.momentum_set[g]:
-            return rows[g], glob, 0.0, float(torch.linalg.vector_norm(rows[g]))
-        m = self.momentum[g]
-        return rows[g], m, self.friendly_sigma, float(torch.linalg.vector_norm(rows[g] - self.friendly_sigma * m))
-
-    def _group_bn(self, n: int) -> ContextManager:
-        """How BatchNorm normalises a group pass over `n` local samples (`bn_stats`, `bn_min_samples`)."""
-        if self.bn_stats != "group":
-            return self.bn_recorded.use()
-        return few_sample_safe(self.model, n, self.bn_min_samples)
-
-    def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
-        """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP (Eq. 16)."""
+    def _counts(self, targets: torch.Tensor) -> tuple[torch.Tensor, list[int], list[float]]:
+        """Group of every sample, local samples per group, and samples per group over all ranks (with `sync`)."""
         if self.group_of_class is None:
             raise RuntimeError("GroupedSAM.step called before set_groups()")
-        G, flat = self.num_groups, self.flat
-        stats = StepStats()
         gid = self.group_of_class[targets]
-        local = torch.bincount(gid, minlength=G)
-        order = torch.argsort(gid, stable=True)
+        local = torch.bincount(gid, minlength=self.num_groups)
         counts = local.double()
         if self.sync:
             _all_reduce_(counts)
-        local_l, counts_l = local.tolist(), counts.tolist()
-        index = torch.split(order, local_l)
-        present = [g for g in range(G) if counts_l[g] > 0]
+        return gid, local.tolist(), counts.tolist()
+
+    def _group_gradients(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
+                         stats: StepStats) -> None:
+        """Pass 1: the group gradients g_g into the rows (unscaled, reduced over ranks with `sync`)."""
+        everyone = torch.arange(len(gid), device=gid.device)
+        self.flat.rows.zero_()
+        if self.group_grads == "masked":
+            self._masked_group_grads(loss_fn, gid, everyone, counts, stats)
+        else:
+            self._shared_group_grads(loss_fn, gid, local, counts, stats)
+        if self.scaler.scale != 1.0:
+            self.flat.rows.div_(self.scaler.scale)
+
+    def group_gradients(self, loss_fn: LossFn, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Pass 1 alone, without a step: the group gradients [G, d] (a buffer the next step overwrites) and the number
+        of samples of each group in the batch. Like any training forward, it moves BatchNorm running statistics."""
+        gid, local, counts = self._counts(targets)
+        self._group_gradients(loss_fn, gid, local, counts, StepStats())
+        return self.flat.rows, counts
+
+    def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
+        """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP (Eq. 16)."""
+        flat = self.flat
+        stats = StepStats()
+        gid, local, counts = self._counts(targets)
+        weights = reference.group_weights(self.group_weighting, counts)
+        # per-sample weights of the task term sum_g w_g L_g, L_g the mean loss over D_g
+        per_sample = torch.tensor([w / c if c > 0 else 0.0 for w, c in zip(weights, counts)],
+                                  device=targets.device)[gid]
         self.base.copy_(flat.data)
         self.bn_at_start.save()
-        everyone = torch.arange(len(targets), device=targets.device)
-        if self.bn_stats != "group":  # the step's running-statistics update, and the statistics group passes use
-            self._record_batch_stats(loss_fn, everyone)
-
-        # Pass 1: exact group gradients g_g (means over D_g), each backward writing into row g.
-        rows = flat.rows
-        rows.zero_()
-        group_loss = torch.zeros(G, dtype=torch.float64, device=rows.device)
-        total = max(sum(counts_l), 1)
-        group_weight = [1.0 if self.group_weighting == "sum" else
-                        1.0 / len(present) if self.group_weighting == "mean" else counts_l[g] / total
-                        for g in range(G)]
-        task_weight = 1.0 if self.perturb else alpha
-        with self.bn_batch.collect() if self.bn_stats == "group" else contextlib.nullcontext():
-            for g in present:
-                if local_l[g] == 0:
-                    continue
-                if self.perturb:
-                    flat.grads_to_row(g)
-                with self._group_bn(local_l[g]), self.autocast():
-                    loss = loss_fn(index[g])
-                share = local_l[g] / counts_l[g]
-                self._backward(loss, share * (task_weight if self.perturb else task_weight * group_weight[g]))
-                group_loss[g] = loss.detach().double() * share
-        if self.bn_stats == "group":
-            self.bn_at_start.restore()
-            self.bn_batch.apply()
-        flat.grads_to_main()
-        if self.sync:
-            _all_reduce_(group_loss)
-        losses_l = group_loss.tolist()
-        stats.group_loss = [float(v) if counts_l[g] > 0 else math.nan for g, v in enumerate(losses_l)]
-        stats.loss = float(sum(v * counts_l[g] for g, v in enumerate(losses_l)) / max(sum(counts_l), 1))
-
-        if self.perturb:
-            if self.sync:
-                _all_reduce_(rows)
-            if self.scaler.scale != 1.0:
-                rows.div_(self.scaler.scale)
-            if not bool(torch.isfinite(rows).all()):
+        if not self.perturb:
+            with self.autocast():
+                losses = loss_fn(torch.arange(len(gid), device=gid.device)).float()
+            self._group_losses(stats, losses, gid, counts)
+            self._backward((losses * per_sample).sum(), alpha)
+        else:
+            self._group_gradients(loss_fn, gid, local, counts, stats)
+            if not bool(torch.isfinite(flat.rows).all()):
                 return self._skip(stats)
-            self._perturbed_pass(loss_fn, index, everyone, local_l, counts_l, present, alpha, stats, group_weight)
+            self._perturbed_pass(loss_fn, gid, local, counts, per_sample, alpha, stats)
         if not self.sync and _world() > 1:
             flat.grad.div_(_world())
+        return self._finish(stats, lambda: self._extra_terms(alpha, weights, counts, stats))
 
-        def extras() -> float:
-            value = 0.0
-            if self.gkp_terms is not None:
-                anchors, fisher, coef = self.gkp_terms
-                n = self.num_covered
-                value = float(ops.gkp_penalty(flat.data[:n], anchors, fisher, coef, grad_out=flat.grad[:n],
-                                              backend=self.backend))
-            if self.regularizer and self.perturb:
-                theta_norm = float(torch.linalg.vector_norm(flat.data))
-                for g, rho in enumerate(stats.rho):
-                    if counts_l[g] > 0 and rho > 0 and math.isfinite(rho):
-                        k = alpha / (2 * math.sqrt(max(self.group_sizes[g] - 1, 1)) * rho)
-                        value += k * theta_norm
-                        flat.grad.add_(flat.data, alpha=k / theta_norm)
-            return value
+    def _group_losses(self, stats: StepStats, losses: torch.Tensor, gid: torch.Tensor, counts: list[float]) -> None:
+        """Mean base loss at theta per group and over the batch, from the first pass's per-sample losses."""
+        sums = torch.zeros(self.num_groups, dtype=torch.float64, device=losses.device)
+        sums.index_add_(0, gid, losses.detach().double())
+        if self.sync:
+            _all_reduce_(sums)
+        sums_l = sums.tolist()
+        stats.group_loss = [s / c if c > 0 else math.nan for s, c in zip(sums_l, counts)]
+        stats.loss = sum(sums_l) / max(sum(counts), 1.0)
 
-        return self._finish(stats, extras)
+    def _masked_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, everyone: torch.Tensor, counts: list[float],
+                            stats: StepStats) -> None:
+        """Pass 1, masked: one whole-batch forward; row g = gradient of sum_{i in D_g} loss_i / |D_g|."""
+        flat = self.flat
+        with self.autocast():
+            losses = loss_fn(everyone).float()
+        self._group_losses(stats, losses, gid, counts)
+        mine = [(g, torch.nonzero(gid == g).squeeze(1)) for g in range(self.num_groups)]
+        mine = [(g, idx) for g, idx in mine if len(idx)]
+        for k, (g, idx) in enumerate(mine):
+            flat.grads_to_row(g)
+            self._backward(losses[idx].sum() / counts[g], 1.0, retain_graph=k + 1 < len(mine))
+        flat.grads_to_main()
+        if self.sync:
+            _all_reduce_(flat.rows)
 
-    def _record_batch_stats(self, loss_fn: LossFn, everyone: torch.Tensor) -> None:
-        with torch.no_grad(), self.bn_recorded.record(), self.autocast():
-            loss_fn(everyone)
+    def _shared_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
+                            stats: StepStats) -> None:
+        """Pass 1, share: one forward/backward of the batch loss over the sorted batch with zero offsets E_g; row g
+        = dL/dE_g / (|D_g| / |D|), plus the gradient of uses outside the segments (common to every group)."""
+        flat, total = self.flat, sum(counts)
+        order = torch.argsort(gid, stable=True)
+        with group_offsets(self.seg_modules, Layout(local), self.zero_offsets, share=True):
+            with self.autocast():
+                losses = loss_fn(order).float()
+            self._backward(losses.sum() / total, 1.0)
+        self._group_losses(stats, losses, gid[order], counts)
+        if self.sync:
+            _all_reduce_(flat.rows)
+            _all_reduce_(flat.grad)
+        for g, c in enumerate(counts):
+            if c > 0:
+                flat.rows[g].mul_(total / c).add_(flat.grad)
+        flat.grad.zero_()
 
-    def _perturbed_pass(self, loss_fn: LossFn, index: Sequence[torch.Tensor], everyone: torch.Tensor,
-                        local_l: list[int], counts_l: list[float], present: list[int], alpha: float,
-                        stats: StepStats, group_weight: list[float]) -> None:
-        """Pass 2: for each group, theta + eps_g, gradient of alpha * L_{D_g} accumulated into the update buffer."""
+    def _perturbed_pass(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
+                        per_sample: torch.Tensor, alpha: float, stats: StepStats) -> None:
+        """Directions, radii and perturbations (Eq. 12-14) written over the group gradients, then pass 2."""
         flat, rows = self.flat, self.flat.rows
-        weights = torch.tensor([c / max(sum(counts_l), 1) for c in counts_l], dtype=rows.dtype, device=rows.device)
-        glob, coef, res_norm = ops.gsa_project(rows, weights, backend=self.backend, out=self.glob)
+        total = sum(counts)
+        present = [g for g, c in enumerate(counts) if c > 0]
+        shares = torch.tensor([c / total for c in counts], dtype=rows.dtype, device=rows.device)
+        glob, coef, res_norm = ops.gsa_project(rows, shares, backend=self.backend, out=self.glob)
         coef_l, res_l = coef.tolist(), res_norm.tolist()
         glob_norm = float(torch.linalg.vector_norm(glob))
         theta_norm = float(torch.linalg.vector_norm(self.base))
@@ -572,32 +421,61 @@ class GroupedSAM(_FlatStep):
             for g in present:
                 self.fisher_ema[g].mul_(decay).addcmul_(rows[g, :n], rows[g, :n], value=1 - decay)
         stats.rho = [0.0] * self.num_groups
-        stats.cos = [_cosine(coef_l[g], res_l[g], glob_norm) if counts_l[g] > 0 else math.nan
+        stats.cos = [_cosine(coef_l[g], res_l[g], glob_norm) if g in present else math.nan
                      for g in range(self.num_groups)]
+        for g in present:
+            momentum = self.momentum[g] if self.direction == "friendly" and self.momentum_set[g] else None
+            h = reference.ascent_direction(self.direction, rows[g], glob, momentum, self.friendly_sigma, coef_l[g])
+            if self.direction == "friendly":
+                self._update_momentum(g)
+            norm = reference.scaled_norm(self.scale, h, self.base)
+            if norm > 0 and math.isfinite(norm):
+                rho = reference.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[g], self.rho_clamp)
+                rows[g].copy_(reference.gsa_perturbation(self.scale, h, self.base, rho))
+                stats.rho[g] = rho
+            else:
+                rows[g].zero_()
+        eps_bar = reference.averaged_perturbation(rows, counts)
+        flat.data.copy_(self.base).add_(eps_bar)
         with frozen_bn_stats(self.model, self.bn_scratch):
-            for g in present:
-                row, other, c, h_norm = self._direction(g, glob, coef_l[g], res_l[g], glob_norm)
-                if h_norm > 0 and math.isfinite(h_norm):
-                    rho = self._radius(theta_norm, h_norm, g)
-                    ops.gsa_perturb_(flat.data, self.base, row, other, math.sqrt(self.d) * rho / h_norm, c,
-                                     backend=self.backend)
-                    stats.rho[g] = rho
-                else:
-                    flat.data.copy_(self.base)
-                if self.bn_stats == "batch":  # the whole batch's statistics at theta + eps_g
-                    self._record_batch_stats(loss_fn, everyone)
-                if local_l[g] > 0:
-                    with self._group_bn(local_l[g]), self.autocast():
-                        loss = loss_fn(index[g])
-                    self._backward(loss, alpha * group_weight[g] * local_l[g] / counts_l[g])
-        if self.direction == "friendly":
-            lam = self.friendly_momentum
-            for g in present:
-                if self.momentum_set[g]:
-                    self.momentum[g].mul_(lam).add_(rows[g], alpha=1 - lam)
-                else:
-                    self.momentum[g].copy_(rows[g])
-                    self.momentum_set[g] = True
+            if self.perturbation == "averaged":
+                with self.autocast():
+                    losses = loss_fn(torch.arange(len(gid), device=gid.device)).float()
+                self._backward((losses * per_sample).sum(), alpha)
+                return
+            rows.sub_(eps_bar)  # offsets eps_g - eps_bar on top of theta + eps_bar: group g sees theta + eps_g
+            order = torch.argsort(gid, stable=True)
+            with group_offsets(self.seg_modules, Layout(local), self.row_views, share=False):
+                with self.autocast():
+                    losses = loss_fn(order).float()
+                self._backward((losses * per_sample[order]).sum(), alpha)
+
+    def _update_momentum(self, g: int) -> None:
+        """FriendlySAM's m_g <- lam m_g + (1 - lam) g_g (the first group gradient initialises it)."""
+        if self.momentum_set[g]:
+            self.momentum[g].mul_(self.friendly_momentum).add_(self.flat.rows[g], alpha=1 - self.friendly_momentum)
+        else:
+            self.momentum[g].copy_(self.flat.rows[g])
+            self.momentum_set[g] = True
+
+    def _extra_terms(self, alpha: float, weights: list[float], counts: list[float], stats: StepStats) -> float:
+        """GKP (Eq. 6, weighted as in Eq. 16) and the optional Eq. 15 regulariser: value, gradient added at theta."""
+        flat, value = self.flat, 0.0
+        if self.gkp_terms is not None:
+            anchors, fisher, strength = self.gkp_terms
+            over = torch.tensor(reference.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
+            coef = (1 - alpha) * strength * over
+            n = self.num_covered
+            value = float(ops.gkp_penalty(flat.data[:n], anchors, fisher, coef, grad_out=flat.grad[:n],
+                                          backend=self.backend))
+        if self.regularizer and self.perturb:
+            theta_norm = float(torch.linalg.vector_norm(flat.data))
+            for g, rho in enumerate(stats.rho):
+                if counts[g] > 0 and rho > 0:
+                    term = alpha * weights[g] * reference.gsa_regularizer(theta_norm, rho, self.group_sizes[g])
+                    value += term
+                    flat.grad.add_(flat.data, alpha=term / theta_norm ** 2)  # the term is linear in ||theta||
+        return value
 
     def state_dict(self) -> dict[str, Any]:
         """Step state that a resumed run needs: loss scale, FriendlySAM momenta, Fisher EMA, skip count."""

@@ -1,7 +1,9 @@
 """Base long-tail losses: CE, logit adjustment, Balanced Softmax, LDAM with DRW, and BCL (SPEC.md section 6).
 
-Every loss is an `LTLoss`: called as `loss(model, inputs, targets)` it runs the model itself (BCL needs one pass over
-three views and the model's heads) and returns the batch-mean loss. `classification_loss(logits, targets)` is the
+Every loss is an `LTLoss`: `per_sample(model, inputs, targets)` runs the model itself (BCL needs one pass over three
+views and the model's heads) and returns each sample's share of the batch loss, whose mean is the batch loss; called
+as `loss(model, inputs, targets)` it returns that mean. The grouped step masks the per-sample losses to a group's
+samples (a group's share of the batch loss, docs/method.md). `classification_loss(logits, targets)` is the
 classification part alone (the base loss GKP's Fisher estimate differentiates). Class counts and the tensors derived
 from them are buffers, so `.to(device)` moves them with the module.
 """
@@ -47,16 +49,25 @@ class LTLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Epoch-dependent behaviour (DRW's switch); nothing by default."""
 
+    def classification_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample classification losses on logits [B, C], whose mean is the batch loss."""
+        return F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
+
     def classification_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Batch-mean classification loss on logits [B, C]."""
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        return self.classification_losses(logits, targets).mean()
 
-    def forward(self, model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
-                targets: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
+                   targets: torch.Tensor) -> torch.Tensor:
+        """Each sample's share of the batch loss [B] (their mean is the batch loss)."""
         if not isinstance(inputs, torch.Tensor):
             raise LossError(f"{type(self).__name__} takes one input tensor per batch, got {len(inputs)} views "
                             "(multi-view batches are for loss.name=bcl)")
-        return self.classification_loss(model(inputs), targets)
+        return self.classification_losses(model(inputs), targets)
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
+                targets: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(model, inputs, targets).float().mean()
 
 
 class CrossEntropy(LTLoss):
@@ -72,8 +83,8 @@ class LogitAdjusted(LTLoss):
         prior = self.class_counts.double() / self.class_counts.double().sum()
         self.register_buffer("adjustment", (tau * prior.log()).float())
 
-    def classification_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return super().classification_loss(logits + self.adjustment, targets)
+    def classification_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().classification_losses(logits + self.adjustment, targets)
 
 
 class BalancedSoftmax(LTLoss):
@@ -83,8 +94,8 @@ class BalancedSoftmax(LTLoss):
         super().__init__(class_counts, label_smoothing)
         self.register_buffer("log_counts", self.class_counts.log())
 
-    def classification_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return super().classification_loss(logits + self.log_counts, targets)
+    def classification_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().classification_losses(logits + self.log_counts, targets)
 
 
 class LDAMDRW(LTLoss):
@@ -113,10 +124,15 @@ class LDAMDRW(LTLoss):
             _logger.info("DRW: class re-weighting on from epoch %d", epoch)
         self.drw_active = active
 
-    def classification_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def classification_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """With DRW the batch loss is sum_i w_yi l_i / sum_i w_yi (PyTorch's weighted mean): sample i's share is
+        B w_yi l_i / sum_j w_yj."""
         shifted = logits - F.one_hot(targets, self.num_classes).to(logits.dtype) * self.margins[targets, None]
-        weight = self.drw_weights if self.drw_active else None
-        return F.cross_entropy(self.s * shifted, targets, weight=weight, label_smoothing=self.label_smoothing)
+        if not self.drw_active:
+            return F.cross_entropy(self.s * shifted, targets, reduction="none", label_smoothing=self.label_smoothing)
+        losses = F.cross_entropy(self.s * shifted, targets, weight=self.drw_weights, reduction="none",
+                                 label_smoothing=self.label_smoothing)
+        return losses * (len(targets) / self.drw_weights[targets].sum())
 
     def extra_repr(self) -> str:
         return f"s={self.s}, drw_epoch={self.drw_epoch}, drw_active={self.drw_active}"
@@ -129,8 +145,8 @@ def balanced_contrastive_loss(views: torch.Tensor, view_labels: torch.Tensor, pr
     Candidates are the view embeddings [V, D] plus one prototype per class [C, D] (class-complement: every class is
     present). Each view is an anchor; its positives are the other candidates of its class (its own prototype always
     among them), and its denominator sums, over classes, the mean of exp(z_i . z_j / T) over that class's candidates
-    other than the anchor (class-averaging). Returns the mean over anchors of -mean over positives of the log ratio.
-    All embeddings are expected L2-normalised.
+    other than the anchor (class-averaging). Returns each anchor's loss [V], -mean over its positives of the log
+    ratio (the loss is their mean). All embeddings are expected L2-normalised.
     """
     with torch.autocast(device_type=views.device.type, enabled=False):
         num_views, num_classes = views.shape[0], prototypes.shape[0]
@@ -147,16 +163,18 @@ def balanced_contrastive_loss(views: torch.Tensor, view_labels: torch.Tensor, pr
         log_denominator = torch.logsumexp((sim - class_size.log()).masked_fill(is_self, -math.inf), dim=1)
         positive = same & ~is_self
         log_ratio = sim - log_denominator[:, None]
-        per_anchor = (log_ratio * positive).sum(1) / positive.sum(1)
-        return -per_anchor.mean()
+        return -(log_ratio * positive).sum(1) / positive.sum(1)
 
 
 class BCL(LogitAdjusted):
     """BCL: `alpha` * logit-adjusted CE on the classification view + `beta` * balanced contrastive loss.
 
     Inputs are [x_cls, v1, v2]: one model pass over their concatenation gives the logits of x_cls and the pooled
-    features of v1 and v2, which `model.project` embeds; `model.prototypes()` gives the class prototypes. The model
-    may be DDP-wrapped: the pass goes through the wrapper, the heads are reached on the wrapped module.
+    features of all three, which `model.project` embeds together (as the reference code does: the projection head's
+    BatchNorm sees all 3B rows) before the classification view's slice is dropped; `model.prototypes()` gives the
+    class prototypes. Sample i's share of the loss is alpha * its classification loss + beta * the mean of its two
+    views' contrastive losses. The model may be DDP-wrapped: the pass goes through the wrapper, the heads are
+    reached on the wrapped module.
     """
 
     contrastive_views = 2
@@ -168,8 +186,8 @@ class BCL(LogitAdjusted):
         self.beta = beta
         self.temperature = temperature
 
-    def forward(self, model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
-                targets: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
+                   targets: torch.Tensor) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor) or len(inputs) != 1 + self.contrastive_views:
             got = "one tensor" if isinstance(inputs, torch.Tensor) else f"{len(inputs)} tensors"
             raise LossError(f"BCL takes [x_cls, view1, view2] per batch (data.contrastive_views=2), got {got}")
@@ -179,10 +197,11 @@ class BCL(LogitAdjusted):
             raise LossError(f"BCL views have batch sizes {sizes} but there are {batch} targets")
         logits, feats = model(torch.cat(list(inputs)), return_features=True)
         net = extract_model_from_parallel(model)
-        views = net.project(feats[batch:])
+        views = net.project(feats)[batch:]
         contrastive = balanced_contrastive_loss(views, targets.repeat(self.contrastive_views), net.prototypes(),
                                                 self.temperature)
-        return self.alpha * self.classification_loss(logits[:batch], targets) + self.beta * contrastive
+        per_view = contrastive.view(self.contrastive_views, batch).mean(0)
+        return self.alpha * self.classification_losses(logits[:batch], targets).float() + self.beta * per_view
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, tau={self.tau}"

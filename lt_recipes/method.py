@@ -19,9 +19,10 @@ from torch import nn
 
 from . import faults, reference
 from .data import LTData
-from .gkp import exact_fisher, gkp_coefficients
+from .batchnorm import BNState
+from .gkp import exact_fisher, gkp_strength
 from .grouping import MemoryBank, compute_groups, feature_quality
-from .gsa import SAM, BNState, GroupedSAM, LossScaler, StepStats
+from .gsa import SAM, GroupedSAM, LossScaler, StepStats
 
 _logger = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ class Method:
         self.skipped_steps = int(state["skipped_steps"])
 
     def _loss_fn(self, inputs: Any, targets: torch.Tensor):
-        return lambda idx: self.criterion(self.model, index_inputs(inputs, idx), targets[idx])
+        """Per-sample losses of the batch rows idx (the SAM-style steps' loss function)."""
+        return lambda idx: self.criterion.per_sample(self.model, index_inputs(inputs, idx), targets[idx])
 
     def _finish(self, stats: StepStats, epoch: int, step: int) -> float | None:
         if stats.skipped:
@@ -136,7 +138,8 @@ class SAMMethod(Method):
 
     def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
         super().bind(ddp_model, optimizer, val_loader)
-        self.sam = SAM(self.model, _raw_optimizer(optimizer), rho=self.cfg["sam"]["rho"], autocast=self.acc.autocast,
+        self.sam = SAM(self.model, _raw_optimizer(optimizer), rho=self.cfg["sam"]["rho"],
+                       adaptive=self.cfg["sam"]["adaptive"], autocast=self.acc.autocast,
                        scaler=LossScaler(self.acc.mixed_precision == "fp16"), clip_grad=self.cfg["optim"]["clip_grad"])
 
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
@@ -174,10 +177,10 @@ class GroupedMethod(Method):
         g, c = self.cfg["gsa"], self.cfg
         self.step_fn = GroupedSAM(
             self.model, _raw_optimizer(optimizer), num_groups=c["groups"]["num_groups"], direction=g["direction"],
-            z=g["z"], rho_clamp=g["rho_clamp"], regularizer=g["regularizer"], friendly_sigma=g["friendly_sigma"],
-            friendly_momentum=g["friendly_momentum"], sync=g["sync"], perturb=self.use_gsa,
-            bn_min_samples=g["bn_min_samples"], group_weighting=g["group_weighting"], bn_stats=g["bn_stats"],
-            autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
+            scale=g["scale"], z=g["z"], rho_clamp=g["rho_clamp"], group_grads=g["group_grads"],
+            perturbation=g["perturbation"], group_weighting=g["group_weighting"], regularizer=g["regularizer"],
+            friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"], sync=g["sync"],
+            perturb=self.use_gsa, autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
             clip_grad=c["optim"]["clip_grad"], backend=g["backend"])
 
     # ---- schedule ------------------------------------------------------------------------------------------
@@ -187,17 +190,17 @@ class GroupedMethod(Method):
 
     def epoch_start(self, epoch: int) -> None:
         if self._grouping_due(epoch):
-            if not self.bank.uids:
-                self._update_bank(epoch - 1)
-            self._regroup(epoch)
+            # the bank, grouping and Fisher draw no random numbers from the training stream
+            with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+                if not self.bank.uids:
+                    self._update_bank(epoch - 1)
+                self._regroup(epoch)
         if self.labels is not None:
-            start, total = self.cfg["groups"]["start_epoch"], self.cfg["epochs"]
             a = self.cfg["alpha"]
-            self.alpha = reference.alpha_schedule(epoch - start, total - start, a["start"], a["end"]) \
+            # supplement Eq. 20 with t the epoch and T the total number of epochs
+            self.alpha = reference.alpha_schedule(epoch, self.cfg["epochs"], a["start"], a["end"]) \
                 if self.use_gkp else 1.0
             self.alpha_history.append(self.alpha)
-            if self.use_gkp:
-                self._install_gkp()
         self._epoch_stats = defaultdict(list)
 
     # ---- memory bank and grouping -------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class GroupedMethod(Method):
         self.anchors = self.bank.anchors(self.labels, G, dtype=dtype).to(self.acc.device)
         self.group_epochs.append(epoch)
         faults.hit("grouping")
-        _, samples = self._group_sizes()
+        classes, samples = self._group_sizes()
         self.step_fn.set_groups(self.labels, samples)
         if self.use_gkp:
             k = self.cfg["gkp"]
@@ -250,13 +253,14 @@ class GroupedMethod(Method):
                     k["fisher_batches"]).to(dtype)
             else:
                 self.fisher = self.step_fn.track_fisher(k["fisher_ema"])
-        _logger.info("groups at epoch %d: %s (classes per group %s)", epoch, G, self._group_sizes()[0])
+            self._install_gkp()
+        _logger.info("groups at epoch %d: %s (classes per group %s)", epoch, G, classes)
 
     def _install_gkp(self) -> None:
         classes, samples = self._group_sizes()
         k = self.cfg["gkp"]
-        coef = gkp_coefficients(classes, samples, k["lam"], k["norm"], self.alpha).to(self.acc.device)
-        self.step_fn.set_gkp(self.anchors, self.fisher, coef)
+        self.step_fn.set_gkp(self.anchors, self.fisher,
+                             gkp_strength(classes, samples, k["lam"], k["norm"]).to(self.acc.device))
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
@@ -325,6 +329,7 @@ class GroupedMethod(Method):
         if state["fisher"] is not None:
             ema = self.cfg["gkp"]["fisher"] == "ema"
             self.fisher = self.step_fn.fisher_ema if ema else state["fisher"].to(self.acc.device)
+            self._install_gkp()
 
 
 def create_method(cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,

@@ -18,6 +18,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from torch import nn
 
+from .segments import shared
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model"]
@@ -244,8 +246,12 @@ class LTModel(nn.Module):
         return F.normalize(self._heads()[0](feats), dim=1)
 
     def prototypes(self) -> torch.Tensor:
-        """L2-normalised class prototypes [C, out]: the prototype head applied to the classifier's weight rows."""
-        return F.normalize(self._heads()[1](self.classifier.weight), dim=1)
+        """L2-normalised class prototypes [C, out]: the prototype head applied to the classifier's weight rows.
+
+        Their rows are classes, not batch samples: in the grouped step's offset passes they are computed at the
+        parameters' own value (lt_recipes.segments.shared)."""
+        with shared():
+            return F.normalize(self._heads()[1](self.classifier.weight), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The method's equations in plain PyTorch, one function per equation of SPEC.md (paper Eq. 1-20).
+"""The method's equations in plain PyTorch, one function per equation of the paper (Eq. 1-20; docs/method.md).
 
 This module is the specification in code: it favours reading like the paper over speed, and the fast paths
 (grouping.MemoryBank, gkp, gsa, and the fused ops in lt_recipes.ops) are tested against it.
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from sklearn.cluster import SpectralClustering
 
-# ---- Section 2: memory-based grouping -------------------------------------------------------------------------
+# ---- Memory-based grouping (Eq. 1-3, supplement Eq. 17-19) ---------------------------------------------------
 
 
 def feature_quality(features: torch.Tensor, labels: torch.Tensor, num_classes: int, beta: float = 0.5,
@@ -73,7 +73,7 @@ def group_anchors(class_vectors: torch.Tensor, assignment: Sequence[int], num_gr
     return torch.stack([class_vectors[assignment == g].double().mean(0) for g in range(num_groups)])
 
 
-# ---- Section 3: GKP ---------------------------------------------------------------------------------------------
+# ---- GKP (Eq. 5-6) -------------------------------------------------------------------------------------------
 
 
 def gkp_group_loss(theta: torch.Tensor, anchors: torch.Tensor, fisher: torch.Tensor, group_sizes: torch.Tensor,
@@ -99,7 +99,7 @@ def fisher_diagonal(model: torch.nn.Module, loss_fn, batches, params: Sequence[t
     return [f / max(n, 1) for f in fisher]
 
 
-# ---- Section 4: GSA ---------------------------------------------------------------------------------------------
+# ---- GSA (Eq. 11-15) ----------------------------------------------------------------------------------------------
 
 
 def global_gradient(group_grads: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
@@ -119,31 +119,50 @@ def project_out(g_g: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # A group gradient whose residual after projection is below this fraction of its norm is parallel to g.
 PARALLEL_TOL = 1e-6
 
+DIRECTIONS = ("gsa", "sam", "gsa_proj", "friendly")
+
 
 def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor | None = None,
-                     sigma: float = 1.0) -> torch.Tensor:
-    """The ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g), sam (g), gsa_proj (g_g - h_g), friendly."""
-    if direction == "gsa":
-        h = project_out(g_g, g)
-        # Our convention where the paper is silent: a group gradient parallel to g (always so for G = 1) has no
-        # group-specific direction left, so the group ascends along g_g and GSA reduces to SAM.
-        if torch.linalg.vector_norm(h) <= PARALLEL_TOL * torch.linalg.vector_norm(g_g):
-            return g_g.clone()
-        return h
+                     sigma: float = 1.0, coef: float | None = None) -> torch.Tensor:
+    """The ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g), sam (g), gsa_proj (g_g - h_g), friendly.
+
+    `coef` = <g_g, g> / ||g||^2 when the caller already has it (the fused projection computes it for every group).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction '{direction}'")
     if direction == "sam":
         return g.clone()
-    if direction == "gsa_proj":
-        return g_g - project_out(g_g, g)
     if direction == "friendly":
         return g_g.clone() if momentum is None else g_g - sigma * momentum
-    raise ValueError(f"unknown direction '{direction}'")
+    if coef is None:
+        gg = torch.dot(g, g)
+        coef = float(torch.dot(g_g, g) / gg) if gg > 0 else 0.0
+    along = coef * g
+    if direction == "gsa_proj":
+        return along
+    h = g_g - along
+    # Our convention where the paper is silent: a group gradient parallel to g (always so for G = 1) has no
+    # group-specific direction left, so the group ascends along g_g and GSA reduces to SAM.
+    if torch.linalg.vector_norm(h) <= PARALLEL_TOL * torch.linalg.vector_norm(g_g):
+        return g_g.clone()
+    return h
+
+
+SCALES = ("adaptive", "euclidean")
+
+
+def scaled_norm(scale: str, h: torch.Tensor, theta: torch.Tensor) -> float:
+    """The norm Eq. 13-14 divide by: ||h_g|| (euclidean, as printed) or ||theta * h_g|| (adaptive, released code)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale '{scale}'")
+    return float(torch.linalg.vector_norm(theta * h if scale == "adaptive" else h))
 
 
 def gsa_radius(z: float, theta_norm: float, h_norm: float, d: int, n_g: int,
                clamp: Sequence[float] | None = None) -> float:
     """Eq. 13: rho*_g = Z sqrt(||theta|| / (2 ||h_g||)) d^(-1/4) (n_g - 1)^(-1/4); optional clamp of the released code.
 
-    n_g - 1 is floored at 1 so a one-sample group has a finite radius.
+    `h_norm` is `scaled_norm` of the chosen scale. n_g - 1 is floored at 1 so a one-sample group has a finite radius.
     """
     rho = z * math.sqrt(theta_norm / (2 * h_norm)) * d ** -0.25 * max(n_g - 1, 1) ** -0.25
     if clamp is not None:
@@ -151,9 +170,14 @@ def gsa_radius(z: float, theta_norm: float, h_norm: float, d: int, n_g: int,
     return rho
 
 
-def gsa_perturbation(h: torch.Tensor, rho: float) -> torch.Tensor:
-    """Eq. 14: eps_g = sqrt(d) rho*_g h_g / ||h_g||, so ||eps_g|| = sqrt(d) rho*_g."""
-    return math.sqrt(h.numel()) * rho * h / torch.linalg.vector_norm(h)
+def gsa_perturbation(scale: str, h: torch.Tensor, theta: torch.Tensor, rho: float) -> torch.Tensor:
+    """Eq. 14: eps_g = sqrt(d) rho*_g h_g / ||h_g|| (euclidean: ||eps_g|| = sqrt(d) rho*_g), or the released code's
+    adaptive form eps_g = sqrt(d) rho_g theta^2 h_g / ||theta h_g|| (||eps_g / |theta| || = sqrt(d) rho_g, ASAM-style).
+    """
+    norm = scaled_norm(scale, h, theta)
+    if scale == "adaptive":
+        return math.sqrt(h.numel()) * rho * theta * theta * h / norm
+    return math.sqrt(h.numel()) * rho * h / norm
 
 
 def gsa_regularizer(theta_norm: float, rho: float, n_g: int) -> float:
@@ -161,7 +185,35 @@ def gsa_regularizer(theta_norm: float, rho: float, n_g: int) -> float:
     return theta_norm / (2 * math.sqrt(max(n_g - 1, 1)) * rho)
 
 
-# ---- Section 5: objective and schedule -------------------------------------------------------------------------
+# ---- Objective and schedule (Eq. 16, supplement Eq. 20) -------------------------------------------------------
+
+WEIGHTINGS = ("samples", "sum", "mean")
+
+
+def group_weights(weighting: str, counts: Sequence[float]) -> list[float]:
+    """w_g of each group's terms in Eq. 16: "samples" |D_g| / |D| (the released code: the task term is the batch
+    loss), "sum" 1 (Eq. 16 as printed), "mean" 1 / (number of groups present in the batch)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown group weighting '{weighting}'")
+    total = sum(counts)
+    present = sum(1 for c in counts if c > 0)
+    if weighting == "samples":
+        return [c / total if total else 0.0 for c in counts]
+    if weighting == "sum":
+        return [1.0] * len(counts)
+    return [1.0 / present if c > 0 else 0.0 for c in counts]
+
+
+def gkp_weights(weights: Sequence[float]) -> list[float]:
+    """Summing Eq. 16's GKP terms over the step groups g weighs group j's penalty by sum_{g != j} w_g."""
+    total = sum(weights)
+    return [total - w for w in weights]
+
+
+def averaged_perturbation(eps: torch.Tensor, counts: Sequence[float]) -> torch.Tensor:
+    """The released code's single perturbation: eps_bar = sum_g |D_g| eps_g / |D| over the groups in the batch."""
+    w = torch.tensor([float(c) for c in counts], dtype=eps.dtype, device=eps.device)
+    return (w[:, None] * eps).sum(0) / w.sum()
 
 
 def alpha_schedule(t: float, total: float, start: float = 0.95, end: float = 0.6) -> float:
@@ -169,6 +221,8 @@ def alpha_schedule(t: float, total: float, start: float = 0.95, end: float = 0.6
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t / total))
 
 
-def total_objective(gsa_losses: Sequence[torch.Tensor], gkp_losses: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Eq. 16: L = sum_g [alpha L_gsa^g + (1 - alpha) L_gkp^g]."""
-    return sum(alpha * a + (1 - alpha) * b for a, b in zip(gsa_losses, gkp_losses))
+def total_objective(gsa_losses: Sequence[torch.Tensor], gkp_losses: Sequence[torch.Tensor], alpha: float,
+                    weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Eq. 16: L = sum_g w_g [alpha L_gsa^g + (1 - alpha) L_gkp^g], w_g = 1 as printed or `group_weights`."""
+    weights = [1.0] * len(gsa_losses) if weights is None else weights
+    return sum(w * (alpha * a + (1 - alpha) * b) for w, a, b in zip(weights, gsa_losses, gkp_losses))

@@ -12,7 +12,7 @@ from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta  # noqa: 
 from lt_recipes.gsa import GroupedSAM  # noqa: E402
 
 
-def main(out: str, sync: bool) -> None:
+def main(out: str, sync: bool, group_grads: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -20,10 +20,10 @@ def main(out: str, sync: bool) -> None:
     x, y = _batch(n=24)
     half = len(y) // world
     xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, z=0.5,
-                     backend="reference", sync=sync)
+    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, scale="euclidean", z=0.5,
+                     backend="reference", sync=sync, group_grads=group_grads)
     gsa.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
-    stats = gsa.step(lambda idx: F.cross_entropy(model(xs[idx]), ys[idx]), ys)
+    stats = gsa.step(lambda idx: F.cross_entropy(model(xs[idx]), ys[idx], reduction="none"), ys)
     theta = _theta(model)
     gathered = [torch.zeros_like(theta) for _ in range(world)]
     dist.all_gather(gathered, theta)
@@ -33,4 +33,4 @@ def main(out: str, sync: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "sync")
+    main(sys.argv[1], sys.argv[2] == "sync", sys.argv[3])

@@ -30,10 +30,24 @@ def test_paper_hyperparameters():
     assert (c["epochs"], c["data"]["batch_size"], c["optim"]["lr"], c["optim"]["weight_decay"]) == (200, 256, 0.15, 5e-4)
     assert c["sched"]["decay_milestones"] == [160, 180] and c["sched"]["warmup_epochs"] == 5
     assert c["loss"]["name"] == "bcl" and (c["loss"]["bcl_alpha"], c["loss"]["bcl_beta"]) == (2.0, 0.6)
-    assert c["groups"]["num_groups"] == 4 and c["gkp"]["lam"] == 100.0 and c["gsa"]["z"] == 1e-2
+    assert c["groups"]["num_groups"] == 4 and c["gkp"]["lam"] == 100.0
+    # the method's defaults: the released code's adaptive perturbation (scale-owned radius and clamp), batch-share
+    # group weights, GKP per training sample of a group
+    assert (c["gsa"]["scale"], c["gsa"]["z"], c["gsa"]["rho_clamp"]) == ("adaptive", None, "auto")
+    assert (c["gsa"]["group_weighting"], c["gkp"]["norm"]) == ("samples", "per_samples")
+    assert (c["gsa"]["group_grads"], c["gsa"]["perturbation"]) == ("masked", "per_group")
     i = load_config("imagenet_lt_resnext50")
     assert i["groups"]["num_groups"] == 6 and i["model"]["name"] == "resnext50_32x4d" and i["epochs"] == 90
     assert load_config("inat2018_resnet50")["optim"]["lr"] == 0.2
+
+
+def test_radius_and_clamp_keys():
+    cfg = load_config("digits_lt", ["gsa.z=0", "gsa.rho_clamp=null", "gsa.scale=euclidean"])
+    assert (cfg["gsa"]["z"], cfg["gsa"]["rho_clamp"], cfg["gsa"]["scale"]) == (0.0, None, "euclidean")
+    with pytest.raises(ConfigError, match="'gsa.rho_clamp' = 'tight': must be auto, null or"):
+        load_config("digits_lt", ["gsa.rho_clamp=tight"])
+    with pytest.raises(ConfigError, match="'gsa.z' = -1.0: must be >= 0"):
+        load_config("digits_lt", ["gsa.z=-1"])
 
 
 def test_overrides_apply_and_parse_yaml():

@@ -23,16 +23,18 @@ def torchrun(args, tmp_path, nproc=2, timeout=300):
     return proc
 
 
-def test_synchronized_gsa_step_equals_single_process_step(tmp_path):
+@pytest.mark.parametrize("group_grads", ["masked", "share"])
+def test_synchronized_gsa_step_equals_single_process_step(tmp_path, group_grads):
     out = tmp_path / "ddp.pt"
-    torchrun([os.path.join(ROOT, "tests", "ddp_gsa_worker.py"), str(out), "sync"], tmp_path)
+    torchrun([os.path.join(ROOT, "tests", "ddp_gsa_worker.py"), str(out), "sync", group_grads], tmp_path)
     got = torch.load(out)
     torch.manual_seed(0)
     model = Tiny()
     x, y = _batch(n=24)
-    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, z=0.5, backend="reference")
+    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, scale="euclidean", z=0.5,
+                     backend="reference", group_grads=group_grads)
     gsa.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
-    stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx]), y)
+    stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
     want = _theta(model)
     for theta in got["theta"]:
         assert torch.allclose(theta, want, rtol=1e-5, atol=1e-6)
@@ -43,7 +45,7 @@ def test_synchronized_gsa_step_equals_single_process_step(tmp_path):
 
 def test_per_replica_gsa_keeps_replicas_identical(tmp_path):
     out = tmp_path / "ddp.pt"
-    torchrun([os.path.join(ROOT, "tests", "ddp_gsa_worker.py"), str(out), "local"], tmp_path)
+    torchrun([os.path.join(ROOT, "tests", "ddp_gsa_worker.py"), str(out), "local", "masked"], tmp_path)
     got = torch.load(out)
     assert torch.equal(got["theta"][0], got["theta"][1])
 

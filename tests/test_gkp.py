@@ -10,33 +10,42 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lt_recipes import ops, reference
-from lt_recipes.gkp import exact_fisher, gkp_coefficients
+from lt_recipes.gkp import exact_fisher, gkp_strength
 from lt_recipes.gsa import ordered_parameters
 
 
 @pytest.mark.parametrize("norm", ["per_classes", "per_samples"])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend):
+@pytest.mark.parametrize("weighting", ["samples", "sum"])
+def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend, weighting):
+    """The fused penalty with c_j = (1 - alpha) (sum_{g != j} w_g) strength_j is Eq. 16's weighted sum of Eq. 6."""
     g = torch.Generator().manual_seed(0)
     G, d, lam, alpha = 4, 301, 100.0, 0.7
+    batch_counts = [20, 7, 0, 5]
     theta = torch.randn(d, generator=g)
     anchors, fisher = torch.randn(G, d, generator=g), torch.rand(G, d, generator=g)
     classes, samples = [3, 2, 4, 1], [500, 120, 60, 7]
     sizes = torch.tensor(classes if norm == "per_classes" else samples, dtype=torch.float64)
     t = theta.double().requires_grad_(True)
-    want = sum((1 - alpha) * reference.gkp_group_loss(t, anchors.double(), fisher.double(), sizes, k, lam)
-               for k in range(G))
+    w = reference.group_weights(weighting, batch_counts)
+    want = reference.total_objective([torch.zeros(())] * G, [reference.gkp_group_loss(t, anchors.double(),
+                                     fisher.double(), sizes, k, lam) for k in range(G)], alpha, w)
     want_grad, = torch.autograd.grad(want, t)
-    coef = gkp_coefficients(classes, samples, lam, norm, alpha)
+    coef = (1 - alpha) * gkp_strength(classes, samples, lam, norm) * torch.tensor(reference.gkp_weights(w))
     grad = torch.zeros(d)
     value = ops.gkp_penalty(theta, anchors, fisher, coef, grad_out=grad, backend=backend)
     assert float(value) == pytest.approx(float(want), rel=1e-5)
     assert torch.allclose(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_coefficients_formula():
-    c = gkp_coefficients([2, 3], [100, 10], lam=10.0, norm="per_samples", alpha=0.5)
-    assert c.tolist() == pytest.approx([0.5 * 5 * 1 / 100, 0.5 * 5 * 1 / 10])
+def test_strength_and_weights_by_hand():
+    assert gkp_strength([2, 3], [100, 10], lam=10.0, norm="per_samples").tolist() == pytest.approx([5 / 100, 5 / 10])
+    assert gkp_strength([2, 3], [100, 10], lam=10.0, norm="per_classes").tolist() == pytest.approx([5 / 2, 5 / 3])
+    assert reference.group_weights("samples", [6, 2, 0, 2]) == [0.6, 0.2, 0.0, 0.2]
+    assert reference.group_weights("mean", [6, 2, 0, 2]) == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3])
+    assert reference.group_weights("sum", [6, 2, 0, 2]) == [1.0] * 4
+    assert reference.gkp_weights([0.6, 0.2, 0.0, 0.2]) == pytest.approx([0.4, 0.8, 1.0, 0.8])
+    assert reference.gkp_weights([1.0] * 4) == [3.0] * 4  # Eq. 16 as printed: G - 1 step groups weigh each term
 
 
 class Net(nn.Module):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lt_recipes.losses import (BCL, LDAMDRW, BalancedSoftmax, CrossEntropy, LogitAdjusted, LossError,
@@ -140,6 +141,23 @@ def test_forward_runs_the_model():
             loss(model, [x, x, x], y)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_per_sample_losses_average_to_the_batch_loss(smoothing):
+    """The grouped step masks per-sample losses: their mean must be the batch loss, DRW's weighted mean included
+    (checked against F.cross_entropy's own weighted mean and the loop reference)."""
+    logits, y = batch(4, n=9)
+    model = nn.Identity()
+    for name in ["ce", "la", "bs", "ldam_drw"]:
+        loss = create_loss(loss_cfg(name=name, label_smoothing=smoothing, drw_start=0.0), COUNTS, epochs=10).double()
+        per_sample = loss.per_sample(model, logits, y)
+        assert per_sample.shape == (9,)
+        assert per_sample.mean().item() == pytest.approx(loss.classification_loss(logits, y).item(), rel=1e-12)
+    ldam = create_loss(loss_cfg(name="ldam_drw", label_smoothing=smoothing, drw_start=0.0), COUNTS, 10).double()
+    shifted = logits - F.one_hot(y, len(COUNTS)).double() * ldam.margins.double()[y, None]
+    want = F.cross_entropy(30.0 * shifted, y, weight=ldam.drw_weights.double(), label_smoothing=smoothing)
+    assert ldam.per_sample(model, logits, y).mean().item() == pytest.approx(want.item(), rel=1e-12)
+
+
 def test_bad_inputs():
     with pytest.raises(LossError, match="class 2 has 0"):
         CrossEntropy([5, 3, 0])
@@ -151,10 +169,10 @@ def test_bad_inputs():
 
 
 def ref_balanced_scl(views: torch.Tensor, labels: list[int], protos: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Balanced SCL by explicit double loops over anchors and candidates (float64, differentiable)."""
+    """Balanced SCL per anchor by explicit double loops over anchors and candidates (float64, differentiable)."""
     cands = [views[i] for i in range(len(views))] + [protos[c] for c in range(len(protos))]
     cand_labels = list(labels) + list(range(len(protos)))
-    total = views.new_zeros(())
+    per_anchor = []
     for i in range(len(views)):
         sims = [torch.dot(views[i], cands[j]) / temperature for j in range(len(cands))]
         denominator = views.new_zeros(())
@@ -162,8 +180,8 @@ def ref_balanced_scl(views: torch.Tensor, labels: list[int], protos: torch.Tenso
             members = [j for j in range(len(cands)) if cand_labels[j] == c and j != i]
             denominator = denominator + sum(torch.exp(sims[j]) for j in members) / len(members)
         positives = [p for p in range(len(cands)) if cand_labels[p] == labels[i] and p != i]
-        total = total - sum(sims[p] - torch.log(denominator) for p in positives) / len(positives)
-    return total / len(views)
+        per_anchor.append(-sum(sims[p] - torch.log(denominator) for p in positives) / len(positives))
+    return torch.stack(per_anchor)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +193,7 @@ def test_balanced_scl_hand_case():
     Denominator mean(e, e) + e^-1; both positives give 1 - log(e + 1/e), so the loss is log(1 + e^-2)."""
     e = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     loss = balanced_contrastive_loss(torch.cat([e, e]), torch.tensor([0, 0]), torch.cat([e, -e]), 1.0)
-    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-12)
+    assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-2))] * 2, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -187,10 +205,10 @@ def test_balanced_scl_against_double_loop(seed):
     protos = unit(torch.randn(num_classes, dim, generator=g, dtype=torch.float64)).requires_grad_()
     got = balanced_contrastive_loss(views, labels, protos, 0.1)
     ref = ref_balanced_scl(views, labels.tolist(), protos, 0.1)
-    assert got.dtype == torch.float64
-    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
-    g_got = torch.autograd.grad(got, [views, protos])
-    g_ref = torch.autograd.grad(ref, [views, protos])
+    assert got.dtype == torch.float64 and got.shape == (2 * b,)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+    g_got = torch.autograd.grad(got.mean(), [views, protos])
+    g_ref = torch.autograd.grad(ref.mean(), [views, protos])
     for a, r in zip(g_got, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
 
@@ -231,12 +249,19 @@ def test_bcl_forward_composes_la_and_balanced_scl():
     loss = create_loss(loss_cfg(name="bcl", bcl_alpha=2.0, bcl_beta=0.6, bcl_temperature=0.1), COUNTS, 10).double()
     assert isinstance(loss, BCL) and loss.contrastive_views == 2
     got = loss(model, [x_cls, v1, v2], y)
-    # reference: the model run on the concatenated batch (batch-norm statistics come from that one pass)
+    per_sample = loss.per_sample(model, [x_cls, v1, v2], y)
+    # reference: the model run on the concatenated batch (batch-norm statistics come from that one pass), and the
+    # projection head run on all 3B features before the classification view's rows are dropped
     feats = model.forward_features(torch.cat([x_cls, v1, v2]))
     prior = torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)
     la = ref_ce((model.classifier(feats[:5]) + prior.log()).detach().numpy(), y.numpy())
-    scl = ref_balanced_scl(model.project(feats[5:]), y.repeat(2).tolist(), model.prototypes(), 0.1)
-    assert got.item() == pytest.approx(2.0 * la + 0.6 * scl.item(), rel=1e-6)
+    scl = ref_balanced_scl(model.project(feats)[5:], y.repeat(2).tolist(), model.prototypes(), 0.1)
+    assert got.item() == pytest.approx(2.0 * la + 0.6 * scl.mean().item(), rel=1e-6)
+    assert not torch.allclose(model.project(feats)[5:], model.project(feats[5:]))  # the head's BatchNorm sees 3B
+    for i in range(5):
+        ce_i = ref_ce((model.classifier(feats[i:i + 1]) + prior.log()).detach().numpy(), y[i:i + 1].numpy())
+        want = 2.0 * ce_i + 0.6 * (scl[i] + scl[5 + i]).item() / 2
+        assert per_sample[i].item() == pytest.approx(want, rel=1e-6)
     assert loss.classification_loss(model(x_cls), y).item() == pytest.approx(
         ref_ce((model(x_cls) + prior.log()).detach().numpy(), y.numpy()), rel=1e-6)
     got.backward()

@@ -1,10 +1,13 @@
-#!/usr/bin/env python3
-"""Time one full training step of SGD, SAM, GSA, GKP+GSA and a naive GSA side by side (interleaved A B C ...).
+"""Time one full training step of SGD, SAM, the grouped step in its modes, and the naive step, side by side.
 
-The step kinds run on the same model, batch and groups; every repeat times each kind once in turn, so machine
-load affects all of them alike, and the table reports medians and ratios to SAM. Groups, anchors and Fisher are
-real: a memory bank is filled with snapshots, cut with spectral clustering, and the Fisher is estimated with the
-exact estimator, before anything is timed. `--json` prints one JSON object as the last line.
+Kinds: sgd, sam; gsa_masked / gkp_gsa_masked (exact group gradients: one forward, G backward passes) and
+gsa_share / gkp_gsa_share (Eq. 11's split of the one batch gradient: one pass), each with the per-group perturbed
+pass; naive: the masked-loss oracle written the plain way (one whole-batch forward/backward per group for the group
+gradients and one per perturbed group: 2G passes). The kinds run on the same model, batch and groups; every repeat
+times each kind once in turn, so machine load affects all of them alike, and the table reports medians and ratios to
+SAM. Groups, anchors and Fisher are real: a memory bank is filled with snapshots, cut with spectral clustering, and
+the Fisher is estimated with the exact estimator, before anything is timed. `--json` prints one JSON object as the
+last line.
 
     python tools/bench_step.py                       # resnet32_cifar, batch 128, G=4, CPU
     python tools/bench_step.py --device cuda --amp bf16 --batch 256
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import time
 from typing import Callable
@@ -22,15 +26,18 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import TensorDataset
 
+from lt_recipes import reference
+from lt_recipes.batchnorm import frozen_bn_stats
 from lt_recipes.data import long_tail_counts
-from lt_recipes.gkp import exact_fisher, gkp_coefficients
+from lt_recipes.gkp import exact_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
-from lt_recipes.gsa import SAM, GroupedSAM, frozen_bn_stats, ordered_parameters
+from lt_recipes.gsa import SAM, GroupedSAM, ordered_parameters
 from lt_recipes.models import create_lt_model
 
-KINDS = ["sgd", "sam", "gsa", "gkp_gsa", "naive_gsa"]
+KINDS = ["sgd", "sam", "gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share", "naive"]
 
 
 def is_classifier(name: str) -> bool:
@@ -38,38 +45,36 @@ def is_classifier(name: str) -> bool:
 
 
 class NaiveGSA:
-    """The released code's cost profile: G full-batch forward/backward passes for the group gradients (each loss
-    masked to one group), then one full-batch pass at the averaged perturbation: G + 1 forwards per step."""
+    """The grouped step the plain way (the tests' oracle, in float32): for each group a whole-batch forward and the
+    gradient of its masked mean loss, then for each group a whole-batch pass at theta + eps_g (adaptive scaling)."""
 
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, group_of_class: torch.Tensor, G: int,
-                 rho: float = 0.05) -> None:
-        self.model, self.opt, self.group_of_class, self.G, self.rho = model, opt, group_of_class, G, rho
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, group_of_class: torch.Tensor,
+                 group_sizes: list[int]) -> None:
+        self.model, self.opt, self.group_of_class, self.sizes = model, opt, group_of_class, group_sizes
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.z, self.clamp = 0.1, (0.002, 0.003)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, autocast: Callable) -> None:
         gid = self.group_of_class[y]
-        eps = [torch.zeros_like(p) for p in self.params]
-        for g in range(self.G):
-            mask = (gid == g).float()
-            if not mask.any():
-                continue
+        present = [g for g in range(len(self.sizes)) if bool((gid == g).any())]
+        grads = {}
+        for g in present:
             with autocast():
-                per_sample = F.cross_entropy(self.model(x), y, reduction="none")
-            loss = (per_sample.float() * mask).sum() / mask.sum()
-            grads = torch.autograd.grad(loss, self.params)
-            norm = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads)) + 1e-12
-            for e, gr in zip(eps, grads):
-                e.add_(gr, alpha=float(self.rho / norm) / self.G)
-        with torch.no_grad():
-            for p, e in zip(self.params, eps):
-                p.add_(e)
-        with frozen_bn_stats(self.model):
-            with autocast():
-                loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
-        with torch.no_grad():
-            for p, e in zip(self.params, eps):
-                p.sub_(e)
+                losses = F.cross_entropy(self.model(x), y, reduction="none")
+            grads[g] = torch.cat([gr.reshape(-1) for gr in
+                                  torch.autograd.grad(losses.float()[gid == g].mean(), self.params)])
+        theta = parameters_to_vector(self.params).detach().clone()
+        glob = sum(float((gid == g).sum()) / len(y) * grads[g] for g in present)
+        d = theta.numel()
+        for g in present:
+            h = reference.ascent_direction("gsa", grads[g], glob)
+            norm = reference.scaled_norm("adaptive", h, theta)
+            rho = reference.gsa_radius(self.z, float(theta.norm()), norm, d, self.sizes[g], self.clamp)
+            vector_to_parameters(theta + reference.gsa_perturbation("adaptive", h, theta, rho), self.params)
+            with frozen_bn_stats(self.model), autocast():
+                losses = F.cross_entropy(self.model(x), y, reduction="none")
+                (losses.float()[gid == g].sum() / len(y)).backward()
+        vector_to_parameters(theta, self.params)
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)
 
@@ -126,7 +131,7 @@ def main() -> None:
     for kind in kinds:
         torch.manual_seed(0)
         model = create_lt_model({"name": args.model, "pretrained_path": None, "classifier": "linear",
-                                 "cosine_scale": 30.0, "proj_head": None, "drop_rate": 0.0},
+                                 "cosine_scale": 30.0, "proj_head": None, "drop_rate": 0.0, "norm_layer": None},
                                 args.num_classes, 3).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         models[kind] = model
@@ -140,25 +145,28 @@ def main() -> None:
             steps[kind], state_bytes[kind] = sgd_step, 0
         elif kind == "sam":
             sam = SAM(model, opt, rho=0.05, autocast=autocast)
-            steps[kind] = lambda sam=sam, model=model: sam.step(lambda i: F.cross_entropy(model(x[i]), y[i]), y)
+            steps[kind] = lambda sam=sam, model=model: sam.step(
+                lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
             state_bytes[kind] = sam.base.numel() * 4
-        elif kind in ("gsa", "gkp_gsa"):
+        elif kind in ("gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share"):
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1
-            gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast)
+            gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=kind.rsplit("_", 1)[1])
             sizes = [int(np.asarray(counts)[labels == g].sum()) for g in range(G)]
             gsa.set_groups(labels, sizes)
             extra = 0
-            if kind == "gkp_gsa":
+            if kind.startswith("gkp"):
                 classes = [int((labels == g).sum()) for g in range(G)]
-                gsa.set_gkp(anchors, fisher, gkp_coefficients(classes, sizes, 100.0, "per_classes", 0.8).to(device))
+                gsa.set_gkp(anchors, fisher, gkp_strength(classes, sizes, 100.0, "per_samples").to(device))
                 extra = anchors.numel() * anchors.element_size() + fisher.numel() * fisher.element_size()
-            steps[kind] = lambda gsa=gsa, model=model: gsa.step(lambda i: F.cross_entropy(model(x[i]), y[i]), y,
-                                                                 alpha=0.8)
+            steps[kind] = lambda gsa=gsa, model=model: gsa.step(
+                lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y, alpha=0.8)
             state_bytes[kind] = (gsa.flat.rows.numel() + gsa.base.numel()) * 4 + extra
-        elif kind == "naive_gsa":
+        elif kind == "naive":
             labels, _, _ = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
-            naive = NaiveGSA(model, opt, torch.as_tensor(labels, device=device), int(labels.max()) + 1)
+            G = int(labels.max()) + 1
+            naive = NaiveGSA(model, opt, torch.as_tensor(labels, device=device),
+                             [int(np.asarray(counts)[labels == g].sum()) for g in range(G)])
             steps[kind] = lambda naive=naive: naive.step(x, y, autocast)
             state_bytes[kind] = sum(p.numel() for p in model.parameters()) * 4
         else:
@@ -200,10 +208,10 @@ def main() -> None:
                 out[f"{k}_over_sam"] = med[k] / med["sam"]
     print(f"{args.model} batch {args.batch} G={args.groups} on {out['device_name']} ({args.amp}), "
           f"{args.repeats} interleaved repeats, median ms:")
-    print(f"{'step':<10} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}" + ("  peak MB" if peak else ""))
+    print(f"{'step':<15} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}" + ("  peak MB" if peak else ""))
     for k in kinds:
         ratio = f"{med[k] / med['sam']:7.3f}" if "sam" in med else "      -"
-        line = f"{k:<10} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
+        line = f"{k:<15} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
         if k in peak:
             line += f"  {peak[k] / 2**20:7.1f}"
         print(line)
