@@ -13,8 +13,6 @@ constexpr int64_t kMaxGroups = 32;
 
 // Each check raises c10::Error naming the op, the argument, what was expected and what was given.
 void check_gsa_project(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& global_grad);
-void check_gsa_perturb(const at::Tensor& param, const at::Tensor& base, const at::Tensor& grads_row,
-                       const at::Tensor& global_grad);
 void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher, const at::Tensor& coef,
                const at::Tensor* grad_out);
 

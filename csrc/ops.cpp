@@ -70,20 +70,6 @@ void check_gsa_project(const at::Tensor& grads, const at::Tensor& weights, const
               ": out must not share memory with grads");
 }
 
-void check_gsa_perturb(const at::Tensor& param, const at::Tensor& base, const at::Tensor& grads_row,
-                       const at::Tensor& global_grad) {
-  const char* op = "gsa_perturb_";
-  const char* what = "1-D float32 tensor [d]";
-  check_arg(op, "param", param, 1, what, {at::kFloat}, param.device());
-  const int64_t d = param.size(0);
-  check_arg(op, "base", base, 1, what, {at::kFloat}, param.device());
-  check_len(op, "base", base, d, "d, the length of param");
-  check_arg(op, "grads_row", grads_row, 1, what, {at::kFloat}, param.device());
-  check_len(op, "grads_row", grads_row, d, "d, the length of param");
-  check_arg(op, "global_grad", global_grad, 1, what, {at::kFloat}, param.device());
-  check_len(op, "global_grad", global_grad, d, "d, the length of param");
-}
-
 void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher, const at::Tensor& coef,
                const at::Tensor* grad_out) {
   const char* op = "gkp_penalty";
@@ -111,9 +97,6 @@ TORCH_LIBRARY(lt_recipes, m) {
   // Writes global_grad = sum_g weights_g grads_g; returns coef_g = <grads_g, global_grad> / ||global_grad||^2
   // (0 when that is 0) and residual_norm_g = ||grads_g - coef_g global_grad||.
   m.def("gsa_project(Tensor grads, Tensor weights, Tensor(a!) global_grad) -> (Tensor coef, Tensor residual_norm)");
-  // param = base + scale * (grads_row - coef * global_grad), in place.
-  m.def("gsa_perturb(Tensor(a!) param, Tensor base, Tensor grads_row, Tensor global_grad, float scale, float coef) "
-        "-> ()");
   // sum_j coef_j sum_i fisher_ji (theta_i - anchors_ji)^2.
   m.def("gkp_penalty(Tensor theta, Tensor anchors, Tensor fisher, Tensor coef) -> Tensor");
   // The same value; also grad_out += 2 sum_j coef_j fisher_ji (theta_i - anchors_ji), in the same pass.

@@ -133,24 +133,6 @@ std::tuple<at::Tensor, at::Tensor> gsa_project_cpu(const at::Tensor& grads, cons
   return {coef, residual};
 }
 
-LT_SIMD_CLONES void gsa_perturb_range(float* p, const float* b, const float* r, const float* g, float s, float c,
-                                      int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) p[i] = b[i] + s * (r[i] - c * g[i]);
-}
-
-void gsa_perturb_cpu(const at::Tensor& param, const at::Tensor& base, const at::Tensor& grads_row,
-                     const at::Tensor& global_grad, double scale, double coef) {
-  check_gsa_perturb(param, base, grads_row, global_grad);
-  float* p = param.mutable_data_ptr<float>();
-  const float* b = base.const_data_ptr<float>();
-  const float* r = grads_row.const_data_ptr<float>();
-  const float* g = global_grad.const_data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  const float c = static_cast<float>(coef);
-  at::parallel_for(0, param.size(0), kChunk,
-                   [&](int64_t i0, int64_t i1) { gsa_perturb_range(p, b, r, g, s, c, i0, i1); });
-}
-
 // One chunk of gkp_penalty: returns sum_i sum_j coef_j F_ji (theta_i - a_ji)^2 over the chunk and, when grad is
 // given, adds 2 sum_j coef_j F_ji (theta_i - a_ji) to it. Per element the G terms add in fp32, across elements in
 // double.
@@ -236,7 +218,6 @@ at::Tensor gkp_penalty_accumulate_cpu(const at::Tensor& theta, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(lt_recipes, CPU, m) {
   m.impl("gsa_project", &lt_recipes::gsa_project_cpu);
-  m.impl("gsa_perturb", &lt_recipes::gsa_perturb_cpu);
   m.impl("gkp_penalty", &lt_recipes::gkp_penalty_cpu);
   m.impl("gkp_penalty_accumulate", &lt_recipes::gkp_penalty_accumulate_cpu);
 }

@@ -176,27 +176,6 @@ std::tuple<at::Tensor, at::Tensor> gsa_project_cuda(const at::Tensor& grads, con
   return {coef, residual};
 }
 
-__global__ void __launch_bounds__(kThreads)
-    gsa_perturb_kernel(float* param, const float* base, const float* grads_row, const float* global, float scale,
-                       float coef, int64_t d) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < d; i += stride) {
-    param[i] = base[i] + scale * (grads_row[i] - coef * global[i]);
-  }
-}
-
-void gsa_perturb_cuda(const at::Tensor& param, const at::Tensor& base, const at::Tensor& grads_row,
-                      const at::Tensor& global_grad, double scale, double coef) {
-  check_gsa_perturb(param, base, grads_row, global_grad);
-  const int64_t d = param.size(0);
-  if (d == 0) return;
-  const c10::cuda::CUDAGuard guard(param.device());
-  gsa_perturb_kernel<<<grid_for(d), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      param.mutable_data_ptr<float>(), base.const_data_ptr<float>(), grads_row.const_data_ptr<float>(),
-      global_grad.const_data_ptr<float>(), static_cast<float>(scale), static_cast<float>(coef), d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Per block: partials[block] = sum over its elements of sum_j coef_j F_ji (theta_i - a_ji)^2; grad (if not null)
 // += 2 sum_j coef_j F_ji (theta_i - a_ji). anchors / fisher are read in their storage type (fp32, bf16 or fp16).
 template <typename TA, typename TF>
@@ -279,7 +258,6 @@ at::Tensor gkp_penalty_accumulate_cuda(const at::Tensor& theta, const at::Tensor
 
 TORCH_LIBRARY_IMPL(lt_recipes, CUDA, m) {
   m.impl("gsa_project", &lt_recipes::gsa_project_cuda);
-  m.impl("gsa_perturb", &lt_recipes::gsa_perturb_cuda);
   m.impl("gkp_penalty", &lt_recipes::gkp_penalty_cuda);
   m.impl("gkp_penalty_accumulate", &lt_recipes::gkp_penalty_accumulate_cuda);
 }

@@ -40,10 +40,6 @@ if _EXT_LOADED:
     def _gsa_project_fake(grads: torch.Tensor, weights: torch.Tensor, global_grad: torch.Tensor):
         return grads.new_empty(grads.shape[0]), grads.new_empty(grads.shape[0])
 
-    @torch.library.register_fake("lt_recipes::gsa_perturb")
-    def _gsa_perturb_fake(param, base, grads_row, global_grad, scale, coef) -> None:
-        return None
-
     @torch.library.register_fake("lt_recipes::gkp_penalty")
     def _gkp_penalty_fake(theta, anchors, fisher, coef):
         return theta.new_empty(())
@@ -157,28 +153,6 @@ def _gsa_project_reference(grads: torch.Tensor, weights: torch.Tensor, out: torc
     sq = (g64 * g64).sum(1)
     residual = (sq - coef * dots).clamp_min(0.0).sqrt()
     return global_grad, coef.float(), residual.float()
-
-
-def gsa_perturb_(param: torch.Tensor, base: torch.Tensor, grads_row: torch.Tensor, global_grad: torch.Tensor,
-                 scale: float, coef: float, backend: str = "auto") -> torch.Tensor:
-    """param = base + scale * (grads_row - coef * global_grad), in place; returns param.
-
-    All four are float32 [d]; param may be base itself. The ascent directions are chosen by row and coef: GSA's
-    h_g = grads_g - coef_g global_grad is (grads_g, coef_g), SAM's global_grad is (global_grad, 0) and GSA-proj's
-    coef_g global_grad is (global_grad, 1 - coef_g).
-    """
-    op = "gsa_perturb_"
-    what = "1-D float32 tensor [d]"
-    _check(op, "param", param, what, 1, (torch.float32,), None)
-    length = (param.shape[0], "d, the length of param")
-    for name, t in (("base", base), ("grads_row", grads_row), ("global_grad", global_grad)):
-        _check(op, name, t, what, 1, (torch.float32,), param.device, length)
-    _check_scalar(op, "scale", scale)
-    _check_scalar(op, "coef", coef)
-    if _use_fused(op, backend, param.device, 1):
-        torch.ops.lt_recipes.gsa_perturb(param, base, grads_row, global_grad, float(scale), float(coef))
-        return param
-    return param.copy_(base + scale * (grads_row - coef * global_grad))
 
 
 def gkp_penalty(theta: torch.Tensor, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor,

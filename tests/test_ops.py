@@ -150,38 +150,6 @@ def test_gsa_project_out_and_thread_count_independence():
         assert torch.equal(a, b)  # fixed chunking: bitwise the same for any thread count
 
 
-def _run_perturb(d: int, seed: int, device: str, in_place: bool) -> None:
-    rng = np.random.default_rng(seed)
-    base, row, glob = (_rand(rng, d) for _ in range(3))
-    scale, coef = float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))
-    expected = base.astype(np.float64) + scale * (row.astype(np.float64) - coef * glob.astype(np.float64))
-    bound = 1e-6 * (np.abs(base) + abs(scale) * (np.abs(row) + abs(coef) * np.abs(glob))) + 1e-30
-    results = []
-    for backend in ("fused", "reference"):
-        base_t = _t(base, device)
-        param = base_t if in_place else torch.full_like(base_t, float("nan"))
-        out = ops.gsa_perturb_(param, base_t, _t(row, device), _t(glob, device), scale, coef, backend=backend)
-        assert out is param
-        err = np.abs(param.cpu().double().numpy() - expected)
-        assert (err <= bound).all(), f"{backend}: max error {err.max()}"
-        results.append(param)
-    torch.testing.assert_close(results[0], results[1])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@SOME
-@given(d=SIZES, seed=st.integers(0, 2**32 - 1), in_place=st.booleans())
-def test_gsa_perturb_matches_float64(device, d, seed, in_place):
-    _run_perturb(d, seed, device, in_place)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@FEW
-@given(d=BIG_SIZES, seed=st.integers(0, 2**32 - 1))
-def test_gsa_perturb_matches_float64_big(device, d, seed):
-    _run_perturb(d, seed, device, in_place=False)
-
-
 def _run_gkp(groups: int, d: int, seed: int, a_dtype: torch.dtype, f_dtype: torch.dtype, device: str,
              with_grad: bool) -> None:
     rng = np.random.default_rng(seed)
@@ -266,12 +234,6 @@ def _bad_calls():
         (lambda b: ops.gsa_project(g[:0], w[:0], backend=b), r"grads must have at least one row"),
         (lambda b: ops.gsa_project(g, w, backend=b, out=d[:9]), r"out must have length 10"),
         (lambda b: ops.gsa_project(g, w, backend=b, out=g[1]), r"out must not share memory with grads"),
-        (lambda b: ops.gsa_perturb_(d, d[:9], d, d, 1.0, 0.0, backend=b), r"base must have length 10"),
-        (lambda b: ops.gsa_perturb_(d, d, d.half(), d, 1.0, 0.0, backend=b), r"grads_row must be a 1-D float32"),
-        (lambda b: ops.gsa_perturb_(d, d, d, torch.randn(20)[::2], 1.0, 0.0, backend=b),
-         r"global_grad must be contiguous"),
-        (lambda b: ops.gsa_perturb_(d, d.to(meta), d, d, 1.0, 0.0, backend=b), r"base must be on cpu"),
-        (lambda b: ops.gsa_perturb_(d, d, d, d, torch.tensor(1.0), 0.0, backend=b), r"scale must be a Python float"),
         (lambda b: ops.gkp_penalty(th, a.long(), f, c, backend=b),
          r"anchors must be a 2-D float32, bfloat16 or float16 tensor \[G, d\]"),
         (lambda b: ops.gkp_penalty(th, a[:, :9].contiguous(), f, c, backend=b), r"anchors must have 10 columns"),
@@ -307,8 +269,6 @@ def test_kernels_check_their_inputs_when_called_directly():
         lt.gsa_project(torch.randn(10, 3).t(), w, out)
     with pytest.raises(RuntimeError, match=r"gsa_project: the fused kernels take 1 to 32 groups, got 33"):
         lt.gsa_project(torch.randn(33, 10), torch.rand(33), out)
-    with pytest.raises(RuntimeError, match=r"gsa_perturb_: global_grad must be a 1-D float32 tensor \[d\]"):
-        lt.gsa_perturb(out, out, out, out.double(), 1.0, 0.0)
     with pytest.raises(RuntimeError, match=r"gkp_penalty: fisher must have the shape of anchors"):
         lt.gkp_penalty(out, g, g[:2].contiguous(), w)
     with pytest.raises(RuntimeError, match=r"gkp_penalty: grad_out must have length 10"):
@@ -325,7 +285,6 @@ def _op_samples(device: str):
     a, f = torch.randn(3, 1001, device=device).bfloat16(), torch.rand(3, 1001, device=device)
     lt = torch.ops.lt_recipes
     return [(lt.gsa_project.default, (g, w, torch.empty(1001, device=device))),
-            (lt.gsa_perturb.default, (d[0], d[1], d[2], d[3], 0.5, 0.25)),
             (lt.gkp_penalty.default, (d[0], a, f, w)),
             (lt.gkp_penalty_accumulate.default, (d[0], a, f, w, d[1]))]
 
@@ -339,20 +298,19 @@ def test_opcheck(device):
 def test_compiled_function_calls_the_ops():
     """aot_eager: traces the ops through their fake kernels and functionalizes the mutations (inductor compiles
     the same graph but takes far longer on a 2-core machine)."""
-    def step(grads, weights, theta, anchors, fisher, coef, grad_out, param):
+    def step(grads, weights, theta, anchors, fisher, coef, grad_out):
         glob, coef_g, residual = ops.gsa_project(grads, weights, backend="fused")
-        ops.gsa_perturb_(param, theta, grads[0], glob, 0.1, 0.5, backend="fused")
         value = ops.gkp_penalty(theta, anchors, fisher, coef, grad_out=grad_out, backend="fused")
         return glob * 2, coef_g, residual, value + 1
 
     torch.manual_seed(0)
     args = [torch.randn(3, 999), torch.rand(3), torch.randn(999), torch.randn(2, 999).half(), torch.rand(2, 999),
-            torch.rand(2), torch.zeros(999), torch.zeros(999)]
+            torch.rand(2), torch.zeros(999)]
     eager_args = [a.clone() for a in args]
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(*args), step(*eager_args)):
         assert torch.equal(got, want)
-    assert torch.equal(args[6], eager_args[6]) and torch.equal(args[7], eager_args[7])  # mutations kept
+    assert torch.equal(args[6], eager_args[6])  # the mutation is kept
 
 
 # ---- backend selection --------------------------------------------------------------------------------------------
@@ -375,7 +333,6 @@ def test_auto_backend_without_extension_falls_back_with_one_warning(monkeypatch)
         warnings.simplefilter("always")
         first = ops.gsa_project(grads, weights)
         ops.gsa_project(grads, weights)
-        ops.gsa_perturb_(torch.empty(40), grads[0], grads[1], grads[0], 1.0, 0.0)
     assert [str(w.message) for w in caught if "extension did not load" in str(w.message)] == \
         ["lt_recipes.ops: the compiled extension did not load (ImportError: simulated); using the slower reference "
          "backend"]

@@ -51,7 +51,6 @@ def _cases(d: int, groups: int, device: torch.device) -> list[tuple[str, int, Ca
         return torch.randn(*shape, generator=gen, device=device)
 
     grads, weights, global_out = randn(groups, d), torch.rand(groups, generator=gen, device=device), randn(d)
-    param, base, row, glob = torch.empty(d, device=device), randn(d), randn(d), randn(d)
     theta, coef, grad_out = randn(d), torch.rand(groups, generator=gen, device=device), torch.zeros(d, device=device)
     anchors, fisher = randn(groups, d), randn(groups, d).abs()
     anchors16, fisher16 = anchors.bfloat16(), fisher.bfloat16()
@@ -59,8 +58,6 @@ def _cases(d: int, groups: int, device: torch.device) -> list[tuple[str, int, Ca
     return [
         ("gsa_project", (groups * d + groups + d + 2 * groups) * f32,
          lambda b: ops.gsa_project(grads, weights, backend=b, out=global_out)),
-        ("gsa_perturb_", 4 * d * f32,
-         lambda b: ops.gsa_perturb_(param, base, row, glob, 0.05, 0.3, backend=b)),
         ("gkp_penalty_fp32", (3 * d + 2 * groups * d + groups + 1) * f32,
          lambda b: ops.gkp_penalty(theta, anchors, fisher, coef, grad_out, backend=b)),
         ("gkp_penalty_bf16", (3 * d + groups + 1) * f32 + 2 * groups * d * b16,
