@@ -3,15 +3,14 @@
 
     python tools/collect_results.py [--results results] [--readme README.md] [--docs docs] [--check]
 
-Reads results/<dataset>_r<ratio>/<method>/seed<k>/results.json and replaces only the block between
-`<!-- results:begin -->` and `<!-- results:end -->` in the README with: per ratio, mean +- std over seeds of
-Top-1 / Many / Medium / Few per method with the change of Top-1 against the method's base and whether that change
-exceeds the seed spread (|delta| > std_base + std_method); the component ablation (base, +gkp, +gsa, +gkp+gsa);
-the direction ablation (GSA ascent along g, the removed component, or h_g) next to the paper's numbers. It also
-writes docs/per_class_<dataset>_r<ratio>.png (per-class accuracy head -> tail, base vs base+gkp+gsa, seed means).
-The investigation runs of `tools/run_grid.py --sweep` (results/sweeps/<dataset>_r<ratio>/<name>/seed<k>/, each with
-a sweep.json naming its method label and changed recipe keys) get one table per folder, next to the grid's runs of
-the same method and of its base on the same seeds.
+Reads results/<grid>_r<ratio>/<label>/seed<k>/results.json (tools/run_grid.py) and replaces only the block between
+`<!-- results:begin -->` and `<!-- results:end -->` in the README with, per folder: mean +- std over seeds of
+Top-1 / Many / Medium / Few per run label with the change of Top-1 against the label's base and whether that change
+exceeds the seed spread (|delta| > std_base + std_method); the component ablation (base, +gkp, +gsa, +gkp+gsa) and
+the direction ablation (GSA ascent along g, the removed component, or h_g) next to the paper's numbers; the group
+number ablation. A label `<method>#<variant>` is a run with recipe keys changed on top (its variant.json names
+them). It also writes docs/per_class_<folder>.png (per-class accuracy head -> tail, base vs base+gkp+gsa, seed
+means). The first grouped step's grid, kept under results/history/v1/, gets one table beside the current runs.
 `--check` writes nothing and exits 1 when the README block differs from what would be written.
 """
 from __future__ import annotations
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lt_recipes.analysis import (AnalysisError, head_to_tail, load_run, new_figure, read_json,  # noqa: E402
@@ -61,26 +61,28 @@ class MethodStats:
     std: dict[str, float]
     per_class: np.ndarray
     train_counts: list[int] | None
+    groups: int | None
 
 
-def parse_label(label: str) -> tuple[str, str, str]:
-    """'bcl+gkp+gsa@sam' -> ('bcl', 'gkp+gsa', 'sam'); the direction is 'gsa' when no '@' is given."""
-    name, _, direction = label.partition("@")
+def parse_label(label: str) -> tuple[str, str, str, str]:
+    """'bcl+gkp+gsa@sam#G2' -> ('bcl', 'gkp+gsa', 'sam', 'G2'); the direction is 'gsa' when no '@' is given and
+    the variant '' when no '#' is."""
+    name, _, variant = label.partition("#")
+    name, _, direction = name.partition("@")
     base, _, modules = name.partition("+")
-    return base, modules, direction or "gsa"
+    return base, modules, direction or "gsa", variant
 
 
 def _order_key(label: str) -> tuple:
-    base, modules, direction = parse_label(label)
+    base, modules, direction, variant = parse_label(label)
     b = BASE_ORDER.index(base) if base in BASE_ORDER else len(BASE_ORDER)
     m = MODULE_ORDER.index(modules) if modules in MODULE_ORDER else len(MODULE_ORDER)
     d = list(DIRECTIONS).index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
-    return b, base, m, modules, d, direction
+    return b, base, m, modules, d, direction, variant
 
 
-def _scan(root: str, named_by_method: bool = True) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
-    """{folder: {method: [(run dir, results), ...] sorted by seed}} from <root>/<folder>/<method>/seed<k>/
-    (the sweeps' run folders are named by entry, not by method: `named_by_method=False`)."""
+def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
+    """{folder: {label: [(run dir, results), ...] sorted by seed}} from <root>/<folder>/<label>/seed<k>/."""
     if not os.path.isdir(root):
         raise AnalysisError(f"results folder {root} does not exist")
     tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {}
@@ -91,15 +93,20 @@ def _scan(root: str, named_by_method: bool = True) -> dict[str, dict[str, list[t
         missing = [k for k in ("method", "seed", "dataset", "imbalance_ratio", "per_class") + METRICS if k not in res]
         if missing:
             raise AnalysisError(f"{path} lacks key(s) {missing}")
-        if named_by_method and res["method"] != method:
+        name, _, variant = method.partition("#")
+        if res["method"] != name:
             raise AnalysisError(f"{path}: method {res['method']!r} does not match its folder {method!r}")
+        if variant:
+            info = os.path.join(run_dir, "variant.json")
+            if not os.path.exists(info) or read_json(info).get("name") != variant:
+                raise AnalysisError(f"{run_dir}: a '#{variant}' run needs a variant.json naming it")
         if seed_dir != f"seed{res['seed']}":
             raise AnalysisError(f"{path}: seed {res['seed']} does not match its folder {seed_dir!r}")
         tree.setdefault(folder, {}).setdefault(method, []).append((run_dir, res))
     for folder, methods in tree.items():
-        ids = {(r["dataset"], r["imbalance_ratio"]) for runs in methods.values() for _, r in runs}
+        ids = {(r["dataset"], r["imbalance_ratio"], r["epochs"]) for runs in methods.values() for _, r in runs}
         if len(ids) > 1:
-            raise AnalysisError(f"{os.path.join(root, folder)} mixes datasets/ratios {sorted(ids, key=str)}")
+            raise AnalysisError(f"{os.path.join(root, folder)} mixes datasets/ratios/epochs {sorted(ids, key=str)}")
         for runs in methods.values():
             runs.sort(key=lambda item: item[1]["seed"])
     return tree
@@ -120,7 +127,12 @@ def summarize(runs: Sequence[tuple[str, dict[str, Any]]], with_counts: bool = Fa
         raise AnalysisError(f"{runs[0][0]} and its other seeds disagree on the number of classes {sorted(lengths)}")
     per_class = np.mean(np.array([[math.nan if v is None else float(v) for v in r["per_class"]] for r in res]), axis=0)
     counts = train_counts_of(load_run(runs[0][0])) if with_counts else None
-    return MethodStats(res[0]["method"], [int(r["seed"]) for r in res], mean, std, per_class, counts)
+    args = os.path.join(runs[0][0], "args.yaml")
+    groups = None
+    if os.path.exists(args):  # read as plain YAML: history runs hold keys the schema no longer has
+        with open(args) as f:
+            groups = int(yaml.safe_load(f)["groups"]["num_groups"])
+    return MethodStats(res[0]["method"], [int(r["seed"]) for r in res], mean, std, per_class, counts, groups)
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -193,7 +205,7 @@ def direction_table(stats: dict[str, MethodStats]) -> list[str]:
     rows = []
     for base in sorted({parse_label(m)[0] for m in stats}, key=_order_key):
         full = f"{base}+gkp+gsa"
-        variants = [m for m in stats if m.startswith(full + "@")]
+        variants = [m for m in stats if m.startswith(full + "@") and "#" not in m]
         if not variants:
             continue
         paper_order = list(PAPER_DIRECTIONS) + list(DIRECTIONS)
@@ -242,39 +254,44 @@ def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str
     return save_figure(fig, path)
 
 
-def sweep_tables(results_root: str, tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]) -> list[str]:
-    """One table per results/sweeps/<folder>: each entry's seed means beside the grid's same method and its base.
+def group_table(stats: dict[str, MethodStats]) -> list[str]:
+    """Top-1 of base+gkp+gsa at each group number G (`#G<n>` runs; the label without a variant is the recipe's G)."""
+    rows = []
+    for full in sorted({m.partition("#")[0] for m in stats if parse_label(m)[1] == "gkp+gsa"}, key=_order_key):
+        counts = sorted((int(parse_label(m)[3][1:]), m) for m in stats
+                        if m.partition("#")[0] == full and parse_label(m)[3][:1] == "G")
+        if not counts or full not in stats:
+            continue
+        base = stats.get(parse_label(full)[0])
+        for g, label in counts + [(stats[full].groups, full)]:
+            s = stats[label]
+            change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
+            rows.append([f"`{full}`", str(g), str(len(s.seeds)), _fmt(s.mean["top1"], s.std["top1"])] + change)
+    if not rows:
+        return []
+    rows.sort(key=lambda r: (r[0], int(r[1])))
+    return _table(["method", "G", "seeds", "Top-1", "Δ vs base", "beyond seed spread"], rows) + [
+        "", f"The paper reports its best G as 4 on CIFAR-LT and iNaturalist 2018 and 6 on ImageNet-LT."]
 
-    A sweep folder without a grid folder of its name (runs made elsewhere, e.g. fmnist_r100_h200) takes its
-    references from its own entries that change no key."""
-    lines: list[str] = []
-    sweeps = os.path.join(results_root, "sweeps")
-    if not os.path.isdir(sweeps):
-        return lines
-    for folder, entries in sorted(_scan(sweeps, named_by_method=False).items()):
-        infos = {name: read_json(os.path.join(runs[0][0], "sweep.json")) for name, runs in entries.items()}
-        grid = tree[folder] if folder in tree else \
-            {infos[n]["label"]: runs for n, runs in entries.items() if not infos[n]["overrides"]}
-        rows = []
-        for name in sorted(entries, key=lambda n: (infos[n].get("order", math.inf), n)):
-            runs, info = entries[name], infos[name]
-            label = info["label"]
-            if any(r["method"] != label for _, r in runs):
-                raise AnalysisError(f"{os.path.join(sweeps, folder, name)}: results.json method differs from "
-                                    f"sweep.json label {label!r}")
-            s = summarize(runs)
-            seeds = set(s.seeds)
 
-            def same_seeds(method: str) -> str:
-                vals = [r["top1"] for _, r in grid.get(method, []) if r["seed"] in seeds]
-                return f"{np.mean(vals):.2f}" if len(vals) == len(seeds) else "—"
-            rows.append([f"`{name}`", f"`{label}`", ", ".join(f"`{o}`" for o in info["overrides"]) or "(none)",
-                         ",".join(str(k) for k in s.seeds)] + [_fmt(s.mean[k], s.std[k]) for k in METRICS] +
-                        [same_seeds(label), same_seeds(parse_label(label)[0])])
-        lines += ["", f"#### Investigation runs, {folder} (`results/sweeps/{folder}`)", ""] + _table(
-            ["run", "method", "changed keys", "seeds", "Top-1", "Many", "Medium", "Few",
-             "Top-1, same method, recipe keys", "Top-1, base alone"], rows)
-    return lines
+def history_table(history_root: str, tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]) -> list[str]:
+    """Per base of each history folder: the base now, base+gkp+gsa with the first grouped step (v1), and now."""
+    if not os.path.isdir(history_root):
+        return []
+    rows = []
+    for folder, old in sorted(_scan(history_root).items()):
+        now = tree.get(folder, {})
+        for full in sorted((m for m in old if parse_label(m)[1] == "gkp+gsa" and "@" not in m), key=_order_key):
+            base = parse_label(full)[0]
+            cells = []
+            for runs in (now.get(base), old.get(full), now.get(full)):
+                s = summarize(runs) if runs else None
+                cells.append("—" if s is None else _fmt(s.mean["top1"], s.std["top1"]))
+            rows.append([folder, f"`{full}`"] + cells)
+    if not rows:
+        return []
+    return ["", f"#### The first grouped step (v1), `{os.path.relpath(history_root)}`", ""] + _table(
+        ["folder", "method", "base alone (now)", "v1 step", "now"], rows)
 
 
 def build_block(results_root: str, readme: str, docs: str, write_plots: bool) -> str:
@@ -284,10 +301,11 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         raise AnalysisError(f"no results.json under {results_root}/<dataset>_r<ratio>/<method>/seed<k>/")
     first = {f: next(iter(m.values()))[0][1] for f, m in tree.items()}
     lines = [BEGIN, f"<!-- generated by tools/collect_results.py from {results_root}/; edits here are overwritten -->"]
-    for folder in sorted(tree, key=lambda f: (first[f]["dataset"], -float(first[f]["imbalance_ratio"]), f)):
+    for folder in sorted(tree, key=lambda f: (first[f]["dataset"], first[f]["epochs"],
+                                              -float(first[f]["imbalance_ratio"]), f)):
         dataset, ratio = first[folder]["dataset"], _ratio(first[folder]["imbalance_ratio"])
         stats = {m: summarize(runs, with_counts=write_plots) for m, runs in tree[folder].items()}
-        title = f"{dataset} r={ratio}"
+        title = f"{dataset} r={ratio}, {first[folder]['epochs']} epochs"
         lines += ["", f"### {title}", "", "Test accuracy (%), mean ± std over seeds (— where a split has no class).",
                   ""] + main_table(stats)
         png = os.path.join(docs, f"per_class_{folder}.png")
@@ -303,7 +321,10 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         direc = direction_table(stats)
         if direc:
             lines += ["", f"#### GSA direction ablation, {title}", ""] + direc
-    lines += sweep_tables(results_root, tree)
+        groups = group_table(stats)
+        if groups:
+            lines += ["", f"#### Number of groups, {title}", ""] + groups
+    lines += history_table(os.path.join(results_root, "history", "v1"), tree)
     return "\n".join(lines + ["", END])
 
 

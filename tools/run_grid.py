@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
-"""Run the Fashion-MNIST-LT results grid of the README and commit-ready files under results/.
+"""Run a results grid of Fashion-MNIST-LT and write commit-ready files under results/.
 
-Each job trains `fmnist_lt_resnet8` with one method label (`<base>` or `<base>+<modules>[@direction]`), ratio and
-seed into a scratch run directory, then copies args.yaml, results.json, groups.json, quality.json and summary.csv to
-results/fmnist_r<ratio>/<label>/seed<k>/ (checkpoints stay in scratch). Jobs whose results exist are skipped and
-unfinished scratch runs are resumed, so the grid can be stopped and restarted. The direction ablation runs on the
-base with the best mean Top-1 at r=100 among the finished base runs (`--ablation-base auto`).
+A grid is a recipe plus, per imbalance ratio, a list of run labels `<base>[+<modules>][@<direction>][#<variant>]`:
+the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam, gkp, gsa, gkp+gsa), GSA's ascent direction
+when not h_g, and a named variant (VARIANTS: recipe keys changed on top, such as the Euclidean scaling or the group
+count). Each job trains one label, ratio and seed into a scratch run directory, then copies args.yaml, results.json,
+groups.json, quality.json and summary.csv (and variant.json for a variant) to
+results/<folder>_r<ratio>/<label>/seed<k>/; checkpoints stay in scratch. Jobs whose results exist are skipped and
+unfinished scratch runs resume, so a grid can be stopped and continued by a later session. Jobs run one at a time
+by default (the CPU machines have two cores).
 
-`--sweep` runs the investigation instead: one method label with one set of changed recipe keys per entry of SWEEP
-(radius, lambda, grouping epoch, Fisher estimate, BatchNorm statistics of the group passes), into
-results/sweeps/fmnist_r<ratio>/<name>/seed<k>/ with a sweep.json that records the label and the changed keys.
-
-    python tools/run_grid.py --workers 2
-    python tools/run_grid.py --sweep --ratios 100 --seeds 0
+    python tools/run_grid.py --grid fmnist16                 # the 16-epoch grid (README results)
+    python tools/run_grid.py --grid fmnist64 --ratios 100    # the paper-shaped 64-epoch schedule
+    python tools/run_grid.py --grid fmnist64 --list          # what is done and what is left
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = {
@@ -35,67 +35,81 @@ BASES = {
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
 MODULES = {"": "none", "sam": "sam", "gkp": "gkp", "gsa": "gsa", "gkp+gsa": "gkp_gsa"}
-GRID = ["ce", "la", "ce+gkp+gsa", "la+gkp+gsa", "ce+sam", "ce+gkp", "ce+gsa", "bcl", "bcl+gkp+gsa"]
+VARIANTS = {
+    "euclidean": ["gsa.scale=euclidean"],        # Eq. 14 as printed, Z = 1e-2, no clamp
+    "share": ["gsa.group_grads=share"],          # Eq. 11 read as a split of the one batch gradient
+    "averaged": ["gsa.perturbation=averaged"],   # the released code's single averaged perturbed pass
+    "cosine": ["model.classifier=cosine"],       # BCL's classifier without its contrastive term
+    "G2": ["groups.num_groups=2"],
+    "G6": ["groups.num_groups=6"],
+}
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
-# (name, method label, changed recipe keys): what was tried when the grouped step lost accuracy (README, results)
-SWEEP = [
-    ("subset_passes_lam0", "ce+gkp", ["gkp.lam=0"]),
-    ("bn_batch_stats_lam0", "ce+gkp", ["gkp.lam=0", "gsa.bn_stats=batch"]),
-    ("bn_batch_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch"]),
-    ("bn_theta_stats", "ce+gkp+gsa", ["gsa.bn_stats=batch_theta"]),
-    ("groupnorm_ce", "ce", ["model.norm_layer=groupnorm"]),
-    ("groupnorm_ce_gkp_gsa", "ce+gkp+gsa", ["model.norm_layer=groupnorm"]),
-    # lambda 0 and alpha 1 without GSA: with GroupNorm this step is plain CE's, computed group by group
-    ("groupnorm_lam0_alpha1", "ce+gkp", ["model.norm_layer=groupnorm", "gkp.lam=0", "alpha.start=1.0",
-                                         "alpha.end=1.0"]),
-    ("bn_batch_stats_lam0_alpha1", "ce+gkp", ["gsa.bn_stats=batch", "gkp.lam=0", "alpha.start=1.0", "alpha.end=1.0"]),
-    ("lam1", "ce+gkp+gsa", ["gkp.lam=1"]),
-    ("lam100", "ce+gkp+gsa", ["gkp.lam=100"]),
-    ("radius_unclamped_z1e-2", "ce+gkp+gsa", ["gsa.rho_clamp=null"]),
-    ("radius_div10", "ce+gkp+gsa", ["gsa.rho_clamp=[0.0002, 0.0003]"]),
-    ("groups_from_epoch3", "ce+gkp+gsa", ["groups.start_epoch=3"]),
-    ("groups_from_epoch11", "ce+gkp+gsa", ["groups.start_epoch=11"]),
-    ("fisher_ema", "ce+gkp+gsa", ["gkp.fisher=ema"]),
-    # a perturbation norm near plain SAM's (sqrt(d) * 0.0002 = 0.056 for ResNet-8 here, against SAM's 0.05), with
-    # the two BatchNorm-free settings of the group passes
-    ("groupnorm_radius_div10", "ce+gkp+gsa", ["model.norm_layer=groupnorm", "gsa.rho_clamp=[0.0002, 0.0003]"]),
-    ("bn_batch_stats_radius_div10", "ce+gkp+gsa", ["gsa.bn_stats=batch", "gsa.rho_clamp=[0.0002, 0.0003]"]),
-    ("la_bn_batch_stats_radius_div10", "la+gkp+gsa", ["gsa.bn_stats=batch", "gsa.rho_clamp=[0.0002, 0.0003]"]),
-    # the grid's own cells again, as the references of a sweep run elsewhere (another device or library version)
-    ("recipe_ce", "ce", []),
-    ("recipe_ce_gkp_gsa", "ce+gkp+gsa", []),
-]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A recipe, the results folder prefix, and the run labels per imbalance ratio."""
+
+    recipe: str
+    folder: str
+    cells: dict[int, list[str]] = field(default_factory=dict)
+
+
+_BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
+GRIDS = {
+    # the CPU-sized 16-epoch recipe: the grouped step v2 against each base, and its two alternative modes
+    "fmnist16": Grid("fmnist_lt_resnet8", "fmnist", {100: [
+        "ce", "ce+sam", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la+gkp+gsa", "bcl", "bcl+gkp+gsa",
+        "ce+gkp+gsa#euclidean", "ce+gkp+gsa#share"]}),
+    # the paper's schedule shape at 4x the budget: component ablations on CE and BCL, LA with BCL's classifier,
+    # the direction ablation (paper Table 5) and the group number on BCL
+    "fmnist64": Grid("fmnist_lt_resnet8_long", "fmnist64", {
+        100: ["ce", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la#cosine", "la+gkp+gsa", "bcl", "bcl+gkp", "bcl+gsa",
+              "bcl+gkp+gsa"] + _BCL_TABLE5,
+        10: ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]}),
+}
+# seed-0-first extras: the paper's group-number ablation on the full method (G = 4 is the grid's own cell)
+EXTRAS = {"fmnist64": {100: ["bcl+gkp+gsa#G2", "bcl+gkp+gsa#G6"]}}
+
+
+def parse(label: str) -> tuple[str, str, str, str]:
+    """'bcl+gkp+gsa@sam#G2' -> ('bcl', 'gkp+gsa', 'sam', 'G2'); empty strings for what is not given."""
+    label, _, variant = label.partition("#")
+    label, _, direction = label.partition("@")
+    base, _, mods = label.partition("+")
+    return base, mods, direction, variant
 
 
 def overrides(label: str, ratio: int, seed: int) -> list[str]:
-    """Recipe overrides for a method label such as `la+gkp+gsa@sam`."""
-    label, _, direction = label.partition("@")
-    base, _, mods = label.partition("+")
+    """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2`."""
+    base, mods, direction, variant = parse(label)
     out = BASES[base] + [f"method={MODULES[mods]}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
     if direction:
         out.append(f"gsa.direction={direction}")
-    return out
+    return out + (VARIANTS[variant] if variant else [])
 
 
-def result_dir(results: str, label: str, ratio: int, seed: int) -> str:
-    return os.path.join(results, f"fmnist_r{ratio}", label, f"seed{seed}")
+def result_dir(results: str, grid: Grid, label: str, ratio: int, seed: int) -> str:
+    return os.path.join(results, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
 
 
-def run_job(label: str, ratio: int, seed: int, args: argparse.Namespace,
-            sweep: tuple[str, list[str]] | None = None) -> str:
-    """Train one grid cell (or, with `sweep` = (name, changed keys), one investigation run) and copy its files."""
-    if sweep is None:
-        dest = result_dir(args.results, label, ratio, seed)
-        scratch = os.path.join(args.scratch, f"r{ratio}", label, f"seed{seed}")
-        extra: list[str] = []
-    else:
-        dest = os.path.join(args.results, "sweeps", f"fmnist_r{ratio}", sweep[0], f"seed{seed}")
-        scratch = os.path.join(args.scratch, "sweeps", f"r{ratio}", sweep[0], f"seed{seed}")
-        extra = sweep[1]
+def jobs_of(name: str, ratios: list[int], seeds: list[int]) -> list[tuple[str, int, int]]:
+    """(label, ratio, seed) of a grid in run order: every cell's seeds by ratio, then the extras (seed 0 first)."""
+    grid = GRIDS[name]
+    jobs = [(label, r, s) for r in ratios for s in seeds for label in grid.cells.get(r, [])]
+    extras = EXTRAS.get(name, {})
+    jobs += [(label, r, s) for s in seeds for r in ratios for label in extras.get(r, [])]
+    return jobs
+
+
+def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namespace) -> str:
+    """Train one run and copy its files; skip it when its results exist."""
+    dest = result_dir(args.results, grid, label, ratio, seed)
     if os.path.exists(os.path.join(dest, "results.json")):
         return f"skip {label} r={ratio} seed={seed}"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", args.recipe, "--output", scratch]
-    for o in overrides(label, ratio, seed) + extra + args.overrides:
+    scratch = os.path.join(args.scratch, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", grid.recipe, "--output", scratch]
+    for o in overrides(label, ratio, seed) + args.overrides:
         cmd += ["--set", o]
     if os.path.exists(os.path.join(scratch, "checkpoint.pt")):
         cmd.append("--resume")
@@ -110,74 +124,61 @@ def run_job(label: str, ratio: int, seed: int, args: argparse.Namespace,
     for name in COPY:
         if os.path.exists(os.path.join(scratch, name)):
             shutil.copy(os.path.join(scratch, name), os.path.join(dest, name))
-    if sweep is not None:
-        with open(os.path.join(dest, "sweep.json"), "w") as f:
-            order = [name for name, _, _ in SWEEP].index(sweep[0])
-            json.dump({"name": sweep[0], "label": label, "overrides": sweep[1], "order": order}, f, indent=1)
+    variant = parse(label)[3]
+    if variant:
+        with open(os.path.join(dest, "variant.json"), "w") as f:
+            json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)
+    if args.commit:
+        commit(dest, f"results: {grid.folder} r={ratio} {label} seed {seed}")
     return f"done {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
 
 
-def best_base(results: str, ratio: int, bases: list[str]) -> str:
-    """The base with the highest mean Top-1 over its finished seeds at this ratio."""
-    means = {}
-    for b in bases:
-        vals = []
-        for seed in range(10):
-            path = os.path.join(result_dir(results, b, ratio, seed), "results.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    vals.append(json.load(f)["top1"])
-        if vals:
-            means[b] = statistics.mean(vals)
-    if not means:
-        raise SystemExit("no finished base runs to pick the ablation base from")
-    return max(means, key=means.get)
+def commit(path: str, message: str, tries: int = 5) -> None:
+    """git add + commit of `path` alone; retried while another git command holds the index lock."""
+    for attempt in range(tries):
+        add = subprocess.run(["git", "add", path], cwd=ROOT, capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=ROOT,
+                                                      capture_output=True, text=True).returncode == 0
+        if done:
+            return
+        time.sleep(2 + 3 * attempt)
+    print(f"could not commit {path}; commit it by hand", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="fmnist_lt_resnet8")
-    ap.add_argument("--ratios", default="100,10")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="fmnist16")
+    ap.add_argument("--ratios", default=None, help="comma-separated ratios (default: every ratio of the grid)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=",".join(GRID))
-    ap.add_argument("--ablation-base", default="auto", help="base for the direction ablation at r=100, or 'none'")
-    ap.add_argument("--sweep", action="store_true", help="run the SWEEP investigation instead of the grid")
-    ap.add_argument("--only", default=None, help="with --sweep: comma-separated entry names to run")
+    ap.add_argument("--only", default=None, help="comma-separated run labels to run (default: all of the grid)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every job (e.g. data.root=/elsewhere/fashion-mnist)")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "grid"))
-    args = ap.parse_args()
-    ratios = [int(r) for r in args.ratios.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = args.methods.split(",")
-    if args.sweep:
-        only = set(args.only.split(",")) if args.only else None
-        unknown = sorted((only or set()) - {name for name, _, _ in SWEEP})
+    ap.add_argument("--commit", action="store_true", help="git commit each run's result files when it finishes")
+    ap.add_argument("--list", action="store_true", help="print each job as done or todo, run nothing")
+    args = ap.parse_args(argv)
+    grid = GRIDS[args.grid]
+    ratios = [int(r) for r in args.ratios.split(",")] if args.ratios else sorted(grid.cells, reverse=True)
+    jobs = jobs_of(args.grid, ratios, [int(s) for s in args.seeds.split(",")])
+    if args.only:
+        only = args.only.split(",")
+        unknown = sorted(set(only) - {label for label, _, _ in jobs})
         if unknown:
-            raise SystemExit(f"--only: no SWEEP entry named {', '.join(unknown)}")
-        jobs = [(label, ratio, seed, args, (name, keys)) for name, label, keys in SWEEP
-                for ratio in ratios for seed in seeds if only is None or name in only]
-        with ThreadPoolExecutor(args.workers) as pool:
-            for msg in pool.map(lambda j: run_job(*j), jobs):
-                print(msg, flush=True)
-        return
+            raise SystemExit(f"--only: grid {args.grid} has no run labelled {', '.join(unknown)}")
+        jobs = [j for j in jobs if j[0] in only]
+    if args.list:
+        for label, ratio, seed in jobs:
+            done = os.path.exists(os.path.join(result_dir(args.results, grid, label, ratio, seed), "results.json"))
+            print(f"{'done' if done else 'todo'} {label} r={ratio} seed={seed}")
+        return 0
     with ThreadPoolExecutor(args.workers) as pool:
-        for ratio in ratios:
-            jobs = [(m, ratio, s) for m in methods for s in seeds]
-            for msg in pool.map(lambda j: run_job(*j, args), jobs):
-                print(msg, flush=True)
-            if ratio == 100 and args.ablation_base != "none":
-                base = args.ablation_base if args.ablation_base != "auto" else \
-                    best_base(args.results, 100, [m for m in methods if "+" not in m])
-                print(f"direction ablation on {base}", flush=True)
-                jobs = [(f"{base}+gkp+gsa@{d}", ratio, s) for d in ("sam", "gsa_proj") for s in seeds]
-                jobs += [(f"{base}+gkp+gsa", ratio, s) for s in seeds]
-                for msg in pool.map(lambda j: run_job(*j, args), jobs):
-                    print(msg, flush=True)
+        for msg in pool.map(lambda j: run_job(grid, *j, args), jobs):
+            print(msg, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
