@@ -167,6 +167,7 @@ def _write_results(root: Path) -> None:
                 "recipe": "fmnist_lt_resnet8", "method": method, "dataset": "fmnist", "imbalance_ratio": 100.0,
                 "seed": seed, "epochs": 2, "top1": top1, "many": many, "medium": medium, "few": few,
                 "per_class": per_class, "train_counts": COUNTS, "num_test_evaluated": 60}))
+            (d / "args.yaml").write_text(yaml.safe_dump({"groups": {"num_groups": 4}}))
 
 
 def _row(text: str, label: str) -> list[str]:
@@ -208,39 +209,47 @@ def test_collect_results_tables_check_and_plot(tmp_path: Path) -> None:
     assert tool.main(argv) == 2 and readme.read_text() == "no markers here\n"
 
 
-def _write_sweep_run(root: Path, name: str, label: str, overrides: list[str], order: int, seed: int,
-                     metrics: tuple) -> None:
-    d = root / "sweeps" / "fmnist_r100" / name / f"seed{seed}"
+def _write_run(root: Path, folder: str, label: str, seed: int, metrics: tuple, groups: int = 4) -> Path:
+    d = root / folder / label / f"seed{seed}"
     d.mkdir(parents=True)
     top1, many, medium, few = metrics
     (d / "results.json").write_text(json.dumps({
-        "recipe": "fmnist_lt_resnet8", "method": label, "dataset": "fmnist", "imbalance_ratio": 100.0, "seed": seed,
-        "epochs": 2, "top1": top1, "many": many, "medium": medium, "few": few,
-        "per_class": [many, many, medium, medium, few, few], "train_counts": COUNTS, "num_test_evaluated": 60}))
-    (d / "sweep.json").write_text(json.dumps({"name": name, "label": label, "overrides": overrides, "order": order}))
+        "recipe": "fmnist_lt_resnet8", "method": label.partition("#")[0], "dataset": "fmnist",
+        "imbalance_ratio": 100.0, "seed": seed, "epochs": 2, "top1": top1, "many": many, "medium": medium,
+        "few": few, "per_class": [many, many, medium, medium, few, few], "train_counts": COUNTS,
+        "num_test_evaluated": 60}))
+    (d / "args.yaml").write_text(yaml.safe_dump({"groups": {"num_groups": groups}}))
+    if "#" in label:
+        (d / "variant.json").write_text(json.dumps({"name": label.partition("#")[2], "overrides": ["x=1"]}))
+    return d
 
 
-def test_collect_results_sweep_table_and_empty_split(tmp_path: Path) -> None:
+def test_collect_results_variants_groups_history_and_empty_split(tmp_path: Path) -> None:
     tool = load_tool("collect_results")
-    _write_results(tmp_path / "results")
-    # written in the reverse of their order: the table follows sweep.json's order, not names or file times
-    _write_sweep_run(tmp_path / "results", "b_second", "ce+gkp+gsa", ["gkp.lam=1"], 1, 1, (30.0, 60.0, 20.0, 1.0))
-    _write_sweep_run(tmp_path / "results", "a_first", "ce+gkp+gsa", ["gsa.bn_stats=batch"], 0, 0,
-                     (50.0, 70.0, 45.0, 20.0))
+    root = tmp_path / "results"
+    _write_results(root)
+    _write_run(root, "fmnist_r100", "ce+gkp+gsa#G2", 0, (50.0, 70.0, 45.0, 20.0), groups=2)
+    _write_run(root, "fmnist_r100", "ce+gkp+gsa#euclidean", 0, (30.0, 60.0, 20.0, 1.0))
+    _write_run(root / "history" / "v1", "fmnist_r100", "ce+gkp+gsa", 0, (20.0, 60.0, 5.0, 0.0))
     # a ratio without Few classes: null in results.json, a dash in the table
-    d = tmp_path / "results" / "fmnist_r10" / "ce" / "seed0"
+    d = root / "fmnist_r10" / "ce" / "seed0"
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({
         "recipe": "fmnist_lt_resnet8", "method": "ce", "dataset": "fmnist", "imbalance_ratio": 10.0, "seed": 0,
         "epochs": 2, "top1": 70.0, "many": 75.0, "medium": 60.0, "few": None, "per_class": [75.0, 60.0],
         "train_counts": [100, 40], "num_test_evaluated": 20}))
-    block = tool.build_block(str(tmp_path / "results"), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
+    block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
+    assert "### fmnist r=100, 2 epochs" in block
     assert "| `ce` | 1 | 70.00 | 75.00 | 60.00 | — |" in block
-    rows = [ln for ln in block.splitlines() if ln.startswith(("| `a_first`", "| `b_second`"))]
-    # same method and base on the same seed: ce+gkp+gsa seed 0 = 43, seed 1 = 44; ce seed 0 = 39, seed 1 = 41
-    assert rows == ["| `a_first` | `ce+gkp+gsa` | `gsa.bn_stats=batch` | 0 | 50.00 | 70.00 | 45.00 | 20.00 | 43.00 "
-                    "| 39.00 |",
-                    "| `b_second` | `ce+gkp+gsa` | `gkp.lam=1` | 1 | 30.00 | 60.00 | 20.00 | 1.00 | 44.00 | 41.00 |"]
+    # a variant is compared with its base loss alone: 30 - 40 = -10, beyond 1.41 (one seed: n/a)
+    assert _row(block, "ce+gkp+gsa#euclidean")[2:] == ["30.00", "60.00", "20.00", "1.00", "-10.00", "n/a"]
+    groups = [ln for ln in block.splitlines() if ln.startswith("| `ce+gkp+gsa` | ")][-2:]
+    assert [r.split("|")[2:5] for r in groups] == [[" 2 ", " 1 ", " 50.00 "], [" 4 ", " 2 ", " 43.50 ± 0.71 "]]
+    # the v1 history: base now, v1, now
+    assert "| fmnist_r100 | `ce+gkp+gsa` | 40.00 ± 1.41 | 20.00 | 43.50 ± 0.71 |" in block
+    (root / "fmnist_r100" / "ce+gkp+gsa#G2" / "seed0" / "variant.json").unlink()
+    with pytest.raises(AnalysisError, match="a '#G2' run needs a variant.json naming it"):
+        tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
 
 
 def test_collect_results_rejects_mislabelled_run(tmp_path: Path) -> None:

@@ -126,7 +126,9 @@ def summarize(runs: Sequence[tuple[str, dict[str, Any]]], with_counts: bool = Fa
     if len(lengths) > 1:
         raise AnalysisError(f"{runs[0][0]} and its other seeds disagree on the number of classes {sorted(lengths)}")
     per_class = np.mean(np.array([[math.nan if v is None else float(v) for v in r["per_class"]] for r in res]), axis=0)
-    counts = train_counts_of(load_run(runs[0][0])) if with_counts else None
+    counts = None
+    if with_counts:
+        counts = res[0].get("train_counts") or train_counts_of(load_run(runs[0][0]))
     args = os.path.join(runs[0][0], "args.yaml")
     groups = None
     if os.path.exists(args):  # read as plain YAML: history runs hold keys the schema no longer has
