@@ -27,26 +27,40 @@ def test_synthetic_cifar100_loads_as_cifar100_lt(tmp_path):
     assert data.lt_counts[0] == 500 and data.lt_counts[-1] == 5 and len(data.test) == 10000
 
 
-def test_grid_and_sweep_runs_are_valid_recipes_with_their_labels():
-    """Every grid cell and sweep entry loads as a valid recipe whose results.json label is the folder's label."""
+def test_every_grid_run_is_a_valid_recipe_with_its_label():
+    """Every grid cell and extra loads as a valid recipe whose results.json label is the folder's label without
+    its variant, and a variant's keys are applied."""
     grid = load_tool("run_grid")
-    labels = grid.GRID + ["la+gkp+gsa@sam", "la+gkp+gsa@gsa_proj", "bs", "ldam_drw"]
-    for label in labels:
-        cfg = load_config("fmnist_lt_resnet8", grid.overrides(label, 10, 2))
-        assert method_label(cfg) == label and cfg["data"]["imbalance_ratio"] == 10 and cfg["seed"] == 2
-    names = [name for name, _, _ in grid.SWEEP]
-    assert len(set(names)) == len(names)
-    for name, label, keys in grid.SWEEP:
-        cfg = load_config("fmnist_lt_resnet8", grid.overrides(label, 100, 0) + keys)
-        assert method_label(cfg) == label, name
-    cfg = load_config("fmnist_lt_resnet8", grid.overrides("ce+gkp+gsa", 100, 0) + dict(
-        (n, k) for n, _, k in grid.SWEEP)["groupnorm_radius_div10"])
-    assert cfg["model"]["norm_layer"] == "groupnorm" and cfg["gsa"]["rho_clamp"] == [0.0002, 0.0003]
+    for name, g in grid.GRIDS.items():
+        ratios = sorted(g.cells)
+        for label, ratio, seed in grid.jobs_of(name, ratios, [2]):
+            cfg = load_config(g.recipe, grid.overrides(label, ratio, seed))
+            assert method_label(cfg) == label.partition("#")[0], label
+            assert cfg["data"]["imbalance_ratio"] == ratio and cfg["seed"] == 2
+    cfg = load_config("fmnist_lt_resnet8_long", grid.overrides("bcl+gkp+gsa@sam#G2", 100, 0))
+    assert cfg["groups"]["num_groups"] == 2 and cfg["gsa"]["direction"] == "sam" and cfg["loss"]["name"] == "bcl"
+    assert load_config("fmnist_lt_resnet8", grid.overrides("la#cosine", 10, 0))["model"]["classifier"] == "cosine"
 
 
-def test_sweep_only_names_an_unknown_entry():
+def test_long_recipe_has_the_paper_schedule_shape():
+    """64 epochs: 5% warm-up, x0.1 at 80% and 90% (the paper's 160/180 of 200), groups from 10%, refreshed every 10%."""
+    cfg = load_config("fmnist_lt_resnet8_long")
+    short = load_config("fmnist_lt_resnet8")
+    assert cfg["epochs"] == 64 and cfg["sched"]["warmup_epochs"] == round(0.05 * 64)
+    assert cfg["sched"]["sched"] == "multistep" and cfg["sched"]["decay_milestones"] == [round(0.8 * 64),
+                                                                                       round(0.9 * 64)]
+    assert cfg["groups"]["start_epoch"] == cfg["groups"]["interval"] == round(0.1 * 64)
+    for section in ("data", "model", "optim", "gkp", "gsa"):
+        assert cfg[section] == short[section], section
+
+
+def test_grid_jobs_order_and_only_names_an_unknown_label(tmp_path):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, str(load_tool("run_grid").ROOT) + "/tools/run_grid.py", "--sweep", "--only",
-                           "lam1,no_such_run", "--workers", "0"], capture_output=True, text=True)  # 0: never trains
-    assert proc.returncode != 0 and "no SWEEP entry named no_such_run" in proc.stderr
+    grid = load_tool("run_grid")
+    jobs = grid.jobs_of("fmnist64", [100], [0, 1])
+    assert jobs[0] == ("ce", 100, 0) and jobs[-1] == ("bcl+gkp+gsa#G6", 100, 1)
+    assert jobs.index(("bcl+gkp+gsa#G2", 100, 0)) < jobs.index(("bcl+gkp+gsa#G2", 100, 1))  # extras: seed 0 first
+    proc = subprocess.run([sys.executable, grid.ROOT + "/tools/run_grid.py", "--only", "ce,no_such_run",
+                           "--results", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "grid fmnist16 has no run labelled no_such_run" in proc.stderr
