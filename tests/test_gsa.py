@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lt_recipes.gsa import SAM, GroupedSAM, LossScaler, ordered_parameters
-from lt_recipes.models import CosineLinear
+from lt_recipes.models import CosineLinear, LTModel
 from lt_recipes.segments import Layout, SegmentError, group_offsets, offset_modules, shared
 
 NUM_CLASSES = 6
@@ -268,6 +268,28 @@ def test_group_gradients_sum_to_the_batch_gradient(group_grads, norm):
     _, rows, counts = _pass1(model, x, y, group_grads)
     got = (torch.tensor(counts, dtype=torch.float64)[:, None] / len(y) * rows).sum(0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_grads", ["masked", "share"])
+def test_bcl_group_gradients_sum_to_the_batch_gradient(group_grads):
+    """The same with BCL: three stacked views through the backbone, projection heads with BatchNorm1d, and class
+    prototypes computed from the classifier's weights outside the group segments (the share pass's common part)."""
+    from lt_recipes.losses import BCL
+    torch.manual_seed(0)
+    model = LTModel(nn.Sequential(nn.Flatten(), nn.Linear(16, 10), nn.BatchNorm1d(10), nn.ReLU()), 10, NUM_CLASSES,
+                    classifier="cosine", proj_dims=(12, 8))
+    loss = BCL([50, 40, 30, 20, 10, 5])
+    x, y = _batch(n=18, image=True)
+    views = [x, x.flip(2), x.flip(3)]
+    ref = copy.deepcopy(model).double()
+    params, _ = _ordered(ref)
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss.double()(ref, [v.double() for v in views], y), params)])
+    loss.float()
+    gsa = _gsa(model, group_grads=group_grads)
+    rows, counts = gsa.group_gradients(lambda idx: loss.per_sample(model, [v[idx] for v in views], y[idx]), y)
+    got = (torch.tensor(counts, dtype=torch.float64)[:, None] / len(y) * rows.double()).sum(0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_share_equals_masked_without_batchnorm_and_not_with_it():
