@@ -26,7 +26,6 @@ from .config import defaults, flatten
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint.prev.pt"
 BEST_NAME = "model_best.pt"
 
 # Lines of torch.load's errors that advise retrying with weights_only=False, which would run code from the file.
@@ -148,10 +147,9 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
-        key = storage.data_ptr() if storage.data_ptr() else id(storage)
-        if key in seen:
+        if not storage.nbytes() or storage.data_ptr() in seen:
             return 0
-        seen.add(key)
+        seen.add(storage.data_ptr())
         return storage.nbytes()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, seen) for v in obj.values())

@@ -54,7 +54,8 @@ def optimizer_args(optim_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return {k: (tuple(v) if k == "betas" else v) for k, v in wanted.items() if k in params}, unused
 
 
-def create_optimizer(model: torch.nn.Module, optim_cfg: dict[str, Any], global_batch_size: int) -> torch.optim.Optimizer:
+def create_optimizer(model: torch.nn.Module, optim_cfg: dict[str, Any],
+                     global_batch_size: int) -> torch.optim.Optimizer:
     """timm's optimizer for `model` (no weight decay on biases and norm weights, as timm) at `scaled_lr`."""
     lr = scaled_lr(optim_cfg, global_batch_size)
     kwargs, unused = optimizer_args(optim_cfg)

@@ -74,6 +74,16 @@ def test_two_process_ddp_counts_every_sample_logs_once_and_scales_lr(tmp_path):
     assert all(497 <= int(r["train_images"]) <= 497 + 2 * 64 for r in rows)  # every image of both ranks (padding)
 
 
+def test_launch_warning_only_for_a_multi_process_launch_that_runs_one():
+    from lt_recipes.engine import launch_warning
+
+    simple = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"}
+    assert launch_warning({}) is None and launch_warning(simple) is None  # python train.py, accelerate launch (1)
+    assert launch_warning({**simple, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}) is not None
+    assert launch_warning({**simple, "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "0"}) is None  # multi_gpu
+    assert launch_warning({"MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}) is None  # torchrun
+
+
 def test_accelerate_cpu_launch_of_two_processes_warns_and_logs_progress(tmp_path):
     """`accelerate launch --cpu --num_processes 2` runs one process: say so loudly; progress lines without a tty."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -139,7 +149,8 @@ def test_ema_with_decay_zero_is_the_model_and_is_evaluated_beside_it(tmp_path):
 
     res = run(load_config("digits_lt", ["epochs=1", "method=none", "ema.decay=0.0",
                                                         "sched.warmup_epochs=0"]), str(tmp_path))
-    assert {k: res["ema"][k] for k in ("top1", "top5", "per_class")} == {k: res[k] for k in ("top1", "top5", "per_class")}
+    keys = ("top1", "top5", "per_class")
+    assert {k: res["ema"][k] for k in keys} == {k: res[k] for k in keys}
     row = next(csv.DictReader(open(tmp_path / "summary.csv")))
     assert row["ema_val_top1"] == row["val_top1"]
 

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg['name']}: {cfg['model']['name']}, {num_classes} classes, {first['params'] / 1e6:.1f}M parameters "
           f"({first['covered_params'] / 1e6:.1f}M covered by GKP/GSA), G={groups}, optim.opt={cfg['optim']['opt']}, "
           f"method={cfg['method']}")
-    rows = [("model (weights, BatchNorm statistics)", "model"), ("EMA weights", "ema"), ("optimizer state", "optimizer")]
+    rows = [("model (weights, BatchNorm statistics)", "model"), ("EMA weights", "ema"),
+            ("optimizer state", "optimizer")]
     header = "| part | " + " | ".join(f"MB, {k} bank snapshot{'s' * (k > 1)}" for k in counts) + " |"
     print(header + "\n|---|" + "---:|" * len(counts))
     for title, key in rows:
