@@ -1,6 +1,8 @@
 """Crash-safe files: every artifact is written to a temporary file in the same folder, then renamed over the target.
 
-A kill at any moment leaves either the old file or the new one, never a half-written one. Checkpoints are read
+A kill at any moment leaves either the old file or the new one, never a half-written one; files get the mode the
+umask gives (0644 under the usual 022), not mkstemp's 0600. The checkpoint being replaced is kept as
+`checkpoint.prev.pt`, and resuming falls back to it when the latest is missing or unreadable. Checkpoints are read
 with `torch.load(weights_only=True)`, so a checkpoint cannot run arbitrary code, and a truncated or corrupt file
 or one from another recipe is reported with its path.
 """
@@ -11,6 +13,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import tempfile
 from typing import Any, Callable, Sequence
 
@@ -18,26 +21,48 @@ import torch
 import yaml
 
 from . import faults
+from .config import defaults, flatten
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "model_best.pt"
+
+# Lines of torch.load's errors that advise retrying with weights_only=False, which would run code from the file.
+_TORCH_ADVICE = ("weights_only", "Re-running", "arbitrary code", "Please file an issue", "Check the documentation")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupt, truncated, or made by a different run set-up."""
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that torch.load(weights_only=True) cannot read: truncated, corrupt, or holding code."""
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under the process umask (mkstemp would give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str, point: str = "write",
+                  before_replace: Callable[[], None] | None = None) -> None:
+    """Write through a temporary file in the same folder, then rename; `point` names the fail point (faults.py)
+    between the two, `before_replace` runs just before the rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        faults.hit("write")
+        faults.hit(point)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -87,32 +112,110 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """torch.save into a temporary file, then rename: the previous checkpoint survives a kill mid-write."""
+def previous_path(path: str) -> str:
+    """Where the checkpoint replaced by the newest one is kept: checkpoint.pt -> checkpoint.prev.pt."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def save_checkpoint(path: str, state: dict[str, Any], keep_previous: bool = True, point: str = "checkpoint") -> int:
+    """torch.save into a temporary file, then rename; with `keep_previous` the file it replaces is first renamed to
+    `previous_path(path)`. A kill at any moment leaves a readable checkpoint. Returns the size in bytes."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+
+    def rotate() -> None:
+        if keep_previous and os.path.exists(path):
+            os.replace(path, previous_path(path))
+
+    _atomic_write(path, lambda f: f.write(data), "wb", point=point, before_replace=rotate)
+    return len(data)
+
+
+def read_error(e: BaseException) -> str:
+    """torch.load's error in one line, without its advice to retry with weights_only=False (that would run code)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    kept = [ln for ln in lines if not any(a in ln for a in _TORCH_ADVICE)]
+    what = "holds pickled Python objects, which are never loaded" if isinstance(e, pickle.UnpicklingError) \
+        else "is corrupt or truncated"
+    return f"{what} ({type(e).__name__}: {'; '.join(kept) or 'no detail'})"
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages in a nested state (each storage once, as torch.save writes it)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if not storage.nbytes() or storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def size_report(state: dict[str, Any], nbytes: int) -> str:
+    """'12.3 MB: model 4.1, optimizer 4.1, method 4.1 (bank 2.0, anchors 1.0, fisher 1.0)' for the log."""
+    seen: set[int] = set()
+    parts = []
+    for key, value in state.items():
+        size = tensor_bytes(value, seen)
+        if not size:
+            continue
+        inner: list[tuple[str, int]] = []
+        if isinstance(value, dict) and any(isinstance(v, (dict, list, tuple)) for v in value.values()):
+            inner_seen: set[int] = set()  # a state of named parts (the method's), not a flat state dict
+            inner = sorted(((k, tensor_bytes(v, inner_seen)) for k, v in value.items()), key=lambda kv: -kv[1])
+        inner = [f"{k} {b / 1e6:.1f}" for k, b in inner if b >= 0.01 * size][:4]
+        parts.append(f"{key} {size / 1e6:.1f}" + (f" ({', '.join(inner)})" if len(inner) > 1 else ""))
+    return f"{nbytes / 1e6:.1f} MB: " + ", ".join(parts)
+
+
+def load_resumable(path: str, expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or the previous one kept beside it when `path` is missing or unreadable (logged);
+    None when there is neither. A checkpoint from another run set-up is an error, never skipped."""
+    prev = previous_path(path)
+    if os.path.exists(path):
+        try:
+            return load_checkpoint(path, expect)
+        except UnreadableCheckpointError as e:
+            if not os.path.exists(prev):
+                raise
+            _logger.warning("%s; resuming from the previous checkpoint %s instead", e, prev)
+    elif os.path.exists(prev):
+        _logger.warning("%s is missing (the run stopped while replacing it); resuming from the previous checkpoint %s",
+                        path, prev)
+    else:
+        return None
+    return load_checkpoint(prev, expect)
 
 
 def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only) and check that it belongs to this run set-up.
 
     `expect` maps identity keys (recipe, num_classes, model, method, ..., and `config`: the flattened recipe) to the
-    values of the current run; any difference is an error naming the key(s) and both values.
+    values of the current run; any difference is an error naming the key(s) and both values. A recipe key that
+    lt-recipes gained after the checkpoint was written matches when it is at its default (which keeps the behaviour
+    the checkpoint was trained with).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt zip archives and unpickling
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read: "
-                              f"{type(e).__name__}: {e}") from None
+        raise UnreadableCheckpointError(f"checkpoint {path} {read_error(e)} and cannot be read") from None
     if not isinstance(state, dict) or "identity" not in state:
         raise CheckpointError(f"checkpoint {path} is not an lt-recipes checkpoint (no 'identity' entry)")
     for key, want in (expect or {}).items():
         have = state["identity"].get(key)
         if isinstance(want, dict) and isinstance(have, dict):
-            diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+            added = flatten(defaults())
+            diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k)
+                          and not (k not in have and k in added and want[k] == added[k]))
             if diff:
                 raise CheckpointError(f"checkpoint {path} was made with a different recipe: " + "; ".join(
                     f"{k}={have.get(k)!r} there, {k}={want.get(k)!r} here" for k in diff[:5]) +

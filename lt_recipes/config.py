@@ -1,11 +1,15 @@
 """Recipes: YAML files of nested keys, validated against one schema before any work starts.
 
 Every key a recipe or an override (`--set data.root=/x`) may set is declared in `SCHEMA` with its default,
-type and allowed range, so an unknown key or a bad value fails early with a message that names it.
+type and allowed range, so an unknown key or a bad value fails early with a message that names it. This module
+imports neither torch nor timm: a bad key or value is reported in a fraction of a second. Only the names that live
+in timm's and Accelerate's registries (optimizer, augmentation policy, trackers) are checked against them, last,
+by `check_registries`, which imports them when it runs.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import math
 import os
@@ -65,6 +69,16 @@ def _positive_ints(v: Any) -> str | None:
     return None if all(isinstance(x, int) and x > 0 for x in v) else "must be a list of positive integers"
 
 
+def _names(v: Any) -> str | None:
+    names = [v] if isinstance(v, str) else v
+    return None if names and all(isinstance(n, str) and n for n in names) else "must be a name or a list of names"
+
+
+def _betas(v: Any) -> str | None:
+    return None if len(v) in (2, 3) and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in v) \
+        else "must be a list of 2 (or 3) numbers in [0, 1)"
+
+
 def _dims(v: Any) -> str | None:
     return None if len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) else "must be [hidden, out] positive integers"
 
@@ -83,6 +97,8 @@ SCHEMA: dict[str, Any] = {
     "log_interval": Field(50, INT, _at_least(1)),
     "checkpoint_interval": Field(1, INT, _at_least(1)),
     "max_nonfinite_steps": Field(20, INT, _at_least(1)),
+    # experiment trackers through Accelerate (tensorboard, wandb, mlflow, ...): a name or a list, null = none
+    "log_with": Field(None, (str, list), _names, nullable=True),
     "data": {
         "dataset": Field("digits", STR,
                          _choice("digits", "fmnist", "cifar10", "cifar100", "imagenet_lt", "places_lt", "inat2018")),
@@ -96,6 +112,8 @@ SCHEMA: dict[str, Any] = {
         "test_list": Field(None, STR, nullable=True),
         "img_size": Field(32, INT, _at_least(1)),
         "augment": Field("basic", STR, _choice("none", "basic", "autoaugment", "randaugment")),
+        # timm's policy string for list datasets (e.g. rand-n2-m10, original, augmix-m5), see timm.data.auto_augment
+        "auto_augment": Field(None, STR, nullable=True),
         "contrastive_views": Field(0, INT, _choice(0, 2)),
         "batch_size": Field(128, INT, _at_least(1)),
         "eval_batch_size": Field(256, INT, _at_least(1)),
@@ -127,12 +145,22 @@ SCHEMA: dict[str, Any] = {
         "label_smoothing": Field(0.0, FLOAT, _between(0.0, 1.0)),
     },
     "optim": {
-        "opt": Field("sgd", STR),
+        "opt": Field("sgd", STR),  # any name in timm.optim.list_optimizers(), optionally lookahead_<name>
         "lr": Field(0.1, FLOAT, _positive),
+        # timm's rule: with lr_base set, lr = lr_base * (global batch / lr_base_size), or its square root
+        "lr_base": Field(None, FLOAT, _positive, nullable=True),
+        "lr_base_size": Field(256, INT, _at_least(1)),
+        "lr_base_scale": Field(None, STR, _choice("linear", "sqrt"), nullable=True),
         "momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "weight_decay": Field(5e-4, FLOAT, _at_least(0.0)),
         "nesterov": Field(False, BOOL),
+        "eps": Field(None, FLOAT, _positive, nullable=True),
+        "betas": Field(None, LIST, _betas, nullable=True),
         "clip_grad": Field(None, FLOAT, _positive, nullable=True),
+    },
+    "ema": {
+        "decay": Field(None, FLOAT, _between(0.0, 1.0), nullable=True),  # timm's ModelEmaV3; null = no EMA
+        "warmup": Field(False, BOOL),
     },
     "sched": {
         "sched": Field("cosine", STR, _choice("cosine", "step", "multistep", "none")),
@@ -311,11 +339,67 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("gsa.direction applies to methods gsa/gkp_gsa, not method=sam")
     if cfg["sched"]["warmup_epochs"] >= cfg["epochs"]:
         raise ConfigError(f"sched.warmup_epochs={cfg['sched']['warmup_epochs']} must be < epochs={cfg['epochs']}")
+    if cfg["optim"]["lr_base_scale"] is not None and cfg["optim"]["lr_base"] is None:
+        raise ConfigError("optim.lr_base_scale scales optim.lr_base, which is not set (set optim.lr_base or drop "
+                          "optim.lr_base_scale)")
+    if data["dataset"] in _LIST_DATASETS and data["augment"] in ("autoaugment", "randaugment"):
+        raise ConfigError(f"data.augment={data['augment']} is for the in-memory datasets; {data['dataset']} uses "
+                          "timm's transforms: set data.augment=basic and data.auto_augment (e.g. rand-n2-m10)")
+    if data["auto_augment"] is not None and data["dataset"] not in _LIST_DATASETS:
+        raise ConfigError(f"data.auto_augment applies to timm's transforms of {list(_LIST_DATASETS)}, not "
+                          f"{data['dataset']} (use data.augment)")
+    return cfg
+
+
+def _check_optimizer(name: str) -> None:
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    base = name.lower().removeprefix("lookahead_")
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=3)
+        raise ConfigError(f"recipe key 'optim.opt' = {name!r}: not a timm optimizer"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + "; timm.optim.list_optimizers() lists them, lookahead_<name> wraps one in Lookahead")
+
+
+def _check_auto_augment(policy: str) -> None:
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except Exception as e:  # timm raises assertion, key and value errors for a malformed policy string
+        raise ConfigError(f"recipe key 'data.auto_augment' = {policy!r} is not a timm augmentation policy "
+                          f"(e.g. rand-n2-m10, original, augmix-m5): {type(e).__name__}: {e}") from None
+
+
+def _check_trackers(log_with: str | list[str]) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in [log_with] if isinstance(log_with, str) else log_with:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"recipe key 'log_with': {name!r} is not an Accelerate tracker "
+                              f"(one of {sorted(LOGGER_TYPE_TO_CLASS)})")
+        if name not in available:
+            raise ConfigError(f"recipe key 'log_with': tracker {name!r} needs its package: pip install {name}")
+
+
+def check_registries(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check the names that live in timm's and Accelerate's registries; imports both, so it runs last."""
+    _check_optimizer(cfg["optim"]["opt"])
+    if cfg["data"]["auto_augment"] is not None:
+        _check_auto_augment(cfg["data"]["auto_augment"])
+    if cfg["log_with"] is not None:
+        _check_trackers(cfg["log_with"])
     return cfg
 
 
 def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key."""
+    """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
+
+    Keys, types, ranges and combinations are checked before timm or torch is imported; `check_registries` last.
+    """
     path = recipe_path(recipe)
     try:
         with open(path) as f:
@@ -331,7 +415,7 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     for text in overrides:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value), "", f"override '{text}'")
-    return validate(cfg)
+    return check_registries(validate(cfg))
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:

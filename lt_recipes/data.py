@@ -21,7 +21,8 @@ the shortfall from its kept images. ``lt_counts`` is therefore exactly the publi
 differs from it only for head classes.
 
 In-memory images stay uint8 tensors and go through ``torchvision.transforms.v2``; digits are never flipped
-(a mirrored digit is a different glyph).
+(a mirrored digit is a different glyph). Image files (ImageNet-LT, Places-LT, iNat) get timm's
+``create_transform``, with the recipe's ``data.auto_augment`` policy string (``rand-n2-m10`` as in the paper).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -454,6 +455,11 @@ class Cutout(torch.nn.Module):
         return out
 
 
+def dataset_in_chans(dataset: str) -> int:
+    """Image channels of a dataset: 1 for the grey-scale digits and Fashion-MNIST, 3 for the others."""
+    return len(_DEFAULT_MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN,))[0])
+
+
 def _mean_std(data_cfg: dict[str, Any], dataset: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     default = _DEFAULT_MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     out = []
@@ -473,35 +479,50 @@ def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
+def _timm_transforms(data_cfg: dict[str, Any], mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> tuple[Callable, Callable, Callable]:
+    """(train, eval, contrastive view) transforms of image files from `timm.data.create_transform`: train is
+    RandomResizedCrop + flip + `data.auto_augment` (e.g. rand-n2-m10), eval resizes to size / crop_pct and
+    centre-crops, the view is SimCLR's (crop scale 0.2-1, flip, colour jitter with p 0.8, grey-scale with p 0.2)."""
+    size, common = data_cfg["img_size"], {"mean": mean, "std": std}
+    eval_tf = create_transform(size, is_training=False, crop_pct=DEFAULT_CROP_PCT, **common)
+    train_tf = eval_tf if data_cfg["augment"] == "none" else create_transform(
+        size, is_training=True, auto_augment=data_cfg["auto_augment"], color_jitter=None, **common)
+    view_tf = create_transform(size, is_training=True, scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
+                               color_jitter_prob=0.8, grayscale_prob=0.2, **common)
+    return train_tf, eval_tf, view_tf
+
+
 def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
                      native_size: int | None) -> tuple[Callable, Callable]:
     """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files.
 
-    Geometry and colour ops run on what the dataset yields (uint8 tensors, or PIL images for files, where PIL's
-    resampling is the faster one); conversion to float and normalisation come last.
+    Image files (PIL) get timm's transforms (`_timm_transforms`). In-memory datasets (uint8 tensors, which timm's
+    PIL-based transforms do not take) keep torchvision v2: pad-and-crop, flip (never for digits), the CIFAR or
+    ImageNet AutoAugment policy with Cutout, or RandAugment(2, 10); conversion to float and normalisation last.
     """
     size, augment = data_cfg["img_size"], data_cfg["augment"]
     mean, std = _mean_std(data_cfg, dataset, in_chans)
-    files = native_size is None
+    views = data_cfg["contrastive_views"]
+    if native_size is None:
+        if augment in ("autoaugment", "randaugment"):
+            raise DataError(f"data.augment={augment} is for in-memory datasets; image files use timm's transforms: "
+                            "data.augment=basic with data.auto_augment (e.g. rand-n2-m10)")
+        train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, mean, std)
+        return (MultiViewTransform(train_tf, view_tf, views) if views else train_tf), eval_tf
     resize = [] if size == native_size else [v2.Resize(size)]
-    if files:
-        resize = [v2.Resize(int(math.floor(size / DEFAULT_CROP_PCT))), v2.CenterCrop(size)]
     eval_tf = v2.Compose([*resize, *_finish(mean, std)])
     flip = [] if dataset == "digits" else [v2.RandomHorizontalFlip()]
     if augment == "none":
         train_tf = eval_tf
     else:
         pad = max(1, round(size / 8))
-        crop = [v2.RandomResizedCrop(size)] if files else [*resize, v2.RandomCrop(size, padding=pad)]
         policy: list[Any] = []
         if augment == "autoaugment":
-            policy = [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET if files else v2.AutoAugmentPolicy.CIFAR10)]
-            if not files:
-                policy.append(Cutout(size // 2))
+            policy = [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), Cutout(size // 2)]
         elif augment == "randaugment":
             policy = [v2.RandAugment(num_ops=2, magnitude=10)]
-        train_tf = v2.Compose([*crop, *flip, *policy, *_finish(mean, std)])
-    views = data_cfg["contrastive_views"]
+        train_tf = v2.Compose([*resize, v2.RandomCrop(size, padding=pad), *flip, *policy, *_finish(mean, std)])
     if views:
         colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
         view_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), *flip,

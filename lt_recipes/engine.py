@@ -1,41 +1,52 @@
 """The training run: data, model, loss, optimizer, method, epochs, evaluation, checkpoints and artifacts.
 
-Runs the same way under `python train.py` and `accelerate launch train.py` (any number of processes, bf16/fp16/no
-mixed precision). Every epoch reseeds all generators from (seed, epoch, rank) and the sampler is a function of
-(seed, epoch), so resuming from the last epoch checkpoint reproduces an uninterrupted run exactly on the CPU.
+Runs the same way under `python train.py`, `accelerate launch train.py` and `torchrun train.py` (any number of
+processes, bf16/fp16/no mixed precision); `data.batch_size` is per process. Every epoch reseeds all generators from
+(seed, epoch, rank) and the sampler is a function of (seed, epoch), so resuming from the last epoch checkpoint
+reproduces an uninterrupted run exactly on the CPU. Only the main process logs and writes files; per-epoch
+metrics are reduced over all processes.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, distribute_bn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write_csv, atomic_write_json, atomic_write_yaml,
-                         load_checkpoint, save_checkpoint)
-from .config import flatten
-from .data import LTData, build_data, build_loaders
-from .losses import create_loss
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, atomic_write_csv, atomic_write_json,
+                         atomic_write_yaml, load_checkpoint, load_resumable, previous_path, save_checkpoint,
+                         size_report)
+from .config import ConfigError, flatten
+from .data import DataError, LTData, build_data, build_loaders
+from .losses import LossError, create_loss
 from .method import Method, NonFiniteError, create_method, method_label
-from .metrics import format_table, split_report
-from .models import create_lt_model
+from .metrics import format_table, split_report, topk_accuracy
+from .models import ModelError, create_lt_model
+from .optim import OptimizerError, create_optimizer, scaled_lr
 
 _logger = logging.getLogger(__name__)
 
+# Errors caused by the user's input (recipe, data, checkpoint, model file): train.py and validate.py exit with 2.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteError, ModelError, LossError, OptimizerError)
 
 # Recipe keys that may differ when a run is resumed: where things are and how fast they load, not what is trained.
-RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "data.eval_batch_size", "log_interval",
+RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "data.eval_batch_size", "log_interval", "log_with",
                                "checkpoint_interval", "groups.bank_spill_dir", "gsa.backend", "model.pretrained_path"})
+
+TRACKER_PROJECT = "lt-recipes"  # Accelerate's project name: tensorboard logs to <output>/lt-recipes
 
 
 def _identity(cfg: dict[str, Any], data: LTData) -> dict[str, Any]:
@@ -55,23 +66,85 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels of every sample in `loader`, gathered over processes, each sample exactly once."""
+def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator,
+            k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k predicted labels [N, min(k, C)], best first, and true labels [N] of every sample in `loader`, gathered
+    over processes, each sample exactly once."""
     was_training = model.training
     model.eval()
     preds, targets = [], []
     for inputs, target in loader:
         with accelerator.autocast():
             logits = model(_to_device(inputs, accelerator.device))
-        p, t = accelerator.gather_for_metrics((logits.argmax(dim=1), target.to(accelerator.device)))
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        p, t = accelerator.gather_for_metrics((top, target.to(accelerator.device)))
         preds.append(p.cpu())
         targets.append(t.cpu())
     model.train(was_training)
     return torch.cat(preds), torch.cat(targets)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**31)
+def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator, train_counts: list[int]) -> dict[str, Any]:
+    """Top-1, Top-5 (None with fewer than 5 classes), Many / Medium / Few, per-class accuracy and the sample count."""
+    preds, targets = predict(model, loader, accelerator)
+    rep = split_report(preds[:, 0], targets, train_counts)
+    return {"top1": rep["top1"], "top5": topk_accuracy(preds, targets, 5), "many": rep["many"],
+            "medium": rep["medium"], "few": rep["few"], "per_class": rep["per_class"],
+            "num_test_evaluated": int(len(targets))}
+
+
+def reduce_sums(accelerator: Accelerator, *values: float) -> list[float]:
+    """Each value summed over all processes (float64, so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()
+
+
+def launch_warning(env: Mapping[str, str]) -> str | None:
+    """The warning for a launch that asked for several processes but runs one, else None.
+
+    Accelerate's simple launcher (`accelerate launch --cpu`, or no `--multi_gpu` with fewer than two GPUs) starts
+    one process whatever `--num_processes` says; for more than one it still exports MASTER_ADDR/MASTER_PORT, which a
+    one-process launch never does, while a real multi-process launch also exports WORLD_SIZE.
+    """
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env or "WORLD_SIZE" in env:
+        return None
+    return ("accelerate launch was asked for more than one process but started only this one: its simple launcher, "
+            "used with --cpu or without --multi_gpu, runs a single process. For N processes run "
+            "`accelerate launch --multi_gpu --num_processes N train.py ...` on GPUs, or "
+            "`torchrun --nproc_per_node N train.py ...` (GPUs, or gloo on the CPU). Training with 1 process: the "
+            "global batch is data.batch_size.")
+
+
+def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
+    """The Accelerator of a train.py / validate.py process: gloo DDP on the CPU under torchrun, and a loud warning
+    when a multi-process launch came up as one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Accelerate picks gloo on the CPU only when asked to: without this, torchrun on a machine without a GPU
+    # would start independent single-process runs that overwrite each other's files.
+    cpu = world > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kw) if mixed_precision \
+        else Accelerator(cpu=cpu, **kw)
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but Accelerate set up {accelerator.num_processes}")
+    warning = launch_warning(os.environ)
+    if warning:
+        _logger.warning("%s\n%s\n%s", "!" * 100, warning, "!" * 100)
+    return accelerator
+
+
+def _results_header(cfg: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
+    return {"recipe": cfg["name"], "method": method_label(cfg), "dataset": cfg["data"]["dataset"],
+            "imbalance_ratio": cfg["data"]["imbalance_ratio"], "seed": cfg["seed"], "epochs": cfg["epochs"],
+            "num_processes": accelerator.num_processes}
+
+
+def _log_report(title: str, rep: dict[str, Any]) -> None:
+    _logger.info("%s:\n%s", title, format_table(rep))
+
+
+def _tracker_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The flattened recipe with values trackers accept (lists and null as text)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(cfg).items()}
 
 
 class Trainer:
@@ -85,12 +158,16 @@ class Trainer:
         set_seed(cfg["seed"])
         self.data = build_data(cfg)
         self.model = create_lt_model(cfg["model"], self.data.num_classes, self.data.in_chans).to(acc.device)
+        # timm's EMA copies the model before DDP wraps it and before GSA flattens its parameters
+        e = cfg["ema"]
+        self.ema = ModelEmaV3(self.model, decay=e["decay"], use_warmup=e["warmup"]) if e["decay"] is not None else None
         self.criterion = create_loss(cfg["loss"], self.data.train_counts, cfg["epochs"]).to(acc.device)
         train_loader, val_loader, test_loader = build_loaders(self.data, cfg)
         self.method: Method = create_method(cfg, self.model, self.criterion, self.data, acc)
         o, s = cfg["optim"], cfg["sched"]
-        optimizer = create_optimizer_v2(self.model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"],
-                                        momentum=o["momentum"], nesterov=o["nesterov"])
+        self.global_batch_size = cfg["data"]["batch_size"] * acc.num_processes
+        self.lr = scaled_lr(o, self.global_batch_size)
+        optimizer = create_optimizer(self.model, o, self.global_batch_size)
         self.scheduler = None
         if s["sched"] != "none":
             self.scheduler, _ = create_scheduler_v2(
@@ -101,6 +178,7 @@ class Trainer:
          self.test_loader) = acc.prepare(self.model, optimizer, train_loader, val_loader, test_loader)
         self.method.bind(self.ddp_model, self.optimizer, self.val_loader)
         self.rows: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"val_top1": None, "epoch": None}
         self.start_epoch = 0
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -109,58 +187,110 @@ class Trainer:
         return os.path.join(self.output_dir, CHECKPOINT_NAME)
 
     def state_dict(self, epoch: int) -> dict[str, Any]:
+        """What resuming needs, each tensor once: weights (and EMA), optimizer, scheduler, method, summary rows."""
         return {
             "identity": _identity(self.cfg, self.data),
             "epoch": epoch,
             "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "method": self.method.state_dict(),
             "rows": self.rows,
+            "best": dict(self.best),
         }
 
     def resume(self) -> None:
-        """Continue from the checkpoint in the output directory (a fresh start when there is none yet)."""
-        if not os.path.exists(self.checkpoint_path):
+        """Continue from the checkpoint in the output directory (the previous one when the latest is unreadable;
+        a fresh start when there is none yet)."""
+        state = load_resumable(self.checkpoint_path, expect=_identity(self.cfg, self.data))
+        if state is None:
             _logger.info("no checkpoint in %s yet: starting from scratch", self.output_dir)
             return
-        state = load_checkpoint(self.checkpoint_path, expect=_identity(self.cfg, self.data))
         try:
             self.model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.method.load_state_dict(state["method"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {self.checkpoint_path} does not fit this run: {e}") from None
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint in {self.output_dir} does not fit this run: {e}") from None
         self.rows = list(state["rows"])
+        self.best = dict(state.get("best") or self.best)
         self.start_epoch = int(state["epoch"]) + 1
-        _logger.info("resumed from %s at epoch %d", self.checkpoint_path, self.start_epoch)
+        _logger.info("resumed from epoch %d's checkpoint: continuing at epoch %d", state["epoch"], self.start_epoch)
+
+    def _save(self, epoch: int, improved: bool, due: bool) -> None:
+        """model_best.pt (weights and EMA) when validation Top-1 improved, then the full checkpoint when due, so a
+        kill between the two never leaves a best file older than the checkpoint's record of it."""
+        if not (improved or due):
+            return
+        self._check_finite_weights(epoch)
+        if improved:
+            state = {"identity": _identity(self.cfg, self.data), "epoch": epoch, "val_top1": self.best["val_top1"],
+                     "model": self.model.state_dict(),
+                     "ema": self.ema.module.state_dict() if self.ema is not None else None}
+            save_checkpoint(os.path.join(self.output_dir, BEST_NAME), state, keep_previous=False, point="best")
+        if due:
+            state = self.state_dict(epoch)
+            nbytes = save_checkpoint(self.checkpoint_path, state)
+            _logger.info("checkpoint of epoch %d: %s (previous kept as %s)", epoch, size_report(state, nbytes),
+                         os.path.basename(previous_path(self.checkpoint_path)))
 
     # ---- training -------------------------------------------------------------------------------------------
+    def _log_progress(self, epoch: int, step: int, steps: int, loss: float | None, mean_loss: float, seen: int,
+                      elapsed: float) -> None:
+        per_step = elapsed / (step + 1)
+        eta_epoch = per_step * (steps - step - 1)
+        eta_run = eta_epoch + per_step * steps * (self.cfg["epochs"] - epoch - 1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _logger.info("epoch %d/%d step %d/%d: loss %s (epoch mean %.4f), lr %.4g, %.0f img/s, eta %s (epoch), %s (run)",
+                     epoch, self.cfg["epochs"], step + 1, steps, "skipped" if loss is None else f"{loss:.4f}",
+                     mean_loss, lr, seen * self.accelerator.num_processes / max(elapsed, 1e-9),
+                     datetime.timedelta(seconds=round(eta_epoch)), datetime.timedelta(seconds=round(eta_run)))
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch; every `log_interval` steps a progress line (a tqdm bar too when stderr is a terminal).
+        Returns the train loss averaged over every image of every process, and the image count."""
         acc = self.accelerator
         self.method.epoch_start(epoch)
         self.criterion.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to our EpochSampler
         self.ddp_model.train()
-        total, count = 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False,
-                   disable=not acc.is_main_process or not sys.stderr.isatty())
-        for step, (inputs, targets) in enumerate(bar):
-            loss = self.method.train_step(_to_device(inputs, acc.device), targets.to(acc.device), epoch, step)
-            faults.hit("step")
-            if loss is not None:
-                total += loss
-                count += 1
-                bar.set_postfix(loss=f"{loss:.4f}")
-        return {"train_loss": total / max(count, 1)}
+        total, images, seen = 0.0, 0, 0
+        steps, interval = len(self.train_loader), self.cfg["log_interval"]
+        show_bar = acc.is_main_process and sys.stderr.isatty()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not show_bar)
+        t0 = time.time()
+        with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
+            for step, (inputs, targets) in enumerate(bar):
+                loss = self.method.train_step(_to_device(inputs, acc.device), targets.to(acc.device), epoch, step)
+                faults.hit("step")
+                seen += len(targets)
+                if loss is not None:
+                    total += loss * len(targets)
+                    images += len(targets)
+                    if self.ema is not None:
+                        self.ema.update(self.model, step=epoch * steps + step + 1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if acc.is_main_process and ((step + 1) % interval == 0 or step + 1 == steps):
+                    self._log_progress(epoch, step, steps, loss, total / max(images, 1), seen, time.time() - t0)
+        total, images = reduce_sums(acc, total, images)
+        return {"train_loss": total / images if images else math.nan, "train_images": int(images)}
+
+    def _val_top1(self, model: torch.nn.Module) -> float:
+        preds, targets = predict(model, self.val_loader, self.accelerator, k=1)
+        return 100.0 * (preds[:, 0] == targets).double().mean().item() if len(targets) else math.nan
 
     def fit(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
             atomic_write_yaml(os.path.join(self.output_dir, "args.yaml"), cfg)
+        if cfg["log_with"]:
+            acc.init_trackers(TRACKER_PROJECT, config=_tracker_config(cfg))
         for epoch in range(self.start_epoch, cfg["epochs"]):
             set_seed(_epoch_seed(cfg["seed"], epoch), device_specific=True)
             t0 = time.time()
@@ -168,20 +298,31 @@ class Trainer:
             row.update(self.train_epoch(epoch))
             if self.scheduler is not None:
                 self.scheduler.step(epoch + 1)
-            preds, targets = predict(self.ddp_model, self.val_loader, acc)
-            row["val_top1"] = 100.0 * (preds == targets).double().mean().item() if len(targets) else math.nan
+            if acc.num_processes > 1:
+                # BatchNorm statistics drift apart across ranks (each updates them with its own batches, and the
+                # GSA passes bypass DDP's broadcast): evaluate and checkpoint one model, rank 0's, as timm does
+                for model in (self.model, self.ema.module if self.ema is not None else None):
+                    if model is not None:
+                        distribute_bn(model, acc.num_processes, reduce=False)
+            row["val_top1"] = self._val_top1(self.ddp_model)
+            if self.ema is not None:
+                row["ema_val_top1"] = self._val_top1(self.ema.module)
             row.update(self.method.epoch_end(epoch))
             row["time"] = time.time() - t0
             self.rows.append(row)
             _logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in row.items()))
+            if cfg["log_with"]:
+                acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            improved = row["val_top1"] > (self.best["val_top1"] if self.best["val_top1"] is not None else -math.inf)
+            if improved:
+                self.best = {"val_top1": row["val_top1"], "epoch": epoch}
             if acc.is_main_process:
                 atomic_write_csv(os.path.join(self.output_dir, "summary.csv"), self.rows)
                 for name, obj in self.method.artifacts().items():
                     atomic_write_json(os.path.join(self.output_dir, name), obj)
-                if (epoch + 1) % cfg["checkpoint_interval"] == 0 or epoch + 1 == cfg["epochs"]:
-                    self._check_finite_weights(epoch)
-                    save_checkpoint(self.checkpoint_path, self.state_dict(epoch))
+                due = (epoch + 1) % cfg["checkpoint_interval"] == 0 or epoch + 1 == cfg["epochs"]
+                self._save(epoch, improved, due)
             acc.wait_for_everyone()
         return self.report()
 
@@ -192,38 +333,72 @@ class Trainer:
                                  "not writing a checkpoint (the previous one is kept)")
 
     def report(self) -> dict[str, Any]:
-        """Final test evaluation; results.json from the main process."""
+        """Final test evaluation of the model (and of its EMA); results.json from the main process."""
         acc, cfg = self.accelerator, self.cfg
-        preds, targets = predict(self.ddp_model, self.test_loader, acc)
-        rep = split_report(preds, targets, self.data.train_counts)
-        results = {
-            "recipe": cfg["name"], "method": method_label(cfg), "dataset": cfg["data"]["dataset"],
-            "imbalance_ratio": cfg["data"]["imbalance_ratio"], "seed": cfg["seed"], "epochs": cfg["epochs"],
-            "top1": rep["top1"], "many": rep["many"], "medium": rep["medium"], "few": rep["few"],
-            "per_class": rep["per_class"], "train_counts": self.data.train_counts,
-            "num_test_evaluated": int(len(targets)),
-            "num_processes": acc.num_processes, "skipped_steps": self.method.skipped_steps,
-        }
+        rep = evaluate(self.ddp_model, self.test_loader, acc, self.data.train_counts)
+        results = {**_results_header(cfg, acc), **rep, "train_counts": self.data.train_counts,
+                   "lr": self.lr, "global_batch_size": self.global_batch_size,
+                   "best_val_top1": self.best["val_top1"], "best_epoch": self.best["epoch"],
+                   "skipped_steps": self.method.skipped_steps}
+        if self.ema is not None:
+            results["ema"] = evaluate(self.ema.module, self.test_loader, acc, self.data.train_counts)
         if acc.is_main_process:
             atomic_write_json(os.path.join(self.output_dir, "results.json"), results)
-            _logger.info("test results:\n%s", format_table(rep))
+            _log_report("test results", rep)
+            if self.ema is not None:
+                _log_report("test results of the EMA weights", results["ema"])
+        if cfg["log_with"]:
+            acc.log({f"test_{k}": v for k, v in rep.items() if isinstance(v, float)}, step=cfg["epochs"])
+            acc.end_training()
         acc.wait_for_everyone()
         return results
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**31)
+
+
 def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precision: str | None = None) -> dict[str, Any]:
     """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # Accelerate picks gloo on the CPU only when asked to: without this, torchrun on a machine without a GPU
-    # would start independent single-process runs that overwrite each other's files.
-    cpu = world > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu) if mixed_precision else Accelerator(cpu=cpu)
-    if accelerator.num_processes != world:
-        raise RuntimeError(f"launched as {world} processes but Accelerate set up {accelerator.num_processes}")
-    if not resume and os.path.exists(os.path.join(output_dir, CHECKPOINT_NAME)):
+    accelerator = _accelerator(mixed_precision, log_with=cfg["log_with"], project_dir=output_dir)
+    ckpt = os.path.join(output_dir, CHECKPOINT_NAME)
+    if not resume and (os.path.exists(ckpt) or os.path.exists(previous_path(ckpt))):
         raise CheckpointError(f"{output_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
                               "or choose another --output")
     trainer = Trainer(cfg, output_dir, accelerator)
     if resume:
         trainer.resume()
     return trainer.fit()
+
+
+def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
+             mixed_precision: str | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `cfg`'s model on its test split, and its EMA
+    weights when it holds them; writes `output_dir`/results.json like the end of training."""
+    acc = _accelerator(mixed_precision)
+    data = build_data(cfg)
+    state = load_checkpoint(checkpoint, expect={"num_classes": data.num_classes, "model": cfg["model"]["name"]})
+    _, _, test_loader = build_loaders(data, cfg)
+    test_loader = acc.prepare(test_loader)
+    results = {**_results_header(cfg, acc), "checkpoint": os.path.abspath(checkpoint), "epoch": state["epoch"]}
+    for key in ("model", "ema"):
+        if state.get(key) is None:
+            continue
+        model = create_lt_model({**cfg["model"], "pretrained_path": None}, data.num_classes, data.in_chans)
+        try:
+            model.load_state_dict(state[key])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit model {cfg['model']['name']}: {e}") from None
+        rep = evaluate(model.to(acc.device), test_loader, acc, data.train_counts)
+        if key == "model":
+            results.update(rep)
+            results["train_counts"] = data.train_counts
+        else:
+            results["ema"] = rep
+        if acc.is_main_process:
+            _log_report(f"{checkpoint} ({'EMA weights' if key == 'ema' else 'weights'}), test split", rep)
+    if acc.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        atomic_write_json(os.path.join(output_dir, "results.json"), results)
+    acc.wait_for_everyone()
+    return results

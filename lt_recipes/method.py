@@ -310,7 +310,8 @@ class GroupedMethod(Method):
         return {**super().state_dict(), "bank": self.bank.state_dict(),
                 "labels": None if self.labels is None else self.labels.tolist(),
                 "anchors": None if self.anchors is None else self.anchors.cpu(),
-                "fisher": None if self.fisher is None else self.fisher.cpu(),
+                # the EMA Fisher is the step's own state (saved there): a second copy would double it on a GPU
+                "fisher": None if self.fisher is None or self.cfg["gkp"]["fisher"] == "ema" else self.fisher.cpu(),
                 "group_epochs": list(self.group_epochs), "alpha_history": list(self.alpha_history),
                 "quality": self.quality, "rho_last": list(self.rho_last), "step": self.step_fn.state_dict()}
 
@@ -326,9 +327,11 @@ class GroupedMethod(Method):
             self.anchors = state["anchors"].to(self.acc.device)
             self.step_fn.set_groups(self.labels, self._group_sizes()[1])
         self.step_fn.load_state_dict(state["step"])
-        if state["fisher"] is not None:
-            ema = self.cfg["gkp"]["fisher"] == "ema"
-            self.fisher = self.step_fn.fisher_ema if ema else state["fisher"].to(self.acc.device)
+        if self.cfg["gkp"]["fisher"] == "ema":
+            self.fisher = self.step_fn.fisher_ema
+        elif state["fisher"] is not None:
+            self.fisher = state["fisher"].to(self.acc.device)
+        if self.fisher is not None and self.labels is not None:
             self._install_gkp()
 
 

@@ -16,7 +16,7 @@ from .data import class_splits
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["per_class_accuracy", "split_report", "format_table"]
+__all__ = ["per_class_accuracy", "split_report", "topk_accuracy", "format_table"]
 
 
 def per_class_accuracy(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -51,9 +51,23 @@ def split_report(preds: torch.Tensor, targets: torch.Tensor, train_counts: Seque
     return report
 
 
+def topk_accuracy(topk_preds: torch.Tensor, targets: torch.Tensor, k: int) -> float | None:
+    """Top-k accuracy in % from predicted labels [N, >= k] (best first); None when fewer than k are given (fewer
+    classes than k), nan for an empty set."""
+    topk_preds, targets = torch.as_tensor(topk_preds).cpu(), torch.as_tensor(targets).flatten().cpu()
+    if topk_preds.ndim != 2 or topk_preds.shape[0] != targets.numel():
+        raise ValueError(f"topk_preds must be [N, k] for {targets.numel()} targets, got {list(topk_preds.shape)}")
+    if topk_preds.shape[1] < k:
+        return None
+    if not targets.numel():
+        return math.nan
+    return 100.0 * (topk_preds[:, :k].long() == targets.long()[:, None]).any(dim=1).double().mean().item()
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a two-line text table: Top-1 | Many | Medium | Few (n/a for an empty split)."""
-    cols = [("Top-1", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few")]
+    """The report as a two-line text table: Top-1 | [Top-5 |] Many | Medium | Few (n/a for an empty split)."""
+    cols = [("Top-1", "top1"), ("Top-5", "top5"), ("Many", "many"), ("Medium", "medium"), ("Few", "few")]
+    cols = [(title, key) for title, key in cols if key != "top5" or report.get("top5") is not None]
     cells = ["n/a" if math.isnan(report[key]) else f"{report[key]:.2f}" for _, key in cols]
     widths = [max(len(title), len(cell)) for (title, _), cell in zip(cols, cells)]
     header = " | ".join(title.rjust(w) for (title, _), w in zip(cols, widths))

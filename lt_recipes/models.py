@@ -3,7 +3,7 @@ optional BCL heads) built by `create_lt_model` from a recipe's `model` section.
 
 Importing this module registers `resnet32_cifar` and `resnet8_cifar`, so `timm.create_model("resnet32_cifar")` works
 like any timm model. Nothing here downloads weights: backbones always start from `pretrained=False` and a local
-checkpoint can be loaded with `model.pretrained_path`.
+checkpoint can be loaded with `model.pretrained_path` (timm's loader and `load_pretrained`).
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
+from timm.models import load_pretrained as timm_load_pretrained
 from torch import nn
 
+from .checkpoint import read_error
 from .segments import shared
 
 _logger = logging.getLogger(__name__)
@@ -259,33 +261,34 @@ class LTModel(nn.Module):
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: plain, or under "state_dict" / "model"; DDP's "module." prefixes removed."""
+    """A state dict read by timm's `load_state_dict` (.safetensors or torch files, plain or under "state_dict" /
+    "model", EMA weights first as timm prefers them, DDP's "module." prefixes removed, weights_only)."""
     if not os.path.isfile(path):
         raise ModelError(f"model.pretrained_path={path!r} is not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types (pickle, zip, unsupported global); all mean "unreadable"
-        raise ModelError(f"model.pretrained_path={path!r} could not be read as a torch checkpoint: {e}") from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+        obj = load_state_dict(path)
+    except Exception as e:  # torch, safetensors and timm raise several types; all mean "unreadable"
+        raise ModelError(f"model.pretrained_path={path!r} could not be read as a checkpoint: it {read_error(e)}") \
+            from None
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"model.pretrained_path={path!r} holds no state dict (expected a mapping of tensors, "
                          "optionally under 'state_dict' or 'model')")
-    return clean_state_dict(dict(obj))
+    return dict(obj)
 
 
-def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str) -> None:
-    """load_state_dict(strict=True) with errors that name the file, the keys and both shapes."""
-    own = module.state_dict()
+def _check_keys(own: Mapping[str, Any], state: Mapping[str, Any], path: str, what: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise ModelError(f"model.pretrained_path={path!r} does not match the {what}: "
                          f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str) -> None:
+    """load_state_dict(strict=True) with errors that name the file, the keys and both shapes."""
+    own = module.state_dict()
+    _check_keys(own, state, path, what)
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise ModelError(f"model.pretrained_path={path!r}: key {key!r} has shape {tuple(value.shape)} in the "
@@ -294,17 +297,28 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str
     module.load_state_dict(state, strict=True)
 
 
-def load_pretrained(model: LTModel, path: str, backbone_classifier: str | tuple[str, ...] | None) -> None:
-    """Load a local checkpoint: an `LTModel` state dict (keys "encoder.*") into the whole model, otherwise a backbone
-    state dict into `model.encoder` after dropping the backbone's own classifier keys (`backbone_classifier`)."""
+def load_pretrained(model: LTModel, path: str, in_chans: int) -> None:
+    """Load a local checkpoint: an `LTModel` state dict (keys "encoder.*", e.g. a run's checkpoint.pt) into the whole
+    model; otherwise a timm backbone state dict (e.g. from tools/export.py) into `model.encoder` through timm's
+    `load_pretrained`, the mechanism behind `pretrained_cfg_overlay`, which adapts the first convolution to
+    `in_chans`; the backbone's own classifier keys are dropped first."""
     state = _read_state_dict(path)
     if any(k.startswith("encoder.") for k in state):
         _load_strict(model, state, path, "model")
         _logger.info("loaded the whole model (encoder, classifier, heads) from %s", path)
         return
-    names = [backbone_classifier] if isinstance(backbone_classifier, str) else list(backbone_classifier or ())
+    cfg = dict(model.encoder.pretrained_cfg)
+    names = cfg.get("classifier") or ()
+    names = [names] if isinstance(names, str) else list(names)
     dropped = sorted(k for k in state if k.startswith(tuple(f"{n}." for n in names)))
-    _load_strict(model.encoder, {k: v for k, v in state.items() if k not in dropped}, path, "backbone")
+    state = {k: v for k, v in state.items() if k not in dropped}
+    _check_keys(model.encoder.state_dict(), state, path, "backbone")
+    try:  # the backbone has no classifier (num_classes=0), so timm loads strictly
+        source = {"state_dict": state, "source": None, "file": None, "url": None, "hf_hub_id": None}
+        timm_load_pretrained(model.encoder, pretrained_cfg={**cfg, **source, "num_classes": 0}, num_classes=0,
+                             in_chans=in_chans)
+    except (RuntimeError, ValueError) as e:
+        raise ModelError(f"model.pretrained_path={path!r} does not fit the backbone: {e}") from None
     _logger.info("loaded the backbone from %s (dropped its classifier keys %s)", path, dropped)
 
 
@@ -331,7 +345,7 @@ def create_lt_model(model_cfg: dict[str, Any], num_classes: int, in_chans: int) 
     model = LTModel(encoder, num_features, num_classes, classifier=model_cfg["classifier"],
                     cosine_scale=float(model_cfg["cosine_scale"]), proj_dims=tuple(proj) if proj else None)
     if model_cfg["pretrained_path"]:
-        load_pretrained(model, model_cfg["pretrained_path"], encoder.pretrained_cfg.get("classifier"))
+        load_pretrained(model, model_cfg["pretrained_path"], in_chans)
     _logger.info("model %s: %d features, %d classes, %s classifier, %.3fM parameters", name, num_features,
                  num_classes, model_cfg["classifier"], sum(p.numel() for p in model.parameters()) / 1e6)
     return model

@@ -64,3 +64,15 @@ def image_list_root(tmp_path: Path) -> Path:
                 lines.append(f"images/{split}/class {label}/{k}.{ext} {label}")
         (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return tmp_path
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for in-process training runs: tiny models on a shared CPU run many times faster than with
+    competing intra-op threads (subprocess runs get OMP_NUM_THREADS=1 for the same reason)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

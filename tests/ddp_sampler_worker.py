@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun: which sample positions each rank's prepared loader yields."""
+"""Run by tests/test_distributed.py under torchrun: which sample positions each rank's prepared loader yields, and
+what the engine's per-epoch reduction returns on each rank for rank-specific loss sums and image counts."""
 import os
 import sys
 
@@ -8,6 +9,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 from lt_recipes.data import EpochSampler
+from lt_recipes.engine import reduce_sums
 
 
 def main(out: str) -> None:
@@ -19,6 +21,7 @@ def main(out: str) -> None:
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         seen[epoch] = [batch[0].tolist() for batch in loader]
+    seen["reduced"] = reduce_sums(acc, *((2.0, 1) if acc.process_index == 0 else (12.0, 3)))
     gathered = [None] * acc.num_processes
     torch.distributed.all_gather_object(gathered, seen)
     if acc.is_main_process:

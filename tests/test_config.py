@@ -1,6 +1,9 @@
 """Recipes and overrides: every recipe loads, and every bad key or value is an error that names it."""
 import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -72,6 +75,13 @@ def test_overrides_apply_and_parse_yaml():
     ("epochs", "KEY=VALUE"),
     ("groups.start_epoch=100", "groups.start_epoch"),
     ("optim.lr=.nan", "not finite"),
+    ("optim.opt=sgdd", "'optim.opt' = 'sgdd': not a timm optimizer (did you mean sgd"),
+    ("optim.lr_base_scale=sqrt", "optim.lr_base_scale scales optim.lr_base"),
+    ("optim.lr_base_scale=cubic", "'optim.lr_base_scale'"),
+    ("optim.betas=[0.9]", "'optim.betas'"),
+    ("ema.decay=1.5", "'ema.decay'"),
+    ("log_with=nosuchtracker", "'log_with': 'nosuchtracker' is not an Accelerate tracker"),
+    ("data.auto_augment=rand-n2-m10", "data.auto_augment applies to timm's transforms"),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -98,6 +108,33 @@ def test_unknown_recipe_and_bad_file(tmp_path):
     broken.write_text("epochs: [3\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(broken))
+
+
+def test_timm_and_accelerate_names_are_accepted():
+    cfg = load_config("digits_lt", ["optim.opt=lookahead_adamw", "optim.lr_base=0.1", "optim.lr_base_scale=sqrt",
+                                    "optim.betas=[0.9, 0.99]", "ema.decay=0.999", "log_with=tensorboard"])
+    assert cfg["optim"]["opt"] == "lookahead_adamw" and cfg["log_with"] == "tensorboard"
+    assert load_config("imagenet_lt_resnext50")["data"]["auto_augment"] == "rand-n2-m10"
+    with pytest.raises(ConfigError, match="'data.auto_augment' = 'bogus' is not a timm augmentation policy"):
+        load_config("imagenet_lt_resnext50", ["data.auto_augment=bogus"])
+    with pytest.raises(ConfigError, match="data.augment=basic and data.auto_augment"):
+        load_config("imagenet_lt_resnext50", ["data.augment=randaugment"])
+
+
+def test_bad_key_is_reported_before_torch_or_timm_is_imported():
+    """A typo costs a fraction of a second: config checks run before the heavy imports."""
+    code = ("import sys\nfrom lt_recipes.config import ConfigError, load_config\ntry:\n"
+            "    load_config('digits_lt', ['bad.key=1'])\nexcept ConfigError as e:\n"
+            "    print(e, sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(RECIPE_DIR)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "unknown recipe key 'bad.key' []"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(RECIPE_DIR), "train.py"), "--set",
+                           "bad.key=1"], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2 and "unknown recipe key 'bad.key'" in proc.stderr
+    assert elapsed < 2.0, f"train.py took {elapsed:.2f} s to reject a bad key"
 
 
 def test_list_dataset_rejects_ratio():

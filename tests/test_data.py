@@ -346,7 +346,7 @@ def list_cfg(root, **kw):
 
 def test_list_dataset_build(image_list_root):
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    data = build_data(list_cfg(image_list_root, mean=mean, std=std, augment="randaugment"))
+    data = build_data(list_cfg(image_list_root, mean=mean, std=std, augment="basic", auto_augment="rand-n2-m10"))
     assert data.num_classes == 3 and data.in_chans == 3 and data.num_val_from_train == 0
     assert data.train_counts == data.lt_counts == LIST_COUNTS["train"]
     assert (len(data.val), len(data.test)) == (3, 6)
@@ -360,6 +360,23 @@ def test_list_dataset_build(image_list_root):
     assert x.shape == (3, 16, 16)
     train, val, test = build_loaders(data, list_cfg(image_list_root, batch_size=4, eval_batch_size=4))
     assert sorted(torch.cat([y for _, y in test]).tolist()) == sorted(data.test.targets.tolist())
+
+
+def test_list_dataset_transforms_come_from_timm(image_list_root):
+    """Image files: timm's create_transform with the recipe's RandAugment string, and SimCLR views from timm."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    data = build_data(list_cfg(image_list_root, augment="basic", auto_augment="rand-n2-m10", contrastive_views=2))
+    train = data.train.transform
+    ra = [t for t in train.cls_transform.transforms if isinstance(t, RandAugment)]
+    assert len(ra) == 1 and ra[0].num_layers == 2 and {op.magnitude for op in ra[0].ops} == {10}
+    crop = [t for t in train.view_transform.transforms if isinstance(t, RandomResizedCropAndInterpolation)]
+    assert len(crop) == 1 and crop[0].scale == (0.2, 1.0)
+    views = data.train[0][0]
+    assert len(views) == 3 and all(v.shape == (3, 16, 16) for v in views)
+    with pytest.raises(DataError, match="data.auto_augment"):
+        build_data(list_cfg(image_list_root, augment="randaugment"))
 
 
 def test_list_test_defaults_to_val(image_list_root):

@@ -50,8 +50,9 @@ def test_per_replica_gsa_keeps_replicas_identical(tmp_path):
     assert torch.equal(got["theta"][0], got["theta"][1])
 
 
-def test_class_balanced_sampler_splits_batches_across_ranks(tmp_path):
-    """Each rank gets its own batches of the one global class-balanced sequence: together exactly that sequence."""
+def test_class_balanced_sampler_splits_batches_across_ranks_and_epoch_sums_reduce(tmp_path):
+    """Each rank gets its own batches of the one global class-balanced sequence: together exactly that sequence.
+    The epoch's train-loss sums and image counts are summed over ranks, and every rank gets the totals."""
     import numpy as np
     from lt_recipes.data import EpochSampler
 
@@ -68,3 +69,4 @@ def test_class_balanced_sampler_splits_batches_across_ranks(tmp_path):
             mine = batches[rank::2]
             assert ranks[rank][epoch][:len(mine)] == mine
     assert ranks[0][0] != ranks[0][1]  # a new order every epoch
+    assert [r["reduced"] for r in ranks] == [[14.0, 4.0]] * 2  # rank 0: loss 2 x 1 image, rank 1: loss 4 x 3 images

@@ -37,14 +37,14 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("point", [
     "step:13",      # mid-epoch 1 (8 steps per epoch)
-    "write:9",      # epoch 1's checkpoint fully written to its temporary file, not yet renamed (4 writes per epoch)
+    "checkpoint:2",  # epoch 1's checkpoint fully written to its temporary file, not yet renamed
     "grouping:2",   # second grouping (epoch 3): groups computed, Fisher not yet estimated
 ])
 def test_kill_then_resume_gives_identical_results(point, tmp_path, uninterrupted):
     killed = train(tmp_path, failpoint=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "results.json").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] or point.startswith("write")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] or point.startswith("checkpoint")
     resumed = train(tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "results.json").read_text()) == \
@@ -52,6 +52,46 @@ def test_kill_then_resume_gives_identical_results(point, tmp_path, uninterrupted
     assert summary_without_time(tmp_path) == summary_without_time(uninterrupted)
     assert json.loads((tmp_path / "groups.json").read_text()) == \
         json.loads((uninterrupted / "groups.json").read_text())
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_unreadable(uninterrupted, tmp_path):
+    """A corrupt latest checkpoint costs one epoch, not the run: resume says so and ends with identical results."""
+    (tmp_path / "checkpoint.pt").write_bytes((uninterrupted / "checkpoint.pt").read_bytes()[:5000])
+    (tmp_path / "checkpoint.prev.pt").write_bytes((uninterrupted / "checkpoint.prev.pt").read_bytes())
+    proc = train(tmp_path, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from the previous checkpoint" in proc.stderr and "continuing at epoch 3" in proc.stderr
+    assert json.loads((tmp_path / "results.json").read_text()) == \
+        json.loads((uninterrupted / "results.json").read_text())
+
+
+def test_best_model_is_the_best_validation_epoch(uninterrupted):
+    import torch
+
+    rows = list(csv.DictReader(open(uninterrupted / "summary.csv")))
+    top1 = [float(r["val_top1"]) for r in rows]
+    best = torch.load(uninterrupted / "model_best.pt", weights_only=True)
+    assert best["epoch"] == top1.index(max(top1)) and best["val_top1"] == max(top1)
+    assert set(best) == {"identity", "epoch", "val_top1", "model", "ema"}  # weights only, no training state
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert (results["best_epoch"], results["best_val_top1"]) == (best["epoch"], best["val_top1"])
+
+
+def test_checkpoint_size_tool_matches_a_real_checkpoint(uninterrupted):
+    """tools/checkpoint_size.py (which gives the README's ImageNet-LT figure) against the run's own checkpoint."""
+    import torch
+
+    from lt_recipes.checkpoint import tensor_bytes
+    from lt_recipes.config import load_config
+    from toolload import load_tool
+
+    state = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    groups = json.loads((uninterrupted / "groups.json").read_text())
+    parts = load_tool("checkpoint_size").checkpoint_parts(
+        load_config(str(uninterrupted / "args.yaml")), 10, 1, len(groups["groups"]), groups["memory_bank"]["snapshots"])
+    assert set(parts["method_parts"]) == {"bank", "anchors", "fisher", "friendly_momentum"}
+    for key in ("model", "optimizer", "method"):
+        assert parts[key] == tensor_bytes(state[key]), key
 
 
 def test_resume_of_a_finished_run_only_reevaluates(uninterrupted):
@@ -70,6 +110,7 @@ def test_corrupt_or_foreign_checkpoint_is_named(uninterrupted, tmp_path):
     ckpt.write_bytes((uninterrupted / "checkpoint.pt").read_bytes()[:5000])
     proc = train(tmp_path, "--resume")
     assert proc.returncode == 2 and f"checkpoint {ckpt} is corrupt or truncated" in proc.stderr
+    assert "weights_only" not in proc.stderr
     ckpt.write_bytes((uninterrupted / "checkpoint.pt").read_bytes())
     proc = train(tmp_path, "--resume", args=ARGS + ["--set", "seed=3"])
     assert proc.returncode == 2 and "seed=0" in proc.stderr and "seed=3" in proc.stderr
@@ -93,7 +134,8 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
     torch.save({"identity": {}, "payload": Evil()}, tmp_path / "checkpoint.pt")
     proc = train(tmp_path, "--resume")
-    assert proc.returncode == 2 and "cannot be read" in proc.stderr
+    assert proc.returncode == 2 and f"checkpoint {tmp_path / 'checkpoint.pt'} holds pickled Python objects" in \
+        proc.stderr and "cannot be read" in proc.stderr and "weights_only" not in proc.stderr
     assert not (tmp_path / "pwned").exists()
 
 

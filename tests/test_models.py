@@ -237,5 +237,20 @@ def test_pretrained_errors_name_the_file(tmp_path):
         create_lt_model(model_cfg(pretrained_path=str(wrong_arch)), num_classes=3, in_chans=3)
     one_chan = tmp_path / "gray.pth"
     torch.save(timm.create_model("resnet8_cifar", in_chans=1).state_dict(), one_chan)
-    with pytest.raises(ModelError, match=r"'conv1.weight' has shape \(16, 1, 3, 3\).*\(16, 3, 3, 3\)"):
+    with pytest.raises(ModelError, match=r"gray.pth.*does not fit the backbone.*conv1 weight shape \(16, 1, 3, 3\)"):
         create_lt_model(model_cfg(pretrained_path=str(one_chan)), num_classes=3, in_chans=3)
+
+
+def test_pretrained_backbone_goes_through_timm_channel_adaptation(tmp_path):
+    """An RGB backbone initialises a grey-scale model as timm's pretrained loading does: first conv summed over
+    the input channels, every other tensor as saved."""
+    torch.manual_seed(4)
+    rgb = timm.create_model("resnet8_cifar", num_classes=10).state_dict()
+    path = tmp_path / "rgb.pth"
+    torch.save(rgb, path)
+    model = create_lt_model(model_cfg(pretrained_path=str(path)), num_classes=10, in_chans=1)
+    got = model.encoder.state_dict()
+    torch.testing.assert_close(got["conv1.weight"], rgb["conv1.weight"].sum(dim=1, keepdim=True))
+    for k in got:
+        if k != "conv1.weight":
+            torch.testing.assert_close(got[k], rgb[k], msg=k)

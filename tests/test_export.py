@@ -1,0 +1,115 @@
+"""timm interop and evaluation: validate.py reproduces training's results; tools/export.py writes a state dict that
+timm.create_model(pretrained=True, pretrained_cfg_overlay=dict(file=...)) loads; model.pretrained_path reads it."""
+import importlib.util
+import json
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from lt_recipes.checkpoint import atomic_write_yaml, save_checkpoint
+from lt_recipes.config import load_config
+from lt_recipes.data import build_data, build_loaders
+from lt_recipes.models import create_lt_model
+from toolload import ROOT, load_tool
+
+SETS = ["epochs=2", "method=none", "ema.decay=0.5", "sched.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from lt_recipes.engine import run
+
+    out = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config("digits_lt", SETS), str(out))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _validate_main():
+    spec = importlib.util.spec_from_file_location("validate_entry", ROOT / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _trained(run_dir, key="model"):
+    cfg = load_config(str(run_dir / "args.yaml"))
+    model = create_lt_model(cfg["model"], 10, 1)
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True)[key])
+    return model.eval(), cfg
+
+
+def _test_batch(cfg):
+    _, _, test = build_loaders(build_data(cfg), cfg)
+    return next(iter(test))[0]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_validate_reproduces_the_training_results(run_dir, tmp_path, capsys):
+    main = _validate_main()
+    assert main(["--checkpoint", str(run_dir / "checkpoint.pt"), "--output", str(tmp_path)] +
+                [a for s in SETS for a in ("--set", s)]) == 0
+    got, want = json.loads((tmp_path / "results.json").read_text()), json.loads((run_dir / "results.json").read_text())
+    for key in ("top1", "top5", "many", "medium", "few", "per_class", "num_test_evaluated", "train_counts", "ema"):
+        assert got[key] == want[key], key
+    assert got["epoch"] == 1 and f"top1={want['top1']:.2f}  top5={want['top5']:.2f}" in capsys.readouterr().out
+    assert main(["--checkpoint", str(run_dir / "checkpoint.pt"), "--set", "model.name=resnet32_cifar"]) == 2
+    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("ema", [False, True])
+def test_export_loads_in_timm_with_the_classifier(run_dir, tmp_path, capsys, ema):
+    out = tmp_path / "digits.safetensors"
+    assert load_tool("export").main([str(run_dir), "--out", str(out)] + (["--ema"] if ema else [])) == 0
+    printed = capsys.readouterr().out
+    assert "backbone and classifier" in printed and "pretrained_cfg_overlay={'file'" in printed
+    assert set(load_file(out)) == set(timm.create_model("resnet8_cifar", in_chans=1).state_dict())
+    model, cfg = _trained(run_dir, "ema" if ema else "model")
+    timm_model = timm.create_model("resnet8_cifar", pretrained=True, num_classes=10, in_chans=1,
+                                   pretrained_cfg_overlay=dict(file=str(out), num_classes=10)).eval()
+    x = _test_batch(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(x), model(x), rtol=1e-5, atol=1e-5)
+    timm.models.load_checkpoint(timm.create_model("resnet8_cifar", num_classes=10, in_chans=1), str(out))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_pretrained_path_reads_an_export(run_dir, tmp_path):
+    out = tmp_path / "digits.pth"
+    assert load_tool("export").main([str(run_dir), "--best", "--out", str(out)]) == 0
+    best = torch.load(run_dir / "model_best.pt", weights_only=True)["model"]
+    cfg = load_config("digits_lt", [f"model.pretrained_path={out}"])
+    model = create_lt_model(cfg["model"], 10, 1)
+    for k, v in model.encoder.state_dict().items():
+        torch.testing.assert_close(v, best[f"encoder.{k}"], msg=k)
+
+
+def test_cosine_classifier_and_bcl_heads_export_the_backbone_only(tmp_path, capsys):
+    cfg = load_config("digits_lt", ["loss.name=bcl", "data.contrastive_views=2", "model.classifier=cosine",
+                                    "model.proj_head=[32, 16]"])
+    model = create_lt_model(cfg["model"], 10, 1)
+    atomic_write_yaml(str(tmp_path / "args.yaml"), cfg)
+    save_checkpoint(str(tmp_path / "checkpoint.pt"), {"identity": {"num_classes": 10}, "epoch": 0,
+                                                      "model": model.state_dict()})
+    assert load_tool("export").main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "backbone only" in printed and "left out: classifier (CosineLinear), proj_head, proto_head" in printed
+    features = timm.create_model("resnet8_cifar", pretrained=True, num_classes=0, in_chans=1,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "checkpoint.safetensors"),
+                                                             num_classes=0)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(features(x), model.eval().forward_features(x))
+    assert load_tool("export").main([str(tmp_path), "--ema"]) == 2  # no EMA weights in this checkpoint
+
+
+def test_export_names_a_missing_run(tmp_path):
+    assert load_tool("export").main([str(tmp_path / "nope")]) == 2

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Export a trained run's weights as a timm state dict.
+
+    python tools/export.py RUN_DIR [--best] [--ema] [--out FILE.safetensors|FILE.pth]
+
+Reads RUN_DIR/args.yaml and checkpoint.pt (model_best.pt with --best; the EMA weights with --ema) and writes the
+backbone under timm's own keys (our `encoder.` prefix dropped). A plain linear classifier goes under the timm model's
+classifier key (e.g. `fc` for ResNets, `head.fc` for the CIFAR ResNets), so that
+
+    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=C), num_classes=C)
+
+is the trained model (num_classes in the overlay too: timm drops a pretrained classifier whose class count differs
+from the architecture's default). A cosine classifier (scale * cos(x, w)) has no timm layer, and the BCL heads
+(proj_head, proto_head) are for training only: then the file holds the backbone alone, the tool says so, and
+`num_classes=0` gives the feature extractor. The CIFAR ResNets need `import lt_recipes.models` first (it registers
+them). The tool checks its own output: the timm model built from the file must reproduce the run's logits (or
+features) on a random batch. Default FILE: RUN_DIR/<checkpoint name>[_ema].safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm  # noqa: E402
+
+from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, atomic_write_bytes,  # noqa: E402
+                                   load_checkpoint)
+from lt_recipes.config import ConfigError, load_config  # noqa: E402
+from lt_recipes.data import dataset_in_chans  # noqa: E402
+from lt_recipes.models import LTModel, ModelError, create_lt_model  # noqa: E402
+
+_logger = logging.getLogger("export")
+
+
+def timm_state_dict(model: LTModel) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the model's weights under the timm backbone's keys, names of the parts left out)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.encoder.state_dict().items()}
+    left_out = [name for name in ("proj_head", "proto_head") if getattr(model, name) is not None]
+    if isinstance(model.classifier, torch.nn.Linear):
+        key = model.encoder.pretrained_cfg["classifier"]
+        state[f"{key}.weight"] = model.classifier.weight.detach().cpu().clone()
+        state[f"{key}.bias"] = model.classifier.bias.detach().cpu().clone()
+    else:
+        left_out.insert(0, f"classifier ({type(model.classifier).__name__})")
+    return state, left_out
+
+
+def _write(path: str, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    if path.endswith(".safetensors"):
+        data = safetensors_bytes(state, metadata=metadata)
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    atomic_write_bytes(path, data)
+
+
+def overlay(path: str, num_classes: int, in_chans: int, size: int) -> dict[str, Any]:
+    """timm's pretrained_cfg_overlay for the file (input_size too for grey-scale models, so timm does not adapt)."""
+    return dict(file=path, num_classes=num_classes, **({"input_size": (in_chans, size, size)} if in_chans != 3 else {}))
+
+
+@torch.no_grad()
+def check_in_timm(model: LTModel, path: str, name: str, num_classes: int, in_chans: int, size: int) -> float:
+    """Build the timm model from the exported file and return the largest difference from the run's outputs."""
+    timm_model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                   pretrained_cfg_overlay=overlay(path, num_classes, in_chans, size)).eval()
+    x = torch.randn(2, in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    want = model.eval()(x) if num_classes else model.eval().forward_features(x)
+    return float((timm_model(x) - want).abs().max())
+
+
+def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None = None) -> dict[str, Any]:
+    """Write the timm state dict of a run; returns what was written and how to load it."""
+    if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
+        raise CheckpointError(f"{run_dir} is not a training run directory (no args.yaml)")
+    cfg = load_config(os.path.join(run_dir, "args.yaml"))
+    ckpt = os.path.join(run_dir, BEST_NAME if best else CHECKPOINT_NAME)
+    state = load_checkpoint(ckpt)
+    key = "ema" if ema else "model"
+    if state.get(key) is None:
+        raise CheckpointError(f"{ckpt} holds no {key} weights" + (" (the run had ema.decay=null)" if ema else ""))
+    num_classes, in_chans = state["identity"]["num_classes"], dataset_in_chans(cfg["data"]["dataset"])
+    model = create_lt_model({**cfg["model"], "pretrained_path": None}, num_classes, in_chans)
+    try:
+        model.load_state_dict(state[key])
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt} does not fit the model of {run_dir}/args.yaml: {e}") from None
+    weights, left_out = timm_state_dict(model)
+    stem = os.path.splitext(os.path.basename(ckpt))[0] + ("_ema" if ema else "")
+    path = os.path.abspath(out or os.path.join(run_dir, f"{stem}.safetensors"))
+    name = cfg["model"]["name"]
+    head = 0 if left_out and left_out[0].startswith("classifier") else num_classes
+    _write(path, weights, {"architecture": name, "num_classes": str(head), "source": os.path.abspath(ckpt)})
+    size = cfg["data"]["img_size"]
+    diff = check_in_timm(model, path, name, head, in_chans, size)
+    call = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay(path, head, in_chans, size)}"
+            f", num_classes={head}" + (f", in_chans={in_chans})" if in_chans != 3 else ")"))
+    return {"path": path, "num_classes": head, "left_out": left_out, "max_abs_diff": diff, "call": call}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (args.yaml, checkpoint.pt)")
+    p.add_argument("--best", action="store_true", help="export model_best.pt instead of the last checkpoint")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (runs with ema.decay set)")
+    p.add_argument("--out", default=None, help="output file, .safetensors or .pth (default: in RUN_DIR)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        res = export(args.run_dir, args.best, args.ema, args.out)
+    except (ConfigError, CheckpointError, ModelError) as e:
+        _logger.error("%s", e)
+        return 2
+    what = "backbone and classifier" if res["num_classes"] else "backbone only"
+    print(f"wrote {res['path']} ({what})")
+    if res["left_out"]:
+        print(f"left out: {', '.join(res['left_out'])} (no timm equivalent / training-only); the file is the backbone "
+              "(num_classes=0 gives pooled features)" if res["num_classes"] == 0 else
+              f"left out: {', '.join(res['left_out'])} (training-only heads)")
+    print(f"checked in timm: largest difference from the run's {'logits' if res['num_classes'] else 'features'} "
+          f"{res['max_abs_diff']:.3g}")
+    print(f"load it with: {res['call']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint on a recipe's test split: `python validate.py --recipe R --checkpoint P [--set KEY=VALUE]`.
+
+P is a run's checkpoint.pt or model_best.pt. Prints Top-1, Top-5 (with 5 or more classes) and Many / Medium / Few
+for the weights, and for the EMA weights when the checkpoint holds them, and writes results.json as the end of
+training does (default folder: validate-<checkpoint name> beside the checkpoint). Runs under `accelerate launch` /
+`torchrun` too. Exit code 2 for bad input (recipe key, data, a checkpoint that is unreadable or of another model).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lt_recipes.cli import add_recipe_args, process_rank, run_recipe, setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_args(p)
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt or model_best.pt")
+    p.add_argument("--output", default=None, help="folder for results.json (default: validate-<name> beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+
+    def evaluate(cfg: dict) -> int:
+        from lt_recipes.engine import validate
+
+        stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+        output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"validate-{stem}")
+        res = validate(cfg, args.checkpoint, output, mixed_precision=args.mixed_precision)
+        if process_rank() == 0:
+            top5 = "" if res["top5"] is None else f"  top5={res['top5']:.2f}"
+            print(f"results: {output}/results.json  top1={res['top1']:.2f}{top5}")
+        return 0
+
+    return run_recipe(args.recipe, args.overrides, evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
