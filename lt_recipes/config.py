@@ -328,6 +328,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     elif data["contrastive_views"]:
         raise ConfigError(f"data.contrastive_views={data['contrastive_views']} is only used by loss.name=bcl, "
                           f"not {loss['name']}")
+    if loss["name"] == "ldam_drw" and (model["classifier"] != "cosine" or model["cosine_scale"] != 1.0):
+        raise ConfigError("loss.name=ldam_drw pairs with an unscaled cosine classifier, as in LDAM's own code (the "
+                          "loss multiplies the margin-shifted cosines by loss.ldam_s): set model.classifier=cosine "
+                          f"and model.cosine_scale=1 (got {model['classifier']}, scale {model['cosine_scale']:g})")
     if cfg["alpha"]["end"] > cfg["alpha"]["start"]:
         raise ConfigError("alpha.end must not exceed alpha.start (alpha decays over the method's epochs)")
     if cfg["method"] in ("gkp", "gsa", "gkp_gsa") and cfg["groups"]["start_epoch"] >= cfg["epochs"]:

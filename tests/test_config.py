@@ -44,6 +44,15 @@ def test_paper_hyperparameters():
     assert load_config("inat2018_resnet50")["optim"]["lr"] == 0.2
 
 
+def test_ldam_takes_only_its_faithful_classifier():
+    """LDAM's authors pair it with an unscaled cosine classifier; the loss owns the scale s (30 x 30 otherwise)."""
+    for bad in ([], ["model.classifier=cosine"], ["model.cosine_scale=1"]):
+        with pytest.raises(ConfigError, match="loss.name=ldam_drw pairs with an unscaled cosine classifier"):
+            load_config("digits_lt", ["loss.name=ldam_drw", *bad])
+    cfg = load_config("digits_lt", ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"])
+    assert cfg["model"]["cosine_scale"] == 1.0
+
+
 def test_radius_and_clamp_keys():
     cfg = load_config("digits_lt", ["gsa.z=0", "gsa.rho_clamp=null", "gsa.scale=euclidean"])
     assert (cfg["gsa"]["z"], cfg["gsa"]["rho_clamp"], cfg["gsa"]["scale"]) == (0.0, None, "euclidean")

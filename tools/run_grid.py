@@ -31,7 +31,7 @@ BASES = {
     "ce": ["loss.name=ce"],
     "la": ["loss.name=la"],
     "bs": ["loss.name=bs"],
-    "ldam_drw": ["loss.name=ldam_drw"],
+    "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
 MODULES = {"": "none", "sam": "sam", "gkp": "gkp", "gsa": "gsa", "gkp+gsa": "gkp_gsa"}
