@@ -178,12 +178,15 @@ def _row(text: str, label: str) -> list[str]:
 def test_collect_results_tables_check_and_plot(tmp_path: Path) -> None:
     tool = load_tool("collect_results")
     _write_results(tmp_path / "results")
-    readme = tmp_path / "README.md"
+    doc, readme = tmp_path / "docs" / "results.md", tmp_path / "README.md"
+    doc.parent.mkdir()
     head, tail = "# Title\n\nintro text\n\n", "\n\n## After\nkept as is\n"
-    readme.write_text(head + "<!-- results:begin -->\nold\n<!-- results:end -->" + tail)
-    argv = ["--results", str(tmp_path / "results"), "--readme", str(readme), "--docs", str(tmp_path / "docs")]
+    doc.write_text(head + "<!-- results:begin -->\nold\n<!-- results:end -->" + tail)
+    readme.write_text("# Front\n\n<!-- headline:begin -->\n<!-- headline:end -->\n")
+    argv = ["--results", str(tmp_path / "results"), "--doc", str(doc), "--readme", str(readme), "--docs",
+            str(tmp_path / "docs")]
     assert tool.main(argv) == 0
-    text = readme.read_text()
+    text = doc.read_text()
     assert text.startswith(head) and text.endswith(tail) and "old" not in text
     # hand-computed: ce top1 39, 41 -> 40 +- sqrt(2); ce+gkp+gsa 43, 44 -> 43.5 +- sqrt(0.5)
     assert _row(text, "ce") == ["`ce`", "2", "40.00 ± 1.41", "81.00 ± 1.41", "32.00 ± 2.83", "6.00 ± 1.41",
@@ -199,14 +202,19 @@ def test_collect_results_tables_check_and_plot(tmp_path: Path) -> None:
     assert [r.split("|")[2].strip() for r in direction_rows] == ["`ce+gkp+gsa@sam`", "`ce+gkp+gsa`"]
     assert direction_rows[0].rstrip(" |").endswith("52.1") and direction_rows[1].rstrip(" |").endswith("53.2")
     png = tmp_path / "docs" / "per_class_fmnist_r100.png"
-    assert imread(str(png)).ndim == 3 and "](docs/per_class_fmnist_r100.png)" in text
-    # regenerating is a no-op and --check agrees; an edited number in the block is detected
-    assert tool.main(argv) == 0 and readme.read_text() == text
+    assert imread(str(png)).ndim == 3 and "](per_class_fmnist_r100.png)" in text
+    front = readme.read_text()
+    assert "| fmnist r=100, 2 ep | `ce` | 40.00 ± 1.41 (6.00) | 43.50 ± 0.71 (9.50) | +3.50 | yes | 2 |" in front
+    # regenerating is a no-op and --check agrees; an edited number in either block is detected
+    assert tool.main(argv) == 0 and doc.read_text() == text and readme.read_text() == front
     assert tool.main(argv + ["--check"]) == 0
-    readme.write_text(text.replace("43.50 ± 0.71", "45.00 ± 0.71", 1))
+    doc.write_text(text.replace("43.50 ± 0.71", "45.00 ± 0.71", 1))
     assert tool.main(argv + ["--check"]) == 1
-    readme.write_text("no markers here\n")
-    assert tool.main(argv) == 2 and readme.read_text() == "no markers here\n"
+    doc.write_text(text)
+    readme.write_text(front.replace("+3.50", "+4.50"))
+    assert tool.main(argv + ["--check"]) == 1
+    doc.write_text("no markers here\n")
+    assert tool.main(argv) == 2 and doc.read_text() == "no markers here\n"
 
 
 def _write_run(root: Path, folder: str, label: str, seed: int, metrics: tuple, groups: int = 4) -> Path:

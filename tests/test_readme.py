@@ -1,4 +1,4 @@
-"""The README's results and benchmark tables are exactly what the tools generate from the committed result files."""
+"""The README front page and the docs' result and benchmark tables: generated from the committed files, and short."""
 import os
 import subprocess
 import sys
@@ -13,11 +13,31 @@ def test_results_and_benchmark_blocks_are_generated():
         assert proc.returncode == 0, f"{tool} --check: {proc.stderr[-2000:]}"
 
 
-def test_readme_starts_with_the_two_commands():
+def test_readme_is_a_front_page_with_the_two_commands_first():
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
+    assert len(text.splitlines()) <= 160
     block = text.split("```bash", 1)[1].split("```", 1)[0]
     assert [line.split("#")[0].strip() for line in block.strip().splitlines()] == \
         ["bash tools/main.sh", "bash tools/test.sh"]
+    for page in ("docs/method.md", "docs/results.md", "docs/benchmarks.md", "docs/usage.md"):
+        assert f"]({page})" in text and os.path.exists(os.path.join(ROOT, page)), page
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "bash tools/test.sh" in f.read()
+
+
+def test_the_project_cites_the_paper_not_a_private_spec():
+    """Code, recipes, tools and docs explain the method in the project's own words (docs/method.md)."""
+    hits = []
+    for folder in ("lt_recipes", "tools", "tests", "recipes", "csrc", "docs"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith((".py", ".yaml", ".md", ".cpp", ".cu", ".h", ".sh")):
+                    with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                        if "SPEC" + ".md" in f.read():
+                            hits.append(os.path.relpath(os.path.join(dirpath, name), ROOT))
+    for name in ("README.md", "train.py", "validate.py", "setup.py"):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            if "SPEC" + ".md" in f.read():
+                hits.append(name)
+    assert hits == []
