@@ -133,11 +133,18 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
     return f"done {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
 
 
+TABLES = ["docs/results.md", "README.md", "docs"]  # what tools/collect_results.py writes from results/
+
+
 def commit(path: str, message: str, tries: int = 5) -> None:
-    """git add + commit of `path` alone; retried while another git command holds the index lock."""
+    """git commit of `path` with the result tables regenerated from it, so that committed tables always match the
+    committed runs; retried while another git command holds the index lock."""
+    regen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "collect_results.py")], cwd=ROOT,
+                           capture_output=True, text=True)
+    paths = [path] + (TABLES if regen.returncode == 0 else [])
     for attempt in range(tries):
-        add = subprocess.run(["git", "add", path], cwd=ROOT, capture_output=True, text=True)
-        done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=ROOT,
+        add = subprocess.run(["git", "add", *paths], cwd=ROOT, capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=ROOT,
                                                       capture_output=True, text=True).returncode == 0
         if done:
             return
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "grid"))
-    ap.add_argument("--commit", action="store_true", help="git commit each run's result files when it finishes")
+    ap.add_argument("--commit", action="store_true",
+                    help="git commit each run's result files, with the tables regenerated, when it finishes")
     ap.add_argument("--list", action="store_true", help="print each job as done or todo, run nothing")
     args = ap.parse_args(argv)
     grid = GRIDS[args.grid]
