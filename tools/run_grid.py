@@ -94,12 +94,11 @@ def result_dir(results: str, grid: Grid, label: str, ratio: int, seed: int) -> s
 
 
 def jobs_of(name: str, ratios: list[int], seeds: list[int]) -> list[tuple[str, int, int]]:
-    """(label, ratio, seed) of a grid in run order: every cell's seeds by ratio, then the extras (seed 0 first)."""
-    grid = GRIDS[name]
-    jobs = [(label, r, s) for r in ratios for s in seeds for label in grid.cells.get(r, [])]
-    extras = EXTRAS.get(name, {})
-    jobs += [(label, r, s) for s in seeds for r in ratios for label in extras.get(r, [])]
-    return jobs
+    """(label, ratio, seed) of a grid in run order, seed by seed: every cell and extra of seed 0 first, so a grid
+    stopped early still has one complete seed."""
+    grid, extras = GRIDS[name], EXTRAS.get(name, {})
+    return [(label, r, s) for s in seeds for r in ratios
+            for label in grid.cells.get(r, []) + extras.get(r, [])]
 
 
 def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namespace) -> str:
