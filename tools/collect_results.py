@@ -295,8 +295,31 @@ def history_table(history_root: str, tree: dict[str, dict[str, list[tuple[str, d
             rows.append([folder, f"`{full}`"] + cells)
     if not rows:
         return []
-    return ["", f"#### The first grouped step (v1), `{os.path.relpath(history_root)}`", ""] + _table(
+    lines = ["", f"#### The first grouped step (v1), `{os.path.relpath(history_root)}`", ""] + _table(
         ["folder", "method", "base alone (now)", "v1 step", "now"], rows)
+    return lines + v1_sweep_table(os.path.join(history_root, "sweeps"))
+
+
+def v1_sweep_table(sweeps: str) -> list[str]:
+    """The v1 investigation: each sweep entry's Top-1 with the recipe keys it changed (sweep.json), in its order."""
+    entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    infos: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(glob.glob(os.path.join(sweeps, "*", "*", "seed*", "results.json"))):
+        folder, name = Path(path).parts[-4:-2]
+        entries.setdefault((folder, name), []).append(read_json(path))
+        infos[(folder, name)] = read_json(os.path.join(os.path.dirname(path), "sweep.json"))
+    rows = []
+    for key in sorted(entries, key=lambda k: (k[0], infos[k].get("order", math.inf), k[1])):
+        top1 = np.array([r["top1"] for r in entries[key]])
+        std = float(top1.std(ddof=1)) if len(top1) > 1 else math.nan
+        info = infos[key]
+        rows.append([key[0], f"`{key[1]}`", f"`{info['label']}`",
+                     ", ".join(f"`{o}`" for o in info["overrides"]) or "(none)", str(len(top1)),
+                     _fmt(float(top1.mean()), std)])
+    if not rows:
+        return []
+    return ["", f"The v1 investigation runs (`{os.path.relpath(sweeps)}`; `gsa.bn_stats` and the v1 radius no longer "
+                "exist):", ""] + _table(["folder", "run", "method", "changed keys", "seeds", "Top-1"], rows)
 
 
 def build_block(results_root: str, readme: str, docs: str, write_plots: bool) -> str:
