@@ -1,7 +1,9 @@
 """Shared test fixtures: small generated datasets in the real on-disk layouts (nothing is downloaded)."""
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +17,13 @@ CIFAR_LAYOUT = {
 }
 LIST_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 LIST_COUNTS = {"train": [5, 3, 2], "val": [1, 1, 1], "test": [2, 2, 2]}
+
+
+def write_idx(path: Path | str, array: np.ndarray) -> None:
+    """An unsigned-byte idx file (the MNIST / Fashion-MNIST format), gzipped when the name ends in .gz."""
+    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(payload)
 
 
 def _id_rows(ids: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@
 References are independent of lt_recipes.data: published LT sizes, Cao et al.'s global-seed shuffle procedure,
 float64 normalisation, hand-written idx/pickle/list/json files.
 """
-import gzip
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
-from conftest import LIST_COLOURS, LIST_COUNTS
+from conftest import LIST_COLOURS, LIST_COUNTS, write_idx
 from lt_recipes.config import defaults
 from lt_recipes.data import (Cutout, DataError, DataNotFoundError, EpochSampler, LTData, build_data, build_loaders,
                              class_splits, long_tail_counts, long_tail_indices)
@@ -55,12 +54,6 @@ def cao_lt_indices(targets, counts):
         return np.concatenate(kept)
     finally:
         np.random.set_state(state)
-
-
-def write_idx(path, array):
-    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
-        f.write(payload)
 
 
 def write_coco(path, items, category_ids):

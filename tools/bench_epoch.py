@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Time whole training epochs of a CIFAR recipe on synthetic CIFAR-shaped data and project the full schedule.
 
-Writes a CIFAR-100 (or CIFAR-10) folder in the official pickle layout filled with random pixels (500 training and 100
-test images per class, as the real sets have), then trains the recipe for a few epochs with the real data pipeline,
-model, loss and method: epochs before `--group-epoch` run the base step, the grouping epoch builds the groups (memory
-bank, spectral grouping, exact Fisher) and the later ones run the grouped step. Each epoch's wall time (training,
-validation and memory-bank update) comes from the run's summary.csv. The projection for the recipe's own schedule is
+Writes a CIFAR-100 (or CIFAR-10) folder in the official pickle layout filled with random pixels (by default 50,000
+training and 10,000 test images, as the real sets have; `--train-images` / `--test-images` shrink it for a smoke run),
+then trains the recipe for a few epochs with the real data pipeline, model, loss and method: the first `--base-epochs`
+run the base step, the grouping epoch builds the groups (memory bank, spectral grouping, exact Fisher) and the later
+ones run the grouped step. Each epoch's wall time (training, validation and memory-bank update) comes from the run's
+summary.csv. The projection for the recipe's own schedule is
 
     T = start * t_base + (epochs - start) * t_grouped + regroups * (t_grouping_epoch - t_grouped)
 
@@ -37,19 +38,20 @@ from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES  # noqa: E402
 from lt_recipes.engine import Trainer  # noqa: E402
 
 
-def write_synthetic_cifar(root: str, dataset: str, seed: int = 0) -> None:
-    """Random-pixel CIFAR in torchvision's on-disk layout: 50,000 training and 10,000 test images."""
+def write_synthetic_cifar(root: str, dataset: str, seed: int = 0, train_images: int = 50_000,
+                          test_images: int = 10_000) -> None:
+    """Random-pixel CIFAR in torchvision's on-disk layout, the images split evenly over the classes."""
     folder, train_files, (test_file,), key = CIFAR_LAYOUT[dataset]
     num_classes = NUM_CLASSES[dataset]
     out = os.path.join(root, folder)
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.repeat(np.arange(num_classes), 50_000 // num_classes))
+    labels = rng.permutation(np.repeat(np.arange(num_classes), train_images // num_classes))
     for name, idx in zip(train_files, np.array_split(np.arange(len(labels)), len(train_files))):
         with open(os.path.join(out, name), "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
                          key: labels[idx].tolist()}, f, protocol=4)
-    test_labels = np.repeat(np.arange(num_classes), 10_000 // num_classes)
+    test_labels = np.repeat(np.arange(num_classes), test_images // num_classes)
     with open(os.path.join(out, test_file), "wb") as f:
         pickle.dump({"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8),
                      key: test_labels.tolist()}, f, protocol=4)
@@ -74,6 +76,8 @@ def main() -> None:
     ap.add_argument("--grouped-epochs", type=int, default=3, help="grouped epochs after the grouping epoch")
     ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    ap.add_argument("--train-images", type=int, default=50_000, help="synthetic training images (CIFAR: 50,000)")
+    ap.add_argument("--test-images", type=int, default=10_000, help="synthetic test images (CIFAR: 10,000)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--paper-hours", type=float, default=None, help="the paper's full-schedule time, for the ratio")
     ap.add_argument("--json", action="store_true")
@@ -87,7 +91,8 @@ def main() -> None:
     g_start, interval, total = full["groups"]["start_epoch"], full["groups"]["interval"], full["epochs"]
     bench_epochs = args.base_epochs + 1 + args.grouped_epochs
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_cifar(tmp, full["data"]["dataset"])
+        write_synthetic_cifar(tmp, full["data"]["dataset"], train_images=args.train_images,
+                              test_images=args.test_images)
         cfg = load_config(args.recipe, args.overrides + [
             f"data.root={tmp}", f"data.num_workers={args.num_workers}", f"epochs={bench_epochs}",
             "sched.warmup_epochs=1", f"groups.start_epoch={args.base_epochs}", "groups.interval=0",

@@ -20,12 +20,12 @@ NUM_CLASSES = {"imagenet_lt": 1000, "places_lt": 365, "inat2018": 8142, "cifar10
                "fmnist": 10, "digits": 10}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="imagenet_lt_resnext50")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cfg = load_config(args.recipe, args.overrides)
     C = NUM_CLASSES[cfg["data"]["dataset"]]
     model = create_lt_model(cfg["model"], C, 3)

@@ -32,6 +32,12 @@ def _load(pattern: str) -> list[tuple[str, dict]]:
     return out
 
 
+def step_kinds(r: dict) -> list[str]:
+    """The step kinds of a bench_step.py JSON object, in its order: every `<kind>_ms` key (the kinds have changed
+    names over versions of bench_step.py, and committed files of each version are kept)."""
+    return [k[:-len("_ms")] for k in r if k.endswith("_ms")]
+
+
 def step_tables(files: list[tuple[str, dict]]) -> list[str]:
     lines = []
     for path, r in files:
@@ -39,7 +45,7 @@ def step_tables(files: list[tuple[str, dict]]) -> list[str]:
                   f"({r['threads']} threads), amp {r['amp']}, median of {r['repeats']} interleaved repeats.", "",
                   "| step | median ms | / SAM | extra state MB |" + (" peak MB |" if "sam_peak_bytes" in r else ""),
                   "|---|---:|---:|---:|" + ("---:|" if "sam_peak_bytes" in r else "")]
-        for k in [key[:-3] for key in r if key.endswith("_ms")]:
+        for k in step_kinds(r):
             ratio = r[f"{k}_ms"] / r["sam_ms"]
             row = f"| {k} | {r[f'{k}_ms']:.1f} | {ratio:.3f} | {r[f'{k}_state_bytes'] / 2**20:.1f} |"
             if f"{k}_peak_bytes" in r:

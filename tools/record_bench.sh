@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
-# Record the CPU benchmark JSON files under results/bench/ and regenerate the README tables from them.
+# Record the CPU benchmark JSON files under results/bench/ and regenerate docs/benchmarks.md's tables from them.
 # Other CPU-heavy jobs distort timings: pause them first (this script pauses a running tools/run_grid.py grid).
+# Environment (all optional; relative paths are taken from the repository root):
+#   PYTHON        the interpreter (default .venv/bin/python).
+#   BENCH_DIR     where the JSON files go (default results/bench).
+#   BENCH_DOC     the Markdown page whose benchmark blocks are regenerated from BENCH_DIR (default docs/benchmarks.md
+#                 when BENCH_DIR is results/bench; with another BENCH_DIR no tables are written unless this is set).
+#   SMOKE=1       a rehearsal for the tests: tiny sizes, one repeat, and no other process is paused; its JSON files
+#                 are not figures to commit, so point BENCH_DIR elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-mkdir -p results/bench
-pids=$(pgrep -f "train.py --recipe fmnist" || true)
+PY=${PYTHON:-.venv/bin/python}
+BENCH_DIR=${BENCH_DIR:-results/bench}
+if [ "$BENCH_DIR" = results/bench ]; then DOC=${BENCH_DOC:-docs/benchmarks.md}; else DOC=${BENCH_DOC:-}; fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  step_args=(--model resnet8_cifar --batch 16 --num-classes 10 --img-size 8 --groups 2 --repeats 1 --warmup 0)
+  kernel_args=(--d 4096 --repeats 1)
+  pids=
+else
+  step_args=(--repeats 9)
+  kernel_args=()
+  pids=$(pgrep -f "train.py --recipe fmnist" || true)
+fi
+mkdir -p "$BENCH_DIR"
+log=$(mktemp)
+trap 'rm -f "$log"; [ -n "$pids" ] && kill -CONT $pids 2>/dev/null || true' EXIT
 [ -n "$pids" ] && kill -STOP $pids
-trap '[ -n "$pids" ] && kill -CONT $pids 2>/dev/null || true' EXIT
-$PY tools/bench_step.py --repeats 9 --json | tee /tmp/bench_step.txt
-tail -n 1 /tmp/bench_step.txt > results/bench/step_cpu_resnet32.json
-$PY tools/bench_kernels.py --json | tee /tmp/bench_kernels.txt
-tail -n 1 /tmp/bench_kernels.txt > results/bench/kernels_cpu.json
-$PY tools/bench_memory.py --recipe imagenet_lt_resnext50 --json 2>/dev/null | tail -n 1 > results/bench/memory_imagenet_lt_resnext50.json
-$PY tools/bench_report.py >/dev/null
+bench() {  # bench JSON_FILE COMMAND...: run a benchmark with --json, show its output, save its last line as JSON_FILE
+  local file=$1
+  shift
+  "$@" | tee "$log"
+  tail -n 1 "$log" > "$BENCH_DIR/$file"
+}
+bench step_cpu_resnet32.json "$PY" tools/bench_step.py "${step_args[@]}" --json
+bench kernels_cpu.json "$PY" tools/bench_kernels.py "${kernel_args[@]}" --json
+bench memory_imagenet_lt_resnext50.json "$PY" tools/bench_memory.py --recipe imagenet_lt_resnext50 --json
+[ -z "$DOC" ] || "$PY" tools/bench_report.py --bench "$BENCH_DIR" --doc "$DOC" >/dev/null

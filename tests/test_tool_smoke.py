@@ -1,0 +1,249 @@
+"""Every script under tools/ runs its main path on a tiny configuration, so that no tool rots unnoticed.
+
+TOOLS maps each file in tools/ to the test that runs its main path, here or in another test file, and
+test_every_tool_has_a_smoke_test fails when a script appears in tools/ without an entry (or an entry names a test that
+does not exist). The shell scripts run with their documented environment overrides (PYTHON, LT_OUTPUT, BENCH_DIR,
+BENCH_DOC, SMOKE, DEVICE_CHECK_SMOKE), so nothing here touches the checkout's own run, results/bench/ or README.md,
+and nothing pauses a grid that may be training on the machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import write_idx
+from toolload import ROOT, load_tool
+
+# script -> (the test that runs its main path, how it is covered when that is not obvious from the test's name)
+TOOLS: dict[str, tuple[str, str]] = {
+    "bench_epoch.py": ("tests/test_tool_smoke.py::test_device_check_smoke",
+                       "device_check.sh's epoch step runs it on synthetic CIFAR-100; its JSON is checked there"),
+    "bench_kernels.py": ("tests/test_tool_smoke.py::test_bench_kernels", ""),
+    "bench_memory.py": ("tests/test_tool_smoke.py::test_bench_memory", ""),
+    "bench_report.py": ("tests/test_tool_smoke.py::test_record_bench_smoke",
+                        "record_bench.sh writes the tables of freshly recorded files; tests/test_readme.py runs "
+                        "--check on the committed ones"),
+    "checkpoint_size.py": ("tests/test_tool_smoke.py::test_checkpoint_size", ""),
+    "export.py": ("tests/test_export.py::test_export_loads_in_timm_with_the_classifier", ""),
+    "bench_step.py": ("tests/test_tool_smoke.py::test_record_bench_smoke",
+                      "record_bench.sh runs it (SMOKE=1: resnet8_cifar, batch 16, G=2); its JSON is checked there "
+                      "and in device_check's"),
+    "collect_results.py": ("tests/test_analysis.py::test_collect_results_tables_check_and_plot", ""),
+    "dataset_summary.py": ("tests/test_data.py::test_dataset_summary_tool", ""),
+    "device_check.sh": ("tests/test_tool_smoke.py::test_device_check_smoke", "DEVICE_CHECK_SMOKE=1, on the CPU"),
+    "landscape.py": ("tests/test_analysis.py::test_landscape_writes_plots_and_json", ""),
+    "main.sh": ("tests/test_tool_smoke.py::test_main_sh", ""),
+    "plot_run.py": ("tests/test_analysis.py::test_plot_run_writes_pngs", ""),
+    "record_bench.sh": ("tests/test_tool_smoke.py::test_record_bench_smoke", "SMOKE=1"),
+    "run_grid.py": ("tests/test_tool_smoke.py::test_run_grid_job", ""),
+    "setup_env.sh": ("tests/test_tool_smoke.py::test_main_sh",
+                     "main.sh without PYTHON runs it first; that case is skipped where the checkout has no .venv "
+                     "(in CI tools/test.sh has just made it)"),
+    "test.sh": ("tests/test_readme.py::test_readme_is_a_front_page_with_the_two_commands_first",
+                "CI's own command: .ci/run runs it, as that test checks; running it from the suite would recurse"),
+}
+
+
+def test_every_tool_has_a_smoke_test() -> None:
+    scripts = {p.name for p in (ROOT / "tools").iterdir() if p.is_file()}
+    assert not scripts - set(TOOLS), f"tools/ scripts without a smoke test in TOOLS: {sorted(scripts - set(TOOLS))}"
+    assert not set(TOOLS) - scripts, f"TOOLS names scripts that are not in tools/: {sorted(set(TOOLS) - scripts)}"
+    for script, (node, _) in TOOLS.items():
+        path, _, name = node.partition("::")
+        defined = re.findall(r"^def (test_\w+)\(", (ROOT / path).read_text(), re.M)
+        assert name in defined, f"{script}: no test {node}"
+
+
+# the scripts' environment overrides (OUT: device_check.sh's default BENCH_DIR): a test sets those it means, and
+# none leaks in from the shell that runs the tests
+OVERRIDES = ("PYTHON", "LT_OUTPUT", "BENCH_DIR", "BENCH_DOC", "SMOKE", "DEVICE_CHECK_SMOKE", "OUT")
+
+
+def _run(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run a tool from the repository root as a user would; it must exit 0 (its output tail is the failure message)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", **env,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+    return proc
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def _check_step_json(out: dict) -> None:
+    """bench_step.py's JSON from the smoke runs' tiny options (resnet8_cifar, batch 16, G=2, one repeat): a positive
+    time and a state size for every kind, and the ratios to SAM."""
+    for kind in load_tool("bench_step").KINDS:
+        assert _positive(out[f"{kind}_ms"]), kind
+        assert out[f"{kind}_state_bytes"] >= 0, kind
+        if kind != "sam":
+            assert _positive(out[f"{kind}_over_sam"]), kind
+    assert (out["model"], out["batch"], out["groups"], out["repeats"]) == ("resnet8_cifar", 16, 2, 1)
+
+
+def _check_kernels_json(out: dict, d: int) -> None:
+    assert out["d"] == d and set(out["ops"]) == {"gsa_project", "gkp_penalty_fp32", "gkp_penalty_bf16"}
+    for name, op in out["ops"].items():
+        assert all(_positive(op[k]) for k in ("bytes", "fused_ms", "reference_ms", "speedup", "fused_gbps")), name
+    assert all(_positive(out[k]) for k in ("copy_ms", "fused_over_reference", "fraction_of_copy_bandwidth"))
+
+
+def test_bench_kernels(capsys: pytest.CaptureFixture) -> None:
+    result = load_tool("bench_kernels").main(["--d", "4096", "--repeats", "1", "--json"])
+    assert _last_json(capsys.readouterr().out) == result
+    _check_kernels_json(result, 4096)
+
+
+def test_bench_memory(capsys: pytest.CaptureFixture) -> None:
+    load_tool("bench_memory").main(["--recipe", "digits_lt", "--json"])
+    out = _last_json(capsys.readouterr().out)
+    # digits_lt: 10 classes, G=4, 30 epochs evaluated every epoch
+    assert (out["recipe"], out["num_classes"], out["groups"], out["evaluation_points"]) == ("digits_lt", 10, 4, 30)
+    assert 0 < out["encoder_params"] < out["params"]
+    assert out["naive_bank_bytes_fp32"] == 10 * out["encoder_params"] * 4 and out["bank_reduction"] == 1.0
+    assert out["gsa_buffers_bytes"] == (4 + 2) * out["params"] * 4
+
+
+def test_checkpoint_size(capsys: pytest.CaptureFixture) -> None:
+    load_tool("checkpoint_size").main(["--recipe", "digits_lt", "--json"])
+    out = _last_json(capsys.readouterr().out)
+    one = out["sizes"]["1"]
+    # GKP state: anchors and Fisher rows [G, covered] in fp32; one bank snapshot of the covered parameters
+    assert (out["recipe"], out["groups"]) == ("digits_lt", 4)
+    assert one["method_parts"]["anchors"] == one["method_parts"]["fisher"] == 4 * one["covered_params"] * 4
+    assert one["checkpoint"] >= one["model"] + one["optimizer"] + one["method"]
+
+
+def _tiny_fashion_mnist(root: Path) -> None:
+    """Fashion-MNIST's idx files with 100 training and 10 test images per class of random pixels."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 100), ("t10k", 10)):
+        labels = rng.permutation(np.repeat(np.arange(10, dtype=np.uint8), per_class))
+        write_idx(root / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+
+
+def test_run_grid_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--list of grid fmnist16, then one real job (one epoch on a tiny Fashion-MNIST) copied to --results."""
+    grid = load_tool("run_grid")
+    data, results = tmp_path / "fmnist", tmp_path / "results"
+    data.mkdir()
+    _tiny_fashion_mnist(data)
+    assert grid.main(["--grid", "fmnist16", "--seeds", "0", "--results", str(results), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"todo {label} r=100 seed=0"
+                                                    for label in grid.GRIDS["fmnist16"].cells[100]]
+    argv = ["--grid", "fmnist16", "--only", "ce", "--seeds", "0", "--ratios", "100", "--set", "epochs=1",
+            "--set", "sched.warmup_epochs=0", "--set", f"data.root={data}", "--results", str(results),
+            "--scratch", str(tmp_path / "scratch")]
+    assert grid.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("done ce r=100 seed=0"), out
+    dest = results / "fmnist_r100" / "ce" / "seed0"
+    assert sorted(p.name for p in dest.iterdir()) == ["args.yaml", "results.json", "summary.csv"]  # ce: no groups
+    res = json.loads((dest / "results.json").read_text())
+    assert (res["method"], res["imbalance_ratio"], res["seed"], res["epochs"]) == ("ce", 100.0, 0, 1)
+    assert res["train_counts"][0] == 100 - 20 and res["num_test_evaluated"] == 100  # head class: 20 held out for val
+    assert yaml.safe_load((dest / "args.yaml").read_text())["data"]["root"] == str(data)
+    assert grid.main(argv + ["--list"]) == 0 and capsys.readouterr().out == "done ce r=100 seed=0\n"
+    assert grid.main(argv) == 0 and capsys.readouterr().out == "skip ce r=100 seed=0\n"
+
+
+@pytest.mark.parametrize("python", ["PYTHON", ".venv"])
+def test_main_sh(python: str, tmp_path: Path) -> None:
+    """Two epochs of the main job into LT_OUTPUT; with .venv (no PYTHON), tools/setup_env.sh runs first."""
+    env = {"LT_OUTPUT": str(tmp_path / "run")}
+    if python == "PYTHON":
+        env["PYTHON"] = sys.executable
+    elif not (ROOT / ".venv" / "bin" / "python").exists():
+        pytest.skip(f"{ROOT}/.venv/bin/python does not exist (tools/setup_env.sh has not run in this checkout)")
+    proc = _run(["bash", "tools/main.sh", "--set", "epochs=2", "--set", "groups.start_epoch=1"], timeout=600, **env)
+    assert re.search(r"Top-1 \| +Many \| +Medium \| +Few", proc.stdout + proc.stderr)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["recipe"] == "digits_lt" and res["method"] == "ce+gkp+gsa" and res["epochs"] == 2
+    assert all(0 <= res[k] <= 100 for k in ("top1", "many", "medium", "few"))
+    assert (tmp_path / "run" / "groups.json").exists()  # the groups were formed at epoch 1
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_record_bench_smoke(tmp_path: Path) -> None:
+    """SMOKE=1 record_bench.sh writes the three JSON files and their tables, and pauses no training process."""
+    bench, readme = tmp_path / "bench", tmp_path / "benchmarks.md"
+    readme.write_text("# Benchmarks\n\n<!-- bench:begin -->\n<!-- bench:end -->\n\n<!-- bench-history:begin -->\n"
+                      "<!-- bench-history:end -->\n")
+    # what record_bench.sh pauses outside smoke runs: a process whose command line has `train.py --recipe fmnist`
+    sentinel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "train.py --recipe fmnist"])
+    seen_stopped, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            seen_stopped.append(_stopped(sentinel.pid))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        _run(["bash", "tools/record_bench.sh"], timeout=300, PYTHON=sys.executable, SMOKE="1", BENCH_DIR=str(bench),
+             BENCH_DOC=str(readme))
+    finally:
+        done.set()
+        watcher.join()
+        sentinel.kill()
+        sentinel.wait()
+    assert seen_stopped and not any(seen_stopped), "the smoke run paused a training process"
+    assert sorted(p.name for p in bench.iterdir()) == ["kernels_cpu.json", "memory_imagenet_lt_resnext50.json",
+                                                       "step_cpu_resnet32.json"]
+    step = json.loads((bench / "step_cpu_resnet32.json").read_text())
+    _check_step_json(step)
+    assert step["device"] == "cpu" and step["amp"] == "none"
+    _check_kernels_json(json.loads((bench / "kernels_cpu.json").read_text()), 4096)
+    memory = json.loads((bench / "memory_imagenet_lt_resnext50.json").read_text())
+    assert memory["num_classes"] == 1000 and _positive(memory["bank_reduction"])
+    text = readme.read_text()
+    for kind in load_tool("bench_step").KINDS:
+        assert f"\n| {kind} | " in text, f"no table row for step kind {kind}"
+    for row in ("| gsa_project | ", "| GKP anchors + Fisher, fp32 / bf16 | "):
+        assert row in text
+
+
+def test_device_check_smoke(tmp_path: Path) -> None:
+    """DEVICE_CHECK_SMOKE=1 device_check.sh: every step passes on the CPU and each benchmark's JSON is saved."""
+    proc = _run(["bash", "tools/device_check.sh"], timeout=400, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1",
+                BENCH_DIR=str(tmp_path))
+    assert proc.stdout.rstrip().endswith("device check passed")
+    assert "build the CUDA extension: skipped" in proc.stdout and "FAILED" not in proc.stdout
+    assert len(re.findall(r"^---- .*: ok in \d+s$", proc.stdout, re.M)) == 7
+    assert (tmp_path / "device_check.log").read_text().rstrip().endswith("device check passed")
+    _check_kernels_json(json.loads((tmp_path / "kernels_cuda.json").read_text()), 4096)
+    for name in ("step_cuda_resnet32.json", "step_cuda_resnet50.json"):
+        step = json.loads((tmp_path / name).read_text())
+        _check_step_json(step)
+        assert step["amp"] == "bf16"
+    epoch = json.loads((tmp_path / "epoch_cuda_cifar100_lt_resnet32.json").read_text())
+    # bench_epoch.py: 2 base epochs, the grouping epoch, 1 grouped epoch; projected over the recipe's own schedule
+    assert epoch["recipe"] == "cifar100_lt_resnet32" and len(epoch["epoch_times_s"]) == 4
+    assert all(_positive(t) for t in epoch["epoch_times_s"]) and epoch["steps_per_epoch"] >= 1
+    assert epoch["schedule"] == {"epochs": 200, "group_start": 20, "regroups": 9}
+    assert epoch["t_base_s"] == epoch["epoch_times_s"][1] and epoch["t_grouping_epoch_s"] == epoch["epoch_times_s"][2]
+    assert _positive(epoch["projected_method_h"]) and epoch["projected_base_h"] == pytest.approx(
+        200 * epoch["t_base_s"] / 3600)
+    assert epoch["projected_over_paper"] == pytest.approx(epoch["projected_method_h"] / 1.67)
