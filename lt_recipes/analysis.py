@@ -23,12 +23,9 @@ from torch import nn
 
 from .config import load_config
 from .data import build_data, class_splits
+from .errors import AnalysisError
 
 _logger = logging.getLogger(__name__)
-
-
-class AnalysisError(ValueError):
-    """A run directory or results tree that the analysis tools cannot read; the message names the file."""
 
 
 # ---- run directories ------------------------------------------------------------------------------------------

@@ -18,13 +18,11 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .errors import ConfigError
+
 _logger = logging.getLogger(__name__)
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-
-
-class ConfigError(ValueError):
-    """A recipe or override names an unknown key or gives a bad value."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from .errors import DataError, DataNotFoundError
+
 _logger = logging.getLogger(__name__)
 
 IN_MEMORY_DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
@@ -65,14 +67,6 @@ CIFAR_LAYOUT = {
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the file, line, key, class or value at fault."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A data root, list/json file or image that does not exist."""
 
 
 @dataclass

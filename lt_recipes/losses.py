@@ -18,14 +18,12 @@ import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from .errors import LossError
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["LTLoss", "CrossEntropy", "LogitAdjusted", "BalancedSoftmax", "LDAMDRW", "BCL", "LossError",
            "balanced_contrastive_loss", "create_loss"]
-
-
-class LossError(ValueError):
-    """A loss that cannot be built from the recipe or applied to the given inputs."""
 
 
 class LTLoss(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 from . import faults, reference
 from .data import LTData
 from .batchnorm import BNState
+from .errors import NonFiniteError
 from .gkp import exact_fisher, gkp_strength
 from .grouping import MemoryBank, compute_groups, feature_quality
 from .gsa import SAM, GroupedSAM, LossScaler, StepStats
@@ -28,10 +29,6 @@ _logger = logging.getLogger(__name__)
 
 _STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MODULES = {"none": [], "sam": ["sam"], "gkp": ["gkp"], "gsa": ["gsa"], "gkp_gsa": ["gkp", "gsa"]}
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
 def method_label(cfg: dict[str, Any]) -> str:

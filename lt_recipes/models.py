@@ -20,15 +20,12 @@ from timm.models import load_pretrained as timm_load_pretrained
 from torch import nn
 
 from .checkpoint import read_error
+from .errors import ModelError
 from .segments import shared
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model"]
-
-
-class ModelError(ValueError):
-    """A recipe's model section or a checkpoint that cannot build or load the model (names the key or file)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,11 +30,10 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (AnalysisError, head_to_tail, load_run, new_figure, read_json,  # noqa: E402
+from lt_recipes.analysis import (head_to_tail, load_run, new_figure, read_json,  # noqa: E402
                                  save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text  # noqa: E402
-from lt_recipes.config import ConfigError  # noqa: E402
-from lt_recipes.data import DataError  # noqa: E402
+from lt_recipes.errors import AnalysisError, LTRecipesError  # noqa: E402
 
 _logger = logging.getLogger("collect_results")
 
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             text = f.read()
         block = build_block(args.results, args.readme, args.docs, write_plots=not args.check)
         new_text = replace_block(text, block, args.readme)
-    except (AnalysisError, ConfigError, DataError, OSError) as e:
+    except (LTRecipesError, OSError) as e:
         _logger.error("%s", e)
         return 2
     print(block)
