@@ -43,12 +43,11 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from .choices import IN_MEMORY_AUGMENTS, IN_MEMORY_DATASETS, LIST_DATASETS, SAMPLERS
 from .errors import DataError, DataNotFoundError
 
 _logger = logging.getLogger(__name__)
 
-IN_MEMORY_DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
-LIST_DATASETS = ("imagenet_lt", "places_lt", "inat2018")
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 LT_SEED = 0
 DIGITS_TEST_SEED = 0
@@ -499,7 +498,7 @@ def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
     mean, std = _mean_std(data_cfg, dataset, in_chans)
     views = data_cfg["contrastive_views"]
     if native_size is None:
-        if augment in ("autoaugment", "randaugment"):
+        if augment in IN_MEMORY_AUGMENTS:
             raise DataError(f"data.augment={augment} is for in-memory datasets; image files use timm's transforms: "
                             "data.augment=basic with data.auto_augment (e.g. rand-n2-m10)")
         train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, mean, std)
@@ -688,8 +687,8 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, targets: Sequence[int] | np.ndarray, mode: str, seed: int, num_samples: int | None = None):
-        if mode not in ("random", "class_balanced"):
-            raise DataError(f"data.sampler={mode!r} must be 'random' or 'class_balanced'")
+        if mode not in SAMPLERS:
+            raise DataError(f"data.sampler={mode!r} must be one of {', '.join(SAMPLERS)}")
         if seed < 0:
             raise DataError(f"seed={seed} must be >= 0")
         self.targets = np.asarray(targets, dtype=np.int64)

@@ -21,7 +21,8 @@ from . import reference
 
 _logger = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The float types of the bank snapshots (groups.bank_dtype) and the GKP anchors and Fisher rows (gkp.state_dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +52,7 @@ class MemoryBank:
 
     def __init__(self, num_classes: int, dtype: str = "fp32", spill_dir: str | None = None) -> None:
         self.num_classes = num_classes
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.spill_dir = spill_dir
         self.class_snapshot = [-1] * num_classes
         self.best_q = torch.full((num_classes,), -math.inf, dtype=torch.float64)

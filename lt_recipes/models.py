@@ -20,6 +20,7 @@ from timm.models import load_pretrained as timm_load_pretrained
 from torch import nn
 
 from .checkpoint import read_error
+from .choices import CLASSIFIERS
 from .errors import ModelError
 from .segments import shared
 
@@ -197,8 +198,8 @@ def _mlp_head(in_features: int, hidden: int, out: int) -> nn.Sequential:
 class LTModel(nn.Module):
     """A timm backbone (created with num_classes=0, so its forward returns pooled features) plus our classifier.
 
-    `classifier` is the only module whose parameter names start with "classifier." (GKP and GSA rely on that to
-    leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the contrastive embedding and
+    `classifier` is the only module whose parameter names start with "classifier." (`gsa.CLASSIFIER_PREFIX`: GKP
+    and GSA rely on that to leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the contrastive embedding and
     `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight rows to class prototypes.
     """
 
@@ -213,7 +214,7 @@ class LTModel(nn.Module):
         elif classifier == "cosine":
             self.classifier = CosineLinear(num_features, num_classes, cosine_scale)
         else:
-            raise ModelError(f"model.classifier={classifier!r} must be 'linear' or 'cosine'")
+            raise ModelError(f"model.classifier={classifier!r} must be one of {', '.join(CLASSIFIERS)}")
         self.proj_head: nn.Module | None = None
         self.proto_head: nn.Module | None = None
         if proj_dims is not None:

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lt_recipes.analysis import (head_to_tail, load_run, new_figure, read_json,  # noqa: E402
                                  save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text  # noqa: E402
+from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES  # noqa: E402
 from lt_recipes.errors import AnalysisError, LTRecipesError  # noqa: E402
 
 _logger = logging.getLogger("collect_results")
@@ -40,10 +41,11 @@ _logger = logging.getLogger("collect_results")
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 METRICS = ("top1", "many", "medium", "few")
-BASE_ORDER = ("ce", "la", "bs", "ldam_drw", "bcl")
-MODULE_ORDER = ("", "sam", "gkp", "gsa", "gkp+gsa")
-DIRECTIONS = {"gsa": "GSA: h_g (global component removed)", "sam": "SAM: global gradient g",
-              "gsa_proj": "GSA-proj: removed component only", "friendly": "FriendlySAM: g - EMA"}
+# Labels sort by base loss, then method modules ("" base alone, sam, gkp, gsa, gkp+gsa), then ascent direction.
+MODULE_ORDER = tuple("+".join(modules) for modules in METHOD_MODULES.values())
+GROUPED_MODULES = tuple("+".join(METHOD_MODULES[m]) for m in GROUPED_METHODS)
+DIRECTION_TITLES = {"gsa": "GSA: h_g (global component removed)", "sam": "SAM: global gradient g",
+                    "gsa_proj": "GSA-proj: removed component only", "friendly": "FriendlySAM: g - EMA"}
 PAPER = "CIFAR-100-LT r=100"
 PAPER_DIRECTIONS = {"sam": 52.1, "gsa_proj": 46.4, "gsa": 53.2}
 PAPER_COMPONENTS = {"ce": {"": 38.4, "gkp": 42.1, "gkp+gsa": 42.8},
@@ -74,9 +76,9 @@ def parse_label(label: str) -> tuple[str, str, str, str]:
 
 def _order_key(label: str) -> tuple:
     base, modules, direction, variant = parse_label(label)
-    b = BASE_ORDER.index(base) if base in BASE_ORDER else len(BASE_ORDER)
+    b = LOSSES.index(base) if base in LOSSES else len(LOSSES)
     m = MODULE_ORDER.index(modules) if modules in MODULE_ORDER else len(MODULE_ORDER)
-    d = list(DIRECTIONS).index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
+    d = DIRECTIONS.index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
     return b, base, m, modules, d, direction, variant
 
 
@@ -179,10 +181,10 @@ def component_table(stats: dict[str, MethodStats]) -> list[str]:
     rows = []
     bases = sorted({parse_label(m)[0] for m in stats}, key=_order_key)
     for base in bases:
-        if base not in stats or not any(f"{base}+{m}" in stats for m in MODULE_ORDER[2:]):
+        if base not in stats or not any(f"{base}+{m}" in stats for m in GROUPED_MODULES):
             continue
         cells = [f"`{base}`"]
-        for m in ("",) + MODULE_ORDER[2:]:
+        for m in ("",) + GROUPED_MODULES:
             s = stats.get(f"{base}+{m}" if m else base)
             if s is None:
                 cells.append("—")
@@ -196,7 +198,7 @@ def component_table(stats: dict[str, MethodStats]) -> list[str]:
         return []
     for base, paper in PAPER_COMPONENTS.items():
         rows.append([f"{base} (paper, {PAPER})"] + [f"{paper[m]:.1f}" if m in paper else "—"
-                                                    for m in ("",) + MODULE_ORDER[2:]])
+                                                    for m in ("",) + GROUPED_MODULES])
     return _table(["base loss", "base alone", "+gkp", "+gsa", "+gkp+gsa"], rows) + [
         "", "Cells: Top-1 mean ± std over seeds (Δ vs base, beyond seed spread)."]
 
@@ -219,7 +221,7 @@ def direction_table(stats: dict[str, MethodStats]) -> list[str]:
                 d, verdict = delta_vs(stats[base], s)
                 change = [f"{d:+.2f}", verdict]
             paper = PAPER_DIRECTIONS.get(direction)
-            rows.append([DIRECTIONS.get(direction, direction), f"`{label}`", str(len(s.seeds)),
+            rows.append([DIRECTION_TITLES.get(direction, direction), f"`{label}`", str(len(s.seeds)),
                          _fmt(s.mean["top1"], s.std["top1"])] + change + ["—" if paper is None else f"{paper:.1f}"])
     if not rows:
         return []
