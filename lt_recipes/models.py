@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import read_error
 from .choices import CLASSIFIERS
+from .data.constants import MEAN_STD
 from .errors import ModelError
 from .segments import shared
 
@@ -143,7 +144,7 @@ class CifarResNet(nn.Module):
 
 def _cifar_cfg() -> dict[str, Any]:
     return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-            "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+            "interpolation": "bilinear", "mean": MEAN_STD["cifar10"][0], "std": MEAN_STD["cifar10"][1],
             "first_conv": "conv1", "classifier": "head.fc"}
 
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from lt_recipes import choices, ops, reference
 from lt_recipes.config import SCHEMA, ConfigError, defaults, load_config
+from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES, DataError, EpochSampler, build_transforms
+from lt_recipes.data.constants import MEAN_STD
 from lt_recipes.gkp import gkp_strength
 from lt_recipes.grouping import DTYPES, MemoryBank
 from lt_recipes.gsa import GroupedSAM
@@ -136,3 +138,21 @@ def test_every_classifier_lr_scale_scheduler_and_bank_dtype_is_its_own():
         bank = MemoryBank(3, "fp32")
         bank.update(torch.zeros(3), theta)
         assert bank.anchors(np.array([0, 0, 1]), 2, dtype=DTYPES[d]).dtype == DTYPES[d]
+
+
+def test_every_dataset_has_its_reader_and_constants():
+    assert {"digits", "fmnist", *CIFAR_LAYOUT} == set(choices.IN_MEMORY_DATASETS) == set(MEAN_STD)
+    assert tuple(NUM_CLASSES) == choices.DATASETS
+
+
+def test_every_augment_and_sampler_is_its_own():
+    data_cfg = defaults()["data"]
+    tfs = {a: repr(build_transforms("cifar10", {**data_cfg, "augment": a}, 3, 32)[0]) for a in choices.AUGMENTS}
+    _pairwise_different(tfs)
+    for augment in choices.IN_MEMORY_AUGMENTS:  # image files take timm's policies: both layers say so
+        with pytest.raises(DataError, match="data.augment=basic with data.auto_augment"):
+            build_transforms("imagenet_lt", {**data_cfg, "augment": augment, "img_size": 8}, 3, None)
+        with pytest.raises(ConfigError, match="data.augment=basic and data.auto_augment"):
+            load_config("imagenet_lt_resnet50", [f"data.augment={augment}"])
+    targets = np.repeat(np.arange(3), [20, 5, 1])
+    _pairwise_different({m: list(EpochSampler(targets, m, seed=0)) for m in choices.SAMPLERS})

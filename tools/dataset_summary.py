@@ -18,8 +18,9 @@ from typing import Any, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_recipes.config import load_config  # noqa: E402
-from lt_recipes.data import build_data, class_splits  # noqa: E402
+from lt_recipes.data import build_data  # noqa: E402
 from lt_recipes.errors import LTRecipesError  # noqa: E402
+from lt_recipes.metrics import class_splits  # noqa: E402
 
 _logger = logging.getLogger(__name__)
 
