@@ -14,11 +14,9 @@ import argparse
 import json
 
 from lt_recipes.config import load_config
+from lt_recipes.data import NUM_CLASSES
 from lt_recipes.gsa import is_classifier
 from lt_recipes.models import create_lt_model
-
-NUM_CLASSES = {"imagenet_lt": 1000, "places_lt": 365, "inat2018": 8142, "cifar100": 100, "cifar10": 10,
-               "fmnist": 10, "digits": 10}
 
 
 def main() -> None:

@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_memory import NUM_CLASSES  # noqa: E402
-
-from lt_recipes.checkpoint import tensor_bytes  # noqa: E402
-from lt_recipes.choices import GROUPED_METHODS  # noqa: E402
-from lt_recipes.config import load_config  # noqa: E402
-from lt_recipes.data import dataset_in_chans  # noqa: E402
-from lt_recipes.gsa import is_classifier, ordered_parameters  # noqa: E402
-from lt_recipes.models import create_lt_model  # noqa: E402
-from lt_recipes.optim import create_optimizer  # noqa: E402
+from lt_recipes.checkpoint import tensor_bytes
+from lt_recipes.choices import GROUPED_METHODS
+from lt_recipes.config import load_config
+from lt_recipes.data import NUM_CLASSES, dataset_in_chans
+from lt_recipes.gsa import is_classifier, ordered_parameters
+from lt_recipes.models import create_lt_model
+from lt_recipes.optim import create_optimizer
 
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 

@@ -29,12 +29,11 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (head_to_tail, load_run, new_figure, read_json,  # noqa: E402
-                                 save_figure, split_boundaries, train_counts_of)
-from lt_recipes.checkpoint import atomic_write_text  # noqa: E402
-from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES  # noqa: E402
-from lt_recipes.errors import AnalysisError, LTRecipesError  # noqa: E402
+from lt_recipes.analysis import (head_to_tail, load_run, new_figure, read_json, save_figure, split_boundaries,
+                                 train_counts_of)
+from lt_recipes.checkpoint import atomic_write_text
+from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES
+from lt_recipes.errors import AnalysisError, LTRecipesError
 
 _logger = logging.getLogger("collect_results")
 

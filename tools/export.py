@@ -25,18 +25,15 @@ import os
 import sys
 from typing import Any
 
+import timm
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm  # noqa: E402
-
-from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes,  # noqa: E402
-                                   load_checkpoint)
-from lt_recipes.config import load_config  # noqa: E402
-from lt_recipes.data import dataset_in_chans  # noqa: E402
-from lt_recipes.errors import CheckpointError, LTRecipesError  # noqa: E402
-from lt_recipes.models import LTModel, create_lt_model  # noqa: E402
+from lt_recipes.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
+from lt_recipes.config import load_config
+from lt_recipes.data import dataset_in_chans
+from lt_recipes.errors import CheckpointError, LTRecipesError
+from lt_recipes.models import LTModel, create_lt_model
 
 _logger = logging.getLogger("export")
 

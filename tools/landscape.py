@@ -33,14 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (analysis_groups, balanced_indices,  # noqa: E402
-                                 filter_normalized_direction, group_means, load_run, new_figure, new_panels,
-                                 per_sample_loss, save_figure, set_parameters, top_hessian_eigenvalue, train_counts_of)
-from lt_recipes.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
-from lt_recipes.data import build_data  # noqa: E402
-from lt_recipes.errors import AnalysisError, CheckpointError, LTRecipesError  # noqa: E402
-from lt_recipes.models import create_lt_model  # noqa: E402
+from lt_recipes.analysis import (analysis_groups, balanced_indices, filter_normalized_direction, group_means,
+                                 load_run, new_figure, new_panels, per_sample_loss, save_figure, set_parameters,
+                                 top_hessian_eigenvalue, train_counts_of)
+from lt_recipes.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from lt_recipes.data import build_data
+from lt_recipes.errors import AnalysisError, CheckpointError, LTRecipesError
+from lt_recipes.models import create_lt_model
 
 _logger = logging.getLogger("landscape")
 

@@ -21,10 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure,  # noqa: E402
-                                 new_panels, save_figure, split_boundaries, train_counts_of)
-from lt_recipes.errors import AnalysisError, LTRecipesError  # noqa: E402
+from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure, new_panels, save_figure,
+                                 split_boundaries, train_counts_of)
+from lt_recipes.errors import AnalysisError, LTRecipesError
 
 _logger = logging.getLogger("plot_run")
 
