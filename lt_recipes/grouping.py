@@ -1,4 +1,4 @@
-"""Memory-based grouping (SPEC.md section 2): a memory bank of per-class best encoder states, cut into G groups.
+"""Memory-based grouping (paper Eq. 1-3; docs/method.md section 1): per-class best encoder states, cut into G groups.
 
 The paper's bank keeps one encoder copy per class. Every entry is one of the snapshots taken at evaluation points,
 so this bank stores each *distinct referenced* snapshot once plus a class -> snapshot index, and keeps the pairwise

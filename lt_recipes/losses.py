@@ -1,4 +1,5 @@
-"""Base long-tail losses: CE, logit adjustment, Balanced Softmax, LDAM with DRW, and BCL (SPEC.md section 6).
+"""Base long-tail losses the method adds its terms to (docs/method.md): CE, logit adjustment, Balanced Softmax,
+LDAM with DRW, and BCL.
 
 Every loss is an `LTLoss`: `per_sample(model, inputs, targets)` runs the model itself (BCL needs one pass over three
 views and the model's heads) and returns each sample's share of the batch loss, whose mean is the batch loss; called
