@@ -211,6 +211,7 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
+
 def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """The configuration every recipe starts from."""
     schema = SCHEMA if schema is None else schema

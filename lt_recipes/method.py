@@ -333,7 +333,7 @@ class GroupedMethod(Method):
 
 # The class of every recipe `method` (lt_recipes.choices.METHODS).
 METHOD_CLASSES: dict[str, type[Method]] = {"none": Method, "sam": SAMMethod,
-                                          **dict.fromkeys(GROUPED_METHODS, GroupedMethod)}
+                                           **dict.fromkeys(GROUPED_METHODS, GroupedMethod)}
 
 
 def create_method(cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,

@@ -200,8 +200,9 @@ class LTModel(nn.Module):
     """A timm backbone (created with num_classes=0, so its forward returns pooled features) plus our classifier.
 
     `classifier` is the only module whose parameter names start with "classifier." (`gsa.CLASSIFIER_PREFIX`: GKP
-    and GSA rely on that to leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the contrastive embedding and
-    `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight rows to class prototypes.
+    and GSA rely on that to leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the
+    contrastive embedding and `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight
+    rows to class prototypes.
     """
 
     def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, classifier: str = "linear",

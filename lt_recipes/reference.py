@@ -148,7 +148,6 @@ def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentu
     return h
 
 
-
 def scaled_norm(scale: str, h: torch.Tensor, theta: torch.Tensor) -> float:
     """The norm Eq. 13-14 divide by: ||h_g|| (euclidean, as printed) or ||theta * h_g|| (adaptive, released code)."""
     if scale not in SCALES:

@@ -191,4 +191,3 @@ def build_data(cfg: dict[str, Any]) -> LTData:
                  len(data.val), data.num_val_from_train, len(data.test), len(splits["many"]), len(splits["medium"]),
                  len(splits["few"]))
     return data
-

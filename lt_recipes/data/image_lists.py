@@ -161,4 +161,3 @@ class ImageListDataset(Dataset):
             raise DataError(f"image {path} ({self.sources[index]}) cannot be read: {e}; set "
                             "data.skip_bad_images=true to drop unreadable images when the data is built") from None
         return self.transform(img), int(self.targets[index])
-

@@ -128,4 +128,3 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.transform(self.images[index]), int(self.targets[index])
-

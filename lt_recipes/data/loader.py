@@ -67,4 +67,3 @@ def build_loaders(data: LTData, cfg: dict[str, Any]) -> tuple[DataLoader, DataLo
     val = DataLoader(data.val, batch_size=d["eval_batch_size"], shuffle=False, **common)
     test = DataLoader(data.test, batch_size=d["eval_batch_size"], shuffle=False, **common)
     return train, val, test
-

@@ -97,4 +97,3 @@ def hold_out_val(targets: np.ndarray, kept: np.ndarray, num_classes: int, per_cl
         val_parts.append(np.sort(take))
     val = np.concatenate(val_parts) if val_parts else np.zeros(0, dtype=np.int64)
     return kept[~np.isin(kept, val)], val
-

@@ -119,4 +119,3 @@ def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
                               *(colour if in_chans == 3 else []), *_finish(mean, std)])
         train_tf = MultiViewTransform(train_tf, view_tf, views)
     return train_tf, eval_tf
-
