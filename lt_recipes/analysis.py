@@ -22,13 +22,11 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .config import load_config
-from .data import build_data, class_splits
+from .data import build_data
+from .errors import AnalysisError
+from .metrics import class_splits
 
 _logger = logging.getLogger(__name__)
-
-
-class AnalysisError(ValueError):
-    """A run directory or results tree that the analysis tools cannot read; the message names the file."""
 
 
 # ---- run directories ------------------------------------------------------------------------------------------

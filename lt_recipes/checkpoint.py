@@ -22,6 +22,7 @@ import yaml
 
 from . import faults
 from .config import defaults, flatten
+from .errors import CheckpointError, UnreadableCheckpointError
 
 _logger = logging.getLogger(__name__)
 
@@ -30,14 +31,6 @@ BEST_NAME = "model_best.pt"
 
 # Lines of torch.load's errors that advise retrying with weights_only=False, which would run code from the file.
 _TORCH_ADVICE = ("weights_only", "Re-running", "arbitrary code", "Please file an issue", "Check the documentation")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: corrupt, truncated, or made by a different run set-up."""
-
-
-class UnreadableCheckpointError(CheckpointError):
-    """A checkpoint file that torch.load(weights_only=True) cannot read: truncated, corrupt, or holding code."""
 
 
 def _file_mode() -> int:

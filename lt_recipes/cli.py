@@ -8,6 +8,8 @@ import logging
 import os
 from typing import Any, Callable
 
+from .errors import LTRecipesError
+
 _logger = logging.getLogger("lt_recipes")
 
 
@@ -32,18 +34,12 @@ def setup_logging() -> None:
 
 
 def run_recipe(recipe: str, overrides: list[str], body: Callable[[dict[str, Any]], int]) -> int:
-    """Load and validate the recipe, then `body(cfg)`; a bad recipe, data, checkpoint or model returns exit code 2."""
-    from .config import ConfigError, load_config
+    """Load and validate the recipe, then `body(cfg)`; bad input (an `LTRecipesError`: recipe, data, checkpoint,
+    model) returns exit code 2."""
+    from .config import load_config
 
     try:
-        cfg = load_config(recipe, overrides)
-    except ConfigError as e:
-        _logger.error("%s", e)
-        return 2
-    from .engine import USER_ERRORS
-
-    try:
-        return body(cfg)
-    except USER_ERRORS as e:
+        return body(load_config(recipe, overrides))
+    except LTRecipesError as e:
         _logger.error("%s", e)
         return 2

@@ -18,27 +18,27 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CLASSIFIERS, CONTRASTIVE_VIEWS, DATASETS,
+                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_METHODS, IN_MEMORY_AUGMENTS,
+                      LIST_DATASETS, LOSSES, LR_BASE_SCALES, METHODS, PERTURBATIONS, SAMPLERS, SCALES, SCHEDULERS,
+                      STATE_DTYPES, WEIGHTINGS)
+from .errors import ConfigError
+
 _logger = logging.getLogger(__name__)
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 
-class ConfigError(ValueError):
-    """A recipe or override names an unknown key or gives a bad value."""
-
-
 @dataclass(frozen=True)
 class Field:
-    """One recipe key: default value, accepted types, optional extra check returning an error text or None."""
+    """One recipe key: default value, accepted types, optional extra check returning an error text or None, and for a
+    key that takes one of a few names, those names (`choices`, from lt_recipes.choices)."""
 
     default: Any
     types: tuple
     check: Callable[[Any], str | None] | None = None
     nullable: bool = False
-
-
-def _choice(*options: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {list(options)}"
+    choices: tuple | None = None
 
 
 def _at_least(lo: float) -> Callable[[Any], str | None]:
@@ -93,15 +93,14 @@ SCHEMA: dict[str, Any] = {
     "name": Field("", STR),
     "epochs": Field(10, INT, _at_least(1)),
     "seed": Field(0, INT, _at_least(0)),
-    "method": Field("none", STR, _choice("none", "sam", "gkp", "gsa", "gkp_gsa")),
+    "method": Field("none", STR, choices=METHODS),
     "log_interval": Field(50, INT, _at_least(1)),
     "checkpoint_interval": Field(1, INT, _at_least(1)),
     "max_nonfinite_steps": Field(20, INT, _at_least(1)),
     # experiment trackers through Accelerate (tensorboard, wandb, mlflow, ...): a name or a list, null = none
     "log_with": Field(None, (str, list), _names, nullable=True),
     "data": {
-        "dataset": Field("digits", STR,
-                         _choice("digits", "fmnist", "cifar10", "cifar100", "imagenet_lt", "places_lt", "inat2018")),
+        "dataset": Field("digits", STR, choices=DATASETS),
         "root": Field(None, STR, nullable=True),
         "imbalance_ratio": Field(None, FLOAT, _at_least(1.0), nullable=True),
         "max_per_class": Field(None, INT, _at_least(1), nullable=True),
@@ -111,14 +110,14 @@ SCHEMA: dict[str, Any] = {
         "val_list": Field(None, STR, nullable=True),
         "test_list": Field(None, STR, nullable=True),
         "img_size": Field(32, INT, _at_least(1)),
-        "augment": Field("basic", STR, _choice("none", "basic", "autoaugment", "randaugment")),
+        "augment": Field("basic", STR, choices=AUGMENTS),
         # timm's policy string for list datasets (e.g. rand-n2-m10, original, augmix-m5), see timm.data.auto_augment
         "auto_augment": Field(None, STR, nullable=True),
-        "contrastive_views": Field(0, INT, _choice(0, 2)),
+        "contrastive_views": Field(0, INT, choices=CONTRASTIVE_VIEWS),
         "batch_size": Field(128, INT, _at_least(1)),
         "eval_batch_size": Field(256, INT, _at_least(1)),
         "num_workers": Field(0, INT, _at_least(0)),
-        "sampler": Field("random", STR, _choice("random", "class_balanced")),
+        "sampler": Field("random", STR, choices=SAMPLERS),
         "skip_bad_images": Field(False, BOOL),
         "mean": Field(None, LIST, nullable=True),
         "std": Field(None, LIST, nullable=True),
@@ -126,14 +125,14 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "name": Field("resnet8_cifar", STR),
         "pretrained_path": Field(None, STR, nullable=True),
-        "classifier": Field("linear", STR, _choice("linear", "cosine")),
+        "classifier": Field("linear", STR, choices=CLASSIFIERS),
         "cosine_scale": Field(30.0, FLOAT, _positive),
         "proj_head": Field(None, LIST, _dims, nullable=True),
         "drop_rate": Field(0.0, FLOAT, _between(0.0, 1.0)),
         "norm_layer": Field(None, STR, nullable=True),
     },
     "loss": {
-        "name": Field("ce", STR, _choice("ce", "la", "bs", "ldam_drw", "bcl")),
+        "name": Field("ce", STR, choices=LOSSES),
         "tau": Field(1.0, FLOAT),
         "ldam_max_m": Field(0.5, FLOAT, _positive),
         "ldam_s": Field(30.0, FLOAT, _positive),
@@ -150,7 +149,7 @@ SCHEMA: dict[str, Any] = {
         # timm's rule: with lr_base set, lr = lr_base * (global batch / lr_base_size), or its square root
         "lr_base": Field(None, FLOAT, _positive, nullable=True),
         "lr_base_size": Field(256, INT, _at_least(1)),
-        "lr_base_scale": Field(None, STR, _choice("linear", "sqrt"), nullable=True),
+        "lr_base_scale": Field(None, STR, nullable=True, choices=LR_BASE_SCALES),
         "momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "weight_decay": Field(5e-4, FLOAT, _at_least(0.0)),
         "nesterov": Field(False, BOOL),
@@ -163,7 +162,7 @@ SCHEMA: dict[str, Any] = {
         "warmup": Field(False, BOOL),
     },
     "sched": {
-        "sched": Field("cosine", STR, _choice("cosine", "step", "multistep", "none")),
+        "sched": Field("cosine", STR, choices=SCHEDULERS),
         "warmup_epochs": Field(0, INT, _at_least(0)),
         "warmup_lr": Field(1e-4, FLOAT, _at_least(0.0)),
         "min_lr": Field(0.0, FLOAT, _at_least(0.0)),
@@ -176,31 +175,31 @@ SCHEMA: dict[str, Any] = {
         "interval": Field(0, INT, _at_least(0)),
         "eval_interval": Field(1, INT, _at_least(1)),
         "quality_beta": Field(0.5, FLOAT, _at_least(0.0)),
-        "affinity": Field("cosine", STR, _choice("cosine")),
-        "bank_dtype": Field("fp32", STR, _choice("fp32", "bf16")),
+        "affinity": Field("cosine", STR, choices=AFFINITIES),
+        "bank_dtype": Field("fp32", STR, choices=BANK_DTYPES),
         "bank_spill_dir": Field(None, STR, nullable=True),
     },
     "gkp": {
         "lam": Field(100.0, FLOAT, _at_least(0.0)),
-        "norm": Field("per_samples", STR, _choice("per_samples", "per_classes")),
-        "fisher": Field("exact", STR, _choice("exact", "ema")),
+        "norm": Field("per_samples", STR, choices=GKP_NORMS),
+        "fisher": Field("exact", STR, choices=FISHER_ESTIMATES),
         "fisher_ema": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "fisher_batches": Field(0, INT, _at_least(0)),
-        "state_dtype": Field("fp32", STR, _choice("fp32", "bf16", "fp16")),
+        "state_dtype": Field("fp32", STR, choices=STATE_DTYPES),
     },
     "gsa": {
-        "direction": Field("gsa", STR, _choice("gsa", "sam", "gsa_proj", "friendly")),
-        "scale": Field("adaptive", STR, _choice("adaptive", "euclidean")),
+        "direction": Field("gsa", STR, choices=DIRECTIONS),
+        "scale": Field("adaptive", STR, choices=SCALES),
         "z": Field(None, FLOAT, _at_least(0.0), nullable=True),
         "rho_clamp": Field("auto", LIST + STR, _clamp, nullable=True),
-        "group_grads": Field("masked", STR, _choice("masked", "share")),
-        "perturbation": Field("per_group", STR, _choice("per_group", "averaged")),
-        "group_weighting": Field("samples", STR, _choice("samples", "sum", "mean")),
+        "group_grads": Field("masked", STR, choices=GROUP_GRADS),
+        "perturbation": Field("per_group", STR, choices=PERTURBATIONS),
+        "group_weighting": Field("samples", STR, choices=WEIGHTINGS),
         "regularizer": Field(False, BOOL),
         "friendly_sigma": Field(1.0, FLOAT),
         "friendly_momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "sync": Field(True, BOOL),
-        "backend": Field("auto", STR, _choice("auto", "fused", "reference")),
+        "backend": Field("auto", STR, choices=BACKENDS),
     },
     "sam": {
         "rho": Field(0.05, FLOAT, _positive),
@@ -211,8 +210,6 @@ SCHEMA: dict[str, Any] = {
         "end": Field(0.6, FLOAT, _between(0.0, 1.0)),
     },
 }
-
-_LIST_DATASETS = ("imagenet_lt", "places_lt", "inat2018")
 
 
 def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -249,6 +246,8 @@ def _check_value(key: str, value: Any) -> Any:
         raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in f.types)}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"recipe key '{key}': value {value!r} is not finite")
+    if f.choices is not None and value not in f.choices:
+        raise ConfigError(f"recipe key '{key}' = {value!r}: must be one of {list(f.choices)}")
     if f.check is not None:
         err = f.check(value)
         if err:
@@ -311,7 +310,7 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Cross-key checks: combinations of keys that cannot work together."""
     data, loss, model = cfg["data"], cfg["loss"], cfg["model"]
-    if data["dataset"] in _LIST_DATASETS:
+    if data["dataset"] in LIST_DATASETS:
         if data["imbalance_ratio"] is not None:
             raise ConfigError(f"recipe key 'data.imbalance_ratio' does not apply to {data['dataset']} "
                               "(its long tail comes from the list files); set it to null")
@@ -334,7 +333,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                           f"and model.cosine_scale=1 (got {model['classifier']}, scale {model['cosine_scale']:g})")
     if cfg["alpha"]["end"] > cfg["alpha"]["start"]:
         raise ConfigError("alpha.end must not exceed alpha.start (alpha decays over the method's epochs)")
-    if cfg["method"] in ("gkp", "gsa", "gkp_gsa") and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
+    if cfg["method"] in GROUPED_METHODS and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
         raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
                           f"for method={cfg['method']}")
     if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
@@ -346,11 +345,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["optim"]["lr_base_scale"] is not None and cfg["optim"]["lr_base"] is None:
         raise ConfigError("optim.lr_base_scale scales optim.lr_base, which is not set (set optim.lr_base or drop "
                           "optim.lr_base_scale)")
-    if data["dataset"] in _LIST_DATASETS and data["augment"] in ("autoaugment", "randaugment"):
+    if data["dataset"] in LIST_DATASETS and data["augment"] in IN_MEMORY_AUGMENTS:
         raise ConfigError(f"data.augment={data['augment']} is for the in-memory datasets; {data['dataset']} uses "
                           "timm's transforms: set data.augment=basic and data.auto_augment (e.g. rand-n2-m10)")
-    if data["auto_augment"] is not None and data["dataset"] not in _LIST_DATASETS:
-        raise ConfigError(f"data.auto_augment applies to timm's transforms of {list(_LIST_DATASETS)}, not "
+    if data["auto_augment"] is not None and data["dataset"] not in LIST_DATASETS:
+        raise ConfigError(f"data.auto_augment applies to timm's transforms of {list(LIST_DATASETS)}, not "
                           f"{data['dataset']} (use data.augment)")
     return cfg
 

@@ -26,21 +26,18 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
-from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, atomic_write_csv, atomic_write_json,
-                         atomic_write_yaml, load_checkpoint, load_resumable, previous_path, save_checkpoint,
-                         size_report)
-from .config import ConfigError, flatten
-from .data import DataError, LTData, build_data, build_loaders
-from .losses import LossError, create_loss
-from .method import Method, NonFiniteError, create_method, method_label
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_yaml,
+                         load_checkpoint, load_resumable, previous_path, save_checkpoint, size_report)
+from .config import flatten
+from .data import LTData, build_data, build_loaders
+from .errors import CheckpointError, NonFiniteError
+from .losses import create_loss
+from .method import Method, create_method, method_label
 from .metrics import format_table, split_report, topk_accuracy
-from .models import ModelError, create_lt_model
-from .optim import OptimizerError, create_optimizer, scaled_lr
+from .models import create_lt_model
+from .optim import create_optimizer, scaled_lr
 
 _logger = logging.getLogger(__name__)
-
-# Errors caused by the user's input (recipe, data, checkpoint, model file): train.py and validate.py exit with 2.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteError, ModelError, LossError, OptimizerError)
 
 # Recipe keys that may differ when a run is resumed: where things are and how fast they load, not what is trained.
 RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "data.eval_batch_size", "log_interval", "log_with",

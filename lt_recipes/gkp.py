@@ -16,12 +16,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .choices import GKP_NORMS
 from .gsa import ordered_parameters
 
 _logger = logging.getLogger(__name__)
-
-
-GKP_NORMS = ("per_samples", "per_classes")
 
 
 def gkp_strength(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str) -> torch.Tensor:

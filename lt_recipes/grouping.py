@@ -1,4 +1,4 @@
-"""Memory-based grouping (SPEC.md section 2): a memory bank of per-class best encoder states, cut into G groups.
+"""Memory-based grouping (paper Eq. 1-3; docs/method.md section 1): per-class best encoder states, cut into G groups.
 
 The paper's bank keeps one encoder copy per class. Every entry is one of the snapshots taken at evaluation points,
 so this bank stores each *distinct referenced* snapshot once plus a class -> snapshot index, and keeps the pairwise
@@ -21,7 +21,8 @@ from . import reference
 
 _logger = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The float types of the bank snapshots (groups.bank_dtype) and the GKP anchors and Fisher rows (gkp.state_dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +52,7 @@ class MemoryBank:
 
     def __init__(self, num_classes: int, dtype: str = "fp32", spill_dir: str | None = None) -> None:
         self.num_classes = num_classes
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.spill_dir = spill_dir
         self.class_snapshot = [-1] * num_classes
         self.best_q = torch.full((num_classes,), -math.inf, dtype=torch.float64)

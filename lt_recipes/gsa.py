@@ -32,6 +32,7 @@ from torch import nn
 
 from . import ops, reference
 from .batchnorm import BNState, frozen_bn_stats
+from .choices import DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
 from .flat import FlatParams
 from .segments import Layout, group_offsets, offset_modules
 
@@ -39,12 +40,12 @@ _logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
-GROUP_GRADS = ("masked", "share")
-PERTURBATIONS = ("per_group", "averaged")
 # The radius scale Z / C and the clamp that belong to each perturbation scaling (docs/method.md): the released
 # code's adaptive scaling with C = 0.1 and its clamp; Eq. 13-14 as printed with Z = 1e-2 and no clamp.
 SCALE_DEFAULTS: dict[str, tuple[float, tuple[float, float] | None]] = {
     "adaptive": (0.1, (0.002, 0.003)), "euclidean": (1e-2, None)}
+# LTModel's classifier: the parameters GKP leaves out and the flattened buffers put last.
+CLASSIFIER_PREFIX = "classifier."
 
 
 class LossScaler:
@@ -84,6 +85,11 @@ def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_classifier(name: str) -> bool:
+    """Whether a parameter name belongs to the classifier (`CLASSIFIER_PREFIX`), which GKP does not cover."""
+    return name.startswith(CLASSIFIER_PREFIX)
+
+
 def ordered_parameters(model: nn.Module,
                        is_excluded: Callable[[str], bool]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Trainable parameters split into the GKP-covered ones (encoder and heads) and the excluded ones (classifier)."""
@@ -115,7 +121,7 @@ class _FlatStep:
     """Shared machinery: flattened parameters, loss scaling, restore-before-step, gradient reduction."""
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int,
-                 is_excluded: Callable[[str], bool] = lambda name: name.startswith("classifier."),
+                 is_excluded: Callable[[str], bool] = is_classifier,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
                  clip_grad: float | None = None, backend: str = "auto") -> None:
         self.model = model
@@ -235,10 +241,10 @@ class GroupedSAM(_FlatStep):
                  perturbation: str = "per_group", group_weighting: str = "samples", regularizer: bool = False,
                  friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, sync: bool = True,
                  perturb: bool = True, **kw: Any) -> None:
-        for name, value, options in (("direction", direction, reference.DIRECTIONS), ("scale", scale, reference.SCALES),
+        for name, value, options in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),
                                      ("group_grads", group_grads, GROUP_GRADS),
                                      ("perturbation", perturbation, PERTURBATIONS),
-                                     ("group_weighting", group_weighting, reference.WEIGHTINGS)):
+                                     ("group_weighting", group_weighting, WEIGHTINGS)):
             if value not in options:
                 raise ValueError(f"GroupedSAM: {name} must be one of {', '.join(options)}, got '{value}'")
         super().__init__(model, base_optimizer, num_rows=num_groups, **kw)

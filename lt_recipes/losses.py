@@ -1,4 +1,5 @@
-"""Base long-tail losses: CE, logit adjustment, Balanced Softmax, LDAM with DRW, and BCL (SPEC.md section 6).
+"""Base long-tail losses the method adds its terms to (docs/method.md): CE, logit adjustment, Balanced Softmax,
+LDAM with DRW, and BCL.
 
 Every loss is an `LTLoss`: `per_sample(model, inputs, targets)` runs the model itself (BCL needs one pass over three
 views and the model's heads) and returns each sample's share of the batch loss, whose mean is the batch loss; called
@@ -11,21 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from .errors import LossError
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["LTLoss", "CrossEntropy", "LogitAdjusted", "BalancedSoftmax", "LDAMDRW", "BCL", "LossError",
-           "balanced_contrastive_loss", "create_loss"]
-
-
-class LossError(ValueError):
-    """A loss that cannot be built from the recipe or applied to the given inputs."""
+           "balanced_contrastive_loss", "LOSS_BUILDERS", "create_loss"]
 
 
 class LTLoss(nn.Module):
@@ -207,22 +206,25 @@ class BCL(LogitAdjusted):
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, tau={self.tau}"
 
 
+# The builder of every recipe `loss.name` (lt_recipes.choices.LOSSES): (loss section, class counts, epochs) -> loss.
+LOSS_BUILDERS: dict[str, Callable[[dict[str, Any], Sequence[int], int], LTLoss]] = {
+    "ce": lambda c, counts, epochs: CrossEntropy(counts, label_smoothing=c["label_smoothing"]),
+    "la": lambda c, counts, epochs: LogitAdjusted(counts, tau=c["tau"], label_smoothing=c["label_smoothing"]),
+    "bs": lambda c, counts, epochs: BalancedSoftmax(counts, label_smoothing=c["label_smoothing"]),
+    "ldam_drw": lambda c, counts, epochs: LDAMDRW(counts, max_m=c["ldam_max_m"], s=c["ldam_s"],
+                                                  drw_epoch=int(c["drw_start"] * epochs), beta=c["drw_beta"],
+                                                  label_smoothing=c["label_smoothing"]),
+    "bcl": lambda c, counts, epochs: BCL(counts, alpha=c["bcl_alpha"], beta=c["bcl_beta"],
+                                         temperature=c["bcl_temperature"], tau=c["tau"],
+                                         label_smoothing=c["label_smoothing"]),
+}
+
+
 def create_loss(loss_cfg: dict[str, Any], class_counts: Sequence[int], epochs: int) -> LTLoss:
-    """Build the recipe's loss (`loss_cfg["name"]`: ce, la, bs, ldam_drw, bcl) for these training class counts."""
-    name, ls = loss_cfg["name"], loss_cfg["label_smoothing"]
-    if name == "ce":
-        loss: LTLoss = CrossEntropy(class_counts, label_smoothing=ls)
-    elif name == "la":
-        loss = LogitAdjusted(class_counts, tau=loss_cfg["tau"], label_smoothing=ls)
-    elif name == "bs":
-        loss = BalancedSoftmax(class_counts, label_smoothing=ls)
-    elif name == "ldam_drw":
-        loss = LDAMDRW(class_counts, max_m=loss_cfg["ldam_max_m"], s=loss_cfg["ldam_s"],
-                       drw_epoch=int(loss_cfg["drw_start"] * epochs), beta=loss_cfg["drw_beta"], label_smoothing=ls)
-    elif name == "bcl":
-        loss = BCL(class_counts, alpha=loss_cfg["bcl_alpha"], beta=loss_cfg["bcl_beta"],
-                   temperature=loss_cfg["bcl_temperature"], tau=loss_cfg["tau"], label_smoothing=ls)
-    else:
-        raise LossError(f"loss.name={name!r} must be one of ce, la, bs, ldam_drw, bcl")
+    """Build the recipe's loss (`loss_cfg["name"]`, one of `LOSS_BUILDERS`) for these training class counts."""
+    name = loss_cfg["name"]
+    if name not in LOSS_BUILDERS:
+        raise LossError(f"loss.name={name!r} must be one of {', '.join(LOSS_BUILDERS)}")
+    loss = LOSS_BUILDERS[name](loss_cfg, class_counts, epochs)
     _logger.info("loss: %s", loss)
     return loss

@@ -18,26 +18,22 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import faults, reference
-from .data import LTData
 from .batchnorm import BNState
+from .choices import GROUPED_METHODS, METHOD_MODULES
+from .data import LTData
+from .errors import NonFiniteError
 from .gkp import exact_fisher, gkp_strength
-from .grouping import MemoryBank, compute_groups, feature_quality
-from .gsa import SAM, GroupedSAM, LossScaler, StepStats
+from .grouping import DTYPES, MemoryBank, compute_groups, feature_quality
+from .gsa import SAM, GroupedSAM, LossScaler, StepStats, is_classifier
 
 _logger = logging.getLogger(__name__)
-
-_STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MODULES = {"none": [], "sam": ["sam"], "gkp": ["gkp"], "gsa": ["gsa"], "gkp_gsa": ["gkp", "gsa"]}
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
 def method_label(cfg: dict[str, Any]) -> str:
     """`<base>` or `<base>+<modules>`, with `@<direction>` when GSA ascends along a non-default direction."""
-    label = "+".join([cfg["loss"]["name"]] + _MODULES[cfg["method"]])
-    if "gsa" in _MODULES[cfg["method"]] and cfg["gsa"]["direction"] != "gsa":
+    modules = METHOD_MODULES[cfg["method"]]
+    label = "+".join([cfg["loss"]["name"], *modules])
+    if "gsa" in modules and cfg["gsa"]["direction"] != "gsa":
         label += f"@{cfg['gsa']['direction']}"
     return label
 
@@ -159,8 +155,8 @@ class GroupedMethod(Method):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         gcfg = self.cfg["groups"]
-        self.use_gkp = "gkp" in _MODULES[self.cfg["method"]]
-        self.use_gsa = "gsa" in _MODULES[self.cfg["method"]]
+        self.use_gkp = "gkp" in METHOD_MODULES[self.cfg["method"]]
+        self.use_gsa = "gsa" in METHOD_MODULES[self.cfg["method"]]
         self.bank = MemoryBank(self.data.num_classes, gcfg["bank_dtype"], gcfg["bank_spill_dir"])
         self.labels: np.ndarray | None = None
         self.anchors: torch.Tensor | None = None
@@ -237,7 +233,7 @@ class GroupedMethod(Method):
         gcfg = self.cfg["groups"]
         self.labels = compute_groups(self.bank, gcfg["num_groups"], self.data.train_counts, self.cfg["seed"])
         G = int(self.labels.max()) + 1
-        dtype = _STATE_DTYPES[self.cfg["gkp"]["state_dtype"]]
+        dtype = DTYPES[self.cfg["gkp"]["state_dtype"]]
         self.anchors = self.bank.anchors(self.labels, G, dtype=dtype).to(self.acc.device)
         self.group_epochs.append(epoch)
         faults.hit("grouping")
@@ -248,7 +244,7 @@ class GroupedMethod(Method):
             if k["fisher"] == "exact":
                 self.fisher = exact_fisher(
                     self.model, self.criterion.classification_loss, self.data.train_eval, self.data.train_targets,
-                    self.labels, self.anchors, lambda n: n.startswith("classifier."),
+                    self.labels, self.anchors, is_classifier,
                     self.cfg["data"]["eval_batch_size"], self.acc.device, self.acc.autocast,
                     k["fisher_batches"]).to(dtype)
             else:
@@ -335,8 +331,12 @@ class GroupedMethod(Method):
             self._install_gkp()
 
 
+# The class of every recipe `method` (lt_recipes.choices.METHODS).
+METHOD_CLASSES: dict[str, type[Method]] = {"none": Method, "sam": SAMMethod,
+                                           **dict.fromkeys(GROUPED_METHODS, GroupedMethod)}
+
+
 def create_method(cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
                   accelerator: Accelerator) -> Method:
     """The method object for `cfg["method"]`."""
-    cls = {"none": Method, "sam": SAMMethod}.get(cfg["method"], GroupedMethod)
-    return cls(cfg, model, criterion, data, accelerator)
+    return METHOD_CLASSES[cfg["method"]](cfg, model, criterion, data, accelerator)

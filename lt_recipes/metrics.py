@@ -1,6 +1,6 @@
 """Long-tail evaluation: per-class accuracy, the Many / Medium / Few split report, and its text table.
 
-Splits follow the usual protocol on the training class counts (`data.class_splits`): Many > 100 images, Medium
+Splits follow the usual protocol on the training class counts (`class_splits`): Many > 100 images, Medium
 20..100, Few < 20.
 A split's accuracy is the mean of its classes' accuracies (classes absent from the evaluated set are skipped).
 """
@@ -12,11 +12,22 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import class_splits
-
 _logger = logging.getLogger(__name__)
 
-__all__ = ["per_class_accuracy", "split_report", "topk_accuracy", "format_table"]
+__all__ = ["MANY_SHOT", "FEW_SHOT", "class_splits", "per_class_accuracy", "split_report", "topk_accuracy",
+           "format_table"]
+
+# Shot groups by training images per class: Many > MANY_SHOT, Few < FEW_SHOT, Medium in between (both included).
+MANY_SHOT = 100
+FEW_SHOT = 20
+
+
+def class_splits(train_counts: Sequence[int]) -> dict[str, list[int]]:
+    """Class ids per shot group: Many (> 100 training images), Medium (20..100), Few (< 20)."""
+    splits: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    for c, n in enumerate(train_counts):
+        splits["many" if n > MANY_SHOT else "few" if n < FEW_SHOT else "medium"].append(c)
+    return splits
 
 
 def per_class_accuracy(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -20,15 +20,14 @@ from timm.models import load_pretrained as timm_load_pretrained
 from torch import nn
 
 from .checkpoint import read_error
+from .choices import CLASSIFIERS
+from .data.constants import MEAN_STD
+from .errors import ModelError
 from .segments import shared
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model"]
-
-
-class ModelError(ValueError):
-    """A recipe's model section or a checkpoint that cannot build or load the model (names the key or file)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +144,7 @@ class CifarResNet(nn.Module):
 
 def _cifar_cfg() -> dict[str, Any]:
     return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-            "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+            "interpolation": "bilinear", "mean": MEAN_STD["cifar10"][0], "std": MEAN_STD["cifar10"][1],
             "first_conv": "conv1", "classifier": "head.fc"}
 
 
@@ -200,9 +199,10 @@ def _mlp_head(in_features: int, hidden: int, out: int) -> nn.Sequential:
 class LTModel(nn.Module):
     """A timm backbone (created with num_classes=0, so its forward returns pooled features) plus our classifier.
 
-    `classifier` is the only module whose parameter names start with "classifier." (GKP and GSA rely on that to
-    leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the contrastive embedding and
-    `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight rows to class prototypes.
+    `classifier` is the only module whose parameter names start with "classifier." (`gsa.CLASSIFIER_PREFIX`: GKP
+    and GSA rely on that to leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the
+    contrastive embedding and `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight
+    rows to class prototypes.
     """
 
     def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, classifier: str = "linear",
@@ -216,7 +216,7 @@ class LTModel(nn.Module):
         elif classifier == "cosine":
             self.classifier = CosineLinear(num_features, num_classes, cosine_scale)
         else:
-            raise ModelError(f"model.classifier={classifier!r} must be 'linear' or 'cosine'")
+            raise ModelError(f"model.classifier={classifier!r} must be one of {', '.join(CLASSIFIERS)}")
         self.proj_head: nn.Module | None = None
         self.proto_head: nn.Module | None = None
         if proj_dims is not None:

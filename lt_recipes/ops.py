@@ -16,9 +16,10 @@ from typing import Sequence
 
 import torch
 
+from .choices import BACKENDS
+
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "fused", "reference")
 MAX_FUSED_GROUPS = 32  # kMaxGroups of csrc/lt_ops.h
 _STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -14,14 +14,12 @@ from typing import Any
 import torch
 from timm.optim import create_optimizer_v2, get_optimizer_class, get_optimizer_info
 
+from .errors import OptimizerError
+
 _logger = logging.getLogger(__name__)
 
 # Optional recipe keys, passed only to optimizers whose constructor names them (momentum goes through timm).
 _OPTIONAL_ARGS = ("nesterov", "eps", "betas")
-
-
-class OptimizerError(ValueError):
-    """The recipe's optimizer cannot be created here (e.g. a CUDA-only optimizer on the CPU)."""
 
 
 def scaled_lr(optim_cfg: dict[str, Any], global_batch_size: int) -> float:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from sklearn.cluster import SpectralClustering
 
+from .choices import DIRECTIONS, SCALES, WEIGHTINGS
+
 # ---- Memory-based grouping (Eq. 1-3, supplement Eq. 17-19) ---------------------------------------------------
 
 
@@ -119,8 +121,6 @@ def project_out(g_g: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # A group gradient whose residual after projection is below this fraction of its norm is parallel to g.
 PARALLEL_TOL = 1e-6
 
-DIRECTIONS = ("gsa", "sam", "gsa_proj", "friendly")
-
 
 def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor | None = None,
                      sigma: float = 1.0, coef: float | None = None) -> torch.Tensor:
@@ -146,9 +146,6 @@ def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentu
     if torch.linalg.vector_norm(h) <= PARALLEL_TOL * torch.linalg.vector_norm(g_g):
         return g_g.clone()
     return h
-
-
-SCALES = ("adaptive", "euclidean")
 
 
 def scaled_norm(scale: str, h: torch.Tensor, theta: torch.Tensor) -> float:
@@ -186,8 +183,6 @@ def gsa_regularizer(theta_norm: float, rho: float, n_g: int) -> float:
 
 
 # ---- Objective and schedule (Eq. 16, supplement Eq. 20) -------------------------------------------------------
-
-WEIGHTINGS = ("samples", "sum", "mean")
 
 
 def group_weights(weighting: str, counts: Sequence[float]) -> list[float]:

@@ -22,7 +22,8 @@ from sklearn.datasets import load_digits
 from conftest import LIST_COLOURS, LIST_COUNTS, write_idx
 from lt_recipes.config import defaults
 from lt_recipes.data import (Cutout, DataError, DataNotFoundError, EpochSampler, LTData, build_data, build_loaders,
-                             class_splits, long_tail_counts, long_tail_indices)
+                             long_tail_counts, long_tail_indices)
+from lt_recipes.metrics import class_splits
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from lt_recipes import ops, reference
 from lt_recipes.gkp import exact_fisher, gkp_strength
-from lt_recipes.gsa import ordered_parameters
+from lt_recipes.gsa import is_classifier, ordered_parameters
 
 
 @pytest.mark.parametrize("norm", ["per_classes", "per_samples"])
@@ -64,13 +64,12 @@ def test_exact_fisher_equals_direct_per_batch_computation():
     x = torch.randn(37, 3)
     y = torch.randint(0, 4, (37,))
     group_of_class = np.array([0, 1, 1, 0])
-    cov, _ = ordered_parameters(model, lambda n: n.startswith("classifier."))
+    cov, _ = ordered_parameters(model, is_classifier)
     n_cov = sum(p.numel() for p in cov)
     anchors = torch.randn(2, n_cov)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
     fisher = exact_fisher(model, F.cross_entropy, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
-                          lambda n: n.startswith("classifier."), batch_size=5, device=torch.device("cpu"),
-                          autocast=contextlib.nullcontext)
+                          is_classifier, batch_size=5, device=torch.device("cpu"), autocast=contextlib.nullcontext)
     for j in range(2):
         m = copy.deepcopy(model).eval()
         torch.nn.utils.vector_to_parameters(anchors[j], list(m.encoder.parameters()))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lt_recipes.gsa import SAM, GroupedSAM, LossScaler, ordered_parameters
+from lt_recipes.gsa import SAM, GroupedSAM, LossScaler, is_classifier, ordered_parameters
 from lt_recipes.models import CosineLinear, LTModel
 from lt_recipes.segments import Layout, SegmentError, group_offsets, offset_modules, shared
 
@@ -59,7 +59,7 @@ def _batch(n=24, seed=1, classes=None, image=False):
 
 
 def _ordered(model):
-    cov, rest = ordered_parameters(model, lambda n: n.startswith("classifier."))
+    cov, rest = ordered_parameters(model, is_classifier)
     return cov + rest, sum(p.numel() for p in cov)
 
 

@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from lt_recipes.gsa import CLASSIFIER_PREFIX, is_classifier
 from lt_recipes.models import BasicBlock, CosineLinear, ModelError, ShortcutA, create_lt_model
 
 
@@ -131,8 +132,8 @@ def test_lt_model_shapes_and_classifier_names():
     assert logits.abs().max() <= 10.0 + 1e-5
     assert model.encoder.num_classes == 0
     names = [n for n, _ in model.named_parameters()]
-    assert {n for n in names if n.startswith("classifier.")} == {"classifier.weight"}
-    assert all(n.startswith(("encoder.", "classifier.")) for n in names)
+    assert {n for n in names if is_classifier(n)} == {"classifier.weight"}
+    assert all(n.startswith(("encoder.", CLASSIFIER_PREFIX)) for n in names)
     assert model.proj_head is None and model.proto_head is None
     with pytest.raises(ModelError, match="proj_head"):
         model.prototypes()
@@ -153,7 +154,7 @@ def test_bcl_heads():
     proj_ids = {id(p) for p in model.proj_head.parameters()}
     assert proj_ids.isdisjoint(id(p) for p in model.proto_head.parameters())
     assert [type(m) for m in model.proj_head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    assert not any(n.startswith("classifier.") for n, _ in model.proj_head.named_parameters(prefix="proj_head"))
+    assert not any(is_classifier(n) for n, _ in model.proj_head.named_parameters(prefix="proj_head"))
 
 
 def test_timm_resnet50_backbone():

@@ -23,19 +23,15 @@ import json
 import os
 import pickle
 import statistics
-import sys
 import tempfile
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from accelerate import Accelerator  # noqa: E402
-
-from lt_recipes.config import load_config  # noqa: E402
-from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES  # noqa: E402
-from lt_recipes.engine import Trainer  # noqa: E402
+from lt_recipes.config import load_config
+from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES
+from lt_recipes.engine import Trainer
 
 
 def write_synthetic_cifar(root: str, dataset: str, seed: int = 0, train_images: int = 50_000,

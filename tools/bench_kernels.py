@@ -17,14 +17,12 @@ import logging
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes import ops  # noqa: E402
+from lt_recipes import ops
 
 _logger = logging.getLogger(__name__)
 

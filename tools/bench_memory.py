@@ -14,10 +14,9 @@ import argparse
 import json
 
 from lt_recipes.config import load_config
+from lt_recipes.data import NUM_CLASSES
+from lt_recipes.gsa import is_classifier
 from lt_recipes.models import create_lt_model
-
-NUM_CLASSES = {"imagenet_lt": 1000, "places_lt": 365, "inat2018": 8142, "cifar100": 100, "cifar10": 10,
-               "fmnist": 10, "digits": 10}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     C = NUM_CLASSES[cfg["data"]["dataset"]]
     model = create_lt_model(cfg["model"], C, 3)
     d = sum(p.numel() for p in model.parameters())
-    d_enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier."))
+    d_enc = sum(p.numel() for n, p in model.named_parameters() if not is_classifier(n))
     G = cfg["groups"]["num_groups"]
     evals = cfg["epochs"] // cfg["groups"]["eval_interval"]
     gib = 2 ** 30

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import time
 from typing import Callable
@@ -34,14 +33,10 @@ from lt_recipes.batchnorm import frozen_bn_stats
 from lt_recipes.data import long_tail_counts
 from lt_recipes.gkp import exact_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
-from lt_recipes.gsa import SAM, GroupedSAM, ordered_parameters
+from lt_recipes.gsa import SAM, GroupedSAM, is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
 
 KINDS = ["sgd", "sam", "gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share", "naive"]
-
-
-def is_classifier(name: str) -> bool:
-    return name.startswith("classifier.")
 
 
 class NaiveGSA:

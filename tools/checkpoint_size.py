@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_memory import NUM_CLASSES  # noqa: E402
-
-from lt_recipes.checkpoint import tensor_bytes  # noqa: E402
-from lt_recipes.config import load_config  # noqa: E402
-from lt_recipes.data import dataset_in_chans  # noqa: E402
-from lt_recipes.gsa import ordered_parameters  # noqa: E402
-from lt_recipes.models import create_lt_model  # noqa: E402
-from lt_recipes.optim import create_optimizer  # noqa: E402
-
-_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+from lt_recipes.checkpoint import tensor_bytes
+from lt_recipes.choices import GROUPED_METHODS
+from lt_recipes.config import load_config
+from lt_recipes.data import NUM_CLASSES, dataset_in_chans
+from lt_recipes.grouping import DTYPES
+from lt_recipes.gsa import is_classifier, ordered_parameters
+from lt_recipes.models import create_lt_model
+from lt_recipes.optim import create_optimizer
 
 
 def weights_and_optimizer(cfg: dict[str, Any], num_classes: int, in_chans: int) -> dict[str, int]:
@@ -46,7 +41,7 @@ def weights_and_optimizer(cfg: dict[str, Any], num_classes: int, in_chans: int) 
         p.grad = torch.zeros_like(p)
     optimizer.step()
     parts["optimizer"] = tensor_bytes(optimizer.state_dict())
-    covered, _ = ordered_parameters(model, lambda n: n.startswith("classifier."))
+    covered, _ = ordered_parameters(model, is_classifier)
     parts["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parts["covered_params"] = sum(p.numel() for p in covered)
     return parts
@@ -55,10 +50,11 @@ def weights_and_optimizer(cfg: dict[str, Any], num_classes: int, in_chans: int) 
 def method_parts(cfg: dict[str, Any], params: int, covered: int, num_classes: int, groups: int,
                  snapshots: int) -> dict[str, int]:
     """Tensor bytes of the grouped method's state by part (none for method none / sam)."""
-    g, k, state = cfg["groups"], cfg["gkp"], _ITEMSIZE[cfg["gkp"]["state_dtype"]]
-    if cfg["method"] not in ("gkp", "gsa", "gkp_gsa"):
+    g, k = cfg["groups"], cfg["gkp"]
+    state, bank = DTYPES[k["state_dtype"]].itemsize, DTYPES[g["bank_dtype"]].itemsize
+    if cfg["method"] not in GROUPED_METHODS:
         return {}
-    parts = {"bank": num_classes * 8 + (0 if g["bank_spill_dir"] else snapshots * covered * _ITEMSIZE[g["bank_dtype"]]),
+    parts = {"bank": num_classes * 8 + (0 if g["bank_spill_dir"] else snapshots * covered * bank),
              "anchors": groups * covered * state}
     if cfg["method"] != "gsa" and k["fisher"] == "exact":
         parts["fisher"] = groups * covered * state

@@ -30,12 +30,11 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (AnalysisError, head_to_tail, load_run, new_figure, read_json,  # noqa: E402
-                                 save_figure, split_boundaries, train_counts_of)
-from lt_recipes.checkpoint import atomic_write_text  # noqa: E402
-from lt_recipes.config import ConfigError  # noqa: E402
-from lt_recipes.data import DataError  # noqa: E402
+from lt_recipes.analysis import (head_to_tail, load_run, new_figure, read_json, save_figure, split_boundaries,
+                                 train_counts_of)
+from lt_recipes.checkpoint import atomic_write_text
+from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES
+from lt_recipes.errors import AnalysisError, LTRecipesError
 
 _logger = logging.getLogger("collect_results")
 
@@ -44,10 +43,11 @@ END = "<!-- results:end -->"
 HEAD_BEGIN = "<!-- headline:begin -->"
 HEAD_END = "<!-- headline:end -->"
 METRICS = ("top1", "many", "medium", "few")
-BASE_ORDER = ("ce", "la", "bs", "ldam_drw", "bcl")
-MODULE_ORDER = ("", "sam", "gkp", "gsa", "gkp+gsa")
-DIRECTIONS = {"gsa": "GSA: h_g (global component removed)", "sam": "SAM: global gradient g",
-              "gsa_proj": "GSA-proj: removed component only", "friendly": "FriendlySAM: g - EMA"}
+# Labels sort by base loss, then method modules ("" base alone, sam, gkp, gsa, gkp+gsa), then ascent direction.
+MODULE_ORDER = tuple("+".join(modules) for modules in METHOD_MODULES.values())
+GROUPED_MODULES = tuple("+".join(METHOD_MODULES[m]) for m in GROUPED_METHODS)
+DIRECTION_TITLES = {"gsa": "GSA: h_g (global component removed)", "sam": "SAM: global gradient g",
+                    "gsa_proj": "GSA-proj: removed component only", "friendly": "FriendlySAM: g - EMA"}
 PAPER = "CIFAR-100-LT r=100"
 PAPER_DIRECTIONS = {"sam": 52.1, "gsa_proj": 46.4, "gsa": 53.2}
 PAPER_COMPONENTS = {"ce": {"": 38.4, "gkp": 42.1, "gkp+gsa": 42.8},
@@ -78,9 +78,9 @@ def parse_label(label: str) -> tuple[str, str, str, str]:
 
 def _order_key(label: str) -> tuple:
     base, modules, direction, variant = parse_label(label)
-    b = BASE_ORDER.index(base) if base in BASE_ORDER else len(BASE_ORDER)
+    b = LOSSES.index(base) if base in LOSSES else len(LOSSES)
     m = MODULE_ORDER.index(modules) if modules in MODULE_ORDER else len(MODULE_ORDER)
-    d = list(DIRECTIONS).index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
+    d = DIRECTIONS.index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
     return b, base, m, modules, d, direction, variant
 
 
@@ -183,10 +183,10 @@ def component_table(stats: dict[str, MethodStats]) -> list[str]:
     rows = []
     bases = sorted({parse_label(m)[0] for m in stats}, key=_order_key)
     for base in bases:
-        if base not in stats or not any(f"{base}+{m}" in stats for m in MODULE_ORDER[2:]):
+        if base not in stats or not any(f"{base}+{m}" in stats for m in GROUPED_MODULES):
             continue
         cells = [f"`{base}`"]
-        for m in ("",) + MODULE_ORDER[2:]:
+        for m in ("",) + GROUPED_MODULES:
             s = stats.get(f"{base}+{m}" if m else base)
             if s is None:
                 cells.append("—")
@@ -200,7 +200,7 @@ def component_table(stats: dict[str, MethodStats]) -> list[str]:
         return []
     for base, paper in PAPER_COMPONENTS.items():
         rows.append([f"{base} (paper, {PAPER})"] + [f"{paper[m]:.1f}" if m in paper else "—"
-                                                    for m in ("",) + MODULE_ORDER[2:]])
+                                                    for m in ("",) + GROUPED_MODULES])
     return _table(["base loss", "base alone", "+gkp", "+gsa", "+gkp+gsa"], rows) + [
         "", "Cells: Top-1 mean ± std over seeds (Δ vs base, beyond seed spread)."]
 
@@ -223,7 +223,7 @@ def direction_table(stats: dict[str, MethodStats]) -> list[str]:
                 d, verdict = delta_vs(stats[base], s)
                 change = [f"{d:+.2f}", verdict]
             paper = PAPER_DIRECTIONS.get(direction)
-            rows.append([DIRECTIONS.get(direction, direction), f"`{label}`", str(len(s.seeds)),
+            rows.append([DIRECTION_TITLES.get(direction, direction), f"`{label}`", str(len(s.seeds)),
                          _fmt(s.mean["top1"], s.std["top1"])] + change + ["—" if paper is None else f"{paper:.1f}"])
     if not rows:
         return []
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         headline = headline_block(args.results)
         status = max(_update(args.doc, [(block, BEGIN, END)], args.check),
                      _update(args.readme, [(headline, HEAD_BEGIN, HEAD_END)], args.check))
-    except (AnalysisError, ConfigError, DataError, OSError) as e:
+    except (LTRecipesError, OSError) as e:
         _logger.error("%s", e)
         return 2
     print(block)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
-# Run from a checkout without installing: the package lives one folder up.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lt_recipes.config import ConfigError, load_config  # noqa: E402
-from lt_recipes.data import DataError, build_data, class_splits  # noqa: E402
+from lt_recipes.config import load_config
+from lt_recipes.data import build_data
+from lt_recipes.errors import LTRecipesError
+from lt_recipes.metrics import class_splits
 
 _logger = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = summarize(load_config(args.recipe, args.overrides))
-    except (ConfigError, DataError) as e:
+    except LTRecipesError as e:
         _logger.error("%s", e)
         sys.exit(2)
     counts = summary["train_counts"]

@@ -25,17 +25,15 @@ import os
 import sys
 from typing import Any
 
+import timm
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm  # noqa: E402
-
-from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, atomic_write_bytes,  # noqa: E402
-                                   load_checkpoint)
-from lt_recipes.config import ConfigError, load_config  # noqa: E402
-from lt_recipes.data import dataset_in_chans  # noqa: E402
-from lt_recipes.models import LTModel, ModelError, create_lt_model  # noqa: E402
+from lt_recipes.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
+from lt_recipes.config import load_config
+from lt_recipes.data import dataset_in_chans
+from lt_recipes.errors import CheckpointError, LTRecipesError
+from lt_recipes.models import LTModel, create_lt_model
 
 _logger = logging.getLogger("export")
 
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         res = export(args.run_dir, args.best, args.ema, args.out)
-    except (ConfigError, CheckpointError, ModelError) as e:
+    except LTRecipesError as e:
         _logger.error("%s", e)
         return 2
     what = "backbone and classifier" if res["num_classes"] else "backbone only"

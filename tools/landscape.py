@@ -33,14 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (AnalysisError, analysis_groups, balanced_indices,  # noqa: E402
-                                 filter_normalized_direction, group_means, load_run, new_figure, new_panels,
-                                 per_sample_loss, save_figure, set_parameters, top_hessian_eigenvalue, train_counts_of)
-from lt_recipes.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint  # noqa: E402
-from lt_recipes.config import ConfigError  # noqa: E402
-from lt_recipes.data import DataError, build_data  # noqa: E402
-from lt_recipes.models import create_lt_model  # noqa: E402
+from lt_recipes.analysis import (analysis_groups, balanced_indices, filter_normalized_direction, group_means,
+                                 load_run, new_figure, new_panels, per_sample_loss, save_figure, set_parameters,
+                                 top_hessian_eigenvalue, train_counts_of)
+from lt_recipes.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from lt_recipes.data import build_data
+from lt_recipes.errors import AnalysisError, CheckpointError, LTRecipesError
+from lt_recipes.models import create_lt_model
 
 _logger = logging.getLogger("landscape")
 
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             bs = max(1, len(run.targets) // args.batches)
             stats[run.path] = analyse(run, groups, args.points, args.span, args.two_d, args.hessian_iters,
                                       args.seed, bs)
-    except (AnalysisError, CheckpointError, ConfigError, DataError, OSError) as e:
+    except (LTRecipesError, OSError) as e:
         _logger.error("%s", e)
         return 2
     coords = np.linspace(-args.span, args.span, args.points)

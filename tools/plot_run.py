@@ -21,11 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lt_recipes.analysis import (AnalysisError, head_to_tail, indexed_columns, load_run, new_figure,  # noqa: E402
-                                 new_panels, save_figure, split_boundaries, train_counts_of)
-from lt_recipes.config import ConfigError  # noqa: E402
-from lt_recipes.data import DataError  # noqa: E402
+from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure, new_panels, save_figure,
+                                 split_boundaries, train_counts_of)
+from lt_recipes.errors import AnalysisError, LTRecipesError
 
 _logger = logging.getLogger("plot_run")
 
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         paths = plot_run(args.run_dir, args.out)
-    except (AnalysisError, ConfigError, DataError, OSError) as e:
+    except (LTRecipesError, OSError) as e:
         _logger.error("%s", e)
         return 2
     print("\n".join(paths))

@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from lt_recipes.choices import METHOD_MODULES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = {
     "ce": ["loss.name=ce"],
@@ -34,7 +36,8 @@ BASES = {
     "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
-MODULES = {"": "none", "sam": "sam", "gkp": "gkp", "gsa": "gsa", "gkp+gsa": "gkp_gsa"}
+# the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
+METHOD_OF_MODULES = {"+".join(modules): method for method, modules in METHOD_MODULES.items()}
 VARIANTS = {
     "euclidean": ["gsa.scale=euclidean"],        # Eq. 14 as printed, Z = 1e-2, no clamp
     "share": ["gsa.group_grads=share"],          # Eq. 11 read as a split of the one batch gradient
@@ -83,7 +86,7 @@ def parse(label: str) -> tuple[str, str, str, str]:
 def overrides(label: str, ratio: int, seed: int) -> list[str]:
     """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2`."""
     base, mods, direction, variant = parse(label)
-    out = BASES[base] + [f"method={MODULES[mods]}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
+    out = BASES[base] + [f"method={METHOD_OF_MODULES[mods]}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
     if direction:
         out.append(f"gsa.direction={direction}")
     return out + (VARIANTS[variant] if variant else [])

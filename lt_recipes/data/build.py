@@ -1,0 +1,193 @@
+"""`build_data`: a validated recipe's dataset as the train / train-eval / val / test splits a run needs (`LTData`).
+
+In-memory datasets are cut to the long-tailed profile (lt_recipes.data.profile) and get validation images from the
+cut's leftovers; digits first gives a class-balanced test split of ``data.test_per_class`` images per class, carved
+with a fixed seed (so every run seed is scored on the same test set). List datasets are long-tailed as listed; without
+``data.val_list`` they hold out ``data.val_per_class`` training images per class.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..choices import IN_MEMORY_DATASETS, LIST_DATASETS
+from ..errors import DataError, DataNotFoundError
+from ..metrics import class_splits
+from .constants import FMNIST_ROOT, NUM_CLASSES
+from .image_lists import ImageListDataset, Record, check_images, read_entries
+from .in_memory import TensorImageDataset, read_cifar, read_digits, read_fmnist
+from .profile import balanced_pick, hold_out_val, long_tail_indices
+from .transforms import build_transforms
+
+_logger = logging.getLogger(__name__)
+
+DIGITS_TEST_SEED = 0
+
+
+@dataclass
+class LTData:
+    """Everything the training run needs from the data layer."""
+
+    dataset: str
+    num_classes: int
+    in_chans: int
+    train: Dataset
+    train_eval: Dataset
+    val: Dataset
+    test: Dataset
+    train_targets: np.ndarray
+    train_counts: list[int]
+    lt_counts: list[int]
+    num_val_from_train: int
+
+
+def _data_root(data_cfg: dict[str, Any]) -> str:
+    dataset, root = data_cfg["dataset"], data_cfg["root"]
+    if root is None:
+        if dataset != "fmnist":
+            raise DataError(f"data.root is required for dataset {dataset!r} (e.g. --set data.root=/path/to/data)")
+        root = FMNIST_ROOT
+    if not os.path.isdir(root):
+        raise DataNotFoundError(f"data.root={root!r} does not exist or is not a directory")
+    return root
+
+
+def _build_in_memory(cfg: dict[str, Any]) -> LTData:
+    d = cfg["data"]
+    dataset = d["dataset"]
+    num_classes = NUM_CLASSES[dataset]
+    if d["imbalance_ratio"] is None:
+        raise DataError(f"data.imbalance_ratio is required for dataset {dataset!r}")
+    if dataset == "digits":
+        images, targets = read_digits()
+        test_idx = balanced_pick(targets, num_classes, d["test_per_class"], np.random.default_rng(DIGITS_TEST_SEED),
+                                 "data.test_per_class")
+        pool = np.setdiff1d(np.arange(len(targets)), test_idx)
+        test_images, test_targets = images[test_idx], targets[test_idx]
+        images, targets = images[pool], targets[pool]
+    elif dataset == "fmnist":
+        images, targets, test_images, test_targets = read_fmnist(_data_root(d))
+    else:
+        images, targets, test_images, test_targets = read_cifar(_data_root(d), dataset)
+    cap = d["max_per_class"]
+    n_max = None if cap is None else min(cap, int(np.bincount(targets, minlength=num_classes).min()))
+    kept = long_tail_indices(targets, num_classes, d["imbalance_ratio"], n_max)
+    lt_counts = np.bincount(targets[kept], minlength=num_classes).tolist()
+    train_idx, val_idx = hold_out_val(targets, kept, num_classes, d["val_per_class"],
+                                      np.random.default_rng(cfg["seed"]))
+    in_chans, native = images.shape[1], images.shape[-1]
+    train_tf, eval_tf = build_transforms(dataset, d, in_chans, native)
+    train_images = torch.from_numpy(np.ascontiguousarray(images[train_idx]))
+    train_targets = targets[train_idx]
+    return LTData(
+        dataset=dataset, num_classes=num_classes, in_chans=in_chans,
+        train=TensorImageDataset(train_images, train_targets, train_tf),
+        train_eval=TensorImageDataset(train_images, train_targets, eval_tf),
+        val=TensorImageDataset(torch.from_numpy(np.ascontiguousarray(images[val_idx])), targets[val_idx], eval_tf),
+        test=TensorImageDataset(torch.from_numpy(np.ascontiguousarray(test_images)), test_targets, eval_tf),
+        train_targets=train_targets,
+        train_counts=np.bincount(train_targets, minlength=num_classes).tolist(),
+        lt_counts=lt_counts,
+        num_val_from_train=len(val_idx),
+    )
+
+
+def _list_path(root: str, data_cfg: dict[str, Any], key: str) -> str | None:
+    name = data_cfg[key]
+    if name is None:
+        return None
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        raise DataNotFoundError(f"data.{key}: {path} not found")
+    return path
+
+
+def _build_from_files(cfg: dict[str, Any]) -> LTData:
+    d = cfg["data"]
+    dataset = d["dataset"]
+    root = _data_root(d)
+    if d["imbalance_ratio"] is not None:
+        raise DataError(f"data.imbalance_ratio={d['imbalance_ratio']} does not apply to {dataset!r} "
+                        "(its long tail comes from the list files); set it to null")
+    train_path = _list_path(root, d, "train_list")
+    if train_path is None:
+        raise DataError(f"data.train_list is required for dataset {dataset!r}")
+    val_path = _list_path(root, d, "val_list")
+    test_path = _list_path(root, d, "test_list")
+    if val_path is None and test_path is None:
+        raise DataError(f"dataset {dataset!r} needs data.val_list or data.test_list (or both)")
+    if test_path is None:
+        _logger.info("data.test_list is not set: %s is scored on the validation split %s", dataset, val_path)
+    if val_path is None:
+        _logger.info("data.val_list is not set: %s holds out %d training images per class for validation",
+                     dataset, d["val_per_class"])
+
+    train_entries, label_of = read_entries(train_path, None)
+    num_classes = len(label_of) if label_of is not None else max(label for _, label, _ in train_entries) + 1
+    empty = np.flatnonzero(np.bincount([label for _, label, _ in train_entries], minlength=num_classes) == 0)
+    if empty.size:
+        raise DataError(f"class {int(empty[0])} has no training samples in {train_path} "
+                        f"({len(empty)} of {num_classes} classes are empty)")
+    paths = {"train": train_path, "val": val_path, "test": test_path}
+    splits, skipped = {}, {}
+    for name, path in paths.items():
+        if path is None:
+            continue
+        entries = train_entries if name == "train" else read_entries(path, label_of)[0]
+        for _, label, where in entries:
+            if not 0 <= label < num_classes:
+                raise DataError(f"{where}: label {label} outside [0, {num_classes}) (num_classes from {train_path})")
+        records = [Record(os.path.join(root, rel), label, where) for rel, label, where in entries]
+        splits[name], skipped[name] = check_images(records, d["skip_bad_images"], d["img_size"], d["num_workers"])
+    if sum(skipped.values()):
+        _logger.warning("skipped %d unreadable or missing images (%s)", sum(skipped.values()),
+                        ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    train_counts = np.bincount([r.label for r in splits["train"]], minlength=num_classes)
+    empty = np.flatnonzero(train_counts == 0)
+    if empty.size:
+        raise DataError(f"class {int(empty[0])} has no readable training images left in {train_path}")
+    num_val_from_train = 0
+    if "val" not in splits:
+        labels = np.array([r.label for r in splits["train"]], dtype=np.int64)
+        train_idx, val_idx = hold_out_val(labels, np.arange(len(labels)), num_classes, d["val_per_class"],
+                                          np.random.default_rng(cfg["seed"]))
+        splits["val"] = [splits["train"][i] for i in val_idx]
+        splits["train"] = [splits["train"][i] for i in train_idx]
+        num_val_from_train = len(val_idx)
+    train_tf, eval_tf = build_transforms(dataset, d, 3, None)
+    targets = np.array([r.label for r in splits["train"]], dtype=np.int64)
+    val = ImageListDataset(splits["val"], eval_tf)
+    return LTData(
+        dataset=dataset, num_classes=num_classes, in_chans=3,
+        train=ImageListDataset(splits["train"], train_tf),
+        train_eval=ImageListDataset(splits["train"], eval_tf),
+        val=val,
+        test=ImageListDataset(splits["test"], eval_tf) if "test" in splits else val,
+        train_targets=targets,
+        train_counts=np.bincount(targets, minlength=num_classes).tolist(),
+        lt_counts=train_counts.tolist(),
+        num_val_from_train=num_val_from_train,
+    )
+
+
+def build_data(cfg: dict[str, Any]) -> LTData:
+    """Build train / train-eval / val / test datasets from a validated recipe (its `data` section and `seed`)."""
+    dataset = cfg["data"]["dataset"]
+    if dataset in IN_MEMORY_DATASETS:
+        data = _build_in_memory(cfg)
+    elif dataset in LIST_DATASETS:
+        data = _build_from_files(cfg)
+    else:
+        raise DataError(f"data.dataset={dataset!r} is not one of {list(IN_MEMORY_DATASETS + LIST_DATASETS)}")
+    splits = class_splits(data.train_counts)
+    _logger.info("%s: %d classes, %d train images (LT cut %d), %d val (%d from the training pool), %d test; "
+                 "many/medium/few classes %d/%d/%d", dataset, data.num_classes, len(data.train), sum(data.lt_counts),
+                 len(data.val), data.num_val_from_train, len(data.test), len(splits["many"]), len(splits["medium"]),
+                 len(splits["few"]))
+    return data

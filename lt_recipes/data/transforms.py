@@ -1,0 +1,121 @@
+"""Train, eval and contrastive-view transforms, and each dataset's channels and normalisation.
+
+In-memory images stay uint8 tensors and go through ``torchvision.transforms.v2``; digits are never flipped
+(a mirrored digit is a different glyph). Image files (ImageNet-LT, Places-LT, iNat) get timm's
+``create_transform``, with the recipe's ``data.auto_augment`` policy string (``rand-n2-m10`` as in the paper).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision.transforms import v2
+
+from ..choices import IN_MEMORY_AUGMENTS
+from ..errors import DataError
+from .constants import MEAN_STD
+
+
+class MultiViewTransform:
+    """The classification view of an image followed by ``num_views`` contrastive views (BCL)."""
+
+    def __init__(self, cls_transform: Callable, view_transform: Callable, num_views: int):
+        self.cls_transform = cls_transform
+        self.view_transform = view_transform
+        self.num_views = num_views
+
+    def __call__(self, img: Any) -> list[torch.Tensor]:
+        return [self.cls_transform(img)] + [self.view_transform(img) for _ in range(self.num_views)]
+
+
+class Cutout(torch.nn.Module):
+    """Zero one ``size`` x ``size`` square centred on a uniformly drawn pixel, clipped at the borders (Cutout)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        half = self.size // 2
+        out = img.clone()
+        out[..., max(0, cy - half):min(h, cy - half + self.size), max(0, cx - half):min(w, cx - half + self.size)] = 0
+        return out
+
+
+def dataset_in_chans(dataset: str) -> int:
+    """Image channels of a dataset: 1 for the grey-scale digits and Fashion-MNIST, 3 for the others."""
+    return len(MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN,))[0])
+
+
+def _mean_std(data_cfg: dict[str, Any], dataset: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    default = MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    out = []
+    for i, key in enumerate(("mean", "std")):
+        value = data_cfg[key]
+        if value is None:
+            value = default[i]
+        if len(value) != in_chans or not all(isinstance(v, (int, float)) for v in value):
+            raise DataError(f"data.{key}={list(value)!r} must hold {in_chans} numbers (one per channel of {dataset})")
+        if key == "std" and min(value) <= 0:
+            raise DataError(f"data.std={list(value)!r} must be > 0")
+        out.append(tuple(float(v) for v in value))
+    return out[0], out[1]
+
+
+def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+
+
+def _timm_transforms(data_cfg: dict[str, Any], mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> tuple[Callable, Callable, Callable]:
+    """(train, eval, contrastive view) transforms of image files from `timm.data.create_transform`: train is
+    RandomResizedCrop + flip + `data.auto_augment` (e.g. rand-n2-m10), eval resizes to size / crop_pct and
+    centre-crops, the view is SimCLR's (crop scale 0.2-1, flip, colour jitter with p 0.8, grey-scale with p 0.2)."""
+    size, common = data_cfg["img_size"], {"mean": mean, "std": std}
+    eval_tf = create_transform(size, is_training=False, crop_pct=DEFAULT_CROP_PCT, **common)
+    train_tf = eval_tf if data_cfg["augment"] == "none" else create_transform(
+        size, is_training=True, auto_augment=data_cfg["auto_augment"], color_jitter=None, **common)
+    view_tf = create_transform(size, is_training=True, scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
+                               color_jitter_prob=0.8, grayscale_prob=0.2, **common)
+    return train_tf, eval_tf, view_tf
+
+
+def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
+                     native_size: int | None) -> tuple[Callable, Callable]:
+    """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files.
+
+    Image files (PIL) get timm's transforms (`_timm_transforms`). In-memory datasets (uint8 tensors, which timm's
+    PIL-based transforms do not take) keep torchvision v2: pad-and-crop, flip (never for digits), the CIFAR or
+    ImageNet AutoAugment policy with Cutout, or RandAugment(2, 10); conversion to float and normalisation last.
+    """
+    size, augment = data_cfg["img_size"], data_cfg["augment"]
+    mean, std = _mean_std(data_cfg, dataset, in_chans)
+    views = data_cfg["contrastive_views"]
+    if native_size is None:
+        if augment in IN_MEMORY_AUGMENTS:
+            raise DataError(f"data.augment={augment} is for in-memory datasets; image files use timm's transforms: "
+                            "data.augment=basic with data.auto_augment (e.g. rand-n2-m10)")
+        train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, mean, std)
+        return (MultiViewTransform(train_tf, view_tf, views) if views else train_tf), eval_tf
+    resize = [] if size == native_size else [v2.Resize(size)]
+    eval_tf = v2.Compose([*resize, *_finish(mean, std)])
+    flip = [] if dataset == "digits" else [v2.RandomHorizontalFlip()]
+    if augment == "none":
+        train_tf = eval_tf
+    else:
+        pad = max(1, round(size / 8))
+        policy: list[Any] = []
+        if augment == "autoaugment":
+            policy = [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), Cutout(size // 2)]
+        elif augment == "randaugment":
+            policy = [v2.RandAugment(num_ops=2, magnitude=10)]
+        train_tf = v2.Compose([*resize, v2.RandomCrop(size, padding=pad), *flip, *policy, *_finish(mean, std)])
+    if views:
+        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        view_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), *flip,
+                              *(colour if in_chans == 3 else []), *_finish(mean, std)])
+        train_tf = MultiViewTransform(train_tf, view_tf, views)
+    return train_tf, eval_tf

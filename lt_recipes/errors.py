@@ -1,0 +1,53 @@
+"""Errors caused by the user's input: a recipe, data, a checkpoint or model file, a run directory.
+
+Every one derives from `LTRecipesError`, which train.py, validate.py and the tools catch once to log the message
+(it names the key, file or value at fault) and exit with code 2 instead of a traceback. Each also keeps the builtin
+base it has always had (ValueError, RuntimeError, FileNotFoundError), so callers that catch those still do.
+Errors of the code itself (a broken invariant, a misuse of the API) stay plain builtins and keep their traceback.
+This module imports nothing, so the recipe checks that raise `ConfigError` run before torch is imported.
+"""
+from __future__ import annotations
+
+
+class LTRecipesError(Exception):
+    """Bad user input; the message says what to change. train.py, validate.py and the tools exit with code 2."""
+
+
+class ConfigError(LTRecipesError, ValueError):
+    """A recipe or override names an unknown key or gives a bad value."""
+
+
+class DataError(LTRecipesError, ValueError):
+    """Bad data input; the message names the file, line, key, class or value at fault."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data root, list/json file or image that does not exist."""
+
+
+class ModelError(LTRecipesError, ValueError):
+    """A recipe's model section or a checkpoint that cannot build or load the model (names the key or file)."""
+
+
+class LossError(LTRecipesError, ValueError):
+    """A loss that cannot be built from the recipe or applied to the given inputs."""
+
+
+class OptimizerError(LTRecipesError, ValueError):
+    """The recipe's optimizer cannot be created here (e.g. a CUDA-only optimizer on the CPU)."""
+
+
+class CheckpointError(LTRecipesError, RuntimeError):
+    """A checkpoint that cannot be used: corrupt, truncated, or made by a different run set-up."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that torch.load(weights_only=True) cannot read: truncated, corrupt, or holding code."""
+
+
+class NonFiniteError(LTRecipesError, RuntimeError):
+    """Training produced non-finite losses or gradients for too many steps in a row (lower the learning rate)."""
+
+
+class AnalysisError(LTRecipesError, ValueError):
+    """A run directory or results tree that the analysis tools cannot read; the message names the file."""
