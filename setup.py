@@ -10,7 +10,7 @@ import os
 import re
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,7 +41,7 @@ setup(
     name="lt-recipes",
     version=_version(),
     description="timm recipes for long-tailed image classification with GKP + GSA (loss landscape geometry)",
-    packages=["lt_recipes"],
+    packages=find_packages(include=["lt_recipes", "lt_recipes.*"]),
     python_requires=">=3.11",
     install_requires=["timm", "accelerate", "scikit-learn", "safetensors", "tqdm", "matplotlib", "pyyaml", "numpy"],
     ext_modules=[_extension()],
