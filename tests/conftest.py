@@ -85,3 +85,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous: a port derived from the pid is the same for every
+    torchrun of one pytest process, and a test right after another could find it still held."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import free_port
 from test_faults import summary_without_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ def launch(out, *sets, nproc=1, extra=(), failpoint=None, timeout=600):
         env["LT_RECIPES_FAILPOINT"] = failpoint
     head = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(29600 + os.getpid() % 1000)]
+        "--master_port", str(free_port())]
     cmd = head + [os.path.join(ROOT, "train.py"), "--recipe", "digits_lt", "--output", str(out), *extra]
     for s in sets:
         cmd += ["--set", s]
