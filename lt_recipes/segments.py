@@ -214,10 +214,10 @@ class _ShareBatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.native_batch_norm_backward(dout, x, weight, None, None, mean, invstd, True, ctx.eps,
                                                            [True, False, False])[0]
-        dims = list(range(2, x.dim()))
-        dy = dout.float()
-        sum_dy = dy.sum(dims) if dims else dy  # [N, C]
-        sum_dyx = (dy * x.float()).sum(dims) if dims else dy * x.float()
+        shape = (x.shape[0], x.shape[1], -1)  # [N, C, spatial], spatial 1 for BatchNorm1d on [N, C]
+        dy, xf = dout.float().reshape(shape), x.float().reshape(shape)
+        sum_dy = dy.sum(2)  # per sample and channel
+        sum_dyx = torch.linalg.vecdot(dy, xf)
         de_w = weight.new_zeros((ctx.groups, weight.shape[0]))
         de_b = weight.new_zeros((ctx.groups, weight.shape[0]))
         for s, e, g in ctx.runs:
