@@ -148,7 +148,7 @@ def test_run_grid_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _tiny_fashion_mnist(data)
     assert grid.main(["--grid", "fmnist16", "--seeds", "0", "--results", str(results), "--list"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"todo {label} r=100 seed=0"
-                                                    for label in grid.GRIDS["fmnist16"].cells[100]]
+                                                    for label, _, _ in grid.jobs_of("fmnist16", [100], [0])]
     argv = ["--grid", "fmnist16", "--only", "ce", "--seeds", "0", "--ratios", "100", "--set", "epochs=1",
             "--set", "sched.warmup_epochs=0", "--set", f"data.root={data}", "--results", str(results),
             "--scratch", str(tmp_path / "scratch")]
