@@ -75,7 +75,8 @@ GRIDS = {
 # extras: the paper's group-number ablation on the full method (G = 4 is the grid's own cell), and investigations
 EXTRAS = {"fmnist64": {100: ["bcl+gkp+gsa#G2", "bcl+gkp+gsa#G6"]},
           # why the step still loses at 16 epochs: the released code's averaged perturbation, a smaller radius
-          "fmnist16": {100: ["ce+gkp+gsa#averaged", "ce+gkp+gsa#rho_div10"]}}
+          "fmnist16": {100: ["ce+gkp+gsa#averaged", "ce+gkp+gsa#rho_div10", "la+gkp+gsa#averaged",
+                             "bcl+gkp+gsa#averaged"]}}
 
 
 def parse(label: str) -> tuple[str, str, str, str]:
