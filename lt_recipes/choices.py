@@ -36,6 +36,6 @@ FISHER_ESTIMATES = ("exact", "ema")
 DIRECTIONS = ("gsa", "sam", "gsa_proj", "friendly")  # paper Table 5 plus FriendlySAM
 SCALES = ("adaptive", "euclidean")  # the released code's perturbation scaling, or Eq. 13-14 as printed
 GROUP_GRADS = ("masked", "share")
-PERTURBATIONS = ("per_group", "averaged")
+PERTURBATIONS = ("averaged", "per_group")
 WEIGHTINGS = ("samples", "sum", "mean")  # w_g of Eq. 16
 BACKENDS = ("auto", "fused", "reference")

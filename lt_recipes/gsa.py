@@ -10,9 +10,10 @@ gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md
 2. The global gradient g = sum_g (|D_g| / |D|) g_g and each group's component along it (fused op), the ascent
    direction (Eq. 12), radius (Eq. 13) and perturbation eps_g (Eq. 14), Euclidean as printed or adaptive as the
    released code.
-3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `per_group` runs one forward over the group-sorted
-   batch in which group g's samples see theta + eps_g; `averaged` one whole-batch pass at the batch-share mean of
-   the eps_g (the released code). BatchNorm normalises the whole batch; its running statistics are left alone.
+3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `averaged` (the released code, the default) takes
+   one whole-batch pass at the batch-share mean of the eps_g; `per_group` runs one forward over the group-sorted
+   batch in which group g's samples see theta + eps_g (Eq. 15 read literally). BatchNorm normalises the whole batch;
+   its running statistics are left alone.
 4. theta restored, the GKP gradient (Eq. 6) added in one fused pass, the base optimizer's step.
 
 A loss function `loss_fn(idx)` returns the per-sample losses of the batch rows `idx`, in that order, whose mean over
@@ -229,7 +230,7 @@ class GroupedSAM(_FlatStep):
     Options (docs/method.md): `direction` gsa (h_g, Eq. 12) | sam (g) | gsa_proj (the removed component) | friendly
     (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` and
     clamp `rho_clamp` ("auto": the scale's own, SCALE_DEFAULTS; None: no clamp); `group_grads` masked | share;
-    `perturbation` per_group | averaged; `group_weighting` samples (each group's share of the batch, the released
+    `perturbation` averaged | per_group; `group_weighting` samples (each group's share of the batch, the released
     code) | sum (Eq. 16 as printed) | mean. With `sync` (default) group gradients and counts are all-reduced so every
     rank takes the same perturbation; without it each replica perturbs from its own samples. `perturb=False` is GKP
     without GSA: one plain pass of the weighted task term.
@@ -238,7 +239,7 @@ class GroupedSAM(_FlatStep):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
                  direction: str = "gsa", scale: str = "adaptive", z: float | None = None,
                  rho_clamp: Sequence[float] | str | None = "auto", group_grads: str = "masked",
-                 perturbation: str = "per_group", group_weighting: str = "samples", regularizer: bool = False,
+                 perturbation: str = "averaged", group_weighting: str = "samples", regularizer: bool = False,
                  friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, sync: bool = True,
                  perturb: bool = True, **kw: Any) -> None:
         for name, value, options in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),

@@ -72,7 +72,7 @@ def _loss_fn(model, x, y):
     return lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none")
 
 
-def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=None, perturbation="per_group",
+def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=None, perturbation="averaged",
                 weighting="samples", alpha=1.0, lr=0.1, group_of_class=GROUP_OF_CLASS, group_sizes=GROUP_SIZES,
                 gkp=None, momentum=None, sigma=1.0, regularizer=False):
     """One step the plain way in float64; returns (theta_new, group gradients, perturbations, new momenta)."""
@@ -316,9 +316,9 @@ def test_per_group_perturbed_pass_against_whole_batch_passes_with_batchnorm():
     model = SmallCNN(norm="bn")
     for z, clamp in ((0.0, None), (0.1, (0.002, 0.003))):
         theta0 = _theta(model)
-        want, _, _, _ = oracle_step(model, x, y, scale="adaptive", z=z, clamp=clamp)
+        want, _, _, _ = oracle_step(model, x, y, scale="adaptive", z=z, clamp=clamp, perturbation="per_group")
         m = copy.deepcopy(model)
-        _gsa(m, scale="adaptive", z=z, rho_clamp=clamp).step(_loss_fn(m, x, y), y)
+        _gsa(m, scale="adaptive", z=z, rho_clamp=clamp, perturbation="per_group").step(_loss_fn(m, x, y), y)
         got_update, want_update = theta0 - _theta(m), theta0 - want
         rel = float((got_update - want_update).norm() / want_update.norm())
         if z == 0:
