@@ -179,6 +179,9 @@ def test_main_sh(python: str, tmp_path: Path) -> None:
     assert res["recipe"] == "digits_lt" and res["method"] == "ce+gkp+gsa" and res["epochs"] == 2
     assert all(0 <= res[k] <= 100 for k in ("top1", "many", "medium", "few"))
     assert (tmp_path / "run" / "groups.json").exists()  # the groups were formed at epoch 1
+    if python == ".venv":  # the set-up is idempotent: once main.sh has run it, nothing is installed or rebuilt
+        again = _run(["bash", "tools/setup_env.sh"], timeout=600).stdout
+        assert "installing torch" not in again and "building the extension" not in again, again
 
 
 def _stopped(pid: int) -> bool:

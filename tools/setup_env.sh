@@ -14,7 +14,7 @@ if ! "$PY" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split(
 fi
 stamp=.venv/.lt-recipes-stamp
 want=$(cat requirements.txt setup.py csrc/* | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import lt_recipes._C" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import torch, lt_recipes._C" 2>/dev/null; then
   echo "[setup] installing requirements and building the extension"
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   # The CUDA kernels cannot run on a machine without a GPU; tests/test_cuda_compile.py still compiles them.
