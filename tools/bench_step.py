@@ -1,9 +1,10 @@
 """Time one full training step of SGD, SAM, the grouped step in its modes, and the naive step, side by side.
 
-Kinds: sgd, sam; gsa_masked / gkp_gsa_masked (exact group gradients: one forward, G backward passes) and
-gsa_share / gkp_gsa_share (Eq. 11's split of the one batch gradient: one pass), each with the per-group perturbed
-pass; naive: the masked-loss oracle written the plain way (one whole-batch forward/backward per group for the group
-gradients and one per perturbed group: 2G passes). The kinds run on the same model, batch and groups; every repeat
+Kinds: sgd, sam; `[gkp_]gsa_<group grads>[_per_group]`, the grouped step without or with GKP: group gradients
+`masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one pass),
+then the perturbed pass `averaged` (the default: one plain pass at the mean perturbation) or, with the `_per_group`
+suffix, the paper's per-group offset pass; naive: the masked-loss oracle written the plain way (one whole-batch
+forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the same model, batch and groups; every repeat
 times each kind once in turn, so machine load affects all of them alike, and the table reports medians and ratios to
 SAM. Groups, anchors and Fisher are real: a memory bank is filled with snapshots, cut with spectral clustering, and
 the Fisher is estimated with the exact estimator, before anything is timed. `--json` prints one JSON object as the
@@ -36,7 +37,19 @@ from lt_recipes.grouping import MemoryBank, compute_groups
 from lt_recipes.gsa import SAM, GroupedSAM, is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
 
-KINDS = ["sgd", "sam", "gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share", "naive"]
+KINDS = ["sgd", "sam", "gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share", "gsa_masked_per_group",
+         "gkp_gsa_masked_per_group", "gsa_share_per_group", "gkp_gsa_share_per_group", "naive"]
+
+
+def grouped_kind(kind: str) -> tuple[bool, str, str] | None:
+    """'gkp_gsa_share_per_group' -> (with GKP, group_grads 'share', perturbation 'per_group'); None for other kinds."""
+    gkp, rest = kind.startswith("gkp_"), kind.removeprefix("gkp_")
+    if not rest.startswith("gsa_"):
+        return None
+    grads, _, perturbation = rest.removeprefix("gsa_").partition("_")
+    if grads not in ("masked", "share") or perturbation not in ("", "per_group"):
+        return None
+    return gkp, grads, perturbation or "averaged"
 
 
 class NaiveGSA:
@@ -143,14 +156,16 @@ def main() -> None:
             steps[kind] = lambda sam=sam, model=model: sam.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
             state_bytes[kind] = sam.base.numel() * 4
-        elif kind in ("gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share"):
+        elif grouped_kind(kind):
+            with_gkp, group_grads, perturbation = grouped_kind(kind)
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1
-            gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=kind.rsplit("_", 1)[1])
+            gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=group_grads,
+                             perturbation=perturbation)
             sizes = [int(np.asarray(counts)[labels == g].sum()) for g in range(G)]
             gsa.set_groups(labels, sizes)
             extra = 0
-            if kind.startswith("gkp"):
+            if with_gkp:
                 classes = [int((labels == g).sum()) for g in range(G)]
                 gsa.set_gkp(anchors, fisher, gkp_strength(classes, sizes, 100.0, "per_samples").to(device))
                 extra = anchors.numel() * anchors.element_size() + fisher.numel() * fisher.element_size()
@@ -203,10 +218,10 @@ def main() -> None:
                 out[f"{k}_over_sam"] = med[k] / med["sam"]
     print(f"{args.model} batch {args.batch} G={args.groups} on {out['device_name']} ({args.amp}), "
           f"{args.repeats} interleaved repeats, median ms:")
-    print(f"{'step':<15} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}" + ("  peak MB" if peak else ""))
+    print(f"{'step':<25} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}" + ("  peak MB" if peak else ""))
     for k in kinds:
         ratio = f"{med[k] / med['sam']:7.3f}" if "sam" in med else "      -"
-        line = f"{k:<15} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
+        line = f"{k:<25} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
         if k in peak:
             line += f"  {peak[k] / 2**20:7.1f}"
         print(line)
