@@ -10,6 +10,7 @@ results/<folder>_r<ratio>/<label>/seed<k>/; checkpoints stay in scratch. Jobs wh
 unfinished scratch runs resume, so a grid can be stopped and continued by a later session. Jobs run one at a time
 by default (the CPU machines have two cores).
 
+    python tools/run_grid.py --grid digits                   # the main job's recipe, default method vs its base
     python tools/run_grid.py --grid fmnist16                 # the 16-epoch grid (README results)
     python tools/run_grid.py --grid fmnist64 --ratios 100    # the paper-shaped 64-epoch schedule
     python tools/run_grid.py --grid fmnist64 --list          # what is done and what is left
@@ -65,6 +66,8 @@ class Grid:
 
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
 GRIDS = {
+    # the main job's recipe (scikit-learn digits, r=10, 30 epochs): the default method against its base
+    "digits": Grid("digits_lt", "digits", {10: ["ce", "ce+gkp+gsa"]}),
     # the CPU-sized 16-epoch recipe: the grouped step v2 against each base, and its two alternative modes
     "fmnist16": Grid("fmnist_lt_resnet8", "fmnist", {100: [
         "ce", "ce+sam", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la+gkp+gsa", "bcl", "bcl+gkp+gsa",
