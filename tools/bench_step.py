@@ -4,11 +4,11 @@ Kinds: sgd, sam; `[gkp_]gsa_<group grads>[_per_group]`, the grouped step without
 `masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one pass),
 then the perturbed pass `averaged` (the default: one plain pass at the mean perturbation) or, with the `_per_group`
 suffix, the paper's per-group offset pass; naive: the masked-loss oracle written the plain way (one whole-batch
-forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the same model, batch and groups; every repeat
-times each kind once in turn, so machine load affects all of them alike, and the table reports medians and ratios to
-SAM. Groups, anchors and Fisher are real: a memory bank is filled with snapshots, cut with spectral clustering, and
-the Fisher is estimated with the exact estimator, before anything is timed. `--json` prints one JSON object as the
-last line.
+forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the
+same model, batch and groups; every repeat times each kind once in turn, so machine load affects all of them alike,
+and the table reports medians and ratios to SAM. Groups, anchors and Fisher are real: a memory bank is filled with
+snapshots, cut with spectral clustering, and the Fisher is estimated with the exact estimator, before anything is
+timed. `--json` prints one JSON object as the last line.
 
     python tools/bench_step.py                       # resnet32_cifar, batch 128, G=4, CPU
     python tools/bench_step.py --device cuda --amp bf16 --batch 256
@@ -31,25 +31,21 @@ from torch.utils.data import TensorDataset
 
 from lt_recipes import reference
 from lt_recipes.batchnorm import frozen_bn_stats
+from lt_recipes.choices import GROUP_GRADS, PERTURBATIONS
+from lt_recipes.config import SCHEMA
 from lt_recipes.data import long_tail_counts
 from lt_recipes.gkp import exact_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
 from lt_recipes.gsa import SAM, GroupedSAM, is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
 
-KINDS = ["sgd", "sam", "gsa_masked", "gkp_gsa_masked", "gsa_share", "gkp_gsa_share", "gsa_masked_per_group",
-         "gkp_gsa_masked_per_group", "gsa_share_per_group", "gkp_gsa_share_per_group", "naive"]
-
-
-def grouped_kind(kind: str) -> tuple[bool, str, str] | None:
-    """'gkp_gsa_share_per_group' -> (with GKP, group_grads 'share', perturbation 'per_group'); None for other kinds."""
-    gkp, rest = kind.startswith("gkp_"), kind.removeprefix("gkp_")
-    if not rest.startswith("gsa_"):
-        return None
-    grads, _, perturbation = rest.removeprefix("gsa_").partition("_")
-    if grads not in ("masked", "share") or perturbation not in ("", "per_group"):
-        return None
-    return gkp, grads, perturbation or "averaged"
+# kind -> (with GKP, group_grads, perturbation), from the option tuples the step accepts: `[gkp_]gsa_<group grads>`
+# with the recipes' default perturbed pass, `[gkp_]gsa_<group grads>_<pass>` with another
+_DEFAULT_PASS = SCHEMA["gsa"]["perturbation"].default
+GROUPED_KINDS = {f"{'gkp_' if gkp else ''}gsa_{grads}{'' if pert == _DEFAULT_PASS else '_' + pert}":
+                 (gkp, grads, pert) for pert in sorted(PERTURBATIONS, key=lambda p: p != _DEFAULT_PASS)
+                 for grads in GROUP_GRADS for gkp in (False, True)}
+KINDS = ["sgd", "sam", *GROUPED_KINDS, "naive"]
 
 
 class NaiveGSA:
@@ -156,8 +152,8 @@ def main() -> None:
             steps[kind] = lambda sam=sam, model=model: sam.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
             state_bytes[kind] = sam.base.numel() * 4
-        elif grouped_kind(kind):
-            with_gkp, group_grads, perturbation = grouped_kind(kind)
+        elif kind in GROUPED_KINDS:
+            with_gkp, group_grads, perturbation = GROUPED_KINDS[kind]
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1
             gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=group_grads,
