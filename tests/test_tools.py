@@ -54,6 +54,15 @@ def test_long_recipe_has_the_paper_schedule_shape():
         assert cfg[section] == short[section], section
 
 
+def test_cifar_shaped_recipe_takes_the_paper_cifar_protocol():
+    """fmnist_lt_resnet32: cifar100_lt_resnet32's model, optimiser, schedule and grouping on the full 28-px profile."""
+    cfg, paper = load_config("fmnist_lt_resnet32"), load_config("cifar100_lt_resnet32")
+    for section in ("optim", "sched", "groups", "gkp", "gsa"):
+        assert cfg[section] == paper[section], section
+    assert (cfg["epochs"], cfg["model"]["name"], cfg["data"]["batch_size"]) == (200, "resnet32_cifar", 256)
+    assert (cfg["data"]["img_size"], cfg["data"]["max_per_class"]) == (28, None)
+
+
 def test_grid_jobs_order_and_only_names_an_unknown_label(tmp_path):
     import subprocess
     import sys

@@ -14,6 +14,7 @@ by default (the CPU machines have two cores).
     python tools/run_grid.py --grid fmnist16                 # the 16-epoch grid (README results)
     python tools/run_grid.py --grid fmnist64 --ratios 100    # the paper-shaped 64-epoch schedule
     python tools/run_grid.py --grid fmnist64 --list          # what is done and what is left
+    python tools/run_grid.py --grid fmnist200 --workers 4    # a GPU: the paper's CIFAR protocol at 28 px
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ GRIDS = {
         100: ["ce", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la#cosine", "la+gkp+gsa", "bcl", "bcl+gkp", "bcl+gsa",
               "bcl+gkp+gsa"] + _BCL_TABLE5,
         10: ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]}),
+    # for a GPU: the paper's CIFAR protocol (ResNet-32, 200 epochs, batch 256) on the full 28-px Fashion-MNIST-LT
+    "fmnist200": Grid("fmnist_lt_resnet32", "fmnist200", {100: ["la", "la+gkp+gsa"]}),
 }
 # extras: the paper's group-number ablation on the full method (G = 4 is the grid's own cell), and investigations
 EXTRAS = {"fmnist64": {100: ["bcl+gkp+gsa#G2", "bcl+gkp+gsa#G6"]},
