@@ -32,10 +32,21 @@ AFFINITIES = ("cosine",)
 BANK_DTYPES = ("fp32", "bf16")
 STATE_DTYPES = ("fp32", "bf16", "fp16")
 GKP_NORMS = ("per_samples", "per_classes")  # |G_j| of Eq. 6: the group's training samples or classes
-FISHER_ESTIMATES = ("exact", "ema")
+# F_j of Eq. 6: squared batch-mean gradients (the released code), EWC's mean squared per-sample gradient, or an EMA of
+# the squared group gradients GSA computes anyway
+FISHER_ESTIMATES = ("batch_mean", "per_sample", "ema")
 DIRECTIONS = ("gsa", "sam", "gsa_proj", "friendly")  # paper Table 5 plus FriendlySAM
 SCALES = ("adaptive", "euclidean")  # the released code's perturbation scaling, or Eq. 13-14 as printed
 GROUP_GRADS = ("masked", "share")
-PERTURBATIONS = ("averaged", "per_group")
+# Pass 2 of the grouped step: every group at its own theta + eps_g in one mixed forward over the group-sorted batch
+# (per_group) or in one whole-batch forward per group (per_group_exact); or one pass at the batch-share mean of the
+# eps_g (averaged, the released code's, which cancels for the h_g directions: refused with direction gsa)
+PERTURBATIONS = ("per_group", "per_group_exact", "averaged")
+# Directions whose batch-share average is exactly zero (sum_g w_g h_g = g - g): never averaged
+CANCELLING_DIRECTIONS = ("gsa",)
+# The step that runs a grouped method: the paper's GroupedSAM, or the authors' released script's step
+GROUPED_STEPS = ("grouped", "released")
+# Named readings of the method, each a preset of recipe keys (lt_recipes.config.READINGS)
+READINGS = ("paper", "released")
 WEIGHTINGS = ("samples", "sum", "mean")  # w_g of Eq. 16
 BACKENDS = ("auto", "fused", "reference")

@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CLASSIFIERS, CONTRASTIVE_VIEWS, DATASETS,
-                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_METHODS, IN_MEMORY_AUGMENTS,
-                      LIST_DATASETS, LOSSES, LR_BASE_SCALES, METHODS, PERTURBATIONS, SAMPLERS, SCALES, SCHEDULERS,
-                      STATE_DTYPES, WEIGHTINGS)
+from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
+                      CONTRASTIVE_VIEWS, DATASETS, DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_METHODS,
+                      GROUPED_STEPS, IN_MEMORY_AUGMENTS, LIST_DATASETS, LOSSES, LR_BASE_SCALES, METHODS, PERTURBATIONS,
+                      READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
 
 _logger = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ SCHEMA: dict[str, Any] = {
     "epochs": Field(10, INT, _at_least(1)),
     "seed": Field(0, INT, _at_least(0)),
     "method": Field("none", STR, choices=METHODS),
+    # a named reading of the method: a preset of the keys in READINGS, applied where it is set (docs/method.md)
+    "reading": Field("paper", STR, choices=READINGS),
     "log_interval": Field(50, INT, _at_least(1)),
     "checkpoint_interval": Field(1, INT, _at_least(1)),
     "max_nonfinite_steps": Field(20, INT, _at_least(1)),
@@ -182,22 +184,27 @@ SCHEMA: dict[str, Any] = {
     "gkp": {
         "lam": Field(100.0, FLOAT, _at_least(0.0)),
         "norm": Field("per_samples", STR, choices=GKP_NORMS),
-        "fisher": Field("exact", STR, choices=FISHER_ESTIMATES),
+        "fisher": Field("batch_mean", STR, choices=FISHER_ESTIMATES),
         "fisher_ema": Field(0.9, FLOAT, _between(0.0, 1.0)),
         "fisher_batches": Field(0, INT, _at_least(0)),
+        # per_sample: most per-sample gradients held at once (chunks of the evaluation batch); 0 = by memory
+        "fisher_chunk": Field(0, INT, _at_least(0)),
         "state_dtype": Field("fp32", STR, choices=STATE_DTYPES),
     },
     "gsa": {
+        "step": Field("grouped", STR, choices=GROUPED_STEPS),
         "direction": Field("gsa", STR, choices=DIRECTIONS),
         "scale": Field("adaptive", STR, choices=SCALES),
         "z": Field(None, FLOAT, _at_least(0.0), nullable=True),
         "rho_clamp": Field("auto", LIST + STR, _clamp, nullable=True),
         "group_grads": Field("masked", STR, choices=GROUP_GRADS),
-        "perturbation": Field("averaged", STR, choices=PERTURBATIONS),
+        "perturbation": Field("per_group", STR, choices=PERTURBATIONS),
         "group_weighting": Field("samples", STR, choices=WEIGHTINGS),
         "regularizer": Field(False, BOOL),
         "friendly_sigma": Field(1.0, FLOAT),
         "friendly_momentum": Field(0.9, FLOAT, _between(0.0, 1.0)),
+        # > 0: the ascent directions from a per-group EMA (this decay) of the group gradients across steps
+        "group_grad_ema": Field(0.0, FLOAT, _between(0.0, 0.999)),
         "sync": Field(True, BOOL),
         "backend": Field("auto", STR, choices=BACKENDS),
     },
@@ -210,6 +217,27 @@ SCHEMA: dict[str, Any] = {
         "end": Field(0.6, FLOAT, _between(0.0, 1.0)),
     },
 }
+
+
+# The released script's reading (ChenShengHan100/gkp-gsa; docs/method.md): its step, radius, GKP strength, alpha
+# schedule, and one group formed once from the initial weights, as its README runs it.
+RELEASED: dict[str, Any] = {
+    "gsa.step": "released", "gsa.direction": "friendly", "gsa.perturbation": "averaged", "gsa.scale": "adaptive",
+    "gsa.z": 0.1, "gsa.rho_clamp": [0.002, 0.003], "gsa.friendly_sigma": 1.0, "gsa.friendly_momentum": 0.9,
+    "gsa.group_weighting": "samples", "gkp.lam": 10.0, "gkp.norm": "per_samples", "gkp.fisher": "batch_mean",
+    "alpha.start": 0.9, "alpha.end": 0.8, "groups.num_groups": 1, "groups.start_epoch": 0, "groups.interval": 0}
+# Keys a recipe sets for its data (the paper's G and grouping epochs per benchmark): `paper` leaves them to the recipe.
+RECIPE_DEPENDENT = ("groups.num_groups", "groups.start_epoch", "groups.interval")
+
+
+def reading_preset(name: str) -> dict[str, Any]:
+    """The recipe keys a reading sets: `released` its script's values; `paper` the schema defaults (the paper's
+    equations and the measured choices where it is silent) of the same keys, except those a recipe sets for its data."""
+    if name not in READINGS:
+        raise ConfigError(f"unknown reading {name!r} (one of {list(READINGS)})")
+    if name == "released":
+        return dict(RELEASED)
+    return {k: copy.deepcopy(_field(k).default) for k in RELEASED if k not in RECIPE_DEPENDENT}
 
 
 def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -336,6 +364,22 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["method"] in GROUPED_METHODS and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
         raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
                           f"for method={cfg['method']}")
+    gsa = cfg["gsa"]
+    if gsa["perturbation"] == "averaged" and gsa["direction"] in CANCELLING_DIRECTIONS and gsa["step"] == "grouped":
+        raise ConfigError(f"gsa.perturbation=averaged with gsa.direction={gsa['direction']} cancels: the batch-share "
+                          "mean of the projected directions h_g is exactly zero (sum_g w_g h_g = g - g), so the tail "
+                          "groups' losses fall in the perturbed pass; set gsa.perturbation=per_group (or "
+                          "per_group_exact), or another gsa.direction")
+    if gsa["step"] == "released":
+        fixed = {"direction": "friendly", "perturbation": "averaged", "group_weighting": "samples",
+                 "group_grad_ema": 0.0}
+        wrong = {k: gsa[k] for k, v in fixed.items() if gsa[k] != v}
+        if wrong:
+            raise ConfigError(f"gsa.step=released is the released script's step, which fixes "
+                              f"{', '.join(f'gsa.{k}={v}' for k, v in fixed.items())}; got "
+                              f"{', '.join(f'gsa.{k}={v}' for k, v in wrong.items())} (use gsa.step=grouped)")
+        if cfg["gkp"]["fisher"] == "ema":
+            raise ConfigError("gkp.fisher=ema needs the group gradients of gsa.step=grouped; the released step has none")
     if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
         raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa")
     if cfg["method"] == "sam" and cfg["gsa"]["direction"] != "gsa":
@@ -398,10 +442,19 @@ def check_registries(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def _apply_reading(cfg: dict[str, Any], name: Any, source: str) -> None:
+    """Set the keys of reading `name` (a reading is a preset applied where it appears: later keys win)."""
+    cfg["reading"] = _check_value("reading", name)
+    for key, value in reading_preset(name).items():
+        _merge(cfg, _nest(key, value), "", f"{source} (reading {name})")
+
+
 def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
 
-    Keys, types, ranges and combinations are checked before timm or torch is imported; `check_registries` last.
+    A `reading` sets its preset of keys where it appears: in a recipe file before the file's other keys, in the
+    overrides at its position. Keys, types, ranges and combinations are checked before timm or torch is imported;
+    `check_registries` last.
     """
     path = recipe_path(recipe)
     try:
@@ -412,12 +465,23 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe file {path} must hold a mapping of keys")
     cfg = defaults()
+    if "reading" in raw:
+        try:
+            _apply_reading(cfg, raw["reading"], path)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     _merge(cfg, raw, "", path)
     if not cfg["name"]:
         cfg["name"] = os.path.splitext(os.path.basename(path))[0]
     for text in overrides:
         key, value = parse_override(text)
-        _merge(cfg, _nest(key, value), "", f"override '{text}'")
+        if key == "reading":
+            try:
+                _apply_reading(cfg, value, f"override '{text}'")
+            except ConfigError as e:
+                raise ConfigError(f"override '{text}': {e}") from None
+        else:
+            _merge(cfg, _nest(key, value), "", f"override '{text}'")
     return check_registries(validate(cfg))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .choices import GKP_NORMS
@@ -39,25 +40,94 @@ def _set_vector(params: Sequence[torch.Tensor], vec: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def exact_fisher(model: nn.Module, classification_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 dataset: Dataset, targets: np.ndarray, group_of_class: np.ndarray, anchors: torch.Tensor,
-                 is_excluded: Callable[[str], bool], batch_size: int, device: torch.device,
-                 autocast: Callable[[], ContextManager], max_batches: int = 0) -> torch.Tensor:
-    """Diagonal Fisher per group as the released code estimates it (docs/method.md).
+def _flat_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor], lead: tuple[int, ...] = ()):
+    """Concatenate gradients (None: zeros) into [*lead, n] float32."""
+    return torch.cat([(g if g is not None else p.new_zeros(*lead, *p.shape)).reshape(*lead, -1).float()
+                      for g, p in zip(grads, params)], dim=-1)
 
-    For group j: theta*_j loaded into a copy of the model (classifier kept), eval mode, group j's training images with
-    the test-time transform, F_j = sum over batches of (grad of the batch-mean classification loss)^2 / N_j, over the
-    covered (non-classifier) parameters. Under DDP each rank takes a shard of the images and the sums are all-reduced.
-    One departure: BatchNorm layers normalise with batch statistics. The anchor is a mean of parameter snapshots
-    with no running statistics of its own, and the current model's running statistics do not fit it: with them the
-    Fisher reached 577 on Fashion-MNIST-LT and the GKP step diverged.
+
+def _batch_statistics(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every BatchNorm layer's batch mean and (biased) variance in one training-mode forward of `x`, as the running
+    statistics buffers an evaluation-mode forward would need to normalise exactly as that forward did."""
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def hook(mod, inputs, name=name):
+                a = inputs[0].detach().float()
+                dims = [d for d in range(a.dim()) if d != 1]
+                stats[f"{name}.running_mean"] = a.mean(dims)
+                stats[f"{name}.running_var"] = a.var(dims, unbiased=False)
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _squared_gradients(model: nn.Module, classification_losses: Callable, x: torch.Tensor, y: torch.Tensor,
+                       names: Sequence[str], params: Sequence[torch.Tensor], estimate: str, chunk: int,
+                       autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    """[n] sum over one batch of squared gradients: of the batch-mean loss (`batch_mean`), or of every sample's own
+    loss (`per_sample`, torch.func's vmap over the samples, `chunk` at a time, BatchNorm normalising with the batch's
+    statistics held constant: with them a per-sample gradient is defined)."""
+    if estimate == "batch_mean":
+        with autocast():
+            loss = classification_losses(model(x), y).float().mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for g, p in zip(grads, params)])
+        return flat * flat
+    state = {**dict(model.named_buffers()), **_batch_statistics(model, x)}
+    state.update({n: p.detach() for n, p in model.named_parameters()})
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def loss_of(covered: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            out = functional_call(model, {**state, **covered}, (xi[None],))
+        return classification_losses(out, yi[None]).float().sum()
+
+    for m in bns:
+        m.eval()
+    try:
+        grads = vmap(grad(loss_of), in_dims=(None, 0, 0), chunk_size=chunk)(
+            {n: p.detach() for n, p in zip(names, params)}, x, y)
+    finally:
+        for m in bns:
+            m.train()
+    return torch.cat([(grads[n].float() ** 2).sum(0).reshape(-1) for n in names])
+
+
+def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    dataset: Dataset, targets: np.ndarray, group_of_class: np.ndarray, anchors: torch.Tensor,
+                    is_excluded: Callable[[str], bool], batch_size: int, device: torch.device,
+                    autocast: Callable[[], ContextManager], max_batches: int = 0, estimate: str = "batch_mean",
+                    chunk: int = 0) -> torch.Tensor:
+    """Diagonal Fisher F_j of every group at its anchor, over the covered (non-classifier) parameters (docs/method.md).
+
+    For group j: theta*_j loaded into a copy of the model (classifier kept), group j's training images with the
+    test-time transform in batches of `batch_size`, N_j of them in all. `batch_mean` (the released code):
+    F_j = sum over batches of (grad of the batch-mean classification loss)^2 / N_j, about 1/B of the squared
+    per-sample gradient near a minimum. `per_sample` (EWC's): F_j = sum over images of (grad of that image's loss)^2
+    / N_j, the per-sample gradients taken `chunk` at a time (0: as many as 2^26 numbers allow). Under DDP each rank
+    takes a shard of the images and the sums are all-reduced. BatchNorm layers normalise with batch statistics: the
+    anchor is a mean of parameter snapshots with no running statistics of its own, and the current model's running
+    statistics do not fit it (with them the Fisher reached 577 on Fashion-MNIST-LT and the GKP step diverged).
     """
+    if estimate not in ("batch_mean", "per_sample"):
+        raise ValueError(f"estimate must be batch_mean or per_sample, got {estimate!r}")
     G, n_cov = anchors.shape
     work = copy.deepcopy(model).to(device).eval()
     for m in work.modules():  # the anchor has no running statistics of its own: normalise with batch statistics
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
     cov_params, _ = ordered_parameters(work, is_excluded)
+    names = {id(p): n for n, p in work.named_parameters()}
+    cov_names = [names[id(p)] for p in cov_params]
+    chunk = chunk or max(1, 2 ** 26 // max(n_cov, 1))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     fisher = torch.zeros(G, n_cov, dtype=torch.float32, device=device)
     counts = torch.zeros(G, dtype=torch.float64, device=device)
@@ -70,18 +140,14 @@ def exact_fisher(model: nn.Module, classification_loss: Callable[[torch.Tensor, 
             if max_batches and b >= max_batches:
                 break
             x, y = x.to(device), y.to(device)
-            with autocast():
-                loss = classification_loss(work(x), y)
-            grads = torch.autograd.grad(loss.float(), cov_params, allow_unused=True)
-            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for g, p in zip(grads, cov_params)])
-            fisher[j].addcmul_(flat, flat)
+            fisher[j] += _squared_gradients(work, classification_losses, x, y, cov_names, cov_params, estimate, chunk,
+                                            autocast)
             counts[j] += len(y)
     if world > 1:
         dist.all_reduce(fisher)
         dist.all_reduce(counts)
     fisher /= counts.clamp_min(1).to(fisher.dtype)[:, None]
-    _logger.info("fisher: exact estimate over %s images per group; mean %s, max %s",
+    _logger.info("fisher (%s) over %s images per group; mean %s, max %s", estimate,
                  [int(c) for c in counts.tolist()], [f"{v:.3g}" for v in fisher.mean(1).tolist()],
                  [f"{v:.3g}" for v in fisher.amax(1).tolist()])
     return fisher

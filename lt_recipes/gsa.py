@@ -9,12 +9,16 @@ gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md
    batch gradient by group with zero per-group parameter offsets (lt_recipes.segments; one backward).
 2. The global gradient g = sum_g (|D_g| / |D|) g_g and each group's component along it (fused op), the ascent
    direction (Eq. 12), radius (Eq. 13) and perturbation eps_g (Eq. 14), Euclidean as printed or adaptive as the
-   released code.
-3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `averaged` (the released code, the default) takes
-   one whole-batch pass at the batch-share mean of the eps_g; `per_group` runs one forward over the group-sorted
-   batch in which group g's samples see theta + eps_g (Eq. 15 read literally). BatchNorm normalises the whole batch;
-   its running statistics are left alone.
+   released code. With `group_grad_ema` the directions come from a per-group EMA of the group gradients.
+3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `per_group` (the default) runs one forward over the
+   group-sorted batch in which group g's samples see theta + eps_g; `per_group_exact` one whole-batch forward per
+   group at theta + eps_g with the loss masked to the group; `averaged` one whole-batch pass at the batch-share mean
+   of the eps_g (the released code's pass; refused for the h_g directions, whose batch-share mean is exactly zero).
+   BatchNorm normalises the whole batch; its running statistics are left alone.
 4. theta restored, the GKP gradient (Eq. 6) added in one fused pass, the base optimizer's step.
+
+Every step records, per group, the rise of its loss in the perturbed pass over its loss at theta (`ascent`): the
+defining property of a sharpness-aware step is that it is positive for every group.
 
 A loss function `loss_fn(idx)` returns the per-sample losses of the batch rows `idx`, in that order, whose mean over
 the whole batch is the batch loss (lt_recipes.losses.LTLoss.per_sample).
@@ -33,7 +37,7 @@ from torch import nn
 
 from . import ops, reference
 from .batchnorm import BNState, frozen_bn_stats
-from .choices import DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
+from .choices import CANCELLING_DIRECTIONS, DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
 from .flat import FlatParams
 from .segments import Layout, group_offsets, offset_modules
 
@@ -107,14 +111,17 @@ def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
 
 @dataclass
 class StepStats:
-    """What one step measured: mean base loss at theta (all, per group), radius and cos(g_g, g) per group, GKP value,
-    skip flag."""
+    """What one step measured: mean base loss at theta (all, per group); per group the radius, cos(g_g, g) and the
+    rise of the group's loss in the perturbed pass over its loss at theta (NaN for a group absent from the batch);
+    the GKP value and ||grad GKP|| / ||grad task|| of the update; the skip flag."""
 
     loss: float = math.nan
     group_loss: list[float] = field(default_factory=list)
     rho: list[float] = field(default_factory=list)
     cos: list[float] = field(default_factory=list)
+    ascent: list[float] = field(default_factory=list)
     gkp: float = 0.0
+    gkp_grad_ratio: float = math.nan
     skipped: bool = False
 
 
@@ -138,6 +145,7 @@ class _FlatStep:
         self.skipped_steps = 0
         self.bn_at_start = BNState(model)
         self.bn_scratch = BNState(model)
+        self.gkp_grad: torch.Tensor | None = None
 
     @property
     def d(self) -> int:
@@ -163,6 +171,33 @@ class _FlatStep:
         grad.zero_()
         self.scaler.update(False)
         return stats
+
+    def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> float:
+        """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights, its gradient left in a
+        scratch buffer for `_add_gkp_gradient` (the covered parameters only)."""
+        n = self.num_covered
+        if self.gkp_grad is None:
+            self.gkp_grad = torch.zeros(n, dtype=self.flat.grad.dtype, device=self.flat.grad.device)
+        self.gkp_grad.zero_()
+        return float(ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
+                                     backend=self.backend))
+
+    def _add_gkp_gradient(self, stats: StepStats) -> None:
+        """Add the GKP gradient to the (reduced, unscaled) task gradient; record ||grad GKP|| / ||grad task||."""
+        task = float(torch.linalg.vector_norm(self.flat.grad))
+        stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan
+        self.flat.grad[:self.num_covered].add_(self.gkp_grad)
+
+    def _group_means(self, losses: torch.Tensor, gid: torch.Tensor, counts: list[float],
+                     sync: bool) -> tuple[list[float], float]:
+        """Mean of per-sample `losses` per group (NaN for an absent group) and over the batch, over all ranks with
+        `sync`."""
+        sums = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
+        sums.index_add_(0, gid, losses.detach().double())
+        if sync:
+            _all_reduce_(sums)
+        sums_l = sums.tolist()
+        return [s / c if c > 0 else math.nan for s, c in zip(sums_l, counts)], sum(sums_l) / max(sum(counts), 1.0)
 
     def _skip(self, stats: StepStats) -> StepStats:
         """An overflow in either pass skips the whole step: weights and BatchNorm statistics restored, gradients
@@ -220,6 +255,17 @@ class SAM(_FlatStep):
         return self._finish(stats)
 
 
+def check_perturbation(direction: str, perturbation: str) -> None:
+    """Refuse the cancelling combination: with batch-share weights sum_g w_g h_g = g - g = 0 exactly, so the averaged
+    perturbation of the h_g directions keeps only the imbalance of their norms and radii, and the tail groups' losses
+    fall in the 'perturbed' pass (docs/method.md)."""
+    if perturbation == "averaged" and direction in CANCELLING_DIRECTIONS:
+        raise ValueError(f"perturbation 'averaged' with direction '{direction}' cancels: the batch-share mean of the "
+                         "projected group directions h_g is exactly zero (sum_g w_g h_g = g - g), so the tail groups' "
+                         "losses fall in the perturbed pass; use perturbation per_group or per_group_exact, or a "
+                         "direction that does not cancel (sam, gsa_proj, friendly)")
+
+
 class GroupedSAM(_FlatStep):
     """The paper's grouped step (GSA with optional GKP), usable from any training loop.
 
@@ -230,24 +276,29 @@ class GroupedSAM(_FlatStep):
     Options (docs/method.md): `direction` gsa (h_g, Eq. 12) | sam (g) | gsa_proj (the removed component) | friendly
     (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` and
     clamp `rho_clamp` ("auto": the scale's own, SCALE_DEFAULTS; None: no clamp); `group_grads` masked | share;
-    `perturbation` averaged | per_group; `group_weighting` samples (each group's share of the batch, the released
-    code) | sum (Eq. 16 as printed) | mean. With `sync` (default) group gradients and counts are all-reduced so every
-    rank takes the same perturbation; without it each replica perturbs from its own samples. `perturb=False` is GKP
-    without GSA: one plain pass of the weighted task term.
+    `perturbation` per_group | per_group_exact | averaged (not with direction gsa); `group_weighting` samples (each
+    group's share of the batch, the released code) | sum (Eq. 16 as printed) | mean; `group_grad_ema` > 0 takes the
+    directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
+    group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
+    perturbs from its own samples. `perturb=False` is GKP without GSA: one plain pass of the weighted task term.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
                  direction: str = "gsa", scale: str = "adaptive", z: float | None = None,
                  rho_clamp: Sequence[float] | str | None = "auto", group_grads: str = "masked",
-                 perturbation: str = "averaged", group_weighting: str = "samples", regularizer: bool = False,
-                 friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, sync: bool = True,
-                 perturb: bool = True, **kw: Any) -> None:
+                 perturbation: str = "per_group", group_weighting: str = "samples", regularizer: bool = False,
+                 friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, group_grad_ema: float = 0.0,
+                 sync: bool = True, perturb: bool = True, **kw: Any) -> None:
         for name, value, options in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),
                                      ("group_grads", group_grads, GROUP_GRADS),
                                      ("perturbation", perturbation, PERTURBATIONS),
                                      ("group_weighting", group_weighting, WEIGHTINGS)):
             if value not in options:
                 raise ValueError(f"GroupedSAM: {name} must be one of {', '.join(options)}, got '{value}'")
+        if perturb:
+            check_perturbation(direction, perturbation)
+        if not 0.0 <= group_grad_ema < 1.0:
+            raise ValueError(f"GroupedSAM: group_grad_ema must be in [0, 1), got {group_grad_ema}")
         super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
         self.num_groups = num_groups
         self.direction = direction
@@ -260,6 +311,7 @@ class GroupedSAM(_FlatStep):
         self.regularizer = regularizer
         self.friendly_sigma = friendly_sigma
         self.friendly_momentum = friendly_momentum
+        self.group_grad_ema = group_grad_ema
         self.sync = sync
         self.perturb = perturb
         self.seg_modules, _ = offset_modules(model, self.flat.params)
@@ -267,6 +319,8 @@ class GroupedSAM(_FlatStep):
         self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
         self.momentum_set: list[bool] = []
+        self.grad_ema: torch.Tensor | None = None
+        self.grad_ema_set: list[bool] = []
         self.glob = torch.empty_like(self.flat.data)
         self.fisher_ema: torch.Tensor | None = None
         self.fisher_ema_decay = 0.0
@@ -288,7 +342,8 @@ class GroupedSAM(_FlatStep):
             self.zero_offsets[id(p)] = zero
 
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
-        """Install a grouping: group id of every class and the number of training samples n_g of every group."""
+        """Install a grouping: group id of every class and the number of training samples n_g of every group.
+        FriendlySAM momenta and the group-gradient EMA start afresh (a new grouping names new groups)."""
         self.group_of_class = torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
         self.group_sizes = [int(n) for n in group_sizes]
         if len(self.group_sizes) != self.num_groups:
@@ -298,6 +353,9 @@ class GroupedSAM(_FlatStep):
         if self.direction == "friendly":
             self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
             self.momentum_set = [False] * self.num_groups
+        if self.group_grad_ema > 0:
+            self.grad_ema = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
+            self.grad_ema_set = [False] * self.num_groups
 
     def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor) -> None:
         """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
@@ -356,26 +414,17 @@ class GroupedSAM(_FlatStep):
         if not self.perturb:
             with self.autocast():
                 losses = loss_fn(torch.arange(len(gid), device=gid.device)).float()
-            self._group_losses(stats, losses, gid, counts)
+            stats.group_loss, stats.loss = self._group_means(losses, gid, counts, self.sync)
             self._backward((losses * per_sample).sum(), alpha)
         else:
             self._group_gradients(loss_fn, gid, local, counts, stats)
             if not bool(torch.isfinite(flat.rows).all()):
                 return self._skip(stats)
+            self._perturb(counts, stats)
             self._perturbed_pass(loss_fn, gid, local, counts, per_sample, alpha, stats)
         if not self.sync and _world() > 1:
             flat.grad.div_(_world())
         return self._finish(stats, lambda: self._extra_terms(alpha, weights, counts, stats))
-
-    def _group_losses(self, stats: StepStats, losses: torch.Tensor, gid: torch.Tensor, counts: list[float]) -> None:
-        """Mean base loss at theta per group and over the batch, from the first pass's per-sample losses."""
-        sums = torch.zeros(self.num_groups, dtype=torch.float64, device=losses.device)
-        sums.index_add_(0, gid, losses.detach().double())
-        if self.sync:
-            _all_reduce_(sums)
-        sums_l = sums.tolist()
-        stats.group_loss = [s / c if c > 0 else math.nan for s, c in zip(sums_l, counts)]
-        stats.loss = sum(sums_l) / max(sum(counts), 1.0)
 
     def _masked_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, everyone: torch.Tensor, counts: list[float],
                             stats: StepStats) -> None:
@@ -383,7 +432,7 @@ class GroupedSAM(_FlatStep):
         flat = self.flat
         with self.autocast():
             losses = loss_fn(everyone).float()
-        self._group_losses(stats, losses, gid, counts)
+        stats.group_loss, stats.loss = self._group_means(losses, gid, counts, self.sync)
         mine = [(g, torch.nonzero(gid == g).squeeze(1)) for g in range(self.num_groups)]
         mine = [(g, idx) for g, idx in mine if len(idx)]
         for k, (g, idx) in enumerate(mine):
@@ -403,7 +452,7 @@ class GroupedSAM(_FlatStep):
             with self.autocast():
                 losses = loss_fn(order).float()
             self._backward(losses.sum() / total, 1.0)
-        self._group_losses(stats, losses, gid[order], counts)
+        stats.group_loss, stats.loss = self._group_means(losses, gid[order], counts, self.sync)
         if self.sync:
             _all_reduce_(flat.rows)
             _all_reduce_(flat.grad)
@@ -412,27 +461,42 @@ class GroupedSAM(_FlatStep):
                 flat.rows[g].mul_(total / c).add_(flat.grad)
         flat.grad.zero_()
 
-    def _perturbed_pass(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
-                        per_sample: torch.Tensor, alpha: float, stats: StepStats) -> None:
-        """Directions, radii and perturbations (Eq. 12-14) written over the group gradients, then pass 2."""
+    def _direction_rows(self, present: list[int]) -> torch.Tensor:
+        """The rows the directions are formed from: this batch's group gradients, or with `group_grad_ema` their
+        per-group EMA across steps, m_g <- beta m_g + (1 - beta) g_g for the groups in the batch (the first sets it)."""
+        rows = self.flat.rows
+        if self.group_grad_ema <= 0:
+            return rows
+        beta = self.group_grad_ema
+        for g in present:
+            if self.grad_ema_set[g]:
+                self.grad_ema[g].mul_(beta).add_(rows[g], alpha=1 - beta)
+            else:
+                self.grad_ema[g].copy_(rows[g])
+                self.grad_ema_set[g] = True
+        return self.grad_ema
+
+    def _perturb(self, counts: list[float], stats: StepStats) -> None:
+        """Directions, radii and perturbations (Eq. 12-14) of the groups in the batch, written over their rows."""
         flat, rows = self.flat, self.flat.rows
         total = sum(counts)
         present = [g for g, c in enumerate(counts) if c > 0]
-        shares = torch.tensor([c / total for c in counts], dtype=rows.dtype, device=rows.device)
-        glob, coef, res_norm = ops.gsa_project(rows, shares, backend=self.backend, out=self.glob)
-        coef_l, res_l = coef.tolist(), res_norm.tolist()
-        glob_norm = float(torch.linalg.vector_norm(glob))
-        theta_norm = float(torch.linalg.vector_norm(self.base))
         if self.fisher_ema is not None:
             n, decay = self.num_covered, self.fisher_ema_decay
             for g in present:
                 self.fisher_ema[g].mul_(decay).addcmul_(rows[g, :n], rows[g, :n], value=1 - decay)
-        stats.rho = [0.0] * self.num_groups
+        src = self._direction_rows(present)
+        shares = torch.tensor([c / total for c in counts], dtype=rows.dtype, device=rows.device)
+        glob, coef, res_norm = ops.gsa_project(src, shares, backend=self.backend, out=self.glob)
+        coef_l, res_l = coef.tolist(), res_norm.tolist()
+        glob_norm = float(torch.linalg.vector_norm(glob))
+        theta_norm = float(torch.linalg.vector_norm(self.base))
+        stats.rho = [math.nan] * self.num_groups
         stats.cos = [_cosine(coef_l[g], res_l[g], glob_norm) if g in present else math.nan
                      for g in range(self.num_groups)]
         for g in present:
             momentum = self.momentum[g] if self.direction == "friendly" and self.momentum_set[g] else None
-            h = reference.ascent_direction(self.direction, rows[g], glob, momentum, self.friendly_sigma, coef_l[g])
+            h = reference.ascent_direction(self.direction, src[g], glob, momentum, self.friendly_sigma, coef_l[g])
             if self.direction == "friendly":
                 self._update_momentum(g)
             norm = reference.scaled_norm(self.scale, h, self.base)
@@ -442,20 +506,42 @@ class GroupedSAM(_FlatStep):
                 stats.rho[g] = rho
             else:
                 rows[g].zero_()
-        eps_bar = reference.averaged_perturbation(rows, counts)
-        flat.data.copy_(self.base).add_(eps_bar)
+                stats.rho[g] = 0.0
+
+    def _perturbed_pass(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
+                        per_sample: torch.Tensor, alpha: float, stats: StepStats) -> None:
+        """Pass 2: every sample's loss at its group's perturbation (or, `averaged`, at their batch-share mean),
+        weighted as its group's term of Eq. 16, differentiated with respect to theta."""
+        flat, rows = self.flat, self.flat.rows
+        everyone = torch.arange(len(gid), device=gid.device)
         with frozen_bn_stats(self.model, self.bn_scratch):
-            if self.perturbation == "averaged":
-                with self.autocast():
-                    losses = loss_fn(torch.arange(len(gid), device=gid.device)).float()
-                self._backward((losses * per_sample).sum(), alpha)
-                return
-            rows.sub_(eps_bar)  # offsets eps_g - eps_bar on top of theta + eps_bar: group g sees theta + eps_g
-            order = torch.argsort(gid, stable=True)
-            with group_offsets(self.seg_modules, Layout(local), self.row_views, share=False):
-                with self.autocast():
-                    losses = loss_fn(order).float()
-                self._backward((losses * per_sample[order]).sum(), alpha)
+            if self.perturbation == "per_group_exact":
+                perturbed = torch.zeros(len(gid), device=gid.device)
+                for g in [g for g, c in enumerate(counts) if c > 0]:
+                    flat.data.copy_(self.base).add_(rows[g])
+                    with self.autocast():
+                        losses = loss_fn(everyone).float()
+                    mine = gid == g
+                    self._backward((losses * per_sample * mine).sum(), alpha)
+                    perturbed = torch.where(mine, losses.detach(), perturbed)
+                order = everyone
+            else:
+                eps_bar = reference.averaged_perturbation(rows, counts)
+                flat.data.copy_(self.base).add_(eps_bar)
+                if self.perturbation == "averaged":
+                    order = everyone
+                    with self.autocast():
+                        perturbed = loss_fn(order).float()
+                    self._backward((perturbed * per_sample).sum(), alpha)
+                else:
+                    rows.sub_(eps_bar)  # offsets eps_g - eps_bar on top of theta + eps_bar: group g sees theta + eps_g
+                    order = torch.argsort(gid, stable=True)
+                    with group_offsets(self.seg_modules, Layout(local), self.row_views, share=False):
+                        with self.autocast():
+                            perturbed = loss_fn(order).float()
+                        self._backward((perturbed * per_sample[order]).sum(), alpha)
+        means, _ = self._group_means(perturbed, gid[order], counts, self.sync)
+        stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]
 
     def _update_momentum(self, g: int) -> None:
         """FriendlySAM's m_g <- lam m_g + (1 - lam) g_g (the first group gradient initialises it)."""
@@ -466,15 +552,14 @@ class GroupedSAM(_FlatStep):
             self.momentum_set[g] = True
 
     def _extra_terms(self, alpha: float, weights: list[float], counts: list[float], stats: StepStats) -> float:
-        """GKP (Eq. 6, weighted as in Eq. 16) and the optional Eq. 15 regulariser: value, gradient added at theta."""
+        """GKP (Eq. 6, weighted as in Eq. 16) and the optional Eq. 15 regulariser: value, gradient added at theta to the
+        reduced task gradient."""
         flat, value = self.flat, 0.0
         if self.gkp_terms is not None:
             anchors, fisher, strength = self.gkp_terms
             over = torch.tensor(reference.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
-            coef = (1 - alpha) * strength * over
-            n = self.num_covered
-            value = float(ops.gkp_penalty(flat.data[:n], anchors, fisher, coef, grad_out=flat.grad[:n],
-                                          backend=self.backend))
+            value = self._gkp_gradient(anchors, fisher, (1 - alpha) * strength * over)
+            self._add_gkp_gradient(stats)
         if self.regularizer and self.perturb:
             theta_norm = float(torch.linalg.vector_norm(flat.data))
             for g, rho in enumerate(stats.rho):
@@ -485,8 +570,10 @@ class GroupedSAM(_FlatStep):
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        """Step state that a resumed run needs: loss scale, FriendlySAM momenta, Fisher EMA, skip count."""
+        """Step state that a resumed run needs: loss scale, FriendlySAM momenta, group-gradient EMA, Fisher EMA, skip
+        count."""
         return {"scaler": self.scaler.state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set),
+                "grad_ema": self.grad_ema, "grad_ema_set": list(self.grad_ema_set),
                 "fisher_ema": self.fisher_ema, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -494,6 +581,9 @@ class GroupedSAM(_FlatStep):
         if state["momentum"] is not None:
             self.momentum = state["momentum"].to(self.flat.data.device)
             self.momentum_set = list(state["momentum_set"])
+        if state.get("grad_ema") is not None:
+            self.grad_ema = state["grad_ema"].to(self.flat.data.device)
+            self.grad_ema_set = list(state["grad_ema_set"])
         if state["fisher_ema"] is not None:
             self.fisher_ema = state["fisher_ema"].to(self.flat.data.device)
         self.skipped_steps = int(state["skipped_steps"])

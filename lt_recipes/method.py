@@ -22,18 +22,37 @@ from .batchnorm import BNState
 from .choices import GROUPED_METHODS, METHOD_MODULES
 from .data import LTData
 from .errors import NonFiniteError
-from .gkp import exact_fisher, gkp_strength
+from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups, feature_quality
 from .gsa import SAM, GroupedSAM, LossScaler, StepStats, is_classifier
+from .released import ReleasedGSA
 
 _logger = logging.getLogger(__name__)
 
 
+def create_grouped_step(cfg: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, perturb: bool = True,
+                        **kw: Any) -> GroupedSAM | ReleasedGSA:
+    """The step of a grouped method from the recipe: `gsa.step` grouped (GroupedSAM with the gsa.* options) or
+    released (the authors' script's step); `kw` passes autocast, scaler, clip_grad."""
+    g, G = cfg["gsa"], cfg["groups"]["num_groups"]
+    if g["step"] == "released":
+        return ReleasedGSA(model, optimizer, num_groups=G, z=0.1 if g["z"] is None else g["z"],
+                           rho_clamp=(0.002, 0.003) if g["rho_clamp"] == "auto" else g["rho_clamp"], scale=g["scale"],
+                           friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"],
+                           backend=g["backend"], **kw)
+    return GroupedSAM(model, optimizer, num_groups=G, direction=g["direction"], scale=g["scale"], z=g["z"],
+                      rho_clamp=g["rho_clamp"], group_grads=g["group_grads"], perturbation=g["perturbation"],
+                      group_weighting=g["group_weighting"], regularizer=g["regularizer"],
+                      friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"],
+                      group_grad_ema=g["group_grad_ema"], sync=g["sync"], perturb=perturb, backend=g["backend"], **kw)
+
+
 def method_label(cfg: dict[str, Any]) -> str:
-    """`<base>` or `<base>+<modules>`, with `@<direction>` when GSA ascends along a non-default direction."""
+    """`<base>` or `<base>+<modules>`, with `@<direction>` when the paper's grouped step ascends along a non-default
+    direction (the released step's direction is its own, named by its reading)."""
     modules = METHOD_MODULES[cfg["method"]]
     label = "+".join([cfg["loss"]["name"], *modules])
-    if "gsa" in modules and cfg["gsa"]["direction"] != "gsa":
+    if "gsa" in modules and cfg["gsa"]["step"] == "grouped" and cfg["gsa"]["direction"] != "gsa":
         label += f"@{cfg['gsa']['direction']}"
     return label
 
@@ -170,14 +189,9 @@ class GroupedMethod(Method):
 
     def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
         super().bind(ddp_model, optimizer, val_loader)
-        g, c = self.cfg["gsa"], self.cfg
-        self.step_fn = GroupedSAM(
-            self.model, _raw_optimizer(optimizer), num_groups=c["groups"]["num_groups"], direction=g["direction"],
-            scale=g["scale"], z=g["z"], rho_clamp=g["rho_clamp"], group_grads=g["group_grads"],
-            perturbation=g["perturbation"], group_weighting=g["group_weighting"], regularizer=g["regularizer"],
-            friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"], sync=g["sync"],
-            perturb=self.use_gsa, autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
-            clip_grad=c["optim"]["clip_grad"], backend=g["backend"])
+        self.step_fn = create_grouped_step(
+            self.cfg, self.model, _raw_optimizer(optimizer), perturb=self.use_gsa, autocast=self.acc.autocast,
+            scaler=LossScaler(self.acc.mixed_precision == "fp16"), clip_grad=self.cfg["optim"]["clip_grad"])
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def _grouping_due(self, epoch: int) -> bool:
@@ -241,12 +255,11 @@ class GroupedMethod(Method):
         self.step_fn.set_groups(self.labels, samples)
         if self.use_gkp:
             k = self.cfg["gkp"]
-            if k["fisher"] == "exact":
-                self.fisher = exact_fisher(
-                    self.model, self.criterion.classification_loss, self.data.train_eval, self.data.train_targets,
-                    self.labels, self.anchors, is_classifier,
-                    self.cfg["data"]["eval_batch_size"], self.acc.device, self.acc.autocast,
-                    k["fisher_batches"]).to(dtype)
+            if k["fisher"] != "ema":
+                self.fisher = estimate_fisher(
+                    self.model, self.criterion.classification_losses, self.data.train_eval, self.data.train_targets,
+                    self.labels, self.anchors, is_classifier, self.cfg["data"]["eval_batch_size"], self.acc.device,
+                    self.acc.autocast, k["fisher_batches"], estimate=k["fisher"], chunk=k["fisher_chunk"]).to(dtype)
             else:
                 self.fisher = self.step_fn.track_fisher(k["fisher_ema"])
             self._install_gkp()
@@ -264,15 +277,15 @@ class GroupedMethod(Method):
             return self.base_step(inputs, targets, epoch, step)
         stats = self.step_fn.step(self._loss_fn(inputs, targets), targets, alpha=self.alpha)
         if not stats.skipped:
-            for g, v in enumerate(stats.group_loss):
-                self._epoch_stats[f"loss_g{g}"].append(v)
-            for g, v in enumerate(stats.rho):
-                self._epoch_stats[f"rho_g{g}"].append(v)
-            for g, v in enumerate(stats.cos):
-                self._epoch_stats[f"cos_g{g}"].append(v)
+            for key, values in (("loss", stats.group_loss), ("rho", stats.rho), ("cos", stats.cos),
+                                ("ascent", stats.ascent)):
+                for g, v in enumerate(values):
+                    self._epoch_stats[f"{key}_g{g}"].append(v)
             self._epoch_stats["gkp"].append(stats.gkp)
-            if stats.rho:
-                self.rho_last = list(stats.rho)
+            self._epoch_stats["gkp_grad_ratio"].append(stats.gkp_grad_ratio)
+            if len(self.rho_last) != len(stats.rho):
+                self.rho_last = [math.nan] * len(stats.rho)
+            self.rho_last = [r if not math.isnan(r) else last for r, last in zip(stats.rho, self.rho_last)]
         return self._finish(stats, epoch, step)
 
     def epoch_end(self, epoch: int) -> dict[str, Any]:
@@ -282,12 +295,14 @@ class GroupedMethod(Method):
                                "alpha": self.alpha if self.labels is not None else math.nan,
                                "num_groups": 0 if self.labels is None else int(self.labels.max()) + 1,
                                "bank_snapshots": len(self.bank.uids)}
+        # per group, the epoch mean over the steps where the group was in the batch
         for g in range(self.cfg["groups"]["num_groups"]):
-            for key in (f"loss_g{g}", f"rho_g{g}", f"cos_g{g}"):
+            for key in (f"loss_g{g}", f"rho_g{g}", f"cos_g{g}", f"ascent_g{g}"):
                 vals = [v for v in self._epoch_stats.get(key, []) if not math.isnan(v)]
                 row[key] = float(np.mean(vals)) if vals else math.nan
-        gkp = self._epoch_stats.get("gkp", [])
-        row["gkp"] = float(np.mean(gkp)) if gkp else math.nan
+        for key in ("gkp", "gkp_grad_ratio"):
+            vals = [v for v in self._epoch_stats.get(key, []) if not math.isnan(v)]
+            row[key] = float(np.mean(vals)) if vals else math.nan
         return row
 
     def artifacts(self) -> dict[str, Any]:
@@ -298,7 +313,7 @@ class GroupedMethod(Method):
                 "groups": groups,
                 "memory_bank": {"snapshots": len(self.bank.uids), "class_snapshot": list(self.bank.class_snapshot),
                                 "bytes": self.bank.nbytes},
-                "rho": self.rho_last, "alpha": self.alpha_history, "group_epochs": self.group_epochs},
+                "rho": [None if math.isnan(r) else r for r in self.rho_last], "alpha": self.alpha_history, "group_epochs": self.group_epochs},
             "quality.json": self.quality,
         }
 

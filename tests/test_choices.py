@@ -29,7 +29,7 @@ OPTION_KEYS = {
     "gkp.norm": choices.GKP_NORMS, "gkp.fisher": choices.FISHER_ESTIMATES, "gkp.state_dtype": choices.STATE_DTYPES,
     "gsa.direction": choices.DIRECTIONS, "gsa.scale": choices.SCALES, "gsa.group_grads": choices.GROUP_GRADS,
     "gsa.perturbation": choices.PERTURBATIONS, "gsa.group_weighting": choices.WEIGHTINGS,
-    "gsa.backend": choices.BACKENDS,
+    "gsa.backend": choices.BACKENDS, "gsa.step": choices.GROUPED_STEPS, "reading": choices.READINGS,
 }
 
 
@@ -99,8 +99,10 @@ def test_every_group_gradient_mode_and_perturbation_is_its_own():
     for group_grads, perturbation in itertools.product(choices.GROUP_GRADS, choices.PERTURBATIONS):
         torch.manual_seed(0)
         model = Tiny(bn=True)
+        # friendly: a direction whose batch-share average does not cancel (its first step ascends along g_g)
         step = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, scale="euclidean",
-                          z=0.5, group_grads=group_grads, perturbation=perturbation, backend="reference")
+                          z=0.5, direction="friendly", group_grads=group_grads, perturbation=perturbation,
+                          backend="reference")
         step.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
         step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
         thetas[(group_grads, perturbation)] = _theta(model)

@@ -38,7 +38,7 @@ def test_paper_hyperparameters():
     # group weights, GKP per training sample of a group
     assert (c["gsa"]["scale"], c["gsa"]["z"], c["gsa"]["rho_clamp"]) == ("adaptive", None, "auto")
     assert (c["gsa"]["group_weighting"], c["gkp"]["norm"]) == ("samples", "per_samples")
-    assert (c["gsa"]["group_grads"], c["gsa"]["perturbation"]) == ("masked", "averaged")
+    assert (c["gsa"]["group_grads"], c["gsa"]["perturbation"], c["reading"]) == ("masked", "per_group", "paper")
     i = load_config("imagenet_lt_resnext50")
     assert i["groups"]["num_groups"] == 6 and i["model"]["name"] == "resnext50_32x4d" and i["epochs"] == 90
     assert load_config("inat2018_resnet50")["optim"]["lr"] == 0.2
@@ -149,3 +149,27 @@ def test_bad_key_is_reported_before_torch_or_timm_is_imported():
 def test_list_dataset_rejects_ratio():
     with pytest.raises(ConfigError, match="data.imbalance_ratio"):
         load_config("imagenet_lt_resnet50", ["data.imbalance_ratio=100"])
+
+
+def test_a_reading_is_a_preset_applied_where_it_is_set():
+    """reading=released sets the released script's keys over the recipe's; a key set after it wins; paper restores
+    the schema defaults of the same keys but leaves the recipe's grouping epochs and G."""
+    from lt_recipes.config import RELEASED, flatten
+    rel = flatten(load_config("cifar100_lt_resnet32", ["reading=released"]))
+    assert all(rel[k] == v for k, v in RELEASED.items()) and rel["reading"] == "released"
+    assert (rel["groups.num_groups"], rel["groups.start_epoch"], rel["gkp.lam"]) == (1, 0, 10.0)
+    later = flatten(load_config("cifar100_lt_resnet32", ["reading=released", "groups.num_groups=4"]))
+    assert later["groups.num_groups"] == 4 and later["gsa.step"] == "released"
+    back = flatten(load_config("cifar100_lt_resnet32", ["gsa.direction=sam", "reading=paper"]))
+    assert back["gsa.direction"] == "gsa" and back["groups.start_epoch"] == 20
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["gsa.perturbation=averaged"], "cancels"),
+    (["reading=released", "gsa.direction=gsa"], "released script's step"),
+    (["reading=released", "gkp.fisher=ema"], "gkp.fisher=ema"),
+    (["reading=nope"], "must be one of"),
+])
+def test_readings_refuse_what_cannot_hold(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("cifar100_lt_resnet32", sets)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lt_recipes import ops, reference
-from lt_recipes.gkp import exact_fisher, gkp_strength
+from lt_recipes.gkp import estimate_fisher, gkp_strength
 from lt_recipes.gsa import is_classifier, ordered_parameters
 
 
@@ -48,6 +48,10 @@ def test_strength_and_weights_by_hand():
     assert reference.gkp_weights([1.0] * 4) == [3.0] * 4  # Eq. 16 as printed: G - 1 step groups weigh each term
 
 
+def _losses(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -58,7 +62,7 @@ class Net(nn.Module):
         return self.classifier(self.encoder(x))
 
 
-def test_exact_fisher_equals_direct_per_batch_computation():
+def test_batch_mean_fisher_equals_direct_per_batch_computation():
     torch.manual_seed(0)
     model = Net()
     x = torch.randn(37, 3)
@@ -68,8 +72,8 @@ def test_exact_fisher_equals_direct_per_batch_computation():
     n_cov = sum(p.numel() for p in cov)
     anchors = torch.randn(2, n_cov)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
-    fisher = exact_fisher(model, F.cross_entropy, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
-                          is_classifier, batch_size=5, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    fisher = estimate_fisher(model, _losses, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
+                             is_classifier, batch_size=5, device=torch.device("cpu"), autocast=contextlib.nullcontext)
     for j in range(2):
         m = copy.deepcopy(model).eval()
         torch.nn.utils.vector_to_parameters(anchors[j], list(m.encoder.parameters()))
@@ -78,3 +82,63 @@ def test_exact_fisher_equals_direct_per_batch_computation():
         want = reference.fisher_diagonal(m, F.cross_entropy, batches, list(m.encoder.parameters()))
         assert torch.allclose(fisher[j].double(), torch.cat([w.reshape(-1) for w in want]), rtol=1e-5, atol=1e-9)
     assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), before)  # works on a copy
+
+
+class BNNet(nn.Module):
+    """A small CNN with BatchNorm: per-sample gradients through batch statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(12, 5), nn.BatchNorm1d(5), nn.Tanh())
+        self.classifier = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_per_sample_fisher_equals_a_float64_per_sample_loop(chunk):
+    """EWC's Fisher: the mean over a group's images of the squared gradient of each image's own loss, BatchNorm
+    normalising with its batch's statistics held constant, written here as a loop of one evaluation-mode backward per
+    image in float64 (the running statistics set to the batch's mean and biased variance); and the batch-mean
+    estimate is smaller (about 1/B near a minimum: squaring a mean of gradients averages them first)."""
+    torch.manual_seed(0)
+    model = BNNet()
+    x = torch.randn(29, 1, 2, 2)
+    y = torch.randint(0, 4, (29,))
+    group_of_class = np.array([0, 1, 1, 0])
+    cov, _ = ordered_parameters(model, is_classifier)
+    anchors = torch.cat([p.detach().reshape(-1) for p in cov])[None].repeat(2, 1)
+    anchors[1] += 0.1 * torch.randn(anchors.shape[1])
+    kw = dict(batch_size=6, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    fisher = estimate_fisher(model, _losses, TensorDataset(x, y), y.numpy(), group_of_class, anchors, is_classifier,
+                             estimate="per_sample", chunk=chunk, **kw)
+    batch_mean = estimate_fisher(model, _losses, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
+                                 is_classifier, **kw)
+    for j in range(2):
+        m = copy.deepcopy(model).double().train()
+        params = list(m.encoder.parameters())
+        torch.nn.utils.vector_to_parameters(anchors[j].double(), params)
+        idx = np.flatnonzero(group_of_class[y.numpy()] == j)
+        want = torch.zeros(anchors.shape[1], dtype=torch.float64)
+        bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+        for start in range(0, len(idx), 6):
+            rows = idx[start:start + 6]
+            xb = x[rows].double()
+            m.train()
+            for bn in bns:  # momentum 1: the running statistics become this batch's (variance unbiased, so rescale)
+                bn.momentum = 1.0
+            with torch.no_grad():
+                m(xb)
+            for bn in bns:
+                n = xb.shape[0] * (xb.shape[2] * xb.shape[3] if isinstance(bn, torch.nn.BatchNorm2d) else 1)
+                bn.running_var *= (n - 1) / n
+            m.eval()
+            for i in range(len(rows)):
+                loss = F.cross_entropy(m(xb[i:i + 1]), y[rows][i:i + 1])
+                grads = torch.autograd.grad(loss, params)
+                want += torch.cat([g.reshape(-1) for g in grads]) ** 2
+        want /= len(idx)
+        torch.testing.assert_close(fisher[j].double(), want, rtol=1e-4, atol=1e-7)
+        assert float(batch_mean[j].sum()) < 0.5 * float(fisher[j].sum())

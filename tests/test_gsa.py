@@ -72,10 +72,14 @@ def _loss_fn(model, x, y):
     return lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none")
 
 
-def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=None, perturbation="averaged",
+def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=None, perturbation="per_group",
                 weighting="samples", alpha=1.0, lr=0.1, group_of_class=GROUP_OF_CLASS, group_sizes=GROUP_SIZES,
-                gkp=None, momentum=None, sigma=1.0, regularizer=False):
-    """One step the plain way in float64; returns (theta_new, group gradients, perturbations, new momenta)."""
+                gkp=None, momentum=None, sigma=1.0, regularizer=False, ema=None, ema_beta=0.0):
+    """One step the plain way in float64; returns (theta_new, group gradients, perturbations, new momenta).
+
+    `perturbation` per_group: one whole-batch forward per group at theta + eps_g, the loss masked to the group (the
+    step's per_group_exact, and its per_group without BatchNorm); averaged: one forward at the batch-share mean.
+    With `ema_beta` > 0 the directions come from the per-group EMA of the group gradients, kept in the dict `ema`."""
     m = copy.deepcopy(model).double()
     params, n_cov = _ordered(m)
     names = {id(p): n for n, p in m.named_parameters()}
@@ -102,10 +106,15 @@ def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=No
         return torch.autograd.grad(fn(v), v)[0]
 
     grads = {g: grad(lambda v: losses_at(v)[gid == g].mean(), theta) for g in present}
-    glob = sum(counts[g] / N * grads[g] for g in present)
+    src = grads
+    if ema_beta > 0:
+        for g in present:
+            ema[g] = grads[g].clone() if g not in ema else ema_beta * ema[g] + (1 - ema_beta) * grads[g]
+        src = {g: ema[g] for g in present}
+    glob = sum(counts[g] / N * src[g] for g in present)
     eps, rhos, new_momentum = {}, {}, {}
     for g in present:
-        gg = grads[g]
+        gg = src[g]
         if direction == "sam":
             h = glob
         elif direction == "friendly":
@@ -122,7 +131,7 @@ def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=No
             rho = min(max(rho, clamp[0]), clamp[1])
         rhos[g] = rho
         eps[g] = math.sqrt(d) * rho * (theta * theta * h if scale == "adaptive" else h) / norm
-    if perturbation == "per_group":
+    if perturbation in ("per_group", "per_group_exact"):
         total = sum(alpha * w[g] * grad(lambda v: losses_at(v)[gid == g].mean(), theta + eps[g]) for g in present)
     else:
         eps_bar = sum(counts[g] * eps[g] for g in present) / N
@@ -163,12 +172,17 @@ def _install_gkp(gsa, gkp):
 # ---- (d) the whole step equals the oracle on a CNN without BatchNorm -------------------------------------------
 
 @pytest.mark.parametrize("group_grads", ["masked", "share"])
-@pytest.mark.parametrize("perturbation", ["per_group", "averaged"])
+@pytest.mark.parametrize("perturbation", ["per_group", "per_group_exact", "averaged"])
 @pytest.mark.parametrize("scale", ["euclidean", "adaptive"])
 @pytest.mark.parametrize("direction", ["gsa", "sam", "gsa_proj", "friendly"])
 def test_step_equals_float64_oracle_without_batchnorm(direction, scale, perturbation, group_grads):
     """Two steps (FriendlySAM's momentum enters in the second) with GKP, alpha < 1 and batch-share weights, on
-    convolutions + GroupNorm + linear + cosine classifier: every module kind the offsets handle."""
+    convolutions + GroupNorm + linear + cosine classifier: every module kind the offsets handle. The averaged pass of
+    the h_g directions (which cancel) is refused."""
+    if perturbation == "averaged" and direction == "gsa":
+        with pytest.raises(ValueError, match="cancels"):
+            _gsa(SmallCNN(norm="gn"), direction=direction, perturbation=perturbation)
+        return
     torch.manual_seed(0)
     model = SmallCNN(norm="gn")
     x, y = _batch(image=True)
@@ -197,6 +211,24 @@ def test_other_group_weightings_equal_oracle(weighting):
     _install_gkp(gsa, gkp)
     gsa.step(_loss_fn(model, x, y), y, alpha=0.7)
     torch.testing.assert_close(_theta(model), want, rtol=2e-5, atol=2e-6)
+
+
+def test_group_gradient_ema_equals_oracle():
+    """gsa.group_grad_ema: three steps whose directions come from the per-group EMA of the group gradients (the
+    first step sets it, so it equals the plain step; the later ones differ from it)."""
+    torch.manual_seed(0)
+    model = SmallCNN(norm="gn")
+    plain = copy.deepcopy(model)
+    x, y = _batch(image=True)
+    gsa = _gsa(model, group_grad_ema=0.5)
+    gsa_plain = _gsa(plain)
+    ema = {}
+    for k in range(3):
+        want, _, _, _ = oracle_step(model, x, y, ema=ema, ema_beta=0.5)
+        gsa.step(_loss_fn(model, x, y), y)
+        gsa_plain.step(_loss_fn(plain, x, y), y)
+        torch.testing.assert_close(_theta(model), want, rtol=2e-5, atol=2e-6)
+        assert torch.equal(_theta(model), _theta(plain)) == (k == 0)
 
 
 def test_clamp_and_regularizer_equal_oracle():
@@ -233,7 +265,8 @@ def test_absent_group_contributes_nothing():
     for group_grads in ("masked", "share"):
         m = copy.deepcopy(model)
         stats = _gsa(m, group_grads=group_grads).step(_loss_fn(m, x, y), y)
-        assert math.isnan(stats.group_loss[1]) and stats.rho[1] == 0.0 and stats.rho[3] == 0.0
+        assert math.isnan(stats.group_loss[1]) and math.isnan(stats.rho[1]) and math.isnan(stats.rho[3])
+        assert math.isnan(stats.ascent[1]) and stats.ascent[0] > 0 and stats.ascent[2] > 0
         torch.testing.assert_close(_theta(m), want, rtol=2e-5, atol=2e-6)
 
 
@@ -332,7 +365,7 @@ def test_per_group_perturbed_pass_against_whole_batch_passes_with_batchnorm():
 # ---- (b) one group is SAM (euclidean) or ASAM (adaptive) --------------------------------------------------------
 
 @pytest.mark.parametrize("group_grads,perturbation", [("masked", "per_group"), ("share", "per_group"),
-                                                      ("masked", "averaged")])
+                                                      ("masked", "per_group_exact")])
 @pytest.mark.parametrize("scale", ["euclidean", "adaptive"])
 def test_single_group_is_sam_or_asam(scale, group_grads, perturbation):
     """With G = 1 the step is SAM / ASAM (written out here by hand) with radius sqrt(d) rho_1, BatchNorm included."""
@@ -392,7 +425,7 @@ def test_sam_and_asam_classes_match_their_definitions():
 # ---- (a) zero strength is the base step; BatchNorm running statistics move once -------------------------------
 
 @pytest.mark.parametrize("group_grads,perturbation", [("masked", "per_group"), ("share", "per_group"),
-                                                      ("masked", "averaged")])
+                                                      ("masked", "per_group_exact")])
 def test_zero_strength_step_is_the_plain_step(group_grads, perturbation):
     torch.manual_seed(0)
     model = SmallCNN(norm="bn")

@@ -1,10 +1,11 @@
 """Time one full training step of SGD, SAM, the grouped step in its modes, and the naive step, side by side.
 
-Kinds: sgd, sam; `[gkp_]gsa_<group grads>[_per_group]`, the grouped step without or with GKP: group gradients
-`masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one pass),
-then the perturbed pass `averaged` (the default: one plain pass at the mean perturbation) or, with the `_per_group`
-suffix, the paper's per-group offset pass; naive: the masked-loss oracle written the plain way (one whole-batch
-forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the
+Kinds: sgd, sam; `[gkp_]gsa_<group grads>[_<pass>]`, the grouped step (direction h_g) without or with GKP: group
+gradients `masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one
+pass), then the perturbed pass: the recipes' default (no suffix), `per_group` (one offset pass over the group-sorted
+batch) or `per_group_exact` (one whole-batch pass per group); gkp_released: the released script's step (one pass at
+theta, one at the averaged FriendlySAM perturbation) with GKP; naive: the masked-loss oracle written the plain way
+(one whole-batch forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the
 same model, batch and groups; every repeat times each kind once in turn, so machine load affects all of them alike,
 and the table reports medians and ratios to SAM. Groups, anchors and Fisher are real: a memory bank is filled with
 snapshots, cut with spectral clustering, and the Fisher is estimated with the exact estimator, before anything is
@@ -31,21 +32,24 @@ from torch.utils.data import TensorDataset
 
 from lt_recipes import reference
 from lt_recipes.batchnorm import frozen_bn_stats
-from lt_recipes.choices import GROUP_GRADS, PERTURBATIONS
+from lt_recipes.choices import CANCELLING_DIRECTIONS, GROUP_GRADS, PERTURBATIONS
 from lt_recipes.config import SCHEMA
 from lt_recipes.data import long_tail_counts
-from lt_recipes.gkp import exact_fisher, gkp_strength
+from lt_recipes.gkp import estimate_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
 from lt_recipes.gsa import SAM, GroupedSAM, is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
+from lt_recipes.released import ReleasedGSA
 
 # kind -> (with GKP, group_grads, perturbation), from the option tuples the step accepts: `[gkp_]gsa_<group grads>`
-# with the recipes' default perturbed pass, `[gkp_]gsa_<group grads>_<pass>` with another
+# with the recipes' default perturbed pass, `[gkp_]gsa_<group grads>_<pass>` with another (not the averaged pass,
+# which the h_g directions cancel in)
 _DEFAULT_PASS = SCHEMA["gsa"]["perturbation"].default
+_PASSES = [p for p in sorted(PERTURBATIONS, key=lambda p: p != _DEFAULT_PASS)
+           if not (p == "averaged" and "gsa" in CANCELLING_DIRECTIONS)]
 GROUPED_KINDS = {f"{'gkp_' if gkp else ''}gsa_{grads}{'' if pert == _DEFAULT_PASS else '_' + pert}":
-                 (gkp, grads, pert) for pert in sorted(PERTURBATIONS, key=lambda p: p != _DEFAULT_PASS)
-                 for grads in GROUP_GRADS for gkp in (False, True)}
-KINDS = ["sgd", "sam", *GROUPED_KINDS, "naive"]
+                 (gkp, grads, pert) for pert in _PASSES for grads in GROUP_GRADS for gkp in (False, True)}
+KINDS = ["sgd", "sam", *GROUPED_KINDS, "gkp_released", "naive"]
 
 
 class NaiveGSA:
@@ -98,8 +102,9 @@ def build_groups(model: torch.nn.Module, num_classes: int, counts: list[int], G:
     n = 4 * num_classes
     xs = torch.randn(n, *img, generator=gen)
     ys = torch.arange(num_classes).repeat(4)
-    fisher = exact_fisher(model, F.cross_entropy, TensorDataset(xs, ys), ys.numpy(), labels, anchors, is_classifier,
-                          batch_size=64, device=device, autocast=autocast, max_batches=2)
+    fisher = estimate_fisher(model, lambda z, t: F.cross_entropy(z, t, reduction="none"), TensorDataset(xs, ys),
+                             ys.numpy(), labels, anchors, is_classifier, batch_size=64, device=device,
+                             autocast=autocast, max_batches=2)
     return labels, anchors, fisher
 
 
@@ -152,12 +157,15 @@ def main() -> None:
             steps[kind] = lambda sam=sam, model=model: sam.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
             state_bytes[kind] = sam.base.numel() * 4
-        elif kind in GROUPED_KINDS:
-            with_gkp, group_grads, perturbation = GROUPED_KINDS[kind]
+        elif kind in GROUPED_KINDS or kind == "gkp_released":
+            with_gkp, group_grads, perturbation = GROUPED_KINDS.get(kind, (True, None, None))
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1
-            gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=group_grads,
-                             perturbation=perturbation)
+            if kind == "gkp_released":
+                gsa = ReleasedGSA(model, opt, num_groups=G, autocast=autocast)
+            else:
+                gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=group_grads,
+                                 perturbation=perturbation)
             sizes = [int(np.asarray(counts)[labels == g].sum()) for g in range(G)]
             gsa.set_groups(labels, sizes)
             extra = 0
@@ -168,6 +176,8 @@ def main() -> None:
             steps[kind] = lambda gsa=gsa, model=model: gsa.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y, alpha=0.8)
             state_bytes[kind] = (gsa.flat.rows.numel() + gsa.base.numel()) * 4 + extra
+            if kind == "gkp_released":  # momenta per group, the cascaded direction and the perturbation
+                state_bytes[kind] += (gsa.momentum.numel() + 2 * gsa.d) * 4
         elif kind == "naive":
             labels, _, _ = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1

@@ -56,7 +56,7 @@ def method_parts(cfg: dict[str, Any], params: int, covered: int, num_classes: in
         return {}
     parts = {"bank": num_classes * 8 + (0 if g["bank_spill_dir"] else snapshots * covered * bank),
              "anchors": groups * covered * state}
-    if cfg["method"] != "gsa" and k["fisher"] == "exact":
+    if cfg["method"] != "gsa" and k["fisher"] != "ema":
         parts["fisher"] = groups * covered * state
     if k["fisher"] == "ema":
         parts["fisher_ema"] = groups * covered * 4

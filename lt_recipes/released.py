@@ -1,0 +1,188 @@
+"""The authors' released step (ChenShengHan100/gkp-gsa, `cifar_OneBackward.py` with `sam.GSA`), as their script runs it.
+
+It is one reading of the paper among the others (docs/method.md, reading `released`), kept exact so its numbers can
+be compared with the paper's step on the same bases. Per batch, with K the groups present in ascending order,
+w_k = |D_k| / |D| and P_j = (lambda / 2) / n_j sum_i F_ji (theta_i - theta*_ji)^2 the GKP term of group j:
+
+1. One backward of sum_{k in K} [alpha L_k(theta) + (1 - alpha) sum_{j != k} P_j(theta)], each group's mean loss
+   weighted 1 (the script forwards the whole batch once per group in training mode: BatchNorm's running statistics
+   move K times, reproduced here by one forward at momentum 1 - (1 - m)^K). This gradient G is the same for all
+   groups: there are no separate group gradients.
+2. FriendlySAM directions, cascaded through the one gradient buffer: d <- G; for each k in K, the first time
+   m_k <- d and the direction is d; afterwards d <- d - sigma m_k and m_k <- lam m_k + (1 - lam) d_before, the
+   direction being the new d (so group k sees G - sigma sum_{l <= k} m_l).
+3. ASAM-scaled radius and perturbation with the clamp: rho_k = clamp(C sqrt(||theta|| / (2 ||theta * d_k||))
+   D^(-1/4) (n_k - 1)^(-1/4)), e_k = sqrt(D) rho_k theta^2 d_k / ||theta * d_k||, over every trainable parameter
+   (D of them, classifier included); one perturbation eps = sum_k w_k e_k / sum_k w_k.
+4. One whole-batch pass at theta + eps (running statistics frozen) of alpha L_D + (1 - alpha) sum_{k in K} w_k
+   sum_{j != k} P_j, GKP evaluated at theta + eps; theta restored; the base optimizer's step.
+
+One departure, for BCL with more than one group: the script's group loss runs BCL's contrastive term over the
+group's samples alone, while here a group's loss is its masked share of the batch loss (the same for every other
+base, and for BCL with one group, as the script's README runs it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import reference
+from .batchnorm import batchnorms, frozen_bn_stats
+from .gsa import LossFn, StepStats, _all_reduce_, _FlatStep
+
+_logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def repeated_bn_updates(model: nn.Module, times: int) -> Iterator[None]:
+    """One training forward moves BatchNorm running statistics as `times` identical forwards would: with momentum m,
+    r <- (1 - m)^times r + (1 - (1 - m)^times) mean. Layers with momentum None (a cumulative average) move once."""
+    bns = [m for m in batchnorms(model) if m.momentum is not None]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 1.0 - (1.0 - m.momentum) ** max(times, 1)
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+
+
+class ReleasedGSA(_FlatStep):
+    """The released script's step (module docstring), with the interface of `GroupedSAM`.
+
+    >>> step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9), num_groups=1)
+    >>> step.set_groups([0] * num_classes, [num_train_images])
+    >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y, alpha=0.9)
+
+    `z` is the radius scale C (0.1), `rho_clamp` the clamp ([0.002, 0.003]), `friendly_sigma` / `friendly_momentum`
+    FriendlySAM's sigma (1) and lam (0.9), `scale` adaptive (the script's) or euclidean.
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int, z: float = 0.1,
+                 rho_clamp: Sequence[float] | None = (0.002, 0.003), scale: str = "adaptive",
+                 friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, **kw: Any) -> None:
+        super().__init__(model, base_optimizer, num_rows=0, **kw)
+        self.num_groups = num_groups
+        self.z = z
+        self.rho_clamp = rho_clamp
+        self.scale = scale
+        self.sigma = friendly_sigma
+        self.lam = friendly_momentum
+        self.group_of_class: torch.Tensor | None = None
+        self.group_sizes: list[int] = []
+        self.momentum: torch.Tensor | None = None
+        self.momentum_set: list[bool] = []
+        self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.direction = torch.empty_like(self.flat.data)
+        self.eps = torch.empty_like(self.flat.data)
+
+    def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
+        """Install a grouping: group id per class and training samples n_k per group; the momenta start afresh."""
+        self.group_of_class = torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
+        self.group_sizes = [int(n) for n in group_sizes]
+        self.num_groups = len(self.group_sizes)
+        self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
+        self.momentum_set = [False] * self.num_groups
+
+    def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor) -> None:
+        """GKP over the covered parameters: P_j = strength_j sum_i F_ji (theta_i - a_ji)^2, strength_j = (lambda/2)/n_j."""
+        self.gkp_terms = (anchors, fisher, strength)
+
+    def _gkp_coef(self, alpha: float, weights: list[float], present: list[int]) -> torch.Tensor:
+        """(1 - alpha) strength_j sum_{k in K, k != j} w_k: the weight of P_j in a pass whose group k has weight w_k."""
+        _, _, strength = self.gkp_terms
+        over = [sum(weights[k] for k in present if k != j) for j in range(self.num_groups)]
+        return (1 - alpha) * strength * torch.tensor(over, dtype=strength.dtype, device=strength.device)
+
+    def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
+        """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP."""
+        if self.group_of_class is None:
+            raise RuntimeError("ReleasedGSA.step called before set_groups()")
+        flat, stats = self.flat, StepStats()
+        gid = self.group_of_class[targets]
+        counts_t = torch.bincount(gid, minlength=self.num_groups).double()
+        _all_reduce_(counts_t)
+        counts = counts_t.tolist()
+        total = sum(counts)
+        present = [k for k, c in enumerate(counts) if c > 0]
+        shares = [c / total for c in counts]
+        everyone = torch.arange(len(gid), device=gid.device)
+        self.base.copy_(flat.data)
+        self.bn_at_start.save()
+
+        # 1. sum_k [alpha L_k + (1 - alpha) sum_{j != k} P_j] at theta, each group's mean loss weighted 1
+        per_group_mean = torch.tensor([1.0 / c if c > 0 else 0.0 for c in counts], device=gid.device)[gid]
+        with repeated_bn_updates(self.model, len(present)):
+            with self.autocast():
+                losses = loss_fn(everyone).float()
+        stats.group_loss, stats.loss = self._group_means(losses, gid, counts, True)
+        self._backward((losses * per_group_mean).sum(), alpha)
+        grad = flat.grad
+        _all_reduce_(grad)
+        if self.scaler.scale != 1.0:
+            grad.div_(self.scaler.scale)
+        if not bool(torch.isfinite(grad).all()):
+            return self._skip(stats)
+        if self.gkp_terms is not None:
+            anchors, fisher, _ = self.gkp_terms
+            self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, [1.0] * self.num_groups, present))
+            grad[:self.num_covered].add_(self.gkp_grad)
+
+        # 2-3. cascaded FriendlySAM directions, ASAM radius with the clamp, the batch-share mean perturbation
+        self.direction.copy_(grad)
+        self.eps.zero_()
+        theta_norm = float(torch.linalg.vector_norm(self.base))
+        stats.rho = [math.nan] * self.num_groups
+        for k in present:
+            if self.momentum_set[k]:
+                before = self.direction.clone()
+                self.direction.sub_(self.momentum[k], alpha=self.sigma)
+                self.momentum[k].mul_(self.lam).add_(before, alpha=1 - self.lam)
+            else:
+                self.momentum[k].copy_(self.direction)
+                self.momentum_set[k] = True
+            norm = reference.scaled_norm(self.scale, self.direction, self.base)
+            if norm > 0 and math.isfinite(norm):
+                rho = reference.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[k], self.rho_clamp)
+                self.eps.add_(reference.gsa_perturbation(self.scale, self.direction, self.base, rho), alpha=shares[k])
+                stats.rho[k] = rho
+            else:
+                stats.rho[k] = 0.0
+        self.eps.div_(sum(shares[k] for k in present))
+        grad.zero_()
+
+        # 4. alpha L_D + (1 - alpha) sum_k w_k sum_{j != k} P_j at theta + eps
+        flat.data.add_(self.eps)
+        with frozen_bn_stats(self.model, self.bn_scratch):
+            with self.autocast():
+                perturbed = loss_fn(everyone).float()
+            self._backward(perturbed.sum() / total, alpha)
+        means, _ = self._group_means(perturbed, gid, counts, True)
+        stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]
+        if self.gkp_terms is None:
+            return self._finish(stats)
+        anchors, fisher, _ = self.gkp_terms
+        value = self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, shares, present))
+
+        def add_gkp() -> float:
+            self._add_gkp_gradient(stats)
+            return value
+        return self._finish(stats, add_gkp)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step state that a resumed run needs: loss scale, FriendlySAM momenta, skip count."""
+        return {"scaler": self.scaler.state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        if state["momentum"] is not None:
+            self.momentum = state["momentum"].to(self.flat.data.device)
+            self.momentum_set = list(state["momentum_set"])
+        self.skipped_steps = int(state["skipped_steps"])
