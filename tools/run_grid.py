@@ -43,7 +43,7 @@ METHOD_OF_MODULES = {"+".join(modules): method for method, modules in METHOD_MOD
 VARIANTS = {
     "euclidean": ["gsa.scale=euclidean"],        # Eq. 14 as printed, Z = 1e-2, no clamp
     "share": ["gsa.group_grads=share"],          # Eq. 11 read as a split of the one batch gradient
-    # the paper's G perturbed group losses in one mixed pass (the default is the released code's averaged pass)
+    # the paper's G perturbed group losses in one mixed pass (the 16-epoch rows' default was the averaged pass)
     "per_group": ["gsa.perturbation=per_group"],
     "per_group_euclidean": ["gsa.perturbation=per_group", "gsa.scale=euclidean"],
     "per_group_share": ["gsa.perturbation=per_group", "gsa.group_grads=share"],
@@ -52,17 +52,33 @@ VARIANTS = {
     "cosine": ["model.classifier=cosine"],       # BCL's classifier without its contrastive term
     "G2": ["groups.num_groups=2"],
     "G6": ["groups.num_groups=6"],
+    # the readings of the grouped step (docs/method.md), each spelled out so the folder keeps its meaning
+    "paper": ["reading=paper", "gsa.perturbation=per_group"],            # Eq. 15: one mixed pass, group g at eps_g
+    "paper_exact": ["reading=paper", "gsa.perturbation=per_group_exact"],  # one whole-batch pass per group
+    "paper_ema": ["reading=paper", "gsa.perturbation=per_group", "gsa.group_grad_ema=0.9"],  # EMA directions
+    "released": ["reading=released"],                                     # the authors' script as its README runs it
+    # ASAM at the released radius: rho = sqrt(d) x 0.003 (its clamp's top) = 1.57 for BCL's ResNet-8, d = 274,928
+    "asam": ["sam.adaptive=true", "sam.rho=1.57"],
+    "b128": ["data.batch_size=128", "optim.lr=0.2"],                       # 4x the batch, the learning rate scaled
+    "lam0": ["gkp.lam=0"],                                                # GKP's control: alpha's schedule alone
+    # GKP strength sweep: lambda with the released Fisher (batch_mean) and EWC's (per_sample), and the paper's |G_j|
+    # (8-epoch probes at lambda 100: ||grad GKP|| / ||grad task|| about 1e-4 with batch_mean, 3e-2 with per_sample)
+    **{f"lam1e{k}": [f"gkp.lam=1e{k}"] for k in (4, 5, 6, 7)},
+    **{f"ps_lam1e{k}": ["gkp.fisher=per_sample", f"gkp.lam=1e{k}"] for k in (1, 2, 3, 4)},
+    "classes": ["gkp.norm=per_classes"], "ps_classes": ["gkp.fisher=per_sample", "gkp.norm=per_classes"],
 }
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A recipe, the results folder prefix, and the run labels per imbalance ratio."""
+    """A recipe, the results folder prefix, the run labels per imbalance ratio, and labels run for the first seed
+    only (`sweeps`: a sweep reads one seed, and its best setting becomes a row of its own)."""
 
     recipe: str
     folder: str
     cells: dict[int, list[str]] = field(default_factory=dict)
+    sweeps: dict[int, list[str]] = field(default_factory=dict)
 
 
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
@@ -79,6 +95,13 @@ GRIDS = {
         100: ["ce", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la#cosine", "la+gkp+gsa", "bcl", "bcl+gkp", "bcl+gsa",
               "bcl+gkp+gsa"] + _BCL_TABLE5,
         10: ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]}),
+    # the grouped step's readings on the 64-epoch recipe against BCL and plain ASAM, GKP's control and strength sweep,
+    # a 4x batch (docs/results.md, "Readings of the grouped step")
+    "readings": Grid("fmnist_lt_resnet8_long", "fmnist64", {100: [
+        "bcl+sam#asam", "bcl+gkp+gsa#paper", "bcl+gkp+gsa#paper_exact", "bcl+gkp+gsa#paper_ema",
+        "bcl+gkp+gsa#released", "bcl+gkp#lam0", "bcl", "bcl+gkp", "bcl#b128"]},
+        sweeps={100: [f"bcl+gkp#lam1e{k}" for k in (4, 5, 6, 7)] + [f"bcl+gkp#ps_lam1e{k}" for k in (1, 2, 3, 4)]
+                + ["bcl+gkp#classes", "bcl+gkp#ps_classes"]}),
     # for a GPU: the paper's CIFAR protocol (ResNet-32, 200 epochs, batch 256) on the full 28-px Fashion-MNIST-LT
     "fmnist200": Grid("fmnist_lt_resnet32", "fmnist200", {100: ["la", "la+gkp+gsa"]}),
 }
@@ -116,7 +139,7 @@ def jobs_of(name: str, ratios: list[int], seeds: list[int]) -> list[tuple[str, i
     stopped early still has one complete seed."""
     grid, extras = GRIDS[name], EXTRAS.get(name, {})
     return [(label, r, s) for s in seeds for r in ratios
-            for label in grid.cells.get(r, []) + extras.get(r, [])]
+            for label in grid.cells.get(r, []) + extras.get(r, []) + (grid.sweeps.get(r, []) if s == seeds[0] else [])]
 
 
 def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namespace) -> str:
@@ -125,7 +148,7 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
     if os.path.exists(os.path.join(dest, "results.json")):
         return f"skip {label} r={ratio} seed={seed}"
     scratch = os.path.join(args.scratch, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", grid.recipe, "--output", scratch]
+    cmd = [sys.executable, os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
     for o in overrides(label, ratio, seed) + args.overrides:
         cmd += ["--set", o]
     if os.path.exists(os.path.join(scratch, "checkpoint.pt")):
@@ -134,7 +157,7 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
     t0 = time.time()
     os.makedirs(scratch, exist_ok=True)
     with open(os.path.join(scratch, "train.log"), "a") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         return f"FAILED {label} r={ratio} seed={seed} (see {scratch}/train.log)"
     os.makedirs(dest, exist_ok=True)
@@ -146,19 +169,19 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
         with open(os.path.join(dest, "variant.json"), "w") as f:
             json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)
     if args.commit:
-        commit(dest, f"results: {grid.folder} r={ratio} {label} seed {seed}")
+        commit(dest, f"results: {grid.folder} r={ratio} {label} seed {seed}", tables=not args.no_tables)
     return f"done {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
 
 
 TABLES = ["docs/results.md", "README.md", "docs/per_class_*.png"]  # what tools/collect_results.py writes
 
 
-def commit(path: str, message: str, tries: int = 5) -> None:
-    """git commit of `path` with the result tables regenerated from it, so that committed tables always match the
-    committed runs; retried while another git command holds the index lock."""
+def commit(path: str, message: str, tables: bool = True, tries: int = 5) -> None:
+    """git commit of `path`, with the result tables regenerated from it (unless `tables` is off) so that committed
+    tables match the committed runs; retried while another git command holds the index lock."""
     regen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "collect_results.py")], cwd=ROOT,
-                           capture_output=True, text=True)
-    paths = [path] + (TABLES if regen.returncode == 0 else [])
+                           capture_output=True, text=True) if tables else None
+    paths = [path] + (TABLES if regen is not None and regen.returncode == 0 else [])
     for attempt in range(tries):
         add = subprocess.run(["git", "add", *paths], cwd=ROOT, capture_output=True, text=True)
         done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=ROOT,
@@ -181,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "grid"))
+    ap.add_argument("--code", default=ROOT,
+                    help="the checkout whose train.py trains (default: this one): a git worktree held at one commit "
+                         "keeps a long grid on one version of the code while this checkout changes; results and "
+                         "commits still go here")
     ap.add_argument("--commit", action="store_true",
                     help="git commit each run's result files, with the tables regenerated, when it finishes")
+    ap.add_argument("--no-tables", action="store_true",
+                    help="with --commit, commit the run files only (regenerate the tables with collect_results.py)")
     ap.add_argument("--list", action="store_true", help="print each job as done or todo, run nothing")
     args = ap.parse_args(argv)
     grid = GRIDS[args.grid]
