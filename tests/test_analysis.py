@@ -367,3 +367,25 @@ def test_landscape_writes_plots_and_json(tmp_path: Path, capsys: pytest.CaptureF
         assert result[str(tmp_path / "method")][f"g{k}"]["slice"][2] == pytest.approx(float(losses[mask].mean()),
                                                                                       rel=1e-6)
     assert not os.path.exists(tmp_path / "base" / "landscape_1d.png")
+
+
+def test_collect_results_readings_gkp_strength_and_averaged_history(tmp_path: Path) -> None:
+    """The readings grid's folder gets the readings table (the ascent share and minimum from summary.csv, hand
+    counted), the GKP strength table (the logged ratio's median and range) and the averaged runs' history table;
+    the default step's variant stands for `<base>+gkp+gsa` in the headline."""
+    tool = load_tool("collect_results")
+    root = tmp_path / "results"
+    default = f"bcl+gkp+gsa#{tool.DEFAULT_VARIANT}"
+    _write_run(root, "fmnist64_r100", "bcl", 0, (60.0, 80.0, 50.0, 30.0))
+    d = _write_run(root, "fmnist64_r100", default, 0, (62.0, 80.0, 52.0, 35.0))
+    # groups 0 and 1 after grouping (epoch 0 is before it): ascents +0.5, -0.25, +2 and +1 -> 3 of 4 positive
+    (d / "summary.csv").write_text("epoch,ascent_g0,ascent_g1,gkp_grad_ratio\n0,,,\n1,0.5,-0.25,0.01\n2,2,1,0.03\n")
+    d = _write_run(root, "fmnist64_r100", "bcl+gkp#lam1e4", 0, (61.0, 80.0, 51.0, 32.0))
+    (d / "summary.csv").write_text("epoch,gkp_grad_ratio\n0,\n1,0.1\n2,0.3\n3,0.2\n")
+    _write_run(root / "history" / "averaged", "fmnist64_r100", "bcl+gkp+gsa", 0, (59.0, 80.0, 45.0, 30.0))
+    block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
+    readings, strength = block.split("#### Readings of the grouped step")[1].split("#### GKP's strength")
+    assert _row(readings, default)[3:] == ["62.00", "80.00", "52.00", "35.00", "+2.00", "n/a", "75%", "-0.25"]
+    assert _row(strength, "bcl+gkp#lam1e4")[3:] == ["61.00", "32.00", "+1.00", "n/a", "0.2 (0.1-0.3)"]
+    assert f"| fmnist64_r100 | `bcl+gkp+gsa` | 60.00 | 59.00 | 1 | 62.00 (`{default}`) |" in block
+    assert f"| `bcl` | 60.00 (30.00) | 62.00 (35.00) | +2.00 |" in tool.headline_block(str(root))

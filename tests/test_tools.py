@@ -42,6 +42,18 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
     assert load_config("fmnist_lt_resnet8", grid.overrides("la#cosine", 10, 0))["model"]["classifier"] == "cosine"
 
 
+def test_the_default_variant_spells_out_the_current_defaults():
+    """The tables let `<base>+gkp+gsa#<DEFAULT_VARIANT>` stand for the default step: its keys must change nothing on
+    every grouped label of the readings grid's recipe (and a different variant must change something)."""
+    grid = load_tool("run_grid")
+    recipe = grid.GRIDS["readings"].recipe
+    for base in ("ce", "la", "bcl"):
+        plain = load_config(recipe, grid.overrides(f"{base}+gkp+gsa", 100, 0))
+        assert load_config(recipe, grid.overrides(f"{base}+gkp+gsa#{grid.DEFAULT_VARIANT}", 100, 0)) == plain
+    others = [v for v in ("paper", "paper_exact", "released") if v != grid.DEFAULT_VARIANT]
+    assert all(load_config(recipe, grid.overrides(f"bcl+gkp+gsa#{v}", 100, 0)) != plain for v in others)
+
+
 def test_long_recipe_has_the_paper_schedule_shape():
     """64 epochs: 5% warm-up, x0.1 at 80% and 90% (the paper's 160/180 of 200), groups from 10%, refreshed every 10%."""
     cfg = load_config("fmnist_lt_resnet8_long")

@@ -30,11 +30,14 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from lt_recipes.analysis import (head_to_tail, load_run, new_figure, read_json, save_figure, split_boundaries,
-                                 train_counts_of)
+from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure, read_json, read_summary,
+                                 save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text
 from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES
 from lt_recipes.errors import AnalysisError, LTRecipesError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_grid import DEFAULT_VARIANT, GRIDS  # noqa: E402  (the grids say which labels form which table)
 
 _logger = logging.getLogger("collect_results")
 
@@ -231,10 +234,89 @@ def direction_table(stats: dict[str, MethodStats]) -> list[str]:
                    f"paper Top-1 ({PAPER}, BCL base)"], rows)
 
 
+def default_label(stats: dict[str, MethodStats], base: str) -> str | None:
+    """The runs of the default GKP+GSA step on `base`: `<base>+gkp+gsa`, else the variant that spells the current
+    defaults out (run_grid.DEFAULT_VARIANT), else None."""
+    for label in (f"{base}+gkp+gsa", f"{base}+gkp+gsa#{DEFAULT_VARIANT}"):
+        if label in stats:
+            return label
+    return None
+
+
 def plot_pairs(stats: dict[str, MethodStats]) -> list[tuple[str, str]]:
-    """(base, base+gkp+gsa) label pairs with both methods present, in table order."""
-    return [(b, f"{b}+gkp+gsa") for b in sorted({parse_label(m)[0] for m in stats}, key=_order_key)
-            if b in stats and f"{b}+gkp+gsa" in stats]
+    """(base, default GKP+GSA) label pairs with both methods present, in table order."""
+    bases = sorted({parse_label(m)[0] for m in stats}, key=_order_key)
+    return [(b, default_label(stats, b)) for b in bases if b in stats and default_label(stats, b)]
+
+
+def _summaries(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, np.ndarray]]:
+    return [read_summary(os.path.join(d, "summary.csv")) for d, _ in runs
+            if os.path.exists(os.path.join(d, "summary.csv"))]
+
+
+def ascent_cells(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """From summary.csv's `ascent_g<k>` columns (each group's epoch-mean rise of its loss in the perturbed pass):
+    the share of (group, epoch) cells with a positive mean, and the smallest mean, over seeds; dashes without."""
+    cells = [col[~np.isnan(col)] for s in _summaries(runs) for _, col in indexed_columns(s, "ascent_g")]
+    values = np.concatenate(cells) if cells else np.array([])
+    if not values.size:
+        return ["—", "—"]
+    return [f"{100 * float((values > 0).mean()):.0f}%", f"{float(values.min()):+.3g}"]
+
+
+def gkp_ratio_cell(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Median (min-max) over seeds and epochs of summary.csv's gkp_grad_ratio = ||grad GKP|| / ||grad task||."""
+    cols = [s["gkp_grad_ratio"] for s in _summaries(runs) if "gkp_grad_ratio" in s]
+    values = np.concatenate(cols) if cols else np.array([])
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return "—"
+    return f"{np.median(values):.2g} ({values.min():.2g}-{values.max():.2g})"
+
+
+def _changed_keys(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    info = os.path.join(runs[0][0], "variant.json")
+    keys = read_json(info)["overrides"] if os.path.exists(info) else []
+    return ", ".join(f"`{k}`" for k in keys) or "(recipe)"
+
+
+def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
+                   labels: Sequence[str]) -> list[str]:
+    """The `readings` grid's rows present here: Top-1 / Many / Medium / Few, the change against the label's base,
+    and whether every group ascended (share of positive epoch-mean ascents, the smallest)."""
+    rows = []
+    for label in (m for m in labels if m in stats):
+        s, base = stats[label], stats.get(parse_label(label)[0])
+        change = ["—", "—"]
+        if base is not None and base is not s:
+            d, verdict = delta_vs(base, s)
+            change = [f"{d:+.2f}", verdict]
+        rows.append([f"`{label}`", _changed_keys(runs[label]), str(len(s.seeds))]
+                    + [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change + ascent_cells(runs[label]))
+    if not rows:
+        return []
+    return _table(["method", "changed keys", "seeds", "Top-1", "Many", "Medium", "Few", "Δ Top-1 vs base",
+                   "beyond seed spread", "group-epochs ascending", "smallest ascent"], rows) + [
+        "", "Ascent: each group's epoch mean of (its loss in the perturbed pass) - (its loss at theta) from "
+            "summary.csv, over every epoch after grouping and every seed; 100% means every group rose in every epoch."]
+
+
+def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
+                    labels: Sequence[str]) -> list[str]:
+    """GKP's strength: each `<base>+gkp[#variant]` row with its changed keys, Top-1 against the base and
+    ||grad GKP|| / ||grad task|| as logged."""
+    rows = []
+    for label in (m for m in labels if m in stats and parse_label(m)[1] == "gkp"):
+        s, base = stats[label], stats.get(parse_label(label)[0])
+        change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
+        rows.append([f"`{label}`", _changed_keys(runs[label]), str(len(s.seeds)), _fmt(s.mean["top1"], s.std["top1"]),
+                     _fmt(s.mean["few"], s.std["few"])] + change + [gkp_ratio_cell(runs[label])])
+    if not rows:
+        return []
+    return _table(["method", "changed keys", "seeds", "Top-1", "Few", "Δ Top-1 vs base", "beyond seed spread",
+                   "‖∇GKP‖ / ‖∇task‖ median (range)"], rows) + [
+        "", "The ratio is logged per epoch after grouping (summary.csv `gkp_grad_ratio`); runs from before it was "
+            "logged show —."]
 
 
 def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str]], title: str, path: str) -> str:
@@ -300,6 +382,34 @@ def history_table(history_root: str, tree: dict[str, dict[str, list[tuple[str, d
     return lines + v1_sweep_table(os.path.join(history_root, "sweeps"))
 
 
+def averaged_history_table(history_root: str, tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]
+                           ) -> list[str]:
+    """The runs of the cancelling averaged perturbation (moved to history): each label's Top-1 then, beside its
+    base and the same label with the default step now (`<label>` or `<label>#<DEFAULT_VARIANT>`)."""
+    if not os.path.isdir(history_root):
+        return []
+    rows = []
+    for folder, old in sorted(_scan(history_root).items()):
+        now = {m: summarize(r) for m, r in tree.get(folder, {}).items()}
+        for label in sorted(old, key=_order_key):
+            base = parse_label(label)[0]
+            then = summarize(old[label])
+            current = next((m for m in (label, f"{label}#{DEFAULT_VARIANT}") if m in now and "#" not in label), None)
+            cells = [_fmt(now[base].mean["top1"], now[base].std["top1"]) if base in now else "—",
+                     _fmt(then.mean["top1"], then.std["top1"]), str(len(then.seeds)),
+                     "—" if current is None else f"{_fmt(now[current].mean['top1'], now[current].std['top1'])} "
+                                                 f"(`{current}`)"]
+            rows.append([folder, f"`{label}`"] + cells)
+    if not rows:
+        return []
+    return ["", f"#### The averaged perturbation (cancelling), `{os.path.relpath(history_root)}`", "",
+            "The first default of the current step averaged the groups' h_g perturbations with batch-share weights; "
+            "the h_g sum to zero with those weights, so the average kept only the imbalance of their norms and radii "
+            "and some groups' losses fell in the perturbed pass (docs/method.md, the ascent property). The step is "
+            "refused now; its runs are kept here.", ""] + _table(
+        ["folder", "method", "base alone (now)", "averaged step", "seeds", "same label, default step now"], rows)
+
+
 def v1_sweep_table(sweeps: str) -> list[str]:
     """The v1 investigation: each sweep entry's Top-1 with the recipe keys it changed (sweep.json), in its order."""
     entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -352,6 +462,17 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         groups = group_table(stats)
         if groups:
             lines += ["", f"#### Number of groups, {title}", ""] + groups
+        grid = next((g for g in GRIDS.values() if g.folder == folder.rpartition("_r")[0]
+                     and int(folder.rpartition("_r")[2]) in g.sweeps), None)
+        if grid is not None:
+            ratio_key = int(folder.rpartition("_r")[2])
+            readings = readings_table(stats, tree[folder], grid.cells[ratio_key])
+            if readings:
+                lines += ["", f"#### Readings of the grouped step, {title}", ""] + readings
+            sweep = gkp_sweep_table(stats, tree[folder], grid.cells[ratio_key] + grid.sweeps[ratio_key])
+            if sweep:
+                lines += ["", f"#### GKP's strength, {title}", ""] + sweep
+    lines += averaged_history_table(os.path.join(results_root, "history", "averaged"), tree)
     lines += history_table(os.path.join(results_root, "history", "v1"), tree)
     return "\n".join(lines + ["", END])
 

@@ -67,6 +67,8 @@ VARIANTS = {
     **{f"ps_lam1e{k}": ["gkp.fisher=per_sample", f"gkp.lam=1e{k}"] for k in (1, 2, 3, 4)},
     "classes": ["gkp.norm=per_classes"], "ps_classes": ["gkp.fisher=per_sample", "gkp.norm=per_classes"],
 }
+# the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
+DEFAULT_VARIANT = "paper"
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
 
