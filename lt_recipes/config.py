@@ -111,6 +111,8 @@ SCHEMA: dict[str, Any] = {
         "train_list": Field(None, STR, nullable=True),
         "val_list": Field(None, STR, nullable=True),
         "test_list": Field(None, STR, nullable=True),
+        # list datasets: the class count (null: 1 + the largest label of the evaluation lists, or iNat's categories)
+        "num_classes": Field(None, INT, _at_least(1), nullable=True),
         "img_size": Field(32, INT, _at_least(1)),
         "augment": Field("basic", STR, choices=AUGMENTS),
         # timm's policy string for list datasets (e.g. rand-n2-m10, original, augmix-m5), see timm.data.auto_augment
@@ -344,6 +346,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                               "(its long tail comes from the list files); set it to null")
     elif data["imbalance_ratio"] is None:
         raise ConfigError(f"recipe key 'data.imbalance_ratio' is required for {data['dataset']}")
+    elif data["num_classes"] is not None:
+        raise ConfigError(f"recipe key 'data.num_classes' applies to the list-file datasets {list(LIST_DATASETS)}; "
+                          f"{data['dataset']} has a fixed class count: set it to null")
     if loss["name"] == "bcl":
         if data["contrastive_views"] != 2:
             raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per image)")

@@ -417,8 +417,40 @@ def test_bad_list_line_names_file_and_line(image_list_root, line, lineno):
 def test_label_out_of_range_names_file_and_line(image_list_root):
     path = image_list_root / "val.txt"
     path.write_text(path.read_text() + "images/val/class 0/0.png 3\n")
-    with pytest.raises(DataError, match=rf"{path}:4: label 3 outside \[0, 3\)"):
+    with pytest.raises(DataError, match=rf"{path}:4: label 3 outside \[0, 3\) \(the class count from data.num_classes"):
+        build_data(list_cfg(image_list_root, num_classes=3))
+    with pytest.raises(DataError, match=rf"class 3 has no training samples in .*train.txt \(listed at {path}:4\)"):
         build_data(list_cfg(image_list_root))
+
+
+@pytest.mark.parametrize("label", [3, 1000])
+def test_stray_training_label_names_file_and_line_not_a_new_class(image_list_root, label):
+    """The class count comes from the evaluation lists (or data.num_classes), never from the training list alone:
+    a training label past the others' classes is named with its line, not a class added (or 997 empty ones)."""
+    path = image_list_root / "train.txt"
+    path.write_text(path.read_text() + f"images/train/class 0/0.png {label}\n")
+    lineno = sum(LIST_COUNTS["train"]) + 1
+    with pytest.raises(DataError, match=rf"{path}:{lineno}: label {label} outside \[0, 3\) \(the class count from "
+                                        r"the labels of .*val.txt and .*test.txt; set data.num_classes"):
+        build_data(list_cfg(image_list_root))
+    with pytest.raises(DataError, match=rf"{path}:{lineno}: label {label} outside \[0, 3\)"):
+        build_data(list_cfg(image_list_root, num_classes=3))
+    if label == 3:
+        data = build_data(list_cfg(image_list_root, num_classes=4))  # a class the evaluation lists lack
+        assert data.num_classes == 4 and data.train_counts == LIST_COUNTS["train"] + [1]
+
+
+def test_recipe_class_count_is_checked_against_the_data(image_list_root):
+    with pytest.raises(DataError, match=r"class 3 has no training samples in .*train.txt; 2 of 5 classes are empty "
+                                        r"\(the class count from data.num_classes=5\)"):
+        build_data(list_cfg(image_list_root, num_classes=5))
+    write_coco(image_list_root / "train2018.json", [("images/train/class 0/0.png", 7)], [7])
+    with pytest.raises(DataError, match="data.num_classes=3 but .*train2018.json has 1 categories"):
+        build_data(list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json", num_classes=3))
+    from lt_recipes.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'data.num_classes' applies to the list-file datasets"):
+        load_config("digits_lt", ["data.num_classes=10"])
 
 
 def test_class_without_training_images_is_named(image_list_root):

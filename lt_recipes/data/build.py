@@ -108,6 +108,21 @@ def _list_path(root: str, data_cfg: dict[str, Any], key: str) -> str | None:
     return path
 
 
+def _class_count(recipe_count: int | None, label_of: dict[int, int] | None, train_path: str,
+                 evaluation: dict[str, list[tuple[str, int, str]]]) -> tuple[int, str]:
+    """(class count, where it comes from) of a list dataset: `data.num_classes`, else the training json's categories,
+    else 1 + the largest label of the evaluation lists, which hold every class in the LT benchmarks; never from the
+    training list alone, where a stray label would silently add a class."""
+    if recipe_count is not None:
+        if label_of is not None and len(label_of) != recipe_count:
+            raise DataError(f"data.num_classes={recipe_count} but {train_path} has {len(label_of)} categories")
+        return recipe_count, f"data.num_classes={recipe_count}"
+    if label_of is not None:
+        return len(label_of), f"the categories of {train_path}"
+    return 1 + max(label for split in evaluation.values() for _, label, _ in split), (
+        f"the labels of {' and '.join(evaluation)}; set data.num_classes when they do not hold every class")
+
+
 def _build_from_files(cfg: dict[str, Any]) -> LTData:
     d = cfg["data"]
     dataset = d["dataset"]
@@ -129,21 +144,25 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
                      dataset, d["val_per_class"])
 
     train_entries, label_of = read_entries(train_path, None)
-    num_classes = len(label_of) if label_of is not None else max(label for _, label, _ in train_entries) + 1
+    paths = {"train": train_path, "val": val_path, "test": test_path}
+    entries = {name: train_entries if name == "train" else read_entries(path, label_of)[0]
+               for name, path in paths.items() if path is not None}
+    evaluation = {paths[name]: split for name, split in entries.items() if name != "train"}
+    num_classes, source = _class_count(d["num_classes"], label_of, train_path, evaluation)
+    for split in entries.values():
+        for _, label, where in split:
+            if label >= num_classes:
+                raise DataError(f"{where}: label {label} outside [0, {num_classes}) (the class count from {source})")
     empty = np.flatnonzero(np.bincount([label for _, label, _ in train_entries], minlength=num_classes) == 0)
     if empty.size:
-        raise DataError(f"class {int(empty[0])} has no training samples in {train_path} "
-                        f"({len(empty)} of {num_classes} classes are empty)")
-    paths = {"train": train_path, "val": val_path, "test": test_path}
+        listed = next((where for split in evaluation.values() for _, label, where in split if label == empty[0]),
+                      None)
+        raise DataError(f"class {int(empty[0])} has no training samples in {train_path}"
+                        + (f" (listed at {listed})" if listed else "")
+                        + f"; {len(empty)} of {num_classes} classes are empty (the class count from {source})")
     splits, skipped = {}, {}
-    for name, path in paths.items():
-        if path is None:
-            continue
-        entries = train_entries if name == "train" else read_entries(path, label_of)[0]
-        for _, label, where in entries:
-            if not 0 <= label < num_classes:
-                raise DataError(f"{where}: label {label} outside [0, {num_classes}) (num_classes from {train_path})")
-        records = [Record(os.path.join(root, rel), label, where) for rel, label, where in entries]
+    for name, split in entries.items():
+        records = [Record(os.path.join(root, rel), label, where) for rel, label, where in split]
         splits[name], skipped[name] = check_images(records, d["skip_bad_images"], d["img_size"], d["num_workers"])
     if sum(skipped.values()):
         _logger.warning("skipped %d unreadable or missing images (%s)", sum(skipped.values()),
