@@ -39,6 +39,8 @@ class Field:
     check: Callable[[Any], str | None] | None = None
     nullable: bool = False
     choices: tuple | None = None
+    # an epoch count (or a list of them) that may be given as a fraction of `epochs`: resolve_epochs makes it whole
+    of_epochs: bool = False
 
 
 def _at_least(lo: float) -> Callable[[Any], str | None]:
@@ -65,8 +67,15 @@ def _clamp(v: Any) -> str | None:
     return _pair_of_increasing(v)
 
 
-def _positive_ints(v: Any) -> str | None:
-    return None if all(isinstance(x, int) and x > 0 for x in v) else "must be a list of positive integers"
+def _epoch_count(v: Any) -> str | None:
+    if isinstance(v, int):
+        return None if v >= 0 else "must be >= 0"
+    return None if 0 <= v < 1 else "must be a whole number of epochs or a fraction of epochs in [0, 1)"
+
+
+def _milestones(v: Any) -> str | None:
+    ok = all(isinstance(x, int) and not isinstance(x, bool) and x > 0 or isinstance(x, float) and 0 < x < 1 for x in v)
+    return None if ok else "must be a list of epochs (positive integers) or of fractions of epochs in (0, 1)"
 
 
 def _names(v: Any) -> str | None:
@@ -167,16 +176,17 @@ SCHEMA: dict[str, Any] = {
     },
     "sched": {
         "sched": Field("cosine", STR, choices=SCHEDULERS),
-        "warmup_epochs": Field(0, INT, _at_least(0)),
+        "warmup_epochs": Field(0, FLOAT, _epoch_count, of_epochs=True),
         "warmup_lr": Field(1e-4, FLOAT, _at_least(0.0)),
         "min_lr": Field(0.0, FLOAT, _at_least(0.0)),
-        "decay_milestones": Field([], LIST, _positive_ints),
+        "decay_milestones": Field([], LIST, _milestones, of_epochs=True),
         "decay_rate": Field(0.1, FLOAT, _positive),
     },
     "groups": {
         "num_groups": Field(4, INT, _at_least(1)),
-        "start_epoch": Field(1, INT, _at_least(0)),
-        "interval": Field(0, INT, _at_least(0)),
+        # the paper's: groups from 10% of the run, refreshed every 10%
+        "start_epoch": Field(0.1, FLOAT, _epoch_count, of_epochs=True),
+        "interval": Field(0.1, FLOAT, _epoch_count, of_epochs=True),
         "eval_interval": Field(1, INT, _at_least(1)),
         "quality_beta": Field(0.5, FLOAT, _at_least(0.0)),
         "affinity": Field("cosine", STR, choices=AFFINITIES),
@@ -259,6 +269,14 @@ def _field(key: str) -> Field:
     return node
 
 
+def _yaml_number(text: str) -> float | str:
+    """A number YAML 1.1 leaves as a string (1e-3, no dot) as a float, in a scalar or a list; other text as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _check_value(key: str, value: Any) -> Any:
     f = _field(key)
     if value is None:
@@ -266,10 +284,9 @@ def _check_value(key: str, value: Any) -> Any:
             return None
         raise ConfigError(f"recipe key '{key}' may not be null")
     if isinstance(value, str) and f.types == FLOAT:
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
+        value = _yaml_number(value)
+    elif isinstance(value, list):
+        value = [_yaml_number(v) if isinstance(v, str) else v for v in value]
     if isinstance(value, bool) and bool not in f.types:
         raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in f.types)}, got {value!r}")
     if not isinstance(value, f.types):
@@ -310,8 +327,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    _field(key)
-    if isinstance(value, int) and not isinstance(value, bool) and _field(key).types == FLOAT:
+    f = _field(key)
+    if isinstance(value, int) and not isinstance(value, bool) and f.types == FLOAT and not f.of_epochs:
         value = float(value)
     return key, value
 
@@ -335,6 +352,29 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
+
+
+def _whole_epochs(value: int | float, epochs: int, low: int, high: int) -> int:
+    """`value` epochs: a whole number as it is; a fraction of `epochs` rounded to the nearest epoch (halves up) and
+    kept in [low, high] (a zero fraction stays 0)."""
+    if isinstance(value, int) or value == 0:
+        return int(value)
+    return min(max(math.floor(value * epochs + 0.5), low), high)
+
+
+def resolve_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Turn the epoch counts given as fractions of `epochs` (floats in [0, 1)) into whole epochs, in place.
+
+    So a recipe's schedule keeps its shape under `--set epochs=N`: the warm-up stays below `epochs`, grouping starts
+    at epoch 1 or later (epoch 0 only for a 1-epoch run), a refresh interval is at least 1, and a learning-rate
+    milestone lies in [1, epochs]. Whole numbers are kept as given (validate names a key that does not fit).
+    """
+    n, sched, groups = cfg["epochs"], cfg["sched"], cfg["groups"]
+    sched["warmup_epochs"] = _whole_epochs(sched["warmup_epochs"], n, 0, n - 1)
+    sched["decay_milestones"] = [_whole_epochs(m, n, 1, n) for m in sched["decay_milestones"]]
+    groups["start_epoch"] = _whole_epochs(groups["start_epoch"], n, 1, n - 1)
+    groups["interval"] = _whole_epochs(groups["interval"], n, 1, n)
+    return cfg
 
 
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +408,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("alpha.end must not exceed alpha.start (alpha decays over the method's epochs)")
     if cfg["method"] in GROUPED_METHODS and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
         raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
-                          f"for method={cfg['method']}")
+                          f"for method={cfg['method']}: lower groups.start_epoch, or give it as a fraction of the "
+                          "run (groups.start_epoch=0.1: from 10% of epochs)")
     gsa = cfg["gsa"]
     if gsa["perturbation"] == "averaged" and gsa["direction"] in CANCELLING_DIRECTIONS and gsa["step"] == "grouped":
         raise ConfigError(f"gsa.perturbation=averaged with gsa.direction={gsa['direction']} cancels: the batch-share "
@@ -389,8 +430,16 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa")
     if cfg["method"] == "sam" and cfg["gsa"]["direction"] != "gsa":
         raise ConfigError("gsa.direction applies to methods gsa/gkp_gsa, not method=sam")
-    if cfg["sched"]["warmup_epochs"] >= cfg["epochs"]:
-        raise ConfigError(f"sched.warmup_epochs={cfg['sched']['warmup_epochs']} must be < epochs={cfg['epochs']}")
+    sched = cfg["sched"]
+    if sched["warmup_epochs"] >= cfg["epochs"]:
+        raise ConfigError(f"sched.warmup_epochs={sched['warmup_epochs']} must be < epochs={cfg['epochs']}: lower "
+                          "sched.warmup_epochs, or give it as a fraction of the run (sched.warmup_epochs=0.05: 5% of "
+                          "epochs)")
+    late = [m for m in sched["decay_milestones"] if m > cfg["epochs"]]
+    if sched["sched"] in ("step", "multistep") and late:
+        raise ConfigError(f"sched.decay_milestones={sched['decay_milestones']}: {late} lie past epochs={cfg['epochs']} "
+                          "and are never reached: lower sched.decay_milestones, or give them as fractions of the run "
+                          "(sched.decay_milestones=[0.8, 0.9]: at 80% and 90% of epochs)")
     if cfg["optim"]["lr_base_scale"] is not None and cfg["optim"]["lr_base"] is None:
         raise ConfigError("optim.lr_base_scale scales optim.lr_base, which is not set (set optim.lr_base or drop "
                           "optim.lr_base_scale)")
@@ -487,7 +536,7 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
                 raise ConfigError(f"override '{text}': {e}") from None
         else:
             _merge(cfg, _nest(key, value), "", f"override '{text}'")
-    return check_registries(validate(cfg))
+    return check_registries(validate(resolve_epochs(cfg)))
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
