@@ -7,6 +7,7 @@ import os
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lt_recipes.checkpoint import atomic_write_yaml, save_checkpoint
@@ -30,6 +31,11 @@ def run_dir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def safe_open_metadata(path):
+    with safe_open(path, "pt") as f:
+        return f.metadata()
 
 
 def _validate_main():
@@ -109,6 +115,48 @@ def test_cosine_classifier_and_bcl_heads_export_the_backbone_only(tmp_path, caps
     with torch.no_grad():
         torch.testing.assert_close(features(x), model.eval().forward_features(x))
     assert load_tool("export").main([str(tmp_path), "--ema"]) == 2  # no EMA weights in this checkpoint
+
+
+def _resolved(res):
+    """timm's data config of the model built by the call export printed, and of the pretrained_cfg beside the file."""
+    model = eval(res["call"], {"timm": timm})  # the printed call, as a user pastes it
+    stored = json.loads(open(res["config"]).read())["pretrained_cfg"]
+    return [{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()} for cfg in
+            (timm.data.resolve_data_config(model=model), timm.data.resolve_data_config(pretrained_cfg=stored))]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_export_carries_the_runs_preprocessing_for_a_grey_scale_run(run_dir):
+    """digits: 1 channel and its own mean/std, resized whole, not CIFAR's 3-channel statistics."""
+    res = load_tool("export").export(str(run_dir))
+    want = {"input_size": (1, 8, 8), "interpolation": "bilinear", "mean": (0.3053,), "std": (0.3759,),
+            "crop_pct": 1.0, "crop_mode": "center"}
+    assert _resolved(res) == [want, want]
+    assert json.loads(safe_open_metadata(res["path"])["pretrained_cfg"])["mean"] == [0.3053]
+
+
+def test_export_carries_the_runs_preprocessing_for_a_list_file_run(image_list_root, tmp_path):
+    """A list-file run at 24 px: timm's transforms from the exported model's data config give exactly the run's
+    evaluation tensors (resize to 24 / 0.875, centre crop, the recipe's mean/std), not resnet18's 224 px bicubic."""
+    from PIL import Image
+
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    cfg = load_config("digits_lt", ["data.dataset=imagenet_lt", "data.imbalance_ratio=null", "model.name=resnet18",
+                                    f"data.root={image_list_root}", "data.train_list=train.txt", "data.img_size=24",
+                                    "data.val_list=val.txt", "data.test_list=test.txt", f"data.mean={mean}",
+                                    f"data.std={std}"])
+    run = tmp_path / "run"
+    atomic_write_yaml(str(run / "args.yaml"), cfg)
+    save_checkpoint(str(run / "checkpoint.pt"), {"identity": {"num_classes": 3}, "epoch": 0,
+                                                 "model": create_lt_model(cfg["model"], 3, 3).state_dict()})
+    res = load_tool("export").export(str(run))
+    for got in _resolved(res):
+        assert got["input_size"] == (3, 24, 24) and got["interpolation"] == "bilinear" and got["crop_pct"] == 0.875
+        assert got["mean"] == tuple(mean) and got["std"] == tuple(std)
+    data = build_data(cfg)
+    transform = timm.data.create_transform(**_resolved(res)[0])
+    with Image.open(data.test.paths[0]) as im:
+        torch.testing.assert_close(transform(im.convert("RGB")), data.test[0][0])
 
 
 def test_export_names_a_missing_run(tmp_path):

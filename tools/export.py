@@ -10,16 +10,21 @@ classifier key (e.g. `fc` for ResNets, `head.fc` for the CIFAR ResNets), so that
     timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=C), num_classes=C)
 
 is the trained model (num_classes in the overlay too: timm drops a pretrained classifier whose class count differs
-from the architecture's default). A cosine classifier (scale * cos(x, w)) has no timm layer, and the BCL heads
-(proj_head, proto_head) are for training only: then the file holds the backbone alone, the tool says so, and
-`num_classes=0` gives the feature extractor. The CIFAR ResNets need `import lt_recipes.models` first (it registers
-them). The tool checks its own output: the timm model built from the file must reproduce the run's logits (or
-features) on a random batch. Default FILE: RUN_DIR/<checkpoint name>[_ema].safetensors.
+from the architecture's default). The overlay also carries the run's evaluation preprocessing (input size and
+channels, mean/std, interpolation, crop_pct), so `timm.data.resolve_data_config(model=model)` preprocesses as the run
+did; the same pretrained_cfg is written beside the weights as FILE.json in the form of timm's config.json (renamed
+config.json, beside the weights renamed model.safetensors, a folder loads with `timm.create_model("local-dir:DIR")`).
+A cosine classifier (scale * cos(x, w)) has no timm layer, and the BCL heads (proj_head, proto_head) are for training
+only: then the file holds the backbone alone, the tool says so, and `num_classes=0` gives the feature extractor. The
+CIFAR ResNets need `import lt_recipes.models` first (it registers them). The tool checks its own output: the timm
+model built from the file must reproduce the run's logits (or features) on a random batch. Default FILE:
+RUN_DIR/<checkpoint name>[_ema].safetensors.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import sys
@@ -29,9 +34,9 @@ import timm
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from lt_recipes.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
+from lt_recipes.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, atomic_write_json, load_checkpoint
 from lt_recipes.config import load_config
-from lt_recipes.data import dataset_in_chans
+from lt_recipes.data import dataset_in_chans, eval_data_config
 from lt_recipes.errors import CheckpointError, LTRecipesError
 from lt_recipes.models import LTModel, create_lt_model
 
@@ -61,17 +66,21 @@ def _write(path: str, state: dict[str, torch.Tensor], metadata: dict[str, str]) 
     atomic_write_bytes(path, data)
 
 
-def overlay(path: str, num_classes: int, in_chans: int, size: int) -> dict[str, Any]:
-    """timm's pretrained_cfg_overlay for the file (input_size too for grey-scale models, so timm does not adapt)."""
-    return dict(file=path, num_classes=num_classes, **({"input_size": (in_chans, size, size)} if in_chans != 3 else {}))
+def overlay(path: str, num_classes: int, data_config: dict[str, Any],
+            architecture_cfg: dict[str, Any]) -> dict[str, Any]:
+    """timm's pretrained_cfg_overlay for the file: its class count and the run's data config (`eval_data_config`),
+    also as the test-time size and crop where the architecture's own cfg has them (timm would use those otherwise)."""
+    test = {f"test_{k}": data_config[k] for k in ("input_size", "crop_pct") if f"test_{k}" in architecture_cfg}
+    return dict(file=path, num_classes=num_classes, **data_config, **test)
 
 
 @torch.no_grad()
-def check_in_timm(model: LTModel, path: str, name: str, num_classes: int, in_chans: int, size: int) -> float:
+def check_in_timm(model: LTModel, name: str, cfg_overlay: dict[str, Any]) -> float:
     """Build the timm model from the exported file and return the largest difference from the run's outputs."""
-    timm_model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
-                                   pretrained_cfg_overlay=overlay(path, num_classes, in_chans, size)).eval()
-    x = torch.randn(2, in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    num_classes, input_size = cfg_overlay["num_classes"], cfg_overlay["input_size"]
+    timm_model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=input_size[0],
+                                   pretrained_cfg_overlay=cfg_overlay).eval()
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     want = model.eval()(x) if num_classes else model.eval().forward_features(x)
     return float((timm_model(x) - want).abs().max())
 
@@ -87,6 +96,7 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights" + (" (the run had ema.decay=null)" if ema else ""))
     num_classes, in_chans = state["identity"]["num_classes"], dataset_in_chans(cfg["data"]["dataset"])
+    data_config = eval_data_config(cfg["data"]["dataset"], cfg["data"], in_chans)
     model = create_lt_model({**cfg["model"], "pretrained_path": None}, num_classes, in_chans)
     try:
         model.load_state_dict(state[key])
@@ -97,12 +107,18 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     path = os.path.abspath(out or os.path.join(run_dir, f"{stem}.safetensors"))
     name = cfg["model"]["name"]
     head = 0 if left_out and left_out[0].startswith("classifier") else num_classes
-    _write(path, weights, {"architecture": name, "num_classes": str(head), "source": os.path.abspath(ckpt)})
-    size = cfg["data"]["img_size"]
-    diff = check_in_timm(model, path, name, head, in_chans, size)
-    call = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay(path, head, in_chans, size)}"
-            f", num_classes={head}" + (f", in_chans={in_chans})" if in_chans != 3 else ")"))
-    return {"path": path, "num_classes": head, "left_out": left_out, "max_abs_diff": diff, "call": call}
+    cfg_overlay = overlay(path, head, data_config, model.encoder.pretrained_cfg)
+    pretrained_cfg = {k: v for k, v in {**model.encoder.pretrained_cfg, **cfg_overlay}.items() if k != "file"}
+    _write(path, weights, {"architecture": name, "num_classes": str(head), "source": os.path.abspath(ckpt),
+                           "pretrained_cfg": json.dumps(pretrained_cfg)})
+    config_path = os.path.splitext(path)[0] + ".json"
+    atomic_write_json(config_path, {"architecture": name, "num_classes": head, "model_args": {"in_chans": in_chans},
+                                    "pretrained_cfg": pretrained_cfg})
+    diff = check_in_timm(model, name, cfg_overlay)
+    call = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={cfg_overlay}, num_classes={head}"
+            + (f", in_chans={in_chans})" if in_chans != 3 else ")"))
+    return {"path": path, "config": config_path, "num_classes": head, "left_out": left_out, "max_abs_diff": diff,
+            "call": call, "data_config": data_config}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         _logger.error("%s", e)
         return 2
     what = "backbone and classifier" if res["num_classes"] else "backbone only"
-    print(f"wrote {res['path']} ({what})")
+    print(f"wrote {res['path']} ({what}) and its pretrained_cfg {res['config']}")
     if res["left_out"]:
         print(f"left out: {', '.join(res['left_out'])} (no timm equivalent / training-only); the file is the backbone "
               "(num_classes=0 gives pooled features)" if res["num_classes"] == 0 else

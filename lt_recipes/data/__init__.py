@@ -16,8 +16,8 @@ from .constants import NUM_CLASSES
 from .in_memory import CIFAR_LAYOUT
 from .loader import EpochSampler, build_loaders
 from .profile import long_tail_counts, long_tail_indices
-from .transforms import Cutout, build_transforms, dataset_in_chans
+from .transforms import Cutout, build_transforms, dataset_in_chans, eval_data_config
 
 __all__ = ["CIFAR_LAYOUT", "Cutout", "DataError", "DataNotFoundError", "EpochSampler", "LTData", "NUM_CLASSES",
-           "build_data", "build_loaders", "build_transforms", "dataset_in_chans", "long_tail_counts",
-           "long_tail_indices"]
+           "build_data", "build_loaders", "build_transforms", "dataset_in_chans", "eval_data_config",
+           "long_tail_counts", "long_tail_indices"]

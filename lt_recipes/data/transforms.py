@@ -12,9 +12,12 @@ import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.transforms import v2
 
-from ..choices import IN_MEMORY_AUGMENTS
+from ..choices import IN_MEMORY_AUGMENTS, LIST_DATASETS
 from ..errors import DataError
 from .constants import MEAN_STD
+
+# How both evaluation pipelines resize: bilinearly, torchvision v2's default and timm's create_transform's.
+EVAL_INTERPOLATION = "bilinear"
 
 
 class MultiViewTransform:
@@ -65,17 +68,27 @@ def _mean_std(data_cfg: dict[str, Any], dataset: str, in_chans: int) -> tuple[tu
     return out[0], out[1]
 
 
+def eval_data_config(dataset: str, data_cfg: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """The run's evaluation preprocessing as timm's data config (input_size, interpolation, mean, std, crop_pct,
+    crop_mode): the transforms below are built from it, and tools/export.py writes it into the exported model's
+    pretrained_cfg, so `timm.data.resolve_data_config` preprocesses as the run did. Image files are resized to
+    size / 0.875 and centre-cropped; in-memory images are resized whole (crop_pct 1)."""
+    mean, std = _mean_std(data_cfg, dataset, in_chans)
+    size = data_cfg["img_size"]
+    return {"input_size": (in_chans, size, size), "interpolation": EVAL_INTERPOLATION, "mean": mean, "std": std,
+            "crop_pct": DEFAULT_CROP_PCT if dataset in LIST_DATASETS else 1.0, "crop_mode": "center"}
+
+
 def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _timm_transforms(data_cfg: dict[str, Any], mean: tuple[float, ...],
-                     std: tuple[float, ...]) -> tuple[Callable, Callable, Callable]:
+def _timm_transforms(data_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> tuple[Callable, Callable, Callable]:
     """(train, eval, contrastive view) transforms of image files from `timm.data.create_transform`: train is
-    RandomResizedCrop + flip + `data.auto_augment` (e.g. rand-n2-m10), eval resizes to size / crop_pct and
-    centre-crops, the view is SimCLR's (crop scale 0.2-1, flip, colour jitter with p 0.8, grey-scale with p 0.2)."""
-    size, common = data_cfg["img_size"], {"mean": mean, "std": std}
-    eval_tf = create_transform(size, is_training=False, crop_pct=DEFAULT_CROP_PCT, **common)
+    RandomResizedCrop + flip + `data.auto_augment` (e.g. rand-n2-m10), eval is `eval_cfg` (resize to size / crop_pct,
+    centre crop), the view is SimCLR's (crop scale 0.2-1, flip, colour jitter with p 0.8, grey-scale with p 0.2)."""
+    size, common = data_cfg["img_size"], {"mean": eval_cfg["mean"], "std": eval_cfg["std"]}
+    eval_tf = create_transform(**eval_cfg, is_training=False)
     train_tf = eval_tf if data_cfg["augment"] == "none" else create_transform(
         size, is_training=True, auto_augment=data_cfg["auto_augment"], color_jitter=None, **common)
     view_tf = create_transform(size, is_training=True, scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
@@ -92,15 +105,16 @@ def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
     ImageNet AutoAugment policy with Cutout, or RandAugment(2, 10); conversion to float and normalisation last.
     """
     size, augment = data_cfg["img_size"], data_cfg["augment"]
-    mean, std = _mean_std(data_cfg, dataset, in_chans)
+    eval_cfg = eval_data_config(dataset, data_cfg, in_chans)
+    mean, std = eval_cfg["mean"], eval_cfg["std"]
     views = data_cfg["contrastive_views"]
     if native_size is None:
         if augment in IN_MEMORY_AUGMENTS:
             raise DataError(f"data.augment={augment} is for in-memory datasets; image files use timm's transforms: "
                             "data.augment=basic with data.auto_augment (e.g. rand-n2-m10)")
-        train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, mean, std)
+        train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, eval_cfg)
         return (MultiViewTransform(train_tf, view_tf, views) if views else train_tf), eval_tf
-    resize = [] if size == native_size else [v2.Resize(size)]
+    resize = [] if size == native_size else [v2.Resize(size, interpolation=v2.InterpolationMode(EVAL_INTERPOLATION))]
     eval_tf = v2.Compose([*resize, *_finish(mean, std)])
     flip = [] if dataset == "digits" else [v2.RandomHorizontalFlip()]
     if augment == "none":
