@@ -187,13 +187,37 @@ def load_resumable(path: str, expect: dict[str, Any] | None = None) -> dict[str,
     return load_checkpoint(prev, expect)
 
 
+def evaluation_identity(cfg: dict[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree on with the recipe that evaluates or exports it (validate.py, tools/export.py):
+    the data (dataset, image size, class count when known) and the model, not how it was trained."""
+    return {"dataset": cfg["data"]["dataset"], "data.img_size": cfg["data"]["img_size"], "model": cfg["model"]["name"],
+            **({} if num_classes is None else {"num_classes": num_classes})}
+
+
+def _recorded(identity: dict[str, Any], key: str) -> Any:
+    """A checkpoint identity's value of `key`; a dotted key (data.img_size) is the recipe key in its config."""
+    if key in identity or "." not in key:
+        return identity.get(key)
+    return (identity.get("config") or {}).get(key)
+
+
+def check_identity(path: str, identity: dict[str, Any], expect: dict[str, Any]) -> None:
+    """An error naming every key of `expect` (plain values; dotted keys are recipe keys) whose value in the
+    checkpoint's identity differs, with both values."""
+    differ = [k for k, want in expect.items() if _recorded(identity, k) != want]
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was made with "
+                              + ", ".join(f"{k}={_recorded(identity, k)!r}" for k in differ)
+                              + "; this run has " + ", ".join(f"{k}={expect[k]!r}" for k in differ))
+
+
 def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only) and check that it belongs to this run set-up.
 
     `expect` maps identity keys (recipe, num_classes, model, method, ..., and `config`: the flattened recipe) to the
-    values of the current run; any difference is an error naming the key(s) and both values. A recipe key that
-    lt-recipes gained after the checkpoint was written matches when it is at its default (which keeps the behaviour
-    the checkpoint was trained with).
+    values of the current run; any difference is an error naming the key(s) and both values, the main keys first. A
+    recipe key that lt-recipes gained after the checkpoint was written matches when it is at its default (which keeps
+    the behaviour the checkpoint was trained with).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
@@ -203,19 +227,20 @@ def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str
         raise UnreadableCheckpointError(f"checkpoint {path} {read_error(e)} and cannot be read") from None
     if not isinstance(state, dict) or "identity" not in state:
         raise CheckpointError(f"checkpoint {path} is not an lt-recipes checkpoint (no 'identity' entry)")
-    for key, want in (expect or {}).items():
+    expect = expect or {}
+    check_identity(path, state["identity"], {k: v for k, v in expect.items() if not isinstance(v, dict)})
+    for key, want in expect.items():
+        if not isinstance(want, dict):
+            continue
         have = state["identity"].get(key)
-        if isinstance(want, dict) and isinstance(have, dict):
-            added = flatten(defaults())
-            diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k)
-                          and not (k not in have and k in added and want[k] == added[k]))
-            if diff:
-                raise CheckpointError(f"checkpoint {path} was made with a different recipe: " + "; ".join(
-                    f"{k}={have.get(k)!r} there, {k}={want.get(k)!r} here" for k in diff[:5]) +
-                    (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""))
-        elif isinstance(want, dict) and have is None:
+        if not isinstance(have, dict):
             raise CheckpointError(f"checkpoint {path} does not record its {key} (made before lt-recipes did), so it "
                                   "cannot be checked against this run: start a new --output")
-        elif have != want:
-            raise CheckpointError(f"checkpoint {path} was made with {key}={have!r}, this run has {key}={want!r}")
+        added = flatten(defaults())
+        diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k)
+                      and not (k not in have and k in added and want[k] == added[k]))
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was made with a different recipe: " + "; ".join(
+                f"{k}={have.get(k)!r} there, {k}={want.get(k)!r} here" for k in diff[:5]) +
+                (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""))
     return state

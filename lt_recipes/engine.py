@@ -27,7 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_yaml,
-                         load_checkpoint, load_resumable, previous_path, save_checkpoint, size_report)
+                         check_identity, evaluation_identity, load_checkpoint, load_resumable, previous_path,
+                         save_checkpoint, size_report)
 from .config import flatten
 from .data import LTData, build_data, build_loaders
 from .errors import CheckpointError, NonFiniteError
@@ -373,8 +374,12 @@ def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
     """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `cfg`'s model on its test split, and its EMA
     weights when it holds them; writes `output_dir`/results.json like the end of training."""
     acc = _accelerator(mixed_precision)
+    state = load_checkpoint(checkpoint, expect=evaluation_identity(cfg))  # before the data is built
     data = build_data(cfg)
-    state = load_checkpoint(checkpoint, expect={"num_classes": data.num_classes, "model": cfg["model"]["name"]})
+    check_identity(checkpoint, state["identity"], {"num_classes": data.num_classes})
+    if state["identity"].get("recipe", cfg["name"]) != cfg["name"]:
+        _logger.warning("%s was trained with recipe %s and is evaluated with recipe %s (the same dataset, image size, "
+                        "classes and model)", checkpoint, state["identity"]["recipe"], cfg["name"])
     _, _, test_loader = build_loaders(data, cfg)
     test_loader = acc.prepare(test_loader)
     results = {**_results_header(cfg, acc), "checkpoint": os.path.abspath(checkpoint), "epoch": state["epoch"]}

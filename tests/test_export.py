@@ -7,11 +7,12 @@ import os
 import pytest
 import timm
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lt_recipes.checkpoint import atomic_write_yaml, save_checkpoint
-from lt_recipes.config import load_config
+from lt_recipes.checkpoint import CheckpointError, atomic_write_yaml, save_checkpoint
+from lt_recipes.config import flatten, load_config
 from lt_recipes.data import build_data, build_loaders
 from lt_recipes.models import create_lt_model
 from toolload import ROOT, load_tool
@@ -31,6 +32,12 @@ def run_dir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def _identity(cfg, num_classes):
+    """The parts of a training checkpoint's identity that evaluation and export compare."""
+    return {"recipe": cfg["name"], "dataset": cfg["data"]["dataset"], "num_classes": num_classes,
+            "model": cfg["model"]["name"], "config": flatten(cfg)}
 
 
 def safe_open_metadata(path):
@@ -103,7 +110,7 @@ def test_cosine_classifier_and_bcl_heads_export_the_backbone_only(tmp_path, caps
                                     "model.proj_head=[32, 16]"])
     model = create_lt_model(cfg["model"], 10, 1)
     atomic_write_yaml(str(tmp_path / "args.yaml"), cfg)
-    save_checkpoint(str(tmp_path / "checkpoint.pt"), {"identity": {"num_classes": 10}, "epoch": 0,
+    save_checkpoint(str(tmp_path / "checkpoint.pt"), {"identity": _identity(cfg, 10), "epoch": 0,
                                                       "model": model.state_dict()})
     assert load_tool("export").main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -147,7 +154,7 @@ def test_export_carries_the_runs_preprocessing_for_a_list_file_run(image_list_ro
                                     f"data.std={std}"])
     run = tmp_path / "run"
     atomic_write_yaml(str(run / "args.yaml"), cfg)
-    save_checkpoint(str(run / "checkpoint.pt"), {"identity": {"num_classes": 3}, "epoch": 0,
+    save_checkpoint(str(run / "checkpoint.pt"), {"identity": _identity(cfg, 3), "epoch": 0,
                                                  "model": create_lt_model(cfg["model"], 3, 3).state_dict()})
     res = load_tool("export").export(str(run))
     for got in _resolved(res):
@@ -157,6 +164,46 @@ def test_export_carries_the_runs_preprocessing_for_a_list_file_run(image_list_ro
     transform = timm.data.create_transform(**_resolved(res)[0])
     with Image.open(data.test.paths[0]) as im:
         torch.testing.assert_close(transform(im.convert("RGB")), data.test[0][0])
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_validate_and_export_refuse_a_checkpoint_of_other_data_naming_both_values(run_dir, tmp_path, caplog):
+    """A digits checkpoint evaluated with the Fashion-MNIST recipe (10 classes, same model) used to print a Top-1
+    with exit 0; the dataset and image size are compared now, before the data is built, and so is the class count."""
+    main, ckpt = _validate_main(), str(run_dir / "checkpoint.pt")
+    assert main(["--recipe", "fmnist_lt_resnet8", "--checkpoint", ckpt, "--output", str(tmp_path / "v")]) == 2
+    assert (f"checkpoint {ckpt} was made with dataset='digits', data.img_size=8; this run has dataset='fmnist', "
+            "data.img_size=16") in caplog.text
+    caplog.clear()
+    assert main(["--checkpoint", ckpt, "--set", "data.img_size=16", "--output", str(tmp_path / "v")]) == 2
+    assert "data.img_size=8; this run has data.img_size=16" in caplog.text and not (tmp_path / "v").exists()
+    recipe = yaml.safe_load((run_dir / "args.yaml").read_text())
+    (tmp_path / "renamed.yaml").write_text(yaml.safe_dump({**recipe, "name": "renamed"}))
+    caplog.clear()
+    assert main(["--recipe", str(tmp_path / "renamed.yaml"), "--checkpoint", ckpt, "--output", str(tmp_path / "v")]) == 0
+    assert f"{ckpt} was trained with recipe digits_lt and is evaluated with recipe renamed" in caplog.text
+    state = torch.load(ckpt, weights_only=True)
+    state["identity"]["num_classes"] = 7
+    torch.save(state, tmp_path / "seven.pt")
+    assert main(["--checkpoint", str(tmp_path / "seven.pt"), "--output", str(tmp_path / "v")] +
+                [a for s in SETS for a in ("--set", s)]) == 2
+    assert "num_classes=7; this run has num_classes=10" in caplog.text
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes())
+    (run / "args.yaml").write_text(yaml.safe_dump({**recipe, "data": {**recipe["data"], "img_size": 16}}))
+    caplog.clear()
+    assert load_tool("export").main([str(run)]) == 2
+    assert "data.img_size=8; this run has data.img_size=16" in caplog.text
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_resume_refuses_a_checkpoint_of_other_data_naming_both_values(run_dir, tmp_path):
+    from lt_recipes.engine import run
+
+    (tmp_path / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="data.img_size=8 there, data.img_size=16 here"):
+        run(load_config("digits_lt", SETS + ["data.img_size=16"]), str(tmp_path), resume=True)
 
 
 def test_export_names_a_missing_run(tmp_path):

@@ -34,7 +34,8 @@ import timm
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from lt_recipes.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, atomic_write_json, load_checkpoint
+from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, atomic_write_json,
+                                   evaluation_identity, load_checkpoint)
 from lt_recipes.config import load_config
 from lt_recipes.data import dataset_in_chans, eval_data_config
 from lt_recipes.errors import CheckpointError, LTRecipesError
@@ -91,7 +92,7 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
         raise CheckpointError(f"{run_dir} is not a training run directory (no args.yaml)")
     cfg = load_config(os.path.join(run_dir, "args.yaml"))
     ckpt = os.path.join(run_dir, BEST_NAME if best else CHECKPOINT_NAME)
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt, expect=evaluation_identity(cfg))
     key = "ema" if ema else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights" + (" (the run had ema.decay=null)" if ema else ""))
