@@ -4,16 +4,19 @@ A kill at any moment leaves either the old file or the new one, never a half-wri
 umask gives (0644 under the usual 022), not mkstemp's 0600. The checkpoint being replaced is kept as
 `checkpoint.prev.pt`, and resuming falls back to it when the latest is missing or unreadable. Checkpoints are read
 with `torch.load(weights_only=True)`, so a checkpoint cannot run arbitrary code, and a truncated or corrupt file
-or one from another recipe is reported with its path.
+or one from another recipe is reported with its path. A write that fails (no permission, a read-only file system, a
+full disk) is an `OutputError` naming the path and the reason, and leaves the file that was there.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from typing import Any, Callable, Sequence
 
@@ -22,7 +25,7 @@ import yaml
 
 from . import faults
 from .config import defaults, flatten
-from .errors import CheckpointError, UnreadableCheckpointError
+from .errors import CheckpointError, OutputError, UnreadableCheckpointError
 
 _logger = logging.getLogger(__name__)
 
@@ -40,37 +43,75 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str, point: str = "write",
+def _write_failure(path: str, e: OSError, nbytes: int | None = None) -> str:
+    """What a failed write of `path` (a file or a folder) says: the path (and the one that failed when it is a parent
+    folder), the system's reason for the errno and, for a full disk, the bytes needed and free."""
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    parent = e.filename if e.filename and e.filename != path and not str(e.filename).endswith(".tmp") else None
+    text = f"cannot write {path}" + (f" ({parent})" if parent else "") + f": {reason}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))).free
+            room = f"{free / 1e6:.1f} MB free"
+        except OSError:
+            room = "free space unknown"
+        text += f" ({f'{nbytes / 1e6:.1f} MB needed, ' if nbytes is not None else ''}{room}); free some space"
+    return text
+
+
+def check_output_dir(path: str) -> None:
+    """Create the output folder and write and remove a probe file in it, so that a folder that cannot be written is
+    an exit-2 error naming it before any data or model is built (not a traceback after them)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=path)
+        try:
+            os.write(fd, b"lt-recipes")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutputError(_write_failure(path, e)) from None
+
+
+def _atomic_write(path: str, data: bytes, point: str = "write",
                   before_replace: Callable[[], None] | None = None) -> None:
     """Write through a temporary file in the same folder, then rename; `point` names the fail point (faults.py)
-    between the two, `before_replace` runs just before the rename."""
+    between the two, `before_replace` runs just before the rename. A failed write (`OutputError`) leaves the file
+    that was there."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise OutputError(_write_failure(path, e, len(data))) from None
     try:
         os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, mode) as f:
-            write(f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         faults.hit(point)
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"{_write_failure(path, e, len(data))}; the file there before, if any, is unchanged") \
+                from None
         raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write text so that readers see the old or the new content only."""
-    _atomic_write(path, lambda f: f.write(text), "w")
+    """Write text (UTF-8) so that readers see the old or the new content only."""
+    _atomic_write(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write bytes atomically."""
-    _atomic_write(path, lambda f: f.write(data), "wb")
+    _atomic_write(path, data)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -122,7 +163,7 @@ def save_checkpoint(path: str, state: dict[str, Any], keep_previous: bool = True
         if keep_previous and os.path.exists(path):
             os.replace(path, previous_path(path))
 
-    _atomic_write(path, lambda f: f.write(data), "wb", point=point, before_replace=rotate)
+    _atomic_write(path, data, point=point, before_replace=rotate)
     return len(data)
 
 

@@ -27,8 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_yaml,
-                         check_identity, evaluation_identity, load_checkpoint, load_resumable, previous_path,
-                         save_checkpoint, size_report)
+                         check_identity, check_output_dir, evaluation_identity, load_checkpoint, load_resumable,
+                         previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .data import LTData, build_data, build_loaders
 from .errors import CheckpointError, NonFiniteError
@@ -363,6 +363,8 @@ def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precis
     if not resume and (os.path.exists(ckpt) or os.path.exists(previous_path(ckpt))):
         raise CheckpointError(f"{output_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
                               "or choose another --output")
+    if accelerator.is_main_process:
+        check_output_dir(output_dir)  # before the data and model are built
     trainer = Trainer(cfg, output_dir, accelerator)
     if resume:
         trainer.resume()
@@ -374,6 +376,8 @@ def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
     """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `cfg`'s model on its test split, and its EMA
     weights when it holds them; writes `output_dir`/results.json like the end of training."""
     acc = _accelerator(mixed_precision)
+    if acc.is_main_process:
+        check_output_dir(output_dir)
     state = load_checkpoint(checkpoint, expect=evaluation_identity(cfg))  # before the data is built
     data = build_data(cfg)
     check_identity(checkpoint, state["identity"], {"num_classes": data.num_classes})
@@ -400,7 +404,6 @@ def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
         if acc.is_main_process:
             _log_report(f"{checkpoint} ({'EMA weights' if key == 'ema' else 'weights'}), test split", rep)
     if acc.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
         atomic_write_json(os.path.join(output_dir, "results.json"), results)
     acc.wait_for_everyone()
     return results

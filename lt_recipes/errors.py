@@ -2,7 +2,7 @@
 
 Every one derives from `LTRecipesError`, which train.py, validate.py and the tools catch once to log the message
 (it names the key, file or value at fault) and exit with code 2 instead of a traceback. Each also keeps the builtin
-base it has always had (ValueError, RuntimeError, FileNotFoundError), so callers that catch those still do.
+base it has always had (ValueError, RuntimeError, FileNotFoundError, OSError), so callers that catch those still do.
 Errors of the code itself (a broken invariant, a misuse of the API) stay plain builtins and keep their traceback.
 This module imports nothing, so the recipe checks that raise `ConfigError` run before torch is imported.
 """
@@ -43,6 +43,11 @@ class CheckpointError(LTRecipesError, RuntimeError):
 
 class UnreadableCheckpointError(CheckpointError):
     """A checkpoint file that torch.load(weights_only=True) cannot read: truncated, corrupt, or holding code."""
+
+
+class OutputError(LTRecipesError, OSError):
+    """A run directory or output file that cannot be written (permissions, a read-only file system, a full disk); the
+    message names the path and the system's reason, and for a full disk the space needed."""
 
 
 class NonFiniteError(LTRecipesError, RuntimeError):

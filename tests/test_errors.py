@@ -11,11 +11,11 @@ USER_ERRORS = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__
 
 
 def test_every_error_of_the_module_is_a_user_error_with_its_builtin_base():
-    assert len(USER_ERRORS) == 11
+    assert len(USER_ERRORS) == 12
     for cls in USER_ERRORS:
         assert issubclass(cls, LTRecipesError)
         if cls is not LTRecipesError:  # callers that catch the builtin kind keep catching it
-            assert issubclass(cls, (ValueError, RuntimeError)), cls
+            assert issubclass(cls, (ValueError, RuntimeError, OSError)), cls
 
 
 def test_no_module_defines_its_own_error_but_for_code_errors():

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, atomic_write_json,
-                                   evaluation_identity, load_checkpoint)
+                                   check_output_dir, evaluation_identity, load_checkpoint)
 from lt_recipes.config import load_config
 from lt_recipes.data import dataset_in_chans, eval_data_config
 from lt_recipes.errors import CheckpointError, LTRecipesError
@@ -92,6 +92,9 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
         raise CheckpointError(f"{run_dir} is not a training run directory (no args.yaml)")
     cfg = load_config(os.path.join(run_dir, "args.yaml"))
     ckpt = os.path.join(run_dir, BEST_NAME if best else CHECKPOINT_NAME)
+    stem = os.path.splitext(os.path.basename(ckpt))[0] + ("_ema" if ema else "")
+    path = os.path.abspath(out or os.path.join(run_dir, f"{stem}.safetensors"))
+    check_output_dir(os.path.dirname(path))  # before the checkpoint is read and the model built
     state = load_checkpoint(ckpt, expect=evaluation_identity(cfg))
     key = "ema" if ema else "model"
     if state.get(key) is None:
@@ -104,8 +107,6 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt} does not fit the model of {run_dir}/args.yaml: {e}") from None
     weights, left_out = timm_state_dict(model)
-    stem = os.path.splitext(os.path.basename(ckpt))[0] + ("_ema" if ema else "")
-    path = os.path.abspath(out or os.path.join(run_dir, f"{stem}.safetensors"))
     name = cfg["model"]["name"]
     head = 0 if left_out and left_out[0].startswith("classifier") else num_classes
     cfg_overlay = overlay(path, head, data_config, model.encoder.pretrained_cfg)
