@@ -376,9 +376,9 @@ def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
     """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `cfg`'s model on its test split, and its EMA
     weights when it holds them; writes `output_dir`/results.json like the end of training."""
     acc = _accelerator(mixed_precision)
-    if acc.is_main_process:
-        check_output_dir(output_dir)
     state = load_checkpoint(checkpoint, expect=evaluation_identity(cfg))  # before the data is built
+    if acc.is_main_process:
+        check_output_dir(output_dir)  # so a mistyped checkpoint path leaves no empty folder
     data = build_data(cfg)
     check_identity(checkpoint, state["identity"], {"num_classes": data.num_classes})
     if state["identity"].get("recipe", cfg["name"]) != cfg["name"]:

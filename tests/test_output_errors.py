@@ -91,19 +91,24 @@ def test_permission_and_read_only_errors_are_named(tmp_path, monkeypatch, caplog
     assert f"cannot write {tmp_path / 'run'}: {os.strerror(code)}" in caplog.text
 
 
-def test_validate_names_an_unwritable_output_before_building_anything(under_a_file, monkeypatch, caplog):
+def _digits_run(folder):
+    """args.yaml and a checkpoint whose identity fits the digits recipe (no weights: nothing gets that far)."""
+    cfg = load_config("digits_lt")
+    atomic_write_yaml(str(folder / "args.yaml"), cfg)
+    save_checkpoint(str(folder / "checkpoint.pt"), {
+        "identity": {"dataset": "digits", "num_classes": 10, "model": cfg["model"]["name"], "config": flatten(cfg)},
+        "epoch": 0, "model": {}})
+    return folder / "checkpoint.pt"
+
+
+def test_validate_names_an_unwritable_output_before_building_anything(tmp_path, under_a_file, monkeypatch, caplog):
     monkeypatch.setattr(engine, "build_data", _not_built)
-    assert _entry("validate")(["--checkpoint", str(under_a_file.parent.parent / "checkpoint.pt"),
-                               "--output", str(under_a_file)]) == 2
+    assert _entry("validate")(["--checkpoint", str(_digits_run(tmp_path)), "--output", str(under_a_file)]) == 2
     assert f"cannot write {under_a_file}: {os.strerror(errno.ENOTDIR)}" in caplog.text
 
 
 def test_export_names_an_unwritable_output_before_building_anything(tmp_path, under_a_file, monkeypatch, caplog):
-    cfg = load_config("digits_lt")
-    atomic_write_yaml(str(tmp_path / "args.yaml"), cfg)
-    save_checkpoint(str(tmp_path / "checkpoint.pt"), {
-        "identity": {"dataset": "digits", "num_classes": 10, "model": cfg["model"]["name"], "config": flatten(cfg)},
-        "epoch": 0, "model": {}})
+    _digits_run(tmp_path)
     tool = load_tool("export")
     monkeypatch.setattr(tool, "create_lt_model", _not_built)
     assert tool.main([str(tmp_path), "--out", str(under_a_file / "digits.safetensors")]) == 2
