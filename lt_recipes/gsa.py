@@ -10,11 +10,12 @@ gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md
 2. The global gradient g = sum_g (|D_g| / |D|) g_g and each group's component along it (fused op), the ascent
    direction (Eq. 12), radius (Eq. 13) and perturbation eps_g (Eq. 14), Euclidean as printed or adaptive as the
    released code. With `group_grad_ema` the directions come from a per-group EMA of the group gradients.
-3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `per_group` (the default) runs one forward over the
-   group-sorted batch in which group g's samples see theta + eps_g; `per_group_exact` one whole-batch forward per
-   group at theta + eps_g with the loss masked to the group; `averaged` one whole-batch pass at the batch-share mean
-   of the eps_g (the released code's pass; refused for the h_g directions, whose batch-share mean is exactly zero).
-   BatchNorm normalises the whole batch; its running statistics are left alone.
+3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `per_group_exact` (the default) runs one
+   whole-batch forward per group at theta + eps_g with the loss masked to the group; `per_group` one forward over
+   the group-sorted batch in which group g's samples see theta + eps_g (one pass, but with BatchNorm each group's
+   rows are normalised by their own segment, and on the 64-epoch grid some groups' losses fell); `averaged` one
+   whole-batch pass at the batch-share mean of the eps_g (the released code's pass; refused for the h_g directions,
+   whose batch-share mean is exactly zero). BatchNorm normalises the whole batch; its running statistics are left alone.
 4. theta restored, the GKP gradient (Eq. 6) added in one fused pass, the base optimizer's step.
 
 Every step records, per group, the rise of its loss in the perturbed pass over its loss at theta (`ascent`): the
@@ -276,7 +277,7 @@ class GroupedSAM(_FlatStep):
     Options (docs/method.md): `direction` gsa (h_g, Eq. 12) | sam (g) | gsa_proj (the removed component) | friendly
     (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` and
     clamp `rho_clamp` ("auto": the scale's own, SCALE_DEFAULTS; None: no clamp); `group_grads` masked | share;
-    `perturbation` per_group | per_group_exact | averaged (not with direction gsa); `group_weighting` samples (each
+    `perturbation` per_group_exact | per_group | averaged (not with direction gsa); `group_weighting` samples (each
     group's share of the batch, the released code) | sum (Eq. 16 as printed) | mean; `group_grad_ema` > 0 takes the
     directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
     group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
@@ -286,7 +287,7 @@ class GroupedSAM(_FlatStep):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
                  direction: str = "gsa", scale: str = "adaptive", z: float | None = None,
                  rho_clamp: Sequence[float] | str | None = "auto", group_grads: str = "masked",
-                 perturbation: str = "per_group", group_weighting: str = "samples", regularizer: bool = False,
+                 perturbation: str = "per_group_exact", group_weighting: str = "samples", regularizer: bool = False,
                  friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, group_grad_ema: float = 0.0,
                  sync: bool = True, perturb: bool = True, **kw: Any) -> None:
         for name, value, options in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),

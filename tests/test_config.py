@@ -38,7 +38,8 @@ def test_paper_hyperparameters():
     # group weights, GKP per training sample of a group
     assert (c["gsa"]["scale"], c["gsa"]["z"], c["gsa"]["rho_clamp"]) == ("adaptive", None, "auto")
     assert (c["gsa"]["group_weighting"], c["gkp"]["norm"]) == ("samples", "per_samples")
-    assert (c["gsa"]["group_grads"], c["gsa"]["perturbation"], c["reading"]) == ("masked", "per_group", "paper")
+    assert (c["gsa"]["group_grads"], c["gsa"]["perturbation"], c["reading"]) == ("masked", "per_group_exact",
+                                                                                  "paper")
     i = load_config("imagenet_lt_resnext50")
     assert i["groups"]["num_groups"] == 6 and i["model"]["name"] == "resnext50_32x4d" and i["epochs"] == 90
     assert load_config("inat2018_resnet50")["optim"]["lr"] == 0.2

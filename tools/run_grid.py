@@ -40,6 +40,8 @@ BASES = {
 }
 # the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
 METHOD_OF_MODULES = {"+".join(modules): method for method, modules in METHOD_MODULES.items()}
+# the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
+DEFAULT_VARIANT = "paper_exact"
 VARIANTS = {
     "euclidean": ["gsa.scale=euclidean"],        # Eq. 14 as printed, Z = 1e-2, no clamp
     "share": ["gsa.group_grads=share"],          # Eq. 11 read as a split of the one batch gradient
@@ -60,6 +62,7 @@ VARIANTS = {
     # ASAM at the released radius: rho = sqrt(d) x 0.003 (its clamp's top) = 1.57 for BCL's ResNet-8, d = 274,928
     "asam": ["sam.adaptive=true", "sam.rho=1.57"],
     "b128": ["data.batch_size=128", "optim.lr=0.2"],                       # 4x the batch, the learning rate scaled
+    "paper_exact_b128": ["reading=paper", "gsa.perturbation=per_group_exact", "data.batch_size=128", "optim.lr=0.2"],
     "lam0": ["gkp.lam=0"],                                                # GKP's control: alpha's schedule alone
     # GKP strength sweep: lambda with the released Fisher (batch_mean) and EWC's (per_sample), and the paper's |G_j|
     # (8-epoch probes at lambda 100: ||grad GKP|| / ||grad task|| about 1e-4 with batch_mean, 3e-2 with per_sample)
@@ -67,8 +70,6 @@ VARIANTS = {
     **{f"ps_lam1e{k}": ["gkp.fisher=per_sample", f"gkp.lam=1e{k}"] for k in (1, 2, 3, 4)},
     "classes": ["gkp.norm=per_classes"], "ps_classes": ["gkp.fisher=per_sample", "gkp.norm=per_classes"],
 }
-# the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
-DEFAULT_VARIANT = "paper"
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
 
@@ -86,7 +87,7 @@ class Grid:
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
 GRIDS = {
     # the main job's recipe (scikit-learn digits, r=10, 30 epochs): the default method against its base
-    "digits": Grid("digits_lt", "digits", {10: ["ce", "ce+gkp+gsa"]}),
+    "digits": Grid("digits_lt", "digits", {10: ["ce", f"ce+gkp+gsa#{DEFAULT_VARIANT}"]}),
     # the CPU-sized 16-epoch recipe: the grouped step v2 against each base, and its two alternative modes
     "fmnist16": Grid("fmnist_lt_resnet8", "fmnist", {100: [
         "ce", "ce+sam", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la+gkp+gsa", "bcl", "bcl+gkp+gsa",
@@ -101,7 +102,9 @@ GRIDS = {
     # a 4x batch (docs/results.md, "Readings of the grouped step")
     "readings": Grid("fmnist_lt_resnet8_long", "fmnist64", {100: [
         "bcl+sam#asam", "bcl+gkp+gsa#paper", "bcl+gkp+gsa#paper_exact", "bcl+gkp+gsa#paper_ema",
-        "bcl+gkp+gsa#released", "bcl+gkp#lam0", "bcl", "bcl+gkp", "bcl#b128"]},
+        "bcl+gkp+gsa#released", "bcl+gkp#lam0", "bcl", "bcl+gkp", "bcl#b128",
+        # the chosen default (the exact paper reading: every group ascends) at 4x the batch and on the other bases
+        "bcl+gkp+gsa#paper_exact_b128", "ce", "ce+gkp+gsa#paper_exact", "la", "la+gkp+gsa#paper_exact"]},
         sweeps={100: [f"bcl+gkp#lam1e{k}" for k in (4, 5, 6, 7)] + [f"bcl+gkp#ps_lam1e{k}" for k in (1, 2, 3, 4)]
                 + ["bcl+gkp#classes", "bcl+gkp#ps_classes"]}),
     # for a GPU: the paper's CIFAR protocol (ResNet-32, 200 epochs, batch 256) on the full 28-px Fashion-MNIST-LT
