@@ -4,13 +4,16 @@ input. Imports nothing heavy until the recipe has been validated, so a bad key c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import LTRecipesError
 
 _logger = logging.getLogger("lt_recipes")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -30,16 +33,53 @@ def process_rank() -> int:
 def setup_logging() -> None:
     """INFO on the main process; only warnings and errors from the others, so every line prints once."""
     level = logging.INFO if process_rank() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
-def run_recipe(recipe: str, overrides: list[str], body: Callable[[dict[str, Any]], int]) -> int:
-    """Load and validate the recipe, then `body(cfg)`; bad input (an `LTRecipesError`: recipe, data, checkpoint,
-    model) returns exit code 2."""
-    from .config import load_config
+@contextlib.contextmanager
+def log_file(path: str | None) -> Iterator[None]:
+    """While the block runs, the main process's log lines go to `path` too (appended: a resumed run continues its
+    train.log); nothing for None or on the other processes."""
+    if path is None or process_rank() != 0:
+        yield
+        return
+    from .checkpoint import check_output_dir
 
+    check_output_dir(os.path.dirname(path) or ".")  # an unwritable folder is an exit-2 error naming it
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
-        return body(load_config(recipe, overrides))
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _exit_code(fn: Callable[[], int]) -> int:
+    """`fn()`'s exit code; bad input (an `LTRecipesError`: recipe, data, checkpoint, model) logs its message and gives
+    2, Ctrl-C one line (what was kept, from `errors.Interrupted`) and 130, as a shell reports SIGINT."""
+    try:
+        return fn()
     except LTRecipesError as e:
         _logger.error("%s", e)
         return 2
+    except KeyboardInterrupt as e:
+        if process_rank() == 0:
+            _logger.error("%s", str(e) or "interrupted")
+        return 130
+
+
+def run_recipe(recipe: str, overrides: list[str], body: Callable[[dict[str, Any]], int],
+               log_path: Callable[[dict[str, Any]], str | None] | None = None) -> int:
+    """Load and validate the recipe, then `body(cfg)`, logging to the file `log_path(cfg)` names as well; exit code 2
+    for bad input, 130 for Ctrl-C (`_exit_code`)."""
+    from .config import load_config
+
+    def start() -> int:
+        cfg = load_config(recipe, overrides)
+        with log_file(log_path(cfg) if log_path is not None else None):
+            return _exit_code(lambda: body(cfg))
+
+    return _exit_code(start)

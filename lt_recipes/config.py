@@ -13,6 +13,8 @@ import difflib
 import logging
 import math
 import os
+import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -210,7 +212,7 @@ SCHEMA: dict[str, Any] = {
         "z": Field(None, FLOAT, _at_least(0.0), nullable=True),
         "rho_clamp": Field("auto", LIST + STR, _clamp, nullable=True),
         "group_grads": Field("masked", STR, choices=GROUP_GRADS),
-        "perturbation": Field("per_group_exact", STR, choices=PERTURBATIONS),
+        "perturbation": Field("per_group", STR, choices=PERTURBATIONS),
         "group_weighting": Field("samples", STR, choices=WEIGHTINGS),
         "regularizer": Field(False, BOOL),
         "friendly_sigma": Field(1.0, FLOAT),
@@ -333,15 +335,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def recipe_names() -> list[str]:
+    """The recipes in recipes/, by name (file stem)."""
+    return sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
+
+
 def recipe_path(name: str) -> str:
     """Resolve a recipe name (file stem in recipes/) or a path to a YAML file."""
     if os.path.isfile(name):
         return name
     path = os.path.join(RECIPE_DIR, f"{name}.yaml")
     if not os.path.isfile(path):
-        known = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
-        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(known)})")
+        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(recipe_names())})")
     return path
+
+
+def recipe_description(name: str, width: int = 120) -> str:
+    """A recipe's one-line description (train.py --list): the first sentence of the comment its file opens with,
+    shortened to `width` characters."""
+    lines = []
+    with open(recipe_path(name)) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("#").strip())
+    return textwrap.shorten(re.split(r"(?<=\.)\s", " ".join(lines), maxsplit=1)[0], width, placeholder=" ...")
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:

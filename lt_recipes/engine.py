@@ -18,6 +18,7 @@ import time
 from typing import Any, Mapping
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.scheduler import create_scheduler_v2
@@ -26,12 +27,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
-from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_yaml,
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_text,
                          check_identity, check_output_dir, evaluation_identity, load_checkpoint, load_resumable,
                          previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .data import LTData, build_data, build_loaders
-from .errors import CheckpointError, NonFiniteError
+from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteError
 from .losses import create_loss
 from .method import Method, create_method, method_label
 from .metrics import format_table, split_report, topk_accuracy
@@ -40,9 +41,12 @@ from .optim import create_optimizer, scaled_lr
 
 _logger = logging.getLogger(__name__)
 
-# Recipe keys that may differ when a run is resumed: where things are and how fast they load, not what is trained.
-RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "data.eval_batch_size", "log_interval", "log_with",
-                               "checkpoint_interval", "groups.bank_spill_dir", "gsa.backend", "model.pretrained_path"})
+# Recipe keys that may differ when a run is resumed: where things are and how they are logged, not what is trained.
+# (data.num_workers changes the augmentation's random streams, data.eval_batch_size the Fisher's batches: both stay.)
+RESUMABLE_CHANGES = frozenset({"data.root", "log_interval", "log_with", "checkpoint_interval", "groups.bank_spill_dir",
+                               "gsa.backend", "model.pretrained_path"})
+# The parts of the launch (`_launch`) a resumed run must keep: they change the numbers a run computes.
+LAUNCH_IDENTITY = ("mixed_precision", "num_processes")
 
 TRACKER_PROJECT = "lt-recipes"  # Accelerate's project name: tensorboard logs to <output>/lt-recipes
 
@@ -55,6 +59,13 @@ def _identity(cfg: dict[str, Any], data: LTData) -> dict[str, Any]:
             "model": cfg["model"]["name"], "loss": cfg["loss"]["name"], "method": cfg["method"],
             "seed": cfg["seed"], "epochs": cfg["epochs"],
             "config": {k: v for k, v in flatten(cfg).items() if k not in RESUMABLE_CHANGES}}
+
+
+def _launch(accelerator: Accelerator) -> dict[str, Any]:
+    """How the run was launched, beside its recipe: the resolved mixed precision, the process count and the device
+    type (args.yaml, results.json and the checkpoint's identity)."""
+    return {"mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
+            "device": accelerator.device.type}
 
 
 def _to_device(inputs: Any, device: torch.device) -> Any:
@@ -124,6 +135,10 @@ def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
         else Accelerator(cpu=cpu, **kw)
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but Accelerate set up {accelerator.num_processes}")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # torch's CPU autocast runs bf16 only: fp16 would silently train in fp32
+        raise ConfigError("mixed precision fp16 needs a CUDA GPU and this run is on the CPU, where it would silently "
+                          "run in fp32: use --mixed-precision bf16 (or no), or run on a GPU")
     warning = launch_warning(os.environ)
     if warning:
         _logger.warning("%s\n%s\n%s", "!" * 100, warning, "!" * 100)
@@ -133,7 +148,7 @@ def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
 def _results_header(cfg: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
     return {"recipe": cfg["name"], "method": method_label(cfg), "dataset": cfg["data"]["dataset"],
             "imbalance_ratio": cfg["data"]["imbalance_ratio"], "seed": cfg["seed"], "epochs": cfg["epochs"],
-            "num_processes": accelerator.num_processes}
+            **_launch(accelerator)}
 
 
 def _log_report(title: str, rep: dict[str, Any]) -> None:
@@ -154,6 +169,8 @@ class Trainer:
         self.accelerator = accelerator or Accelerator()
         acc = self.accelerator
         set_seed(cfg["seed"])
+        _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", cfg["seed"],
+                     ", ".join(f"{k} {v}" for k, v in _launch(acc).items()))
         self.data = build_data(cfg)
         self.model = create_lt_model(cfg["model"], self.data.num_classes, self.data.in_chans).to(acc.device)
         # timm's EMA copies the model before DDP wraps it and before GSA flattens its parameters
@@ -175,6 +192,7 @@ class Trainer:
         (self.ddp_model, self.optimizer, self.train_loader, self.val_loader,
          self.test_loader) = acc.prepare(self.model, optimizer, train_loader, val_loader, test_loader)
         self.method.bind(self.ddp_model, self.optimizer, self.val_loader)
+        self.identity = {**_identity(cfg, self.data), **{k: _launch(acc)[k] for k in LAUNCH_IDENTITY}}
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_top1": None, "epoch": None}
         self.start_epoch = 0
@@ -187,7 +205,7 @@ class Trainer:
     def state_dict(self, epoch: int) -> dict[str, Any]:
         """What resuming needs, each tensor once: weights (and EMA), optimizer, scheduler, method, summary rows."""
         return {
-            "identity": _identity(self.cfg, self.data),
+            "identity": self.identity,
             "epoch": epoch,
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -201,7 +219,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint in the output directory (the previous one when the latest is unreadable;
         a fresh start when there is none yet)."""
-        state = load_resumable(self.checkpoint_path, expect=_identity(self.cfg, self.data))
+        state = load_resumable(self.checkpoint_path, expect=self.identity)
         if state is None:
             _logger.info("no checkpoint in %s yet: starting from scratch", self.output_dir)
             return
@@ -227,7 +245,7 @@ class Trainer:
             return
         self._check_finite_weights(epoch)
         if improved:
-            state = {"identity": _identity(self.cfg, self.data), "epoch": epoch, "val_top1": self.best["val_top1"],
+            state = {"identity": self.identity, "epoch": epoch, "val_top1": self.best["val_top1"],
                      "model": self.model.state_dict(),
                      "ema": self.ema.module.state_dict() if self.ema is not None else None}
             save_checkpoint(os.path.join(self.output_dir, BEST_NAME), state, keep_previous=False, point="best")
@@ -286,7 +304,10 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
-            atomic_write_yaml(os.path.join(self.output_dir, "args.yaml"), cfg)
+            launch = ", ".join(f"{k}={v}" for k, v in _launch(acc).items())
+            atomic_write_text(os.path.join(self.output_dir, "args.yaml"),
+                              f"# launch (not recipe keys; results.json has them too): {launch}\n"
+                              + yaml.safe_dump(cfg, sort_keys=False))
         if cfg["log_with"]:
             acc.init_trackers(TRACKER_PROJECT, config=_tracker_config(cfg))
         for epoch in range(self.start_epoch, cfg["epochs"]):
@@ -316,7 +337,7 @@ class Trainer:
             if improved:
                 self.best = {"val_top1": row["val_top1"], "epoch": epoch}
             if acc.is_main_process:
-                atomic_write_csv(os.path.join(self.output_dir, "summary.csv"), self.rows)
+                atomic_write_csv(os.path.join(self.output_dir, "summary.csv"), [_readable(r) for r in self.rows])
                 for name, obj in self.method.artifacts().items():
                     atomic_write_json(os.path.join(self.output_dir, name), obj)
                 due = (epoch + 1) % cfg["checkpoint_interval"] == 0 or epoch + 1 == cfg["epochs"]
@@ -329,6 +350,16 @@ class Trainer:
         if bad:
             raise NonFiniteError(f"weights became non-finite by the end of epoch {epoch} ({', '.join(bad[:5])}); "
                                  "not writing a checkpoint (the previous one is kept)")
+
+    def _weights_note(self) -> str:
+        """The run's last log line: which weights the test table is for, and where the best validation epoch's are."""
+        last = f"the test results are for the weights of the last epoch ({self.cfg['epochs'] - 1})" + \
+            (" and their EMA" if self.ema is not None else "")
+        if self.best["epoch"] is None:
+            return f"{last}; there is no {BEST_NAME} (no validation Top-1 to choose one by)"
+        best = os.path.join(self.output_dir, BEST_NAME)
+        return (f"{last}; {best} holds epoch {self.best['epoch']}'s, the best validation Top-1 "
+                f"({self.best['val_top1']:.2f}): validate.py --checkpoint {best} evaluates them")
 
     def report(self) -> dict[str, Any]:
         """Final test evaluation of the model (and of its EMA); results.json from the main process."""
@@ -345,11 +376,18 @@ class Trainer:
             _log_report("test results", rep)
             if self.ema is not None:
                 _log_report("test results of the EMA weights", results["ema"])
+            _logger.info("%s", self._weights_note())
         if cfg["log_with"]:
             acc.log({f"test_{k}": v for k, v in rep.items() if isinstance(v, float)}, step=cfg["epochs"])
             acc.end_training()
         acc.wait_for_everyone()
         return results
+
+
+def _readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A summary.csv row with floats at 10 significant digits, so 28.999999999999996 reads 29 (results.json and the
+    checkpoint keep full precision)."""
+    return {k: f"{v:.10g}" if isinstance(v, float) else v for k, v in row.items()}
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -368,7 +406,12 @@ def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precis
     trainer = Trainer(cfg, output_dir, accelerator)
     if resume:
         trainer.resume()
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        done = [n for n in (ckpt, previous_path(ckpt)) if os.path.exists(n)]
+        raise Interrupted(f"interrupted: {done[0]} is kept, add --resume to the same command to continue from it" if done
+                          else "interrupted before the first checkpoint: nothing to resume") from None
 
 
 def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,

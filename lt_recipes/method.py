@@ -295,8 +295,8 @@ class GroupedMethod(Method):
                                "alpha": self.alpha if self.labels is not None else math.nan,
                                "num_groups": 0 if self.labels is None else int(self.labels.max()) + 1,
                                "bank_snapshots": len(self.bank.uids)}
-        # per group, the epoch mean over the steps where the group was in the batch
-        for g in range(self.cfg["groups"]["num_groups"]):
+        # per realised group (none before grouping), the epoch mean over the steps where the group was in the batch
+        for g in range(row["num_groups"]):
             for key in (f"loss_g{g}", f"rho_g{g}", f"cos_g{g}", f"ascent_g{g}"):
                 vals = [v for v in self._epoch_stats.get(key, []) if not math.isnan(v)]
                 row[key] = float(np.mean(vals)) if vals else math.nan

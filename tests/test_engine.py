@@ -62,7 +62,7 @@ def test_two_process_ddp_counts_every_sample_logs_once_and_scales_lr(tmp_path):
     assert res["num_processes"] == 2 and res["num_test_evaluated"] == DIGITS_TEST
     assert res["global_batch_size"] == 128 and res["lr"] == pytest.approx(0.1 * 128 / 64)
     assert sorted(os.listdir(tmp_path)) == ["args.yaml", "checkpoint.prev.pt", "checkpoint.pt", "model_best.pt",
-                                            "results.json", "summary.csv"]
+                                            "results.json", "summary.csv", "train.log"]
     umask = os.umask(0)
     os.umask(umask)
     assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {0o666 & ~umask}

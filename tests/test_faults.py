@@ -122,7 +122,7 @@ def test_resume_with_another_recipe_is_refused_naming_the_keys(uninterrupted, tm
     proc = train(tmp_path, "--resume", args=ARGS + ["--set", "gkp.lam=5", "--set", "gsa.rho_clamp=null"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "gkp.lam=100.0 there, gkp.lam=5.0 here" in proc.stderr and "gsa.rho_clamp=" in proc.stderr
-    proc = train(tmp_path, "--resume", args=ARGS + ["--set", "data.eval_batch_size=64", "--set", "data.root=/moved"])
+    proc = train(tmp_path, "--resume", args=ARGS + ["--set", "log_interval=7", "--set", "data.root=/moved"])
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -62,3 +62,98 @@ def test_an_explicit_epoch_count_that_does_not_fit_names_the_key_to_change(recip
 # ---- the CLI's conveniences ----------------------------------------------------------------------------------------
 def test_a_number_in_a_yaml_list_is_a_number():
     assert load_config("digits_lt", ["data.std=[1e-40]", "data.mean=[0.5]"])["data"]["std"] == [1e-40]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One 3-epoch digits run, `--set epochs=3` alone for the schedule, G=50 configured over 10 classes (10 realised)."""
+    out = tmp_path_factory.mktemp("short")
+    proc = launch(out, "epochs=3", "groups.num_groups=50")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+# ---- resume refuses what changes the results; the launch is recorded ----------------------------------------------
+def test_resume_refuses_changed_workers_and_precision_naming_them(short_run):
+    out, _ = short_run
+    proc = launch(out, "epochs=3", "groups.num_groups=50", "data.num_workers=2", extra=["--resume"])
+    assert proc.returncode == 2 and "data.num_workers=0" in proc.stderr and "data.num_workers=2" in proc.stderr
+    proc = launch(out, "epochs=3", "groups.num_groups=50", extra=["--resume", "--mixed-precision", "bf16"])
+    assert proc.returncode == 2 and "mixed_precision='no'" in proc.stderr and "mixed_precision='bf16'" in proc.stderr
+
+
+def test_precision_processes_and_device_are_recorded(short_run):
+    out, _ = short_run
+    res = json.loads((out / "results.json").read_text())
+    assert (res["mixed_precision"], res["num_processes"], res["device"]) == ("no", 1, "cpu")
+    first = (out / "args.yaml").read_text().splitlines()[0]
+    assert first.startswith("#") and "mixed_precision=no, num_processes=1, device=cpu" in first
+    assert load_config(str(out / "args.yaml"))["groups"]["start_epoch"] == 1  # still a loadable recipe
+
+
+def test_fp16_on_the_cpu_is_refused(tmp_path):
+    proc = launch(tmp_path, "epochs=1", "method=none", extra=["--mixed-precision", "fp16"])
+    assert proc.returncode == 2 and "fp16 needs a CUDA GPU" in proc.stderr and "bf16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- per-group columns for realised groups only, numbers rounded for reading -------------------------------------
+def test_group_columns_only_for_realised_groups_and_readable_numbers(short_run):
+    import torch
+
+    out, proc = short_run
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0])
+    groups = [c for c in header if re.fullmatch(r"(loss|rho|cos|ascent)_g\d+", c)]
+    assert sorted(groups) == sorted(f"{k}_g{g}" for k in ("loss", "rho", "cos", "ascent") for g in range(10))
+    assert all(rows[0][c] == "" for c in groups) and all(rows[1][c] != "" for c in groups)  # epoch 0: no groups yet
+    lines = {e: next(ln for ln in proc.stderr.splitlines() if f"engine: epoch {e}: " in ln) for e in range(3)}
+    assert "_g0=" not in lines[0] and "loss_g9=" in lines[1] and "_g10=" not in lines[1]
+    # the log at 4 significant digits, summary.csv at 10 (28.999999999999996 reads 29), the checkpoint in full
+    values = re.findall(r"=(-?[\d.]+)(?:e[-+]\d+)?(?=,|$)", lines[2].split(": ", 2)[2])
+    assert len(values) > 40 and all(len(v.replace("-", "").replace(".", "").lstrip("0")) <= 4 for v in values)
+    full = torch.load(out / "checkpoint.pt", weights_only=True)["rows"]
+    for row, raw in zip(rows, full):
+        assert all(row[k] == (f"{v:.10g}" if isinstance(v, float) else str(v)) for k, v in raw.items())
+
+
+# ---- the CLI's conveniences ----------------------------------------------------------------------------------------
+def test_list_and_print_config(tmp_path):
+    train = [sys.executable, os.path.join(ROOT, "train.py")]
+    proc = subprocess.run(train + ["--list"], capture_output=True, text=True)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == len(RECIPES)
+    assert re.search(r"^digits_lt +The default recipe: scikit-learn's bundled 8x8 digits", proc.stdout, re.M)
+    proc = subprocess.run(train + ["--print-config", "--set", "epochs=4", "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and not (tmp_path / "run").exists()
+    (tmp_path / "printed.yaml").write_text(proc.stdout)
+    assert load_config(str(tmp_path / "printed.yaml")) == load_config("digits_lt", ["epochs=4"])
+
+
+def test_seed_log_file_and_last_line_name_the_weights(short_run):
+    out, proc = short_run
+    log = (out / "train.log").read_text()
+    assert "seed 0 " in log and "engine: epoch 2: " in log
+    last = proc.stderr.strip().splitlines()[-1]  # (resumes in other tests of this run append to train.log)
+    assert "the test results are for the weights of the last epoch (2)" in last
+    assert f"{out / 'model_best.pt'} holds epoch" in last and last in log
+
+
+def test_ctrl_c_ends_with_one_line_and_a_resumable_checkpoint(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--output", str(tmp_path), "--set", "epochs=200",
+           "--set", "method=none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "interrupted: " in last and "is kept, add --resume" in last
+    assert (tmp_path / "train.log").read_text().strip().splitlines()[-1] == last
+    resumed = launch(tmp_path, "epochs=200", "method=none", extra=["--resume"], failpoint="step:1")
+    assert "resumed from epoch" in resumed.stderr, resumed.stderr[-3000:]
