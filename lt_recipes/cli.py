@@ -59,7 +59,7 @@ def log_file(path: str | None) -> Iterator[None]:
 
 def _exit_code(fn: Callable[[], int]) -> int:
     """`fn()`'s exit code; bad input (an `LTRecipesError`: recipe, data, checkpoint, model) logs its message and gives
-    2, Ctrl-C one line (what was kept, from `errors.Interrupted`) and 130, as a shell reports SIGINT."""
+    2, Ctrl-C one line (what was kept, from `engine.Interrupted`) and 130, as a shell reports SIGINT."""
     try:
         return fn()
     except LTRecipesError as e:

@@ -32,7 +32,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_wr
                          previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .data import LTData, build_data, build_loaders
-from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteError
+from .errors import CheckpointError, ConfigError, NonFiniteError
 from .losses import create_loss
 from .method import Method, create_method, method_label
 from .metrics import format_table, split_report, topk_accuracy
@@ -49,6 +49,11 @@ RESUMABLE_CHANGES = frozenset({"data.root", "log_interval", "log_with", "checkpo
 LAUNCH_IDENTITY = ("mixed_precision", "num_processes")
 
 TRACKER_PROJECT = "lt-recipes"  # Accelerate's project name: tensorboard logs to <output>/lt-recipes
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint is kept and how to continue. train.py logs it as one
+    line and exits with code 130 (not a user-input error of lt_recipes.errors: a KeyboardInterrupt still)."""
 
 
 def _identity(cfg: dict[str, Any], data: LTData) -> dict[str, Any]:

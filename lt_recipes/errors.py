@@ -56,8 +56,3 @@ class NonFiniteError(LTRecipesError, RuntimeError):
 
 class AnalysisError(LTRecipesError, ValueError):
     """A run directory or results tree that the analysis tools cannot read; the message names the file."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says which checkpoint is kept and how to continue. train.py logs it as one
-    line and exits with code 130 (a KeyboardInterrupt still, so code that catches that keeps working)."""
