@@ -32,6 +32,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_wr
                          previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .data import LTData, build_data, build_loaders
+from .distributed import check_data_root
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .losses import create_loss
 from .method import Method, create_method, method_label
@@ -176,6 +177,7 @@ class Trainer:
         set_seed(cfg["seed"])
         _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", cfg["seed"],
                      ", ".join(f"{k} {v}" for k, v in _launch(acc).items()))
+        check_data_root(cfg["data"])  # on every process: a node without the data is named, not waited for
         self.data = build_data(cfg)
         self.model = create_lt_model(cfg["model"], self.data.num_classes, self.data.in_chans).to(acc.device)
         # timm's EMA copies the model before DDP wraps it and before GSA flattens its parameters
@@ -427,6 +429,7 @@ def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
     state = load_checkpoint(checkpoint, expect=evaluation_identity(cfg))  # before the data is built
     if acc.is_main_process:
         check_output_dir(output_dir)  # so a mistyped checkpoint path leaves no empty folder
+    check_data_root(cfg["data"])
     data = build_data(cfg)
     check_identity(checkpoint, state["identity"], {"num_classes": data.num_classes})
     if state["identity"].get("recipe", cfg["name"]) != cfg["name"]:

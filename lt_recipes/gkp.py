@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from .choices import GKP_NORMS
 from .gsa import ordered_parameters
@@ -113,9 +113,11 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
     F_j = sum over batches of (grad of the batch-mean classification loss)^2 / N_j, about 1/B of the squared
     per-sample gradient near a minimum. `per_sample` (EWC's): F_j = sum over images of (grad of that image's loss)^2
     / N_j, the per-sample gradients taken `chunk` at a time (0: as many as 2^26 numbers allow). Under DDP each rank
-    takes a shard of the images and the sums are all-reduced. BatchNorm layers normalise with batch statistics: the
-    anchor is a mean of parameter snapshots with no running statistics of its own, and the current model's running
-    statistics do not fit it (with them the Fisher reached 577 on Fashion-MNIST-LT and the GKP step diverged).
+    takes every world-th of the batches one process forms and the sums are all-reduced: the same batches (and cap
+    `max_batches`) for any process count, so every rank gets one process's Fisher up to summation order. BatchNorm
+    layers normalise with batch statistics: the anchor is a mean of parameter snapshots with no running statistics of
+    its own, and the current model's running statistics do not fit it (with them the Fisher reached 577 on
+    Fashion-MNIST-LT and the GKP step diverged).
     """
     if estimate not in ("batch_mean", "per_sample"):
         raise ValueError(f"estimate must be batch_mean or per_sample, got {estimate!r}")
@@ -134,11 +136,11 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
     group_of_sample = group_of_class[targets]
     for j in range(G):
         _set_vector(cov_params, anchors[j].to(device=device, dtype=torch.float32))
-        idx = np.flatnonzero(group_of_sample == j)[rank::world]
-        loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False)
-        for b, (x, y) in enumerate(loader):
-            if max_batches and b >= max_batches:
-                break
+        idx = np.flatnonzero(group_of_sample == j)
+        batches = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+        if max_batches:
+            batches = batches[:max_batches]
+        for x, y in DataLoader(dataset, batch_sampler=batches[rank::world]):
             x, y = x.to(device), y.to(device)
             fisher[j] += _squared_gradients(work, classification_losses, x, y, cov_names, cov_params, estimate, chunk,
                                             autocast)

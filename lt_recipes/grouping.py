@@ -100,6 +100,11 @@ class MemoryBank:
             numel = self.snapshot(self.uids[0]).numel()
         return per * (numel or 0) * len(self.uids)
 
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of snapshots held in host memory (none when they are spilled to disk)."""
+        return sum(v.numel() * v.element_size() for v in self.snapshots.values())
+
     def _prune(self) -> None:
         live = set(self.uids)
         for uid in [u for u in self.sq_norms if u not in live]:

@@ -21,6 +21,7 @@ from . import faults, reference
 from .batchnorm import BNState
 from .choices import GROUPED_METHODS, METHOD_MODULES
 from .data import LTData
+from .distributed import broadcast_groups, format_per_process, gather_counts
 from .errors import NonFiniteError
 from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups, feature_quality
@@ -176,7 +177,10 @@ class GroupedMethod(Method):
         gcfg = self.cfg["groups"]
         self.use_gkp = "gkp" in METHOD_MODULES[self.cfg["method"]]
         self.use_gsa = "gsa" in METHOD_MODULES[self.cfg["method"]]
-        self.bank = MemoryBank(self.data.num_classes, gcfg["bank_dtype"], gcfg["bank_spill_dir"])
+        # one bank per run, on the main process: it groups and averages the anchors, the others get both broadcast
+        self.bank = MemoryBank(self.data.num_classes, gcfg["bank_dtype"], gcfg["bank_spill_dir"]) \
+            if self.acc.is_main_process else None
+        self.bank_snapshots = 0  # the main bank's distinct snapshots, known on every process
         self.labels: np.ndarray | None = None
         self.anchors: torch.Tensor | None = None
         self.fisher: torch.Tensor | None = None
@@ -202,7 +206,7 @@ class GroupedMethod(Method):
         if self._grouping_due(epoch):
             # the bank, grouping and Fisher draw no random numbers from the training stream
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
-                if not self.bank.uids:
+                if not self.bank_snapshots:
                     self._update_bank(epoch - 1)
                 self._regroup(epoch)
         if self.labels is not None:
@@ -229,13 +233,21 @@ class GroupedMethod(Method):
         return torch.cat(feats), torch.cat(labels)
 
     def _update_bank(self, epoch: int) -> None:
+        """Eq. 1 on the main process from every process's validation features; logs each process's bank memory."""
         feats, labels = self._val_features()
-        q = feature_quality(feats, labels, self.data.num_classes, self.cfg["groups"]["quality_beta"])
-        improved = self.bank.update(q, self.step_fn.flat.data[:self.step_fn.num_covered])
-        self.quality["epochs"].append(epoch)
-        self.quality["q"].append([float(v) for v in q.tolist()])
-        _logger.info("memory bank: %d classes improved after epoch %d; %d distinct snapshots (%.1f MB)",
-                     len(improved), epoch, len(self.bank.uids), self.bank.nbytes / 2**20)
+        if self.bank is not None:
+            q = feature_quality(feats, labels, self.data.num_classes, self.cfg["groups"]["quality_beta"])
+            improved = self.bank.update(q, self.step_fn.flat.data[:self.step_fn.num_covered])
+            self.quality["epochs"].append(epoch)
+            self.quality["q"].append([float(v) for v in q.tolist()])
+        held = gather_counts([0, 0] if self.bank is None else [self.bank.host_nbytes, len(self.bank.uids)],
+                             self.acc.device)
+        self.bank_snapshots = held[0][1]
+        if self.bank is not None:
+            _logger.info("memory bank: %d classes improved after epoch %d; %d distinct snapshots (%.1f MB%s); "
+                         "host memory per process: %s", len(improved), epoch, self.bank_snapshots,
+                         self.bank.nbytes / 2**20, ", on disk" if self.bank.spill_dir else "",
+                         format_per_process([h for h, _ in held]))
 
     def _group_sizes(self) -> tuple[list[int], list[int]]:
         G = int(self.labels.max()) + 1
@@ -245,10 +257,14 @@ class GroupedMethod(Method):
 
     def _regroup(self, epoch: int) -> None:
         gcfg = self.cfg["groups"]
-        self.labels = compute_groups(self.bank, gcfg["num_groups"], self.data.train_counts, self.cfg["seed"])
-        G = int(self.labels.max()) + 1
         dtype = DTYPES[self.cfg["gkp"]["state_dtype"]]
-        self.anchors = self.bank.anchors(self.labels, G, dtype=dtype).to(self.acc.device)
+        labels = anchors = None
+        if self.bank is not None:
+            labels = compute_groups(self.bank, gcfg["num_groups"], self.data.train_counts, self.cfg["seed"])
+            anchors = self.bank.anchors(labels, int(labels.max()) + 1, dtype=dtype).to(self.acc.device)
+        self.labels, self.anchors = broadcast_groups(labels, anchors, self.data.num_classes, self.step_fn.num_covered,
+                                                     dtype, self.acc.device)
+        G = int(self.labels.max()) + 1
         self.group_epochs.append(epoch)
         faults.hit("grouping")
         classes, samples = self._group_sizes()
@@ -294,7 +310,7 @@ class GroupedMethod(Method):
         row: dict[str, Any] = {"skipped_steps": self.skipped_steps,
                                "alpha": self.alpha if self.labels is not None else math.nan,
                                "num_groups": 0 if self.labels is None else int(self.labels.max()) + 1,
-                               "bank_snapshots": len(self.bank.uids)}
+                               "bank_snapshots": self.bank_snapshots}
         # per realised group (none before grouping), the epoch mean over the steps where the group was in the batch
         for g in range(row["num_groups"]):
             for key in (f"loss_g{g}", f"rho_g{g}", f"cos_g{g}", f"ascent_g{g}"):
@@ -318,7 +334,7 @@ class GroupedMethod(Method):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "bank": self.bank.state_dict(),
+        return {**super().state_dict(), "bank": None if self.bank is None else self.bank.state_dict(),
                 "labels": None if self.labels is None else self.labels.tolist(),
                 "anchors": None if self.anchors is None else self.anchors.cpu(),
                 # the EMA Fisher is the step's own state (saved there): a second copy would double it on a GPU
@@ -328,7 +344,9 @@ class GroupedMethod(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.bank.load_state_dict(state["bank"])
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+        self.bank_snapshots = len({u for u in state["bank"]["class_snapshot"] if u >= 0})
         self.group_epochs = list(state["group_epochs"])
         self.alpha_history = list(state["alpha_history"])
         self.quality = state["quality"]

@@ -1,0 +1,92 @@
+"""What the processes of a multi-process or multi-node run exchange beyond DDP's gradients.
+
+One memory bank per run: the main process (global rank 0) holds it and computes the grouping and the anchors, and
+`broadcast_groups` hands both to every other process, so host memory for the bank is spent once per run, not once
+per process. `check_data_root` runs before any data is read: a data root missing on some node is named with its
+rank and node on every process, instead of one process failing while the others wait for it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data.constants import FMNIST_ROOT
+from .errors import DataNotFoundError
+
+_logger = logging.getLogger(__name__)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size) of this process; (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def process_name(rank: int) -> str:
+    """`rank R (node N, host H)` of this process, the node as torchrun (GROUP_RANK) or slurm (SLURM_NODEID) numbers
+    it, so a message says which machine a problem is on."""
+    node = os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "?"))
+    return f"rank {rank} (node {node}, host {socket.gethostname()})"
+
+
+def check_data_root(data_cfg: dict[str, Any]) -> None:
+    """Every process checks that the recipe's data root (fmnist's default when data.root is unset) is a directory;
+    one missing anywhere is an error on every process naming the path and the ranks and nodes without it. Nothing to
+    check for a single process (the data layer names a missing root), for digits (bundled) or without a root (the
+    data layer says data.root is required)."""
+    rank, world = rank_and_world()
+    root = data_cfg["root"] or (FMNIST_ROOT if data_cfg["dataset"] == "fmnist" else None)
+    if world == 1 or root is None or data_cfg["dataset"] == "digits":
+        return
+    mine = (os.path.isdir(root), os.path.abspath(root), process_name(rank))
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    missing = [f"{path} on {name}" for found, path, name in everyone if not found]
+    if missing:
+        raise DataNotFoundError(f"data.root={root!r} does not exist or is not a directory: " + "; ".join(missing)
+                                + f" ({len(missing)} of {world} processes); every node needs the data at that path")
+
+
+def broadcast_groups(labels: np.ndarray | None, anchors: torch.Tensor | None, num_classes: int, num_covered: int,
+                     dtype: torch.dtype, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    """The main process's group of every class and anchors [G, num_covered] (on `device`) on every process; the
+    other processes pass None for both."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return labels, anchors
+    group_of = torch.as_tensor(labels, dtype=torch.int64).to(device) if rank == 0 \
+        else torch.empty(num_classes, dtype=torch.int64, device=device)
+    dist.broadcast(group_of, src=0)
+    if rank != 0:
+        anchors = torch.empty(int(group_of.max()) + 1, num_covered, dtype=dtype, device=device)
+    dist.broadcast(anchors, src=0)
+    return group_of.cpu().numpy(), anchors
+
+
+def gather_counts(values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every process's `values` (the same length on all), in rank order, on every process."""
+    mine = torch.tensor([list(values)], dtype=torch.int64, device=device)
+    _, world = rank_and_world()
+    if world == 1:
+        return mine.tolist()
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    return torch.cat(everyone).tolist()
+
+
+def format_per_process(nbytes: Sequence[int]) -> str:
+    """`rank 0 12.3 MB, ranks 1-7 none`: byte counts by rank, runs of equal values as one range."""
+    parts, start = [], 0
+    for r in range(1, len(nbytes) + 1):
+        if r == len(nbytes) or nbytes[r] != nbytes[start]:
+            ranks = f"rank {start}" if r - 1 == start else f"ranks {start}-{r - 1}"
+            parts.append(f"{ranks} {nbytes[start] / 2**20:.1f} MB" if nbytes[start] else f"{ranks} none")
+            start = r
+    return ", ".join(parts)
