@@ -2,8 +2,9 @@
 
 One memory bank per run: the main process (global rank 0) holds it and computes the grouping and the anchors, and
 `broadcast_groups` hands both to every other process, so host memory for the bank is spent once per run, not once
-per process. `check_data_root` runs before any data is read: a data root missing on some node is named with its
-rank and node on every process, instead of one process failing while the others wait for it.
+per process. `check_data_root` (before any data is read) and `check_same_resume` (after --resume) name a node
+without the data or without the checkpoint, with its rank and host, on every process, instead of one process
+failing or starting over while the others wait for it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .data.constants import FMNIST_ROOT
-from .errors import DataNotFoundError
+from .errors import CheckpointError, DataNotFoundError
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +53,21 @@ def check_data_root(data_cfg: dict[str, Any]) -> None:
     if missing:
         raise DataNotFoundError(f"data.root={root!r} does not exist or is not a directory: " + "; ".join(missing)
                                 + f" ({len(missing)} of {world} processes); every node needs the data at that path")
+
+
+def check_same_resume(start_epoch: int, checkpoint: str) -> None:
+    """After --resume every process must continue at the same epoch (0: it found no checkpoint); a node that reads
+    another checkpoint, or none (an --output not shared by all nodes), is an error naming what each process found,
+    instead of processes that train different epochs."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (start_epoch, process_name(rank)))
+    if len({epoch for epoch, _ in everyone}) > 1:
+        found = "; ".join(f"{f'epoch {epoch - 1}' if epoch else 'none'} on {name}" for epoch, name in everyone)
+        raise CheckpointError(f"--resume found different checkpoints at {checkpoint}: {found}; --output must be on "
+                              "storage every node reads")
 
 
 def broadcast_groups(labels: np.ndarray | None, anchors: torch.Tensor | None, num_classes: int, num_covered: int,

@@ -32,7 +32,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_wr
                          previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .data import LTData, build_data, build_loaders
-from .distributed import check_data_root
+from .distributed import check_data_root, check_same_resume
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .losses import create_loss
 from .method import Method, create_method, method_label
@@ -413,6 +413,7 @@ def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precis
     trainer = Trainer(cfg, output_dir, accelerator)
     if resume:
         trainer.resume()
+        check_same_resume(trainer.start_epoch, trainer.checkpoint_path)
     try:
         return trainer.fit()
     except KeyboardInterrupt:

@@ -1,7 +1,9 @@
-"""Two-process gloo runs on the CPU: torchrun, exactly as a user would launch a multi-GPU job."""
+"""Two-process gloo runs on the CPU: torchrun, exactly as a user would launch a multi-GPU job, on one node or as two
+nodes (two torchrun agents on this machine)."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,8 +17,6 @@ from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
 from lt_recipes.gsa import GroupedSAM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 ENV = {**{k: v for k, v in os.environ.items() if k != "LT_RECIPES_FAILPOINT"}, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": ROOT}
 
@@ -40,10 +40,15 @@ def two_nodes(args, cwds, timeout=300):
         procs.append((subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
              str(k), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "lt", *args],
-            cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=err), err))
+            cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err))
     results = []
     for proc, err in procs:
-        proc.wait(timeout=timeout)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung job: end both agents and their workers
+            for other, _ in procs:
+                os.killpg(other.pid, signal.SIGKILL)
+            raise
         err.seek(0)
         results.append((proc.returncode, err.read()))
         err.close()
@@ -126,7 +131,8 @@ def test_one_memory_bank_per_run_groups_anchors_and_fisher_as_one_process(tmp_pa
 
 def test_two_nodes_give_one_node_s_results_and_write_once(tmp_path):
     """Two torchrun agents (nodes) with one process each train as one node with two processes does; each node's
-    relative --output is under its own directory, and only the global rank 0's gets files."""
+    relative --output is under its own directory, and only the global rank 0's gets files. --resume there (the
+    checkpoint on one node only) stops both nodes naming what each found."""
     sets = ["--set", "epochs=2", "--set", "groups.start_epoch=1", "--set", "log_interval=100"]
     train = [os.path.join(ROOT, "train.py"), "--recipe", "digits_lt", "--output", "run", *sets]
     single = tmp_path / "single"
@@ -146,6 +152,10 @@ def test_two_nodes_give_one_node_s_results_and_write_once(tmp_path):
     assert got == want and got["num_processes"] == 2
     assert summary_without_time(run) == summary_without_time(single)
     assert sorted(os.listdir(run)) == sorted(os.listdir(single))
+    resumed = two_nodes([*train, "--resume"], [str(d) for d in nodes], timeout=120)
+    for code, err in resumed:
+        assert code != 0 and "--resume found different checkpoints at run/checkpoint.pt: " in err, err[-3000:]
+        assert "epoch 1 on rank" in err and "none on rank" in err
 
 
 def test_a_data_root_missing_on_one_node_is_named_on_every_node(tmp_path):
