@@ -4,6 +4,8 @@
 `epoch_end`, `artifacts` and `state_dict`. The grouped method warms up with plain base steps, evaluates class
 feature quality on the held-out validation split after every `groups.eval_interval` epochs to update the memory
 bank, groups at `groups.start_epoch` (and every `groups.interval` epochs after), and then trains with Eq. 16.
+Under several processes the bank is the main process's alone; the groups and anchors are broadcast from it
+(lt_recipes.distributed) and the Fisher is estimated by all processes together.
 """
 from __future__ import annotations
 
