@@ -212,7 +212,7 @@ SCHEMA: dict[str, Any] = {
         "z": Field(None, FLOAT, _at_least(0.0), nullable=True),
         "rho_clamp": Field("auto", LIST + STR, _clamp, nullable=True),
         "group_grads": Field("masked", STR, choices=GROUP_GRADS),
-        "perturbation": Field("per_group", STR, choices=PERTURBATIONS),
+        "perturbation": Field("per_group_exact", STR, choices=PERTURBATIONS),
         "group_weighting": Field("samples", STR, choices=WEIGHTINGS),
         "regularizer": Field(False, BOOL),
         "friendly_sigma": Field(1.0, FLOAT),
