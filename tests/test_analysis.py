@@ -383,9 +383,15 @@ def test_collect_results_readings_gkp_strength_and_averaged_history(tmp_path: Pa
     d = _write_run(root, "fmnist64_r100", "bcl+gkp#lam1e4", 0, (61.0, 80.0, 51.0, 32.0))
     (d / "summary.csv").write_text("epoch,gkp_grad_ratio\n0,\n1,0.1\n2,0.3\n3,0.2\n")
     _write_run(root / "history" / "averaged", "fmnist64_r100", "bcl+gkp+gsa", 0, (59.0, 80.0, 45.0, 30.0))
+    stopped = root / "fmnist64_r100" / "bcl+gkp#lam1e6" / "seed0"  # a run that diverged: its log, no results
+    stopped.mkdir(parents=True)
+    (stopped / "train.log").write_text("2026 INFO x: epoch 0\n2026 ERROR lt_recipes: weights became non-finite\n")
+    (stopped / "variant.json").write_text(json.dumps({"name": "lam1e6", "overrides": ["gkp.lam=1e6"]}))
     block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
     readings, strength = block.split("#### Readings of the grouped step")[1].split("#### GKP's strength")
     assert _row(readings, default)[3:] == ["62.00", "80.00", "52.00", "35.00", "+2.00", "n/a", "75%", "-0.25"]
     assert _row(strength, "bcl+gkp#lam1e4")[3:] == ["61.00", "32.00", "+1.00", "n/a", "0.2 (0.1-0.3)"]
+    assert _row(strength, "bcl+gkp#lam1e6")[1:] == ["`gkp.lam=1e6`", "0", "stopped", "—", "—", "—",
+                                                   "weights became non-finite"]
     assert f"| fmnist64_r100 | `bcl+gkp+gsa` | 60.00 | 59.00 | 1 | 62.00 (`{default}`) |" in block
     assert f"| `bcl` | 60.00 (30.00) | 62.00 (35.00) | +2.00 |" in tool.headline_block(str(root))

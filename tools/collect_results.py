@@ -274,10 +274,15 @@ def gkp_ratio_cell(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return f"{np.median(values):.2g} ({values.min():.2g}-{values.max():.2g})"
 
 
-def _changed_keys(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    info = os.path.join(runs[0][0], "variant.json")
+def variant_keys(run_dir: str) -> str:
+    """The recipe keys a run's variant changed (variant.json), as table text."""
+    info = os.path.join(run_dir, "variant.json")
     keys = read_json(info)["overrides"] if os.path.exists(info) else []
     return ", ".join(f"`{k}`" for k in keys) or "(recipe)"
+
+
+def _changed_keys(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    return variant_keys(runs[0][0])
 
 
 def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
@@ -301,12 +306,28 @@ def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str
             "summary.csv, over every epoch after grouping and every seed; 100% means every group rose in every epoch."]
 
 
+def failed_run(folder_dir: str, label: str) -> str | None:
+    """For a label with no results but a committed seed-0 train.log (a run that stopped), its last ERROR message."""
+    log = os.path.join(folder_dir, label, "seed0", "train.log")
+    if not os.path.exists(log):
+        return None
+    with open(log) as f:
+        errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1].strip() for ln in f if " ERROR " in ln]
+    return errors[-1] if errors else "stopped without an error line"
+
+
 def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
-                    labels: Sequence[str]) -> list[str]:
+                    labels: Sequence[str], folder_dir: str = "") -> list[str]:
     """GKP's strength: each `<base>+gkp[#variant]` row with its changed keys, Top-1 against the base and
-    ||grad GKP|| / ||grad task|| as logged."""
+    ||grad GKP|| / ||grad task|| as logged; a run that stopped (its train.log committed) with its error."""
     rows = []
-    for label in (m for m in labels if m in stats and parse_label(m)[1] == "gkp"):
+    for label in (m for m in labels if parse_label(m)[1] == "gkp"):
+        if label not in stats:
+            error = failed_run(folder_dir, label)
+            if error is not None:
+                keys = variant_keys(os.path.join(folder_dir, label, "seed0"))
+                rows.append([f"`{label}`", keys, "0", "stopped", "—", "—", "—", error])
+            continue
         s, base = stats[label], stats.get(parse_label(label)[0])
         change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
         rows.append([f"`{label}`", _changed_keys(runs[label]), str(len(s.seeds)), _fmt(s.mean["top1"], s.std["top1"]),
@@ -469,7 +490,9 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
             readings = readings_table(stats, tree[folder], grid.cells[ratio_key])
             if readings:
                 lines += ["", f"#### Readings of the grouped step, {title}", ""] + readings
-            sweep = gkp_sweep_table(stats, tree[folder], grid.cells[ratio_key] + grid.sweeps[ratio_key])
+            sweep = gkp_sweep_table(stats, tree[folder], list(dict.fromkeys(grid.cells[ratio_key]
+                                                                             + grid.sweeps[ratio_key])),
+                                    os.path.join(results_root, folder))
             if sweep:
                 lines += ["", f"#### GKP's strength, {title}", ""] + sweep
     lines += averaged_history_table(os.path.join(results_root, "history", "averaged"), tree)

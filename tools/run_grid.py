@@ -65,6 +65,7 @@ VARIANTS = {
     "paper_exact_b128": ["reading=paper", "gsa.perturbation=per_group_exact", "data.batch_size=128", "optim.lr=0.2"],
     # the default with a ten times smaller radius (clamp): its perturbed-pass loss rose by a median 1.4 at the clamp's
     "paper_exact_rho_div10": ["reading=paper", "gsa.perturbation=per_group_exact", "gsa.rho_clamp=[0.0002, 0.0003]"],
+    "paper_exact_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact", "gkp.lam=1e5"],
     "lam0": ["gkp.lam=0"],                                                # GKP's control: alpha's schedule alone
     # GKP strength sweep: lambda with the released Fisher (batch_mean) and EWC's (per_sample), and the paper's |G_j|
     # (8-epoch probes at lambda 100: ||grad GKP|| / ||grad task|| about 1e-4 with batch_mean, 3e-2 with per_sample)
@@ -106,8 +107,13 @@ GRIDS = {
         "bcl+sam#asam", "bcl+gkp+gsa#paper", "bcl+gkp+gsa#paper_exact", "bcl+gkp+gsa#paper_ema",
         "bcl+gkp+gsa#released", "bcl+gkp#lam0", "bcl", "bcl+gkp", "bcl#b128",
         # the chosen default (the exact paper reading: every group ascends) at 4x the batch and on the other bases
-        "bcl+gkp+gsa#paper_exact_b128", "ce", "ce+gkp+gsa#paper_exact", "la", "la+gkp+gsa#paper_exact"]},
-        sweeps={100: ["bcl+gkp+gsa#paper_exact_rho_div10"] + [f"bcl+gkp#lam1e{k}" for k in (4, 5, 6, 7)]
+        "bcl+gkp+gsa#paper_exact_b128", "ce", "ce+gkp+gsa#paper_exact", "la", "la+gkp+gsa#paper_exact",
+        # phase 2: a ten times smaller radius (seed 0 on BCL: 83.6 against 80.1 at the released clamp) on every base;
+        # the strongest GKP that binds without diverging (the sweep: batch-mean Fisher, lambda 1e5) alone and inside
+        # the default step
+        "bcl+gkp+gsa#paper_exact_rho_div10", "ce+gkp+gsa#paper_exact_rho_div10", "la+gkp+gsa#paper_exact_rho_div10",
+        "bcl+gkp#lam1e5", "bcl+gkp+gsa#paper_exact_lam1e5"]},
+        sweeps={100: [f"bcl+gkp#lam1e{k}" for k in (4, 5, 6, 7)]
                 + [f"bcl+gkp#ps_lam1e{k}" for k in (1, 2, 3, 4)]
                 + ["bcl+gkp#classes", "bcl+gkp#ps_classes"]}),
     # for a GPU: the paper's CIFAR protocol (ResNet-32, 200 epochs, batch 256) on the full 28-px Fashion-MNIST-LT
