@@ -42,16 +42,27 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
     assert load_config("fmnist_lt_resnet8", grid.overrides("la#cosine", 10, 0))["model"]["classifier"] == "cosine"
 
 
+def _resolved(cfg: dict) -> dict:
+    """The config with the scaling's own radius scale and clamp written out ("auto" / null: SCALE_DEFAULTS)."""
+    from lt_recipes.gsa import SCALE_DEFAULTS
+    gsa = dict(cfg["gsa"])
+    z, clamp = SCALE_DEFAULTS[gsa["scale"]]
+    gsa["z"] = z if gsa["z"] is None else gsa["z"]
+    gsa["rho_clamp"] = (list(clamp) if clamp else None) if gsa["rho_clamp"] == "auto" else gsa["rho_clamp"]
+    return {**cfg, "gsa": gsa}
+
+
 def test_the_default_variant_spells_out_the_current_defaults():
     """The tables let `<base>+gkp+gsa#<DEFAULT_VARIANT>` stand for the default step: its keys must change nothing on
     every grouped label of the readings grid's recipe (and a different variant must change something)."""
     grid = load_tool("run_grid")
     recipe = grid.GRIDS["readings"].recipe
     for base in ("ce", "la", "bcl"):
-        plain = load_config(recipe, grid.overrides(f"{base}+gkp+gsa", 100, 0))
-        assert load_config(recipe, grid.overrides(f"{base}+gkp+gsa#{grid.DEFAULT_VARIANT}", 100, 0)) == plain
+        plain = _resolved(load_config(recipe, grid.overrides(f"{base}+gkp+gsa", 100, 0)))
+        default = load_config(recipe, grid.overrides(f"{base}+gkp+gsa#{grid.DEFAULT_VARIANT}", 100, 0))
+        assert _resolved(default) == plain
     others = [v for v in ("paper", "paper_exact", "released") if v != grid.DEFAULT_VARIANT]
-    assert all(load_config(recipe, grid.overrides(f"bcl+gkp+gsa#{v}", 100, 0)) != plain for v in others)
+    assert all(_resolved(load_config(recipe, grid.overrides(f"bcl+gkp+gsa#{v}", 100, 0))) != plain for v in others)
 
 
 def test_long_recipe_has_the_paper_schedule_shape():

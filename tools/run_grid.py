@@ -41,7 +41,9 @@ BASES = {
 # the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
 METHOD_OF_MODULES = {"+".join(modules): method for method, modules in METHOD_MODULES.items()}
 # the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
-DEFAULT_VARIANT = "paper_exact"
+DEFAULT_VARIANT = "paper_exact_rho_div10"
+# the adaptive radius clamp of the released code, the default before the readings grid measured a smaller one
+_RELEASED_CLAMP = "gsa.rho_clamp=[0.002, 0.003]"
 VARIANTS = {
     "euclidean": ["gsa.scale=euclidean"],        # Eq. 14 as printed, Z = 1e-2, no clamp
     "share": ["gsa.group_grads=share"],          # Eq. 11 read as a split of the one batch gradient
@@ -55,17 +57,21 @@ VARIANTS = {
     "G2": ["groups.num_groups=2"],
     "G6": ["groups.num_groups=6"],
     # the readings of the grouped step (docs/method.md), each spelled out so the folder keeps its meaning
-    "paper": ["reading=paper", "gsa.perturbation=per_group"],            # Eq. 15: one mixed pass, group g at eps_g
-    "paper_exact": ["reading=paper", "gsa.perturbation=per_group_exact"],  # one whole-batch pass per group
-    "paper_ema": ["reading=paper", "gsa.perturbation=per_group", "gsa.group_grad_ema=0.9"],  # EMA directions
+    # (the first four at the released clamp, the default of the day they ran: their args.yaml say "auto")
+    "paper": ["reading=paper", "gsa.perturbation=per_group", _RELEASED_CLAMP],  # Eq. 15: one mixed pass
+    "paper_exact": ["reading=paper", "gsa.perturbation=per_group_exact", _RELEASED_CLAMP],  # one pass per group
+    "paper_ema": ["reading=paper", "gsa.perturbation=per_group", "gsa.group_grad_ema=0.9", _RELEASED_CLAMP],
     "released": ["reading=released"],                                     # the authors' script as its README runs it
     # ASAM at the released radius: rho = sqrt(d) x 0.003 (its clamp's top) = 1.57 for BCL's ResNet-8, d = 274,928
     "asam": ["sam.adaptive=true", "sam.rho=1.57"],
     "b128": ["data.batch_size=128", "optim.lr=0.2"],                       # 4x the batch, the learning rate scaled
-    "paper_exact_b128": ["reading=paper", "gsa.perturbation=per_group_exact", "data.batch_size=128", "optim.lr=0.2"],
-    # the default with a ten times smaller radius (clamp): its perturbed-pass loss rose by a median 1.4 at the clamp's
+    "paper_exact_b128": ["reading=paper", "gsa.perturbation=per_group_exact", "data.batch_size=128", "optim.lr=0.2",
+                         _RELEASED_CLAMP],
+    # a ten times smaller radius clamp (the perturbed-pass loss rose by a median 1.4 at the released one): the default
     "paper_exact_rho_div10": ["reading=paper", "gsa.perturbation=per_group_exact", "gsa.rho_clamp=[0.0002, 0.0003]"],
-    "paper_exact_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact", "gkp.lam=1e5"],
+    "paper_exact_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact", "gkp.lam=1e5", _RELEASED_CLAMP],
+    "paper_exact_rho_div10_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact",
+                                     "gsa.rho_clamp=[0.0002, 0.0003]", "gkp.lam=1e5"],
     "lam0": ["gkp.lam=0"],                                                # GKP's control: alpha's schedule alone
     # GKP strength sweep: lambda with the released Fisher (batch_mean) and EWC's (per_sample), and the paper's |G_j|
     # (8-epoch probes at lambda 100: ||grad GKP|| / ||grad task|| about 1e-4 with batch_mean, 3e-2 with per_sample)
@@ -112,7 +118,7 @@ GRIDS = {
         # the strongest GKP that binds without diverging (the sweep: batch-mean Fisher, lambda 1e5) alone and inside
         # the default step
         "bcl+gkp+gsa#paper_exact_rho_div10", "ce+gkp+gsa#paper_exact_rho_div10", "la+gkp+gsa#paper_exact_rho_div10",
-        "bcl+gkp#lam1e5", "bcl+gkp+gsa#paper_exact_lam1e5"]},
+        "bcl+gkp#lam1e5", "bcl+gkp+gsa#paper_exact_lam1e5", "bcl+gkp+gsa#paper_exact_rho_div10_lam1e5"]},
         sweeps={100: [f"bcl+gkp#lam1e{k}" for k in (4, 5, 6, 7)]
                 + [f"bcl+gkp#ps_lam1e{k}" for k in (1, 2, 3, 4)]
                 + ["bcl+gkp#classes", "bcl+gkp#ps_classes"]}),
