@@ -387,10 +387,15 @@ def test_collect_results_readings_gkp_strength_and_averaged_history(tmp_path: Pa
     stopped.mkdir(parents=True)
     (stopped / "train.log").write_text("2026 INFO x: epoch 0\n2026 ERROR lt_recipes: weights became non-finite\n")
     (stopped / "variant.json").write_text(json.dumps({"name": "lam1e6", "overrides": ["gkp.lam=1e6"]}))
+    stopped_reading = root / "fmnist64_r100" / "bcl+gkp+gsa#released" / "seed0"
+    stopped_reading.mkdir(parents=True)
+    (stopped_reading / "train.log").write_text("2026 ERROR lt_recipes: non-finite gradients\n")
     block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
     readings, strength = block.split("#### Readings of the grouped step")[1].split("#### GKP's strength")
     assert _row(readings, default)[3:] == ["62.00", "80.00", "52.00", "35.00", "+2.00", "n/a", "75%", "-0.25"]
     assert _row(strength, "bcl+gkp#lam1e4")[3:] == ["61.00", "32.00", "+1.00", "n/a", "0.2 (0.1-0.3)"]
+    assert _row(readings, "bcl+gkp+gsa#released")[1:4] + _row(readings, "bcl+gkp+gsa#released")[-1:] == [
+        "(recipe)", "0", "stopped", "non-finite gradients"]
     assert _row(strength, "bcl+gkp#lam1e6")[1:] == ["`gkp.lam=1e6`", "0", "stopped", "—", "—", "—",
                                                    "weights became non-finite"]
     assert f"| fmnist64_r100 | `bcl+gkp+gsa` | 60.00 | 59.00 | 1 | 62.00 (`{default}`) |" in block

@@ -286,11 +286,18 @@ def _changed_keys(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
 
 
 def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
-                   labels: Sequence[str]) -> list[str]:
+                   labels: Sequence[str], folder_dir: str = "") -> list[str]:
     """The `readings` grid's rows present here: Top-1 / Many / Medium / Few, the change against the label's base,
-    and whether every group ascended (share of positive epoch-mean ascents, the smallest)."""
+    and whether every group ascended (share of positive epoch-mean ascents, the smallest); a run that stopped (its
+    train.log committed) with its error."""
     rows = []
-    for label in (m for m in labels if m in stats):
+    for label in labels:
+        if label not in stats:
+            error = failed_run(folder_dir, label)
+            if error is not None:
+                rows.append([f"`{label}`", variant_keys(os.path.join(folder_dir, label, "seed0")), "0", "stopped"]
+                            + ["—"] * 6 + [error])
+            continue
         s, base = stats[label], stats.get(parse_label(label)[0])
         change = ["—", "—"]
         if base is not None and base is not s:
@@ -487,7 +494,7 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
                      and int(folder.rpartition("_r")[2]) in g.sweeps), None)
         if grid is not None:
             ratio_key = int(folder.rpartition("_r")[2])
-            readings = readings_table(stats, tree[folder], grid.cells[ratio_key])
+            readings = readings_table(stats, tree[folder], grid.cells[ratio_key], os.path.join(results_root, folder))
             if readings:
                 lines += ["", f"#### Readings of the grouped step, {title}", ""] + readings
             sweep = gkp_sweep_table(stats, tree[folder], list(dict.fromkeys(grid.cells[ratio_key]
