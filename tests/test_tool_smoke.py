@@ -163,6 +163,13 @@ def test_run_grid_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert yaml.safe_load((dest / "args.yaml").read_text())["data"]["root"] == str(data)
     assert grid.main(argv + ["--list"]) == 0 and capsys.readouterr().out == "done ce r=100 seed=0\n"
     assert grid.main(argv) == 0 and capsys.readouterr().out == "skip ce r=100 seed=0\n"
+    # a run that stopped (diverged) is kept as its committed train.log: listed as stopped, never rerun
+    stopped = results / "fmnist_r100" / "la" / "seed0"
+    stopped.mkdir(parents=True)
+    (stopped / "train.log").write_text("ERROR lt_recipes.engine: non-finite values\n")
+    la = argv[:3] + ["la"] + argv[4:]
+    assert grid.main(la + ["--list"]) == 0 and capsys.readouterr().out == "stopped la r=100 seed=0\n"
+    assert grid.main(la) == 0 and capsys.readouterr().out.startswith("skip la r=100 seed=0 (stopped")
 
 
 @pytest.mark.parametrize("python", ["PYTHON", ".venv"])

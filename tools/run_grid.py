@@ -167,6 +167,8 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
     dest = result_dir(args.results, grid, label, ratio, seed)
     if os.path.exists(os.path.join(dest, "results.json")):
         return f"skip {label} r={ratio} seed={seed}"
+    if os.path.exists(os.path.join(dest, "train.log")):  # a run that stopped (diverged): its log is its result
+        return f"skip {label} r={ratio} seed={seed} (stopped; its train.log is committed)"
     scratch = os.path.join(args.scratch, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
     cmd = [sys.executable, os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
     for o in overrides(label, ratio, seed) + args.overrides:
@@ -245,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [j for j in jobs if j[0] in only]
     if args.list:
         for label, ratio, seed in jobs:
-            done = os.path.exists(os.path.join(result_dir(args.results, grid, label, ratio, seed), "results.json"))
-            print(f"{'done' if done else 'todo'} {label} r={ratio} seed={seed}")
+            dest = result_dir(args.results, grid, label, ratio, seed)
+            state = ("done" if os.path.exists(os.path.join(dest, "results.json"))
+                     else "stopped" if os.path.exists(os.path.join(dest, "train.log")) else "todo")
+            print(f"{state} {label} r={ratio} seed={seed}")
         return 0
     with ThreadPoolExecutor(args.workers) as pool:
         for msg in pool.map(lambda j: run_job(grid, *j, args), jobs):
