@@ -400,3 +400,27 @@ def test_collect_results_readings_gkp_strength_and_averaged_history(tmp_path: Pa
                                                    "weights became non-finite"]
     assert f"| fmnist64_r100 | `bcl+gkp+gsa` | 60.00 | 59.00 | 1 | 62.00 (`{default}`) |" in block
     assert f"| `bcl` | 60.00 (30.00) | 62.00 (35.00) | +2.00 |" in tool.headline_block(str(root))
+
+
+def test_collect_results_ablations_read_the_spelled_out_default_step(tmp_path: Path) -> None:
+    """Component, direction and group tables take `<label>#<DEFAULT_VARIANT>` (the current default step) over the
+    plain label of an older default, and the default's group-number runs `#<DEFAULT_VARIANT>_G<n>`."""
+    tool = load_tool("collect_results")
+    root, d = tmp_path / "results", tool.DEFAULT_VARIANT
+    _write_results(root)  # ce, plain ce+gkp+gsa (43.5) and ce+gkp+gsa@sam (40.5): an older default's family
+    _write_run(root, "fmnist_r100", f"ce+gsa#{d}", 0, (41.0, 80.0, 33.0, 8.0))
+    _write_run(root, "fmnist_r100", f"ce+gkp+gsa#{d}", 0, (46.0, 80.0, 44.0, 12.0))
+    _write_run(root, "fmnist_r100", f"ce+gkp+gsa@sam#{d}", 0, (42.0, 80.0, 36.0, 9.0))
+    _write_run(root, "fmnist_r100", f"ce+gkp+gsa@gsa_proj#{d}", 0, (38.0, 80.0, 30.0, 4.0))
+    _write_run(root, "fmnist_r100", f"ce+gkp+gsa#{d}_G2", 0, (45.0, 80.0, 42.0, 11.0), groups=2)
+    block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
+    comp = next(ln for ln in block.splitlines() if ln.startswith("| `ce` | 40.00"))
+    assert [c.strip() for c in comp.strip("|").split("|")][3:] == ["41.00 (+1.00, n/a)", "46.00 (+6.00, n/a)"]
+    direction_rows = [ln for ln in block.splitlines() if ln.startswith(("| SAM", "| GSA"))]
+    assert [r.split("|")[2].strip() for r in direction_rows] == [f"`ce+gkp+gsa@sam#{d}`",
+                                                                 f"`ce+gkp+gsa@gsa_proj#{d}`", f"`ce+gkp+gsa#{d}`"]
+    groups = [ln for ln in block.splitlines() if ln.startswith(f"| `ce+gkp+gsa#{d}` | ") and ln.count("|") == 7]
+    assert [r.split("|")[2:5] for r in groups] == [[" 2 ", " 1 ", " 45.00 "], [" 4 ", " 1 ", " 46.00 "]]
+    # the README headline compares the base with the default step
+    assert "| fmnist r=100, 2 ep | `ce` | 40.00 ± 1.41 (6.00) | 46.00 (12.00) | +6.00 | n/a | 1 |" in \
+        tool.headline_block(str(root))

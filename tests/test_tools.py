@@ -39,6 +39,11 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
             assert cfg["data"]["imbalance_ratio"] == ratio and cfg["seed"] == 2
     cfg = load_config("fmnist_lt_resnet8_long", grid.overrides("bcl+gkp+gsa@sam#G2", 100, 0))
     assert cfg["groups"]["num_groups"] == 2 and cfg["gsa"]["direction"] == "sam" and cfg["loss"]["name"] == "bcl"
+    # a variant that sets a reading keeps the label's direction (the reading presets gsa.direction)
+    label = f"bcl+gkp+gsa@gsa_proj#{grid.DEFAULT_VARIANT}_G6"
+    cfg = load_config("fmnist_lt_resnet8_long", grid.overrides(label, 100, 0))
+    assert cfg["groups"]["num_groups"] == 6 and cfg["gsa"]["direction"] == "gsa_proj"
+    assert cfg["gsa"]["rho_clamp"] == [0.0002, 0.0003]
     assert load_config("fmnist_lt_resnet8", grid.overrides("la#cosine", 10, 0))["model"]["classifier"] == "cosine"
 
 
@@ -91,8 +96,9 @@ def test_grid_jobs_order_and_only_names_an_unknown_label(tmp_path):
     import sys
     grid = load_tool("run_grid")
     jobs = grid.jobs_of("fmnist64", [100], [0, 1])
-    assert jobs[0] == ("ce", 100, 0) and jobs[-1] == ("bcl+gkp+gsa#G6", 100, 1)
-    assert jobs.index(("bcl+gkp+gsa#G2", 100, 0)) < jobs.index(("bcl+gkp+gsa#G2", 100, 1))  # extras: seed 0 first
+    g2, g6 = (f"bcl+gkp+gsa#{grid.DEFAULT_VARIANT}_G{g}" for g in (2, 6))
+    assert jobs[0] == ("ce", 100, 0) and jobs[-1] == (g6, 100, 1)
+    assert jobs.index((g2, 100, 0)) < jobs.index((g2, 100, 1))  # extras: seed 0 first
     proc = subprocess.run([sys.executable, grid.ROOT + "/tools/run_grid.py", "--only", "ce,no_such_run",
                            "--results", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode != 0 and "grid fmnist16 has no run labelled no_such_run" in proc.stderr

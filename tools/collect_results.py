@@ -186,11 +186,11 @@ def component_table(stats: dict[str, MethodStats]) -> list[str]:
     rows = []
     bases = sorted({parse_label(m)[0] for m in stats}, key=_order_key)
     for base in bases:
-        if base not in stats or not any(f"{base}+{m}" in stats for m in GROUPED_MODULES):
+        if base not in stats or not any(current_label(stats, f"{base}+{m}") for m in GROUPED_MODULES):
             continue
         cells = [f"`{base}`"]
         for m in ("",) + GROUPED_MODULES:
-            s = stats.get(f"{base}+{m}" if m else base)
+            s = stats.get(current_label(stats, f"{base}+{m}") if m else base)
             if s is None:
                 cells.append("—")
             elif m:
@@ -205,15 +205,21 @@ def component_table(stats: dict[str, MethodStats]) -> list[str]:
         rows.append([f"{base} (paper, {PAPER})"] + [f"{paper[m]:.1f}" if m in paper else "—"
                                                     for m in ("",) + GROUPED_MODULES])
     return _table(["base loss", "base alone", "+gkp", "+gsa", "+gkp+gsa"], rows) + [
-        "", "Cells: Top-1 mean ± std over seeds (Δ vs base, beyond seed spread)."]
+        "", "Cells: Top-1 mean ± std over seeds (Δ vs base, beyond seed spread); a module with GSA is the default "
+            f"step (`#{DEFAULT_VARIANT}` where the label spells it out)."]
 
 
 def direction_table(stats: dict[str, MethodStats]) -> list[str]:
     """GSA ascent-direction ablation per base with `@` runs: ours next to the paper's Table 5."""
     rows = []
     for base in sorted({parse_label(m)[0] for m in stats}, key=_order_key):
-        full = f"{base}+gkp+gsa"
-        variants = [m for m in stats if m.startswith(full + "@") and "#" not in m]
+        # the default step's family (`@<direction>#<DEFAULT_VARIANT>`) when it has runs, else the plain labels
+        for suffix in (f"#{DEFAULT_VARIANT}", ""):
+            full = f"{base}+gkp+gsa{suffix}"
+            variants = [m for m in stats if m.startswith(f"{base}+gkp+gsa@") and m.endswith(suffix)
+                        and m.count("#") == suffix.count("#")]
+            if variants:
+                break
         if not variants:
             continue
         paper_order = list(PAPER_DIRECTIONS) + list(DIRECTIONS)
@@ -234,13 +240,18 @@ def direction_table(stats: dict[str, MethodStats]) -> list[str]:
                    f"paper Top-1 ({PAPER}, BCL base)"], rows)
 
 
-def default_label(stats: dict[str, MethodStats], base: str) -> str | None:
-    """The runs of the default GKP+GSA step on `base`: `<base>+gkp+gsa`, else the variant that spells the current
-    defaults out (run_grid.DEFAULT_VARIANT), else None."""
-    for label in (f"{base}+gkp+gsa", f"{base}+gkp+gsa#{DEFAULT_VARIANT}"):
-        if label in stats:
-            return label
+def current_label(stats: dict[str, MethodStats], label: str) -> str | None:
+    """The runs of `label` with the current default step: `<label>#<DEFAULT_VARIANT>` (the default spelled out,
+    run_grid.DEFAULT_VARIANT), else `<label>` itself, else None."""
+    for name in (f"{label}#{DEFAULT_VARIANT}", label):
+        if name in stats:
+            return name
     return None
+
+
+def default_label(stats: dict[str, MethodStats], base: str) -> str | None:
+    """The runs of the default GKP+GSA step on `base` (current_label of `<base>+gkp+gsa`)."""
+    return current_label(stats, f"{base}+gkp+gsa")
 
 
 def plot_pairs(stats: dict[str, MethodStats]) -> list[tuple[str, str]]:
@@ -372,10 +383,13 @@ def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str
 def group_table(stats: dict[str, MethodStats]) -> list[str]:
     """Top-1 of base+gkp+gsa at each group number G (`#G<n>` runs; the label without a variant is the recipe's G)."""
     rows = []
-    for full in sorted({m.partition("#")[0] for m in stats if parse_label(m)[1] == "gkp+gsa"}, key=_order_key):
-        counts = sorted((int(parse_label(m)[3][1:]), m) for m in stats
-                        if m.partition("#")[0] == full and parse_label(m)[3][:1] == "G")
-        if not counts or full not in stats:
+    for plain in sorted({m.partition("#")[0] for m in stats if parse_label(m)[1] == "gkp+gsa"}, key=_order_key):
+        # `#G<n>` beside the plain label, or `#<DEFAULT_VARIANT>_G<n>` beside the spelled-out default step
+        full = current_label(stats, plain)
+        prefix = "" if full == plain else f"{DEFAULT_VARIANT}_"
+        counts = sorted((int(v[len(prefix) + 1:]), m) for m in stats if m.partition("#")[0] == plain
+                        for v in [parse_label(m)[3]] if v.startswith(prefix + "G") and v[len(prefix) + 1:].isdigit())
+        if not counts or full is None:
             continue
         base = stats.get(parse_label(full)[0])
         for g, label in counts + [(stats[full].groups, full)]:

@@ -19,6 +19,7 @@ by default (the CPU machines have two cores).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -70,6 +71,9 @@ VARIANTS = {
     # a ten times smaller radius clamp (the perturbed-pass loss rose by a median 1.4 at the released one): the default
     "paper_exact_rho_div10": ["reading=paper", "gsa.perturbation=per_group_exact", "gsa.rho_clamp=[0.0002, 0.0003]"],
     "paper_exact_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact", "gkp.lam=1e5", _RELEASED_CLAMP],
+    # the default step with another group number (the paper's Table 4 ablation)
+    **{f"paper_exact_rho_div10_G{g}": ["reading=paper", "gsa.perturbation=per_group_exact",
+                                      "gsa.rho_clamp=[0.0002, 0.0003]", f"groups.num_groups={g}"] for g in (2, 6)},
     "paper_exact_rho_div10_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact",
                                      "gsa.rho_clamp=[0.0002, 0.0003]", "gkp.lam=1e5"],
     "lam0": ["gkp.lam=0"],                                                # GKP's control: alpha's schedule alone
@@ -103,10 +107,12 @@ GRIDS = {
         "ce+gkp+gsa#euclidean", "ce+gkp+gsa#share"]}),
     # the paper's schedule shape at 4x the budget: component ablations on CE and BCL, LA with BCL's classifier,
     # the direction ablation (paper Table 5) and the group number on BCL
+    # (the GSA rows spell the current default step out as DEFAULT_VARIANT; the averaged step's rows are history)
     "fmnist64": Grid("fmnist_lt_resnet8_long", "fmnist64", {
-        100: ["ce", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "la", "la#cosine", "la+gkp+gsa", "bcl", "bcl+gkp", "bcl+gsa",
-              "bcl+gkp+gsa"] + _BCL_TABLE5,
-        10: ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]}),
+        100: ["ce", "ce+gkp", f"ce+gsa#{DEFAULT_VARIANT}", f"ce+gkp+gsa#{DEFAULT_VARIANT}", "la", "la#cosine",
+              f"la+gkp+gsa#{DEFAULT_VARIANT}", "bcl", "bcl+gkp", f"bcl+gsa#{DEFAULT_VARIANT}",
+              f"bcl+gkp+gsa#{DEFAULT_VARIANT}"] + _BCL_TABLE5 + [f"{m}#{DEFAULT_VARIANT}" for m in _BCL_TABLE5],
+        10: ["ce", f"ce+gkp+gsa#{DEFAULT_VARIANT}", "bcl", f"bcl+gkp+gsa#{DEFAULT_VARIANT}"]}),
     # the grouped step's readings on the 64-epoch recipe against BCL and plain ASAM, GKP's control and strength sweep,
     # a 4x batch (docs/results.md, "Readings of the grouped step")
     "readings": Grid("fmnist_lt_resnet8_long", "fmnist64", {100: [
@@ -126,7 +132,7 @@ GRIDS = {
     "fmnist200": Grid("fmnist_lt_resnet32", "fmnist200", {100: ["la", "la+gkp+gsa"]}),
 }
 # extras: the paper's group-number ablation on the full method (G = 4 is the grid's own cell), and investigations
-EXTRAS = {"fmnist64": {100: ["bcl+gkp+gsa#G2", "bcl+gkp+gsa#G6"]},
+EXTRAS = {"fmnist64": {100: [f"bcl+gkp+gsa#{DEFAULT_VARIANT}_G2", f"bcl+gkp+gsa#{DEFAULT_VARIANT}_G6"]},
           # the paper's per-group perturbed pass (the first v2 default), and a smaller radius with it
           "fmnist16": {100: ["ce+gsa#per_group", "ce+gkp+gsa#per_group", "la+gkp+gsa#per_group",
                              "bcl+gkp+gsa#per_group", "ce+gkp+gsa#per_group_euclidean",
@@ -145,9 +151,9 @@ def overrides(label: str, ratio: int, seed: int) -> list[str]:
     """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2`."""
     base, mods, direction, variant = parse(label)
     out = BASES[base] + [f"method={METHOD_OF_MODULES[mods]}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
-    if direction:
-        out.append(f"gsa.direction={direction}")
-    return out + (VARIANTS[variant] if variant else [])
+    out += VARIANTS[variant] if variant else []
+    # the direction after the variant: a variant's `reading=...` presets the direction, a key set after it wins
+    return out + ([f"gsa.direction={direction}"] if direction else [])
 
 
 def result_dir(results: str, grid: Grid, label: str, ratio: int, seed: int) -> str:
@@ -170,6 +176,19 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
     if os.path.exists(os.path.join(dest, "train.log")):  # a run that stopped (diverged): its log is its result
         return f"skip {label} r={ratio} seed={seed} (stopped; its train.log is committed)"
     scratch = os.path.join(args.scratch, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
+    os.makedirs(scratch, exist_ok=True)
+    with open(os.path.join(scratch, "running.lock"), "w") as lock:
+        try:  # another runner (two grids share labels) trains this job now; the lock dies with its process
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"busy {label} r={ratio} seed={seed} (another runner trains it)"
+        if os.path.exists(os.path.join(dest, "results.json")):  # finished by that runner while this one waited
+            return f"skip {label} r={ratio} seed={seed}"
+        return _train_and_copy(grid, label, ratio, seed, args, dest, scratch)
+
+
+def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namespace, dest: str,
+                    scratch: str) -> str:
     cmd = [sys.executable, os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
     for o in overrides(label, ratio, seed) + args.overrides:
         cmd += ["--set", o]
@@ -177,7 +196,6 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.time()
-    os.makedirs(scratch, exist_ok=True)
     with open(os.path.join(scratch, "train.log"), "a") as log:
         proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
