@@ -12,8 +12,8 @@ gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md
    released code. With `group_grad_ema` the directions come from a per-group EMA of the group gradients.
 3. The perturbed group losses (Eq. 15), weighted as in Eq. 16: `per_group_exact` (the default) runs one
    whole-batch forward per group at theta + eps_g with the loss masked to the group; `per_group` one forward over
-   the group-sorted batch in which group g's samples see theta + eps_g (one pass, but with BatchNorm each group's
-   rows are normalised by their own segment, and on the 64-epoch grid some groups' losses fell); `averaged` one
+   the group-sorted batch in which group g's samples see theta + eps_g (one pass, but with BatchNorm every group is
+   normalised by the mixed perturbed batch, and on the 64-epoch grid some groups' losses fell); `averaged` one
    whole-batch pass at the batch-share mean of the eps_g (the released code's pass; refused for the h_g directions,
    whose batch-share mean is exactly zero). BatchNorm normalises the whole batch; its running statistics are left alone.
 4. theta restored, the GKP gradient (Eq. 6) added in one fused pass, the base optimizer's step.
