@@ -390,13 +390,19 @@ def test_collect_results_readings_gkp_strength_and_averaged_history(tmp_path: Pa
     stopped_reading = root / "fmnist64_r100" / "bcl+gkp+gsa#released" / "seed0"
     stopped_reading.mkdir(parents=True)
     (stopped_reading / "train.log").write_text("2026 ERROR lt_recipes: non-finite gradients\n")
+    # seeds 1 and 2 of the default step diverged: the row counts its finished seed and names the stopped ones
+    for seed in (1, 2):
+        log = root / "fmnist64_r100" / default / f"seed{seed}" / "train.log"
+        log.parent.mkdir(parents=True)
+        log.write_text("2026 ERROR lt_recipes: non-finite values\n")
     block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
     readings, strength = block.split("#### Readings of the grouped step")[1].split("#### GKP's strength")
-    assert _row(readings, default)[3:] == ["62.00", "80.00", "52.00", "35.00", "+2.00", "n/a", "75%", "-0.25"]
-    assert _row(strength, "bcl+gkp#lam1e4")[3:] == ["61.00", "32.00", "+1.00", "n/a", "0.2 (0.1-0.3)"]
+    assert _row(readings, default)[2:] == ["1 (seeds 1, 2 stopped)", "62.00", "80.00", "52.00", "35.00", "+2.00",
+                                           "n/a", "75%", "-0.25"]
+    assert _row(strength, "bcl+gkp#lam1e4")[2:] == ["1", "61.00", "32.00", "+1.00", "n/a", "0.2 (0.1-0.3)"]
     assert _row(readings, "bcl+gkp+gsa#released")[1:4] + _row(readings, "bcl+gkp+gsa#released")[-1:] == [
-        "(recipe)", "0", "stopped", "non-finite gradients"]
-    assert _row(strength, "bcl+gkp#lam1e6")[1:] == ["`gkp.lam=1e6`", "0", "stopped", "—", "—", "—",
+        "(recipe)", "0 (seed 0 stopped)", "stopped", "non-finite gradients"]
+    assert _row(strength, "bcl+gkp#lam1e6")[1:] == ["`gkp.lam=1e6`", "0 (seed 0 stopped)", "stopped", "—", "—", "—",
                                                    "weights became non-finite"]
     assert f"| fmnist64_r100 | `bcl+gkp+gsa` | 60.00 | 59.00 | 1 | 62.00 (`{default}`) |" in block
     assert f"| `bcl` | 60.00 (30.00) | 62.00 (35.00) | +2.00 |" in tool.headline_block(str(root))

@@ -172,6 +172,38 @@ def test_run_grid_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert grid.main(la) == 0 and capsys.readouterr().out.startswith("skip la r=100 seed=0 (stopped")
 
 
+@pytest.mark.parametrize("error, recorded", [
+    ("ERROR lt_recipes: non-finite values in the gradients of a SAM/GSA pass for 21 steps in a row", True),
+    ("ERROR lt_recipes: data.root /nowhere does not exist", False)])
+def test_run_grid_records_a_diverged_run_and_only_that(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture, error: str,
+                                                       recorded: bool) -> None:
+    """A job whose training stopped on non-finite values is a result (its args.yaml and train.log are kept, later
+    runners skip it); any other failure (bad input, a kill) is reported and left to rerun."""
+    grid = load_tool("run_grid")
+
+    def fake_train(cmd, cwd, env, stdout, stderr):  # the training subprocess: writes its log and args.yaml, exits 2
+        out = cmd[cmd.index("--output") + 1]
+        Path(out, "args.yaml").write_text("seed: 0\n")
+        stdout.write(f"2026-01-01 00:00:00,000 {error}\n")
+        return subprocess.CompletedProcess(cmd, 2)
+    monkeypatch.setattr(grid.subprocess, "run", fake_train)
+    results = tmp_path / "results"
+    argv = ["--grid", "readings", "--only", "bcl+gkp#lam1e7", "--seeds", "0", "--ratios", "100",
+            "--results", str(results), "--scratch", str(tmp_path / "scratch")]
+    assert grid.main(argv) == 0
+    out = capsys.readouterr().out
+    dest = results / "fmnist64_r100" / "bcl+gkp#lam1e7" / "seed0"
+    if recorded:
+        assert out.startswith("stopped (diverged) bcl+gkp#lam1e7 r=100 seed=0"), out
+        assert sorted(p.name for p in dest.iterdir()) == ["args.yaml", "train.log", "variant.json"]
+        assert grid.main(argv + ["--list"]) == 0
+        assert capsys.readouterr().out == "stopped bcl+gkp#lam1e7 r=100 seed=0\n"
+    else:
+        assert out.startswith("FAILED bcl+gkp#lam1e7 r=100 seed=0"), out
+        assert not dest.exists()
+
+
 @pytest.mark.parametrize("python", ["PYTHON", ".venv"])
 def test_main_sh(python: str, tmp_path: Path) -> None:
     """Two epochs of the main job into LT_OUTPUT; with .venv (no PYTHON), tools/setup_env.sh runs first."""

@@ -304,17 +304,18 @@ def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str
     rows = []
     for label in labels:
         if label not in stats:
-            error = failed_run(folder_dir, label)
-            if error is not None:
-                rows.append([f"`{label}`", variant_keys(os.path.join(folder_dir, label, "seed0")), "0", "stopped"]
-                            + ["—"] * 6 + [error])
+            stopped = stopped_seeds(folder_dir, label)
+            if stopped:
+                seed_dir = os.path.join(folder_dir, label, f"seed{stopped[0][0]}")
+                rows.append([f"`{label}`", variant_keys(seed_dir), seeds_cell(folder_dir, label, 0), "stopped"]
+                            + ["—"] * 6 + [stopped[0][1]])
             continue
         s, base = stats[label], stats.get(parse_label(label)[0])
         change = ["—", "—"]
         if base is not None and base is not s:
             d, verdict = delta_vs(base, s)
             change = [f"{d:+.2f}", verdict]
-        rows.append([f"`{label}`", _changed_keys(runs[label]), str(len(s.seeds))]
+        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(folder_dir, label, len(s.seeds))]
                     + [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change + ascent_cells(runs[label]))
     if not rows:
         return []
@@ -324,14 +325,25 @@ def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str
             "summary.csv, over every epoch after grouping and every seed; 100% means every group rose in every epoch."]
 
 
-def failed_run(folder_dir: str, label: str) -> str | None:
-    """For a label with no results but a committed seed-0 train.log (a run that stopped), its last ERROR message."""
-    log = os.path.join(folder_dir, label, "seed0", "train.log")
-    if not os.path.exists(log):
-        return None
-    with open(log) as f:
-        errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1].strip() for ln in f if " ERROR " in ln]
-    return errors[-1] if errors else "stopped without an error line"
+def stopped_seeds(folder_dir: str, label: str) -> list[tuple[int, str]]:
+    """(seed, last ERROR message) of each of `label`'s runs that stopped: a committed train.log, no results.json."""
+    out = []
+    for log in sorted(glob.glob(os.path.join(folder_dir, glob.escape(label), "seed*", "train.log"))):
+        if os.path.exists(os.path.join(os.path.dirname(log), "results.json")):
+            continue
+        with open(log) as f:
+            errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1].strip() for ln in f if " ERROR " in ln]
+        seed = int(Path(log).parent.name[len("seed"):])
+        out.append((seed, errors[-1] if errors else "stopped without an error line"))
+    return out
+
+
+def seeds_cell(folder_dir: str, label: str, finished: int) -> str:
+    """How many seeds finished, and which stopped: `2`, `1 (seed 1 stopped)`."""
+    stopped = [seed for seed, _ in stopped_seeds(folder_dir, label)]
+    if not stopped:
+        return str(finished)
+    return f"{finished} (seed{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped)"
 
 
 def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
@@ -341,14 +353,16 @@ def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[st
     rows = []
     for label in (m for m in labels if parse_label(m)[1] == "gkp"):
         if label not in stats:
-            error = failed_run(folder_dir, label)
-            if error is not None:
-                keys = variant_keys(os.path.join(folder_dir, label, "seed0"))
-                rows.append([f"`{label}`", keys, "0", "stopped", "—", "—", "—", error])
+            stopped = stopped_seeds(folder_dir, label)
+            if stopped:
+                keys = variant_keys(os.path.join(folder_dir, label, f"seed{stopped[0][0]}"))
+                rows.append([f"`{label}`", keys, seeds_cell(folder_dir, label, 0), "stopped", "—", "—", "—",
+                             stopped[0][1]])
             continue
         s, base = stats[label], stats.get(parse_label(label)[0])
         change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
-        rows.append([f"`{label}`", _changed_keys(runs[label]), str(len(s.seeds)), _fmt(s.mean["top1"], s.std["top1"]),
+        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(folder_dir, label, len(s.seeds)),
+                     _fmt(s.mean["top1"], s.std["top1"]),
                      _fmt(s.mean["few"], s.std["few"])] + change + [gkp_ratio_cell(runs[label])])
     if not rows:
         return []

@@ -198,19 +198,31 @@ def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argpars
     t0 = time.time()
     with open(os.path.join(scratch, "train.log"), "a") as log:
         proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+    diverged = proc.returncode != 0 and _diverged(os.path.join(scratch, "train.log"))
+    if proc.returncode != 0 and not diverged:
         return f"FAILED {label} r={ratio} seed={seed} (see {scratch}/train.log)"
     os.makedirs(dest, exist_ok=True)
-    for name in COPY:
+    # a diverged run is a result too: its train.log (with the error) is committed in place of results.json
+    for name in ["args.yaml", "train.log"] if diverged else COPY:
         if os.path.exists(os.path.join(scratch, name)):
             shutil.copy(os.path.join(scratch, name), os.path.join(dest, name))
     variant = parse(label)[3]
     if variant:
         with open(os.path.join(dest, "variant.json"), "w") as f:
             json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)
+    outcome = "stopped (diverged)" if diverged else "done"
     if args.commit:
-        commit(dest, f"results: {grid.folder} r={ratio} {label} seed {seed}", tables=not args.no_tables)
-    return f"done {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
+        message = f"results: {grid.folder} r={ratio} {label} seed {seed}" + (" stopped: diverged" if diverged else "")
+        commit(dest, message, tables=not args.no_tables)
+    return f"{outcome} {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
+
+
+def _diverged(log_path: str) -> bool:
+    """Whether a failed run stopped because training diverged: the last error its train.log records is the engine's
+    non-finite stop (lt_recipes.errors.NonFiniteError), not bad input or a kill."""
+    with open(log_path) as f:
+        errors = [ln for ln in f if " ERROR " in ln]
+    return bool(errors) and "non-finite" in errors[-1]
 
 
 TABLES = ["docs/results.md", "README.md", "docs/per_class_*.png"]  # what tools/collect_results.py writes
