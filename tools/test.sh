@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-.venv/bin/python -m pytest -q tests "$@"
+# two workers: most tests run one thread (or one-thread subprocesses), so the second core would sit idle
+.venv/bin/python -m pytest -q -n 2 tests "$@"
