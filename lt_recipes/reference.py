@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from sklearn.cluster import SpectralClustering
 
 from .choices import DIRECTIONS, SCALES, WEIGHTINGS
 
@@ -65,6 +64,8 @@ def class_affinity(class_vectors: torch.Tensor) -> np.ndarray:
 
 def spectral_groups(affinity: np.ndarray, num_groups: int, seed: int = 0) -> np.ndarray:
     """Eq. 2: normalized-cut spectral clustering of the class affinity graph into `num_groups` groups."""
+    from sklearn.cluster import SpectralClustering  # imported here: scikit-learn costs every process 2 s to import
+
     sc = SpectralClustering(n_clusters=num_groups, affinity="precomputed", random_state=seed)
     return sc.fit_predict(affinity)
 
