@@ -57,6 +57,12 @@ def log_file(path: str | None) -> Iterator[None]:
         handler.close()
 
 
+def last_error(log_path: str) -> str | None:
+    """The message of the last ERROR line of a log written in LOG_FORMAT (a run's train.log), None if it has none."""
+    with open(log_path) as f:
+        errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1].strip() for ln in f if " ERROR " in ln]
+    return errors[-1] if errors else None
+
 def _exit_code(fn: Callable[[], int]) -> int:
     """`fn()`'s exit code; bad input (an `LTRecipesError`: recipe, data, checkpoint, model) logs its message and gives
     2, Ctrl-C one line (what was kept, from `engine.Interrupted`) and 130, as a shell reports SIGINT."""

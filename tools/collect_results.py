@@ -33,6 +33,7 @@ import yaml
 from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure, read_json, read_summary,
                                  save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text
+from lt_recipes.cli import last_error
 from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES
 from lt_recipes.errors import AnalysisError, LTRecipesError
 
@@ -303,11 +304,11 @@ def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str
     train.log committed) with its error."""
     rows = []
     for label in labels:
+        stopped = stopped_seeds(folder_dir, label)
         if label not in stats:
-            stopped = stopped_seeds(folder_dir, label)
             if stopped:
                 seed_dir = os.path.join(folder_dir, label, f"seed{stopped[0][0]}")
-                rows.append([f"`{label}`", variant_keys(seed_dir), seeds_cell(folder_dir, label, 0), "stopped"]
+                rows.append([f"`{label}`", variant_keys(seed_dir), seeds_cell(0, stopped), "stopped"]
                             + ["—"] * 6 + [stopped[0][1]])
             continue
         s, base = stats[label], stats.get(parse_label(label)[0])
@@ -315,7 +316,7 @@ def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str
         if base is not None and base is not s:
             d, verdict = delta_vs(base, s)
             change = [f"{d:+.2f}", verdict]
-        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(folder_dir, label, len(s.seeds))]
+        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(len(s.seeds), stopped)]
                     + [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change + ascent_cells(runs[label]))
     if not rows:
         return []
@@ -331,19 +332,17 @@ def stopped_seeds(folder_dir: str, label: str) -> list[tuple[int, str]]:
     for log in sorted(glob.glob(os.path.join(folder_dir, glob.escape(label), "seed*", "train.log"))):
         if os.path.exists(os.path.join(os.path.dirname(log), "results.json")):
             continue
-        with open(log) as f:
-            errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1].strip() for ln in f if " ERROR " in ln]
         seed = int(Path(log).parent.name[len("seed"):])
-        out.append((seed, errors[-1] if errors else "stopped without an error line"))
+        out.append((seed, last_error(log) or "stopped without an error line"))
     return out
 
 
-def seeds_cell(folder_dir: str, label: str, finished: int) -> str:
-    """How many seeds finished, and which stopped: `2`, `1 (seed 1 stopped)`."""
-    stopped = [seed for seed, _ in stopped_seeds(folder_dir, label)]
+def seeds_cell(finished: int, stopped: Sequence[tuple[int, str]]) -> str:
+    """How many seeds finished, and which stopped (`stopped_seeds`): `2`, `1 (seed 1 stopped)`."""
     if not stopped:
         return str(finished)
-    return f"{finished} (seed{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped)"
+    seeds = ", ".join(str(seed) for seed, _ in stopped)
+    return f"{finished} (seed{'s' if len(stopped) > 1 else ''} {seeds} stopped)"
 
 
 def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
@@ -352,16 +351,15 @@ def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[st
     ||grad GKP|| / ||grad task|| as logged; a run that stopped (its train.log committed) with its error."""
     rows = []
     for label in (m for m in labels if parse_label(m)[1] == "gkp"):
+        stopped = stopped_seeds(folder_dir, label)
         if label not in stats:
-            stopped = stopped_seeds(folder_dir, label)
             if stopped:
                 keys = variant_keys(os.path.join(folder_dir, label, f"seed{stopped[0][0]}"))
-                rows.append([f"`{label}`", keys, seeds_cell(folder_dir, label, 0), "stopped", "—", "—", "—",
-                             stopped[0][1]])
+                rows.append([f"`{label}`", keys, seeds_cell(0, stopped), "stopped", "—", "—", "—", stopped[0][1]])
             continue
         s, base = stats[label], stats.get(parse_label(label)[0])
         change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
-        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(folder_dir, label, len(s.seeds)),
+        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(len(s.seeds), stopped),
                      _fmt(s.mean["top1"], s.std["top1"]),
                      _fmt(s.mean["few"], s.std["few"])] + change + [gkp_ratio_cell(runs[label])])
     if not rows:

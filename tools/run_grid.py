@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lt_recipes.choices import METHOD_MODULES
+from lt_recipes.cli import last_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = {
@@ -220,9 +221,8 @@ def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argpars
 def _diverged(log_path: str) -> bool:
     """Whether a failed run stopped because training diverged: the last error its train.log records is the engine's
     non-finite stop (lt_recipes.errors.NonFiniteError), not bad input or a kill."""
-    with open(log_path) as f:
-        errors = [ln for ln in f if " ERROR " in ln]
-    return bool(errors) and "non-finite" in errors[-1]
+    error = last_error(log_path)
+    return error is not None and "non-finite" in error
 
 
 TABLES = ["docs/results.md", "README.md", "docs/per_class_*.png"]  # what tools/collect_results.py writes
