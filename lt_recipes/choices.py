@@ -22,12 +22,8 @@ LOSSES = ("ce", "la", "bs", "ldam_drw", "bcl")
 LR_BASE_SCALES = ("linear", "sqrt")
 SCHEDULERS = ("cosine", "step", "multistep", "none")  # timm's schedulers by name; none keeps optim.lr
 
-# ---- the method (lt_recipes.method, grouping, gkp, gsa, ops) ------------------------------------------------------
-# Each method's modules on top of the base loss, as they appear in its label (ce+gkp+gsa).
-METHOD_MODULES: dict[str, tuple[str, ...]] = {
-    "none": (), "sam": ("sam",), "gkp": ("gkp",), "gsa": ("gsa",), "gkp_gsa": ("gkp", "gsa")}
-METHODS = tuple(METHOD_MODULES)
-GROUPED_METHODS = tuple(m for m, modules in METHOD_MODULES.items() if {"gkp", "gsa"} & set(modules))
+# ---- the method's options (grouping, gkp, steps.gsa, ops); the methods themselves are the step registry's
+# (lt_recipes.steps.registry) ---------------------------------------------------------------------------------------
 AFFINITIES = ("cosine",)
 BANK_DTYPES = ("fp32", "bf16")
 STATE_DTYPES = ("fp32", "bf16", "fp16")

@@ -21,10 +21,11 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
-                      CONTRASTIVE_VIEWS, DATASETS, DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_METHODS,
-                      GROUPED_STEPS, IN_MEMORY_AUGMENTS, LIST_DATASETS, LOSSES, LR_BASE_SCALES, METHODS, PERTURBATIONS,
-                      READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
+                      CONTRASTIVE_VIEWS, DATASETS, DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS,
+                      IN_MEMORY_AUGMENTS, LIST_DATASETS, LOSSES, LR_BASE_SCALES, PERTURBATIONS, READINGS, SAMPLERS,
+                      SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
+from .steps.registry import list_methods, split_method, step_info, uses_memory_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ SCHEMA: dict[str, Any] = {
     "name": Field("", STR),
     "epochs": Field(10, INT, _at_least(1)),
     "seed": Field(0, INT, _at_least(0)),
-    "method": Field("none", STR, choices=METHODS),
+    # a registered step (lt_recipes.steps), with GKP as gkp_<step> (gkp alone: the plain step with GKP)
+    "method": Field("none", STR, choices=list_methods()),
     # a named reading of the method: a preset of the keys in READINGS, applied where it is set (docs/method.md)
     "reading": Field("paper", STR, choices=READINGS),
     "log_interval": Field(50, INT, _at_least(1)),
@@ -222,10 +224,30 @@ SCHEMA: dict[str, Any] = {
         "sync": Field(True, BOOL),
         "backend": Field("auto", STR, choices=BACKENDS),
     },
-    "sam": {
-        "rho": Field(0.05, FLOAT, _positive),
-        "adaptive": Field(False, BOOL),
+    # the sharpness-aware peers' options, one section per step (lt_recipes.steps), each at its authors' CIFAR-100-LT
+    # setting (docs/method.md, "The sharpness-aware peers")
+    "sam": {"rho": Field(0.05, FLOAT, _at_least(0.0))},
+    "asam": {"rho": Field(2.0, FLOAT, _at_least(0.0))},
+    "fsam": {
+        "rho": Field(0.2, FLOAT, _at_least(0.0)),
+        "sigma": Field(1.0, FLOAT),
+        "lam": Field(0.6, FLOAT, _between(0.0, 1.0)),
     },
+    "imbsam": {
+        "rho": Field(0.05, FLOAT, _at_least(0.0)),
+        # the tail is {c : n_c < eta}; null: the few-shot boundary of the Many/Medium/Few split (20 images)
+        "eta": Field(None, FLOAT, _positive, nullable=True),
+    },
+    "focal_sam": {
+        "rho": Field(0.3, FLOAT, _at_least(0.0)),
+        "gamma": Field(3.2, FLOAT, _at_least(0.0)),
+        "lam": Field(0.8, FLOAT, _between(0.0, 1.0)),
+    },
+    "cc_sam": {
+        "rho": Field(1e-6, FLOAT, _at_least(0.0)),
+        "beta": Field(0.5, FLOAT, _between(0.0, 1.0)),
+    },
+    "gbg": {"num_groups": Field(4, INT, _at_least(1))},
     "alpha": {
         "start": Field(0.95, FLOAT, _between(0.0, 1.0)),
         "end": Field(0.6, FLOAT, _between(0.0, 1.0)),
@@ -424,7 +446,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                           f"and model.cosine_scale=1 (got {model['classifier']}, scale {model['cosine_scale']:g})")
     if cfg["alpha"]["end"] > cfg["alpha"]["start"]:
         raise ConfigError("alpha.end must not exceed alpha.start (alpha decays over the method's epochs)")
-    if cfg["method"] in GROUPED_METHODS and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
+    if uses_memory_groups(cfg["method"]) and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
         raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
                           f"for method={cfg['method']}: lower groups.start_epoch, or give it as a fraction of the "
                           "run (groups.start_epoch=0.1: from 10% of epochs)")
@@ -446,8 +468,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("gkp.fisher=ema needs the group gradients of gsa.step=grouped; the released step has none")
     if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
         raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa")
-    if cfg["method"] == "sam" and cfg["gsa"]["direction"] != "gsa":
-        raise ConfigError("gsa.direction applies to methods gsa/gkp_gsa, not method=sam")
+    step = split_method(cfg["method"])[0]
+    if step != "gsa" and (gsa["direction"] != "gsa" or gsa["step"] != "grouped"):
+        raise ConfigError(f"gsa.direction and gsa.step set the grouped step of methods gsa/gkp_gsa, not "
+                          f"method={cfg['method']} (its options are the section {step_info(step).section or 'none'})")
     sched = cfg["sched"]
     if sched["warmup_epochs"] >= cfg["epochs"]:
         raise ConfigError(f"sched.warmup_epochs={sched['warmup_epochs']} must be < epochs={cfg['epochs']}: lower "
@@ -521,6 +545,16 @@ def _apply_reading(cfg: dict[str, Any], name: Any, source: str) -> None:
         _merge(cfg, _nest(key, value), "", f"{source} (reading {name})")
 
 
+def _retire(raw: dict[str, Any]) -> None:
+    """Rewrite keys that runs trained before a schema change wrote into their args.yaml: `sam.adaptive` (method
+    sam with ASAM's scaling) became the step `asam` with its own `asam.rho`."""
+    sam = raw.get("sam")
+    if isinstance(sam, dict) and "adaptive" in sam:
+        if sam.pop("adaptive") is True and raw.get("method") in ("sam", "gkp_sam"):
+            raw["method"] = raw["method"].replace("sam", "asam")
+            raw["asam"] = {"rho": sam.pop("rho", SCHEMA["sam"]["rho"].default)}
+
+
 def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
 
@@ -536,6 +570,7 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         raise ConfigError(f"recipe file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe file {path} must hold a mapping of keys")
+    _retire(raw)
     cfg = defaults()
     if "reading" in raw:
         try:

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from .choices import GKP_NORMS
-from .gsa import ordered_parameters
+from .models import ordered_parameters
 
 _logger = logging.getLogger(__name__)
 

@@ -208,10 +208,10 @@ def compute_groups(bank: MemoryBank, num_groups: int, train_counts: list[int], s
             _logger.warning("groups: affinity graph has %d connected components; adding 1e-6 to every edge", n_comp)
             aff = aff + 1e-6
         labels = reference.spectral_groups(aff, num_groups, seed)
-    return _order_head_first(labels, train_counts)
+    return order_head_first(labels, train_counts)
 
 
-def _order_head_first(labels: np.ndarray, train_counts: list[int]) -> np.ndarray:
+def order_head_first(labels: np.ndarray, train_counts: list[int]) -> np.ndarray:
     """Relabel groups 0..G'-1 (dropping empty ones) by decreasing training samples, so group 0 is the head group."""
     counts = np.asarray(train_counts)
     present = np.unique(labels)

@@ -1,11 +1,15 @@
-"""Training methods on top of a base loss: plain steps, SAM, and the paper's GKP / GSA (recipe key `method`).
+"""Training methods: a registered step (lt_recipes.steps) on top of a base loss, optionally carrying GKP (recipe key
+`method`: `<step>` or `gkp_<step>`, `gkp` for the plain step with GKP).
 
 `create_method` turns the recipe into one object with the hooks the engine calls: `epoch_start`, `train_step`,
-`epoch_end`, `artifacts` and `state_dict`. The grouped method warms up with plain base steps, evaluates class
-feature quality on the held-out validation split after every `groups.eval_interval` epochs to update the memory
-bank, groups at `groups.start_epoch` (and every `groups.interval` epochs after), and then trains with Eq. 16.
-Under several processes the bank is the main process's alone; the groups and anchors are broadcast from it
-(lt_recipes.distributed) and the Fisher is estimated by all processes together.
+`epoch_end`, `artifacts` and `state_dict`. Every step runs on the step core (flat parameters, one loss scale, DDP
+reduction, clipping, skipping). A method that carries GKP or runs the grouped step (`GroupedMethod`) warms up with
+its step without GKP (the grouped step: with the plain step), evaluates class feature quality on the held-out
+validation split after every `groups.eval_interval` epochs to update the memory bank, groups at
+`groups.start_epoch` (and every `groups.interval` epochs after), and then trains with Eq. 16. Under several
+processes the bank is the main process's alone; the groups and anchors are broadcast from it
+(lt_recipes.distributed) and the Fisher is estimated by all processes together. GBG forms its own groups from the
+initial weights, before the first step.
 """
 from __future__ import annotations
 
@@ -20,40 +24,53 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import faults, reference
-from .batchnorm import BNState
-from .choices import GROUPED_METHODS, METHOD_MODULES
 from .data import LTData
 from .distributed import broadcast_groups, format_per_process, gather_counts
 from .errors import NonFiniteError
 from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups, feature_quality
-from .gsa import SAM, GroupedSAM, LossScaler, StepStats, is_classifier
-from .released import ReleasedGSA
+from .models import is_classifier, ordered_parameters
+from .steps import create_step, method_modules, split_method, step_info, uses_memory_groups
+from .steps.core import LossScaler, StepCore, StepStats
+from .steps.released import ReleasedGSA
 
 _logger = logging.getLogger(__name__)
 
 
-def create_grouped_step(cfg: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, perturb: bool = True,
-                        **kw: Any) -> GroupedSAM | ReleasedGSA:
-    """The step of a grouped method from the recipe: `gsa.step` grouped (GroupedSAM with the gsa.* options) or
-    released (the authors' script's step); `kw` passes autocast, scaler, clip_grad."""
+def create_grouped_step(cfg: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                        **kw: Any) -> StepCore:
+    """The grouped step from the recipe: `gsa.step` grouped (GroupedSAM with the gsa.* options) or released (the
+    authors' script's step); `kw` passes autocast, scaler, clip_grad."""
     g, G = cfg["gsa"], cfg["groups"]["num_groups"]
     if g["step"] == "released":
         return ReleasedGSA(model, optimizer, num_groups=G, z=0.1 if g["z"] is None else g["z"],
-                           rho_clamp=(0.002, 0.003) if g["rho_clamp"] == "auto" else g["rho_clamp"], scale=g["scale"],
-                           friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"],
-                           backend=g["backend"], **kw)
-    return GroupedSAM(model, optimizer, num_groups=G, direction=g["direction"], scale=g["scale"], z=g["z"],
-                      rho_clamp=g["rho_clamp"], group_grads=g["group_grads"], perturbation=g["perturbation"],
-                      group_weighting=g["group_weighting"], regularizer=g["regularizer"],
-                      friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"],
-                      group_grad_ema=g["group_grad_ema"], sync=g["sync"], perturb=perturb, backend=g["backend"], **kw)
+                           rho_clamp=(0.002, 0.003) if g["rho_clamp"] == "auto" else g["rho_clamp"],
+                           scale=g["scale"], friendly_sigma=g["friendly_sigma"],
+                           friendly_momentum=g["friendly_momentum"], backend=g["backend"], **kw)
+    return create_step("gsa", model, optimizer, num_groups=G, direction=g["direction"], scale=g["scale"], z=g["z"],
+                       rho_clamp=g["rho_clamp"], group_grads=g["group_grads"], perturbation=g["perturbation"],
+                       group_weighting=g["group_weighting"], regularizer=g["regularizer"],
+                       friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"],
+                       group_grad_ema=g["group_grad_ema"], sync=g["sync"], backend=g["backend"], **kw)
+
+
+def build_step(cfg: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+               data: LTData, **kw: Any) -> StepCore:
+    """The recipe's step: its registered class with its recipe section's options and what it uses from the run
+    (training counts, the base's classification loss); `kw` passes autocast, scaler, clip_grad."""
+    name = split_method(cfg["method"])[0]
+    if name == "gsa":
+        return create_grouped_step(cfg, model, optimizer, **kw)
+    info = step_info(name)
+    options = dict(cfg[info.section]) if info.section else {}
+    run = {"class_counts": list(data.train_counts), "head_losses": criterion.classification_losses}
+    return create_step(name, model, optimizer, **options, **{k: run[k] for k in info.uses}, **kw)
 
 
 def method_label(cfg: dict[str, Any]) -> str:
     """`<base>` or `<base>+<modules>`, with `@<direction>` when the paper's grouped step ascends along a non-default
     direction (the released step's direction is its own, named by its reading)."""
-    modules = METHOD_MODULES[cfg["method"]]
+    modules = method_modules(cfg["method"])
     label = "+".join([cfg["loss"]["name"], *modules])
     if "gsa" in modules and cfg["gsa"]["step"] == "grouped" and cfg["gsa"]["direction"] != "gsa":
         label += f"@{cfg['gsa']['direction']}"
@@ -72,7 +89,8 @@ def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 class Method:
-    """Method `none`: one forward/backward of the base loss per step (Accelerate handles DDP and loss scaling)."""
+    """A registered step on the base loss, without groups (GBG: with its gradient groups, formed before the first
+    step from the initial weights)."""
 
     def __init__(self, cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
                  accelerator: Accelerator) -> None:
@@ -81,49 +99,67 @@ class Method:
         self.criterion = criterion
         self.data = data
         self.acc = accelerator
-        self.skipped_steps = 0
+        self.step_name, self.use_gkp = split_method(cfg["method"])
+        self.info = step_info(self.step_name)
         self.nonfinite_run = 0
-        self.bn_state = BNState(model)
+        self.gradient_labels: np.ndarray | None = None
 
     def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
-        """Attach the prepared (possibly DDP-wrapped) model, optimizer and validation loader."""
+        """Attach the prepared (possibly DDP-wrapped) model, optimizer and validation loader; build the step."""
         self.ddp_model = ddp_model
         self.optimizer = optimizer
         self.val_loader = val_loader
+        self.step_fn = build_step(self.cfg, self.model, _raw_optimizer(optimizer), self.criterion, self.data,
+                                  autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
+                                  clip_grad=self.cfg["optim"]["clip_grad"])
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (the step core's one counter)."""
+        return self.step_fn.skipped_steps
 
     def epoch_start(self, epoch: int) -> None:
-        """Hook before an epoch's first step."""
+        """Hook before an epoch's first step: GBG's gradient grouping before the run's first step."""
+        if self.info.grouping == "gradient" and self.gradient_labels is None:
+            self._gradient_groups()
+
+    def _gradient_groups(self) -> None:
+        from .steps.gbg import gradient_groups
+        with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+            covered, _ = ordered_parameters(self.model, is_classifier)
+            self.gradient_labels = gradient_groups(
+                self.model, self.criterion.classification_losses, self.data.train_eval,
+                np.asarray(self.data.train_targets), self.data.num_classes, self.cfg[self.info.section]["num_groups"],
+                covered, self.cfg["data"]["eval_batch_size"], self.acc.device, self.acc.autocast, self.cfg["seed"])
+        self._install_gradient_groups()
+        _logger.info("%s groups from the initial weights' class gradients: %s", self.step_name,
+                     [np.flatnonzero(self.gradient_labels == g).tolist() for g in range(self.gradient_labels.max() + 1)])
+
+    def _install_gradient_groups(self) -> None:
+        counts = np.asarray(self.data.train_counts)
+        G = int(self.gradient_labels.max()) + 1
+        self.step_fn.set_groups(self.gradient_labels, [int(counts[self.gradient_labels == g].sum()) for g in range(G)])
 
     def _nonfinite(self, epoch: int, step: int, where: str) -> None:
-        self.skipped_steps += 1
         self.nonfinite_run += 1
         if self.nonfinite_run > self.cfg["max_nonfinite_steps"]:
             raise NonFiniteError(f"non-finite values in {where} for {self.nonfinite_run} steps in a row "
                                  f"(epoch {epoch}, step {step}); lower optim.lr or check the data")
 
-    def base_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
-        self.bn_state.save()
-        with self.acc.autocast():
-            loss = self.criterion(self.ddp_model, inputs, targets)
-        if not bool(torch.isfinite(loss.detach())):
-            self.bn_state.restore()
-            self.optimizer.zero_grad(set_to_none=False)
-            self._nonfinite(epoch, step, "the base loss")
-            return None
-        self.acc.backward(loss)
-        if self.cfg["optim"]["clip_grad"] is not None:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg["optim"]["clip_grad"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        if self.acc.optimizer_step_was_skipped:
-            self._nonfinite(epoch, step, "the gradients (fp16 overflow)")
+    def _loss_fn(self, inputs: Any, targets: torch.Tensor):
+        """Per-sample losses of the batch rows idx (the steps' loss function)."""
+        return lambda idx: self.criterion.per_sample(self.model, index_inputs(inputs, idx), targets[idx])
+
+    def _finish(self, stats: StepStats, epoch: int, step: int) -> float | None:
+        if stats.skipped:
+            self._nonfinite(epoch, step, "the loss or gradients of the step")
             return None
         self.nonfinite_run = 0
-        return float(loss.detach())
+        return stats.loss
 
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
         """One optimisation step; returns the batch loss, or None when the step was skipped."""
-        return self.base_step(inputs, targets, epoch, step)
+        return self._finish(self.step_fn.step(self._loss_fn(inputs, targets), targets), epoch, step)
 
     def epoch_end(self, epoch: int) -> dict[str, Any]:
         """Hook after an epoch; returns extra summary.csv columns."""
@@ -131,54 +167,31 @@ class Method:
 
     def artifacts(self) -> dict[str, Any]:
         """Extra JSON files for the run directory, by file name."""
-        return {}
+        if self.gradient_labels is None:
+            return {}
+        return {"groups.json": {"groups": [np.flatnonzero(self.gradient_labels == g).tolist()
+                                           for g in range(int(self.gradient_labels.max()) + 1)],
+                                "weights": [None if math.isnan(w) else w for w in self.step_fn.last_weights]}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+        return {"step": self.step_fn.state_dict(),
+                "gradient_labels": None if self.gradient_labels is None else self.gradient_labels.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skipped_steps = int(state["skipped_steps"])
-
-    def _loss_fn(self, inputs: Any, targets: torch.Tensor):
-        """Per-sample losses of the batch rows idx (the SAM-style steps' loss function)."""
-        return lambda idx: self.criterion.per_sample(self.model, index_inputs(inputs, idx), targets[idx])
-
-    def _finish(self, stats: StepStats, epoch: int, step: int) -> float | None:
-        if stats.skipped:
-            self._nonfinite(epoch, step, "the gradients of a SAM/GSA pass")
-            return None
-        self.nonfinite_run = 0
-        return stats.loss
-
-
-class SAMMethod(Method):
-    """Method `sam`: plain SAM with radius `sam.rho` on the base loss (a baseline for GSA)."""
-
-    def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
-        super().bind(ddp_model, optimizer, val_loader)
-        self.sam = SAM(self.model, _raw_optimizer(optimizer), rho=self.cfg["sam"]["rho"],
-                       adaptive=self.cfg["sam"]["adaptive"], autocast=self.acc.autocast,
-                       scaler=LossScaler(self.acc.mixed_precision == "fp16"), clip_grad=self.cfg["optim"]["clip_grad"])
-
-    def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
-        return self._finish(self.sam.step(self._loss_fn(inputs, targets), targets), epoch, step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "scaler": self.sam.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.sam.scaler.load_state_dict(state["scaler"])
+        self.step_fn.load_state_dict(state["step"])
+        if state.get("gradient_labels") is not None:
+            self.gradient_labels = np.asarray(state["gradient_labels"], dtype=np.int64)
+            self._install_gradient_groups()
 
 
 class GroupedMethod(Method):
-    """Methods `gkp`, `gsa`, `gkp_gsa`: memory bank, grouping, Fisher, and the Eq. 16 step via GroupedSAM."""
+    """Methods with GKP (`gkp`, `gkp_<step>`) or the grouped step (`gsa`): memory bank, grouping, Fisher, and the
+    Eq. 16 step."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         gcfg = self.cfg["groups"]
-        self.use_gkp = "gkp" in METHOD_MODULES[self.cfg["method"]]
-        self.use_gsa = "gsa" in METHOD_MODULES[self.cfg["method"]]
+        self.memory_step = self.info.grouping == "memory"  # the step itself runs on the memory-based groups
         # one bank per run, on the main process: it groups and averages the anchors, the others get both broadcast
         self.bank = MemoryBank(self.data.num_classes, gcfg["bank_dtype"], gcfg["bank_spill_dir"]) \
             if self.acc.is_main_process else None
@@ -193,18 +206,13 @@ class GroupedMethod(Method):
         self.alpha = 1.0
         self._epoch_stats: dict[str, list[float]] = defaultdict(list)
 
-    def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
-        super().bind(ddp_model, optimizer, val_loader)
-        self.step_fn = create_grouped_step(
-            self.cfg, self.model, _raw_optimizer(optimizer), perturb=self.use_gsa, autocast=self.acc.autocast,
-            scaler=LossScaler(self.acc.mixed_precision == "fp16"), clip_grad=self.cfg["optim"]["clip_grad"])
-
     # ---- schedule ------------------------------------------------------------------------------------------
     def _grouping_due(self, epoch: int) -> bool:
         start, interval = self.cfg["groups"]["start_epoch"], self.cfg["groups"]["interval"]
         return epoch == start or (interval > 0 and epoch > start and (epoch - start) % interval == 0)
 
     def epoch_start(self, epoch: int) -> None:
+        super().epoch_start(epoch)
         if self._grouping_due(epoch):
             # the bank, grouping and Fisher draw no random numbers from the training stream
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
@@ -270,7 +278,8 @@ class GroupedMethod(Method):
         self.group_epochs.append(epoch)
         faults.hit("grouping")
         classes, samples = self._group_sizes()
-        self.step_fn.set_groups(self.labels, samples)
+        if self.memory_step:
+            self.step_fn.set_groups(self.labels, samples)
         if self.use_gkp:
             k = self.cfg["gkp"]
             if k["fisher"] != "ema":
@@ -287,13 +296,15 @@ class GroupedMethod(Method):
         classes, samples = self._group_sizes()
         k = self.cfg["gkp"]
         self.step_fn.set_gkp(self.anchors, self.fisher,
-                             gkp_strength(classes, samples, k["lam"], k["norm"]).to(self.acc.device))
+                             gkp_strength(classes, samples, k["lam"], k["norm"]).to(self.acc.device), self.labels)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
-        if self.labels is None:
-            return self.base_step(inputs, targets, epoch, step)
-        stats = self.step_fn.step(self._loss_fn(inputs, targets), targets, alpha=self.alpha)
+        loss_fn = self._loss_fn(inputs, targets)
+        if self.labels is None:  # before the first grouping: the grouped step's plain step, or the step without GKP
+            stats = self.step_fn.plain_step(loss_fn, targets) if self.memory_step else self.step_fn.step(loss_fn, targets)
+            return self._finish(stats, epoch, step)
+        stats = self.step_fn.step(loss_fn, targets, alpha=self.alpha)
         if not stats.skipped:
             for key, values in (("loss", stats.group_loss), ("rho", stats.rho), ("cos", stats.cos),
                                 ("ascent", stats.ascent)):
@@ -342,10 +353,9 @@ class GroupedMethod(Method):
                 # the EMA Fisher is the step's own state (saved there): a second copy would double it on a GPU
                 "fisher": None if self.fisher is None or self.cfg["gkp"]["fisher"] == "ema" else self.fisher.cpu(),
                 "group_epochs": list(self.group_epochs), "alpha_history": list(self.alpha_history),
-                "quality": self.quality, "rho_last": list(self.rho_last), "step": self.step_fn.state_dict()}
+                "quality": self.quality, "rho_last": list(self.rho_last)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
         self.bank_snapshots = len({u for u in state["bank"]["class_snapshot"] if u >= 0})
@@ -356,8 +366,9 @@ class GroupedMethod(Method):
         if state["labels"] is not None:
             self.labels = np.asarray(state["labels"], dtype=np.int64)
             self.anchors = state["anchors"].to(self.acc.device)
-            self.step_fn.set_groups(self.labels, self._group_sizes()[1])
-        self.step_fn.load_state_dict(state["step"])
+            if self.memory_step:  # before the step's state: a new grouping resets the step's per-group state
+                self.step_fn.set_groups(self.labels, self._group_sizes()[1])
+        super().load_state_dict(state)
         if self.cfg["gkp"]["fisher"] == "ema":
             self.fisher = self.step_fn.fisher_ema
         elif state["fisher"] is not None:
@@ -366,12 +377,8 @@ class GroupedMethod(Method):
             self._install_gkp()
 
 
-# The class of every recipe `method` (lt_recipes.choices.METHODS).
-METHOD_CLASSES: dict[str, type[Method]] = {"none": Method, "sam": SAMMethod,
-                                           **dict.fromkeys(GROUPED_METHODS, GroupedMethod)}
-
-
 def create_method(cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
                   accelerator: Accelerator) -> Method:
-    """The method object for `cfg["method"]`."""
-    return METHOD_CLASSES[cfg["method"]](cfg, model, criterion, data, accelerator)
+    """The method object for `cfg["method"]`: `GroupedMethod` when it needs the memory-based groups."""
+    cls = GroupedMethod if uses_memory_groups(cfg["method"]) else Method
+    return cls(cfg, model, criterion, data, accelerator)

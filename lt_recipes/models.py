@@ -27,7 +27,24 @@ from .segments import shared
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model"]
+__all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model", "is_classifier",
+           "ordered_parameters"]
+
+# LTModel's classifier: the parameters GKP leaves out and the flattened buffers put last.
+CLASSIFIER_PREFIX = "classifier."
+
+
+def is_classifier(name: str) -> bool:
+    """Whether a parameter name belongs to the classifier (`CLASSIFIER_PREFIX`), which GKP does not cover."""
+    return name.startswith(CLASSIFIER_PREFIX)
+
+
+def ordered_parameters(model: nn.Module,
+                       is_excluded: Callable[[str], bool] = is_classifier) -> tuple[list[nn.Parameter],
+                                                                                   list[nn.Parameter]]:
+    """Trainable parameters split into the GKP-covered ones (encoder and heads) and the excluded ones (classifier)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [p for n, p in named if not is_excluded(n)], [p for n, p in named if is_excluded(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,8 +216,8 @@ def _mlp_head(in_features: int, hidden: int, out: int) -> nn.Sequential:
 class LTModel(nn.Module):
     """A timm backbone (created with num_classes=0, so its forward returns pooled features) plus our classifier.
 
-    `classifier` is the only module whose parameter names start with "classifier." (`gsa.CLASSIFIER_PREFIX`: GKP
-    and GSA rely on that to leave it out). With `proj_dims=(hidden, out)`, `proj_head` maps features to the
+    `classifier` is the only module whose parameter names start with "classifier." (`CLASSIFIER_PREFIX`: GKP and
+    the steps rely on that to leave it out or put it last). With `proj_dims=(hidden, out)`, `proj_head` maps features to the
     contrastive embedding and `proto_head`, a same-shaped MLP with its own parameters, maps the classifier's weight
     rows to class prototypes.
     """

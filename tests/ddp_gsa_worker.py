@@ -9,7 +9,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta  # noqa: E402
 
-from lt_recipes.gsa import GroupedSAM  # noqa: E402
+from lt_recipes.steps import GroupedSAM  # noqa: E402
 
 
 def main(out: str, sync: bool, group_grads: str) -> None:

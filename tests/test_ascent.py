@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lt_recipes.choices import GROUPED_METHODS
+from lt_recipes.steps import uses_memory_groups
 from lt_recipes.config import flatten, load_config
 from lt_recipes.data.in_memory import read_digits
 from lt_recipes.data.profile import long_tail_indices
-from lt_recipes.gsa import GroupedSAM
+from lt_recipes.steps import GroupedSAM
 from lt_recipes.method import create_grouped_step
 from test_config import RECIPES
 
@@ -87,7 +87,7 @@ def _grouped_recipes() -> dict[str, dict]:
     for name in RECIPES:
         cfg = load_config(name)
         key = tuple(sorted(flatten(cfg["gsa"]).items(), key=str))
-        if cfg["method"] in GROUPED_METHODS and key not in seen:
+        if uses_memory_groups(cfg["method"]) and key not in seen:
             seen.add(key)
             out[name] = cfg
     return out

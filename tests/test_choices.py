@@ -13,16 +13,17 @@ from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES, DataError, EpochSampler, 
 from lt_recipes.data.constants import MEAN_STD
 from lt_recipes.gkp import gkp_strength
 from lt_recipes.grouping import DTYPES, MemoryBank
-from lt_recipes.gsa import GroupedSAM
+from lt_recipes.steps import GroupedSAM
 from lt_recipes.losses import BCL, LOSS_BUILDERS, create_loss
-from lt_recipes.method import METHOD_CLASSES, GroupedMethod, method_label
+from lt_recipes.method import method_label
+from lt_recipes.steps import list_methods, list_steps, step_class, step_info
 from lt_recipes.models import LTModel
 from lt_recipes.optim import scaled_lr
 from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
 
 # Every schema key that takes one of a few names, and the tuple of lt_recipes.choices it offers.
 OPTION_KEYS = {
-    "method": choices.METHODS, "data.dataset": choices.DATASETS, "data.augment": choices.AUGMENTS,
+    "method": list_methods(), "data.dataset": choices.DATASETS, "data.augment": choices.AUGMENTS,
     "data.contrastive_views": choices.CONTRASTIVE_VIEWS, "data.sampler": choices.SAMPLERS,
     "model.classifier": choices.CLASSIFIERS, "loss.name": choices.LOSSES, "optim.lr_base_scale": choices.LR_BASE_SCALES,
     "sched.sched": choices.SCHEDULERS, "groups.affinity": choices.AFFINITIES, "groups.bank_dtype": choices.BANK_DTYPES,
@@ -62,8 +63,7 @@ def test_schema_offers_the_tuples_of_choices():
 
 def test_registries_name_exactly_the_options():
     assert tuple(LOSS_BUILDERS) == choices.LOSSES
-    assert tuple(METHOD_CLASSES) == choices.METHODS
-    assert [m for m, cls in METHOD_CLASSES.items() if cls is GroupedMethod] == list(choices.GROUPED_METHODS)
+    assert SCHEMA["method"].choices == list_methods()
     assert tuple(DTYPES) == choices.STATE_DTYPES and set(choices.BANK_DTYPES) <= set(DTYPES)
     assert choices.CONTRASTIVE_VIEWS == (0, BCL.contrastive_views)
 
@@ -72,7 +72,7 @@ def test_every_loss_and_method_is_its_own():
     cfg = defaults()
     losses = {name: type(create_loss({**cfg["loss"], "name": name}, [30, 9, 2], 10)) for name in choices.LOSSES}
     _pairwise_different(losses)
-    labels = {m: method_label({**cfg, "method": m}) for m in choices.METHODS}
+    labels = {m: method_label({**cfg, "method": m}) for m in list_methods()}
     _pairwise_different(labels)
 
 

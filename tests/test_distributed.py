@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import free_port
 from test_faults import summary_without_time
 from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
-from lt_recipes.gsa import GroupedSAM
+from lt_recipes.steps import GroupedSAM, list_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**{k: v for k, v in os.environ.items() if k != "LT_RECIPES_FAILPOINT"}, "OMP_NUM_THREADS": "1",
@@ -174,3 +174,19 @@ def test_a_data_root_missing_on_one_node_is_named_on_every_node(tmp_path):
         assert f"data.root='data' does not exist or is not a directory: {missing} on rank " in err, err[-3000:]
         assert "(1 of 2 processes)" in err and str(nodes[0] / "data") not in err
     assert "node " in results[0][1].split(missing)[1].split("\n")[0]
+
+
+def test_every_step_under_ddp_equals_the_one_process_step_on_the_global_batch(tmp_path):
+    """2-process gloo: two steps of every registered step on each rank's half of the batch give, on every rank, the
+    parameters of the same steps in one process on the whole batch (ascent directions, class and group gradients
+    reduced over ranks)."""
+    from test_steps import run_two_steps
+
+    out = tmp_path / "steps.pt"
+    torchrun([os.path.join(ROOT, "tests", "ddp_steps_worker.py"), str(out)], tmp_path)
+    got = torch.load(out)
+    assert set(got) == {s for s in list_steps() if s != "gsa"}
+    for name, thetas in got.items():
+        want = run_two_steps(name)
+        for theta in thetas:
+            torch.testing.assert_close(theta, want, rtol=1e-9, atol=1e-11, msg=name)

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from lt_recipes import ops, reference
 from lt_recipes.gkp import estimate_fisher, gkp_strength
-from lt_recipes.gsa import is_classifier, ordered_parameters
+from lt_recipes.models import is_classifier, ordered_parameters
 
 
 @pytest.mark.parametrize("norm", ["per_classes", "per_samples"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lt_recipes import reference
-from lt_recipes.grouping import MemoryBank, _order_head_first, compute_groups, feature_quality
+from lt_recipes.grouping import MemoryBank, order_head_first, compute_groups, feature_quality
 
 
 def _hand_example():
@@ -74,7 +74,7 @@ def test_bank_groups_and_anchors_equal_naive_bank():
     assert len(bank.uids) > 2, "the example must produce several distinct snapshots"
     for G in (2, 3):
         labels = compute_groups(bank, G, counts, seed=0)
-        naive_labels = _order_head_first(reference.spectral_groups(reference.class_affinity(naive), G, 0), counts)
+        naive_labels = order_head_first(reference.spectral_groups(reference.class_affinity(naive), G, 0), counts)
         assert labels.tolist() == naive_labels.tolist()
         assert torch.allclose(bank.anchors(labels, G), reference.group_anchors(naive, labels, G).float(), atol=1e-6)
     assert np.allclose(bank.affinity(), reference.class_affinity(naive), atol=1e-12)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lt_recipes.gsa import SAM, GroupedSAM, LossScaler, is_classifier, ordered_parameters
+from lt_recipes.models import is_classifier, ordered_parameters
+from lt_recipes.steps import ASAM, SAM, GroupedSAM, LossScaler, PlainStep
 from lt_recipes.models import CosineLinear, LTModel
 from lt_recipes.segments import Layout, SegmentError, group_offsets, offset_modules, shared
 
@@ -164,9 +165,9 @@ def _gkp_state(model, seed=3, lam=100.0):
     return torch.randn(4, n_cov, generator=g) * 0.3, torch.rand(4, n_cov, generator=g), lam
 
 
-def _install_gkp(gsa, gkp):
+def _install_gkp(gsa, gkp, group_of_class=None):
     anchors, fisher, lam = gkp
-    gsa.set_gkp(anchors, fisher, torch.tensor([lam / 2 / n for n in GROUP_SIZES]))
+    gsa.set_gkp(anchors, fisher, torch.tensor([lam / 2 / n for n in GROUP_SIZES]), group_of_class)
 
 
 # ---- (d) the whole step equals the oracle on a CNN without BatchNorm -------------------------------------------
@@ -244,15 +245,15 @@ def test_clamp_and_regularizer_equal_oracle():
 
 
 def test_gkp_without_gsa_equals_oracle_at_zero_radius():
-    """method=gkp: the task term at theta (no perturbation) plus GKP."""
+    """method=gkp: the plain step's task term at theta plus GKP, weighted by the batch shares of GKP's groups."""
     torch.manual_seed(0)
     model = SmallCNN(norm="bn")
     x, y = _batch(image=True)
     gkp = _gkp_state(model)
     want, _, _, _ = oracle_step(model, x, y, z=0.0, alpha=0.6, gkp=gkp)
-    gsa = _gsa(model, perturb=False)
-    _install_gkp(gsa, gkp)
-    gsa.step(_loss_fn(model, x, y), y, alpha=0.6)
+    step = PlainStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _install_gkp(step, gkp, GROUP_OF_CLASS)
+    step.step(_loss_fn(model, x, y), y, alpha=0.6)
     torch.testing.assert_close(_theta(model), want, rtol=2e-5, atol=2e-6)
 
 
@@ -415,7 +416,7 @@ def test_sam_and_asam_classes_match_their_definitions():
             for p, w, g in zip(ref.parameters(), weights, grads):
                 p.add_(rho * w * w * g / norm)
         grads2 = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()))
-        sam = SAM(model, torch.optim.SGD(model.parameters(), lr=lr), rho=rho, adaptive=adaptive)
+        sam = (ASAM if adaptive else SAM)(model, torch.optim.SGD(model.parameters(), lr=lr), rho=rho)
         start = [p.detach().clone() for p in model.parameters()]
         sam.step(_loss_fn(model, x, y), y)
         for p0, g2, q in zip(start, grads2, model.parameters()):

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from lt_recipes.gsa import CLASSIFIER_PREFIX, is_classifier
+from lt_recipes.models import CLASSIFIER_PREFIX, is_classifier
 from lt_recipes.models import BasicBlock, CosineLinear, ModelError, ShortcutA, create_lt_model
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lt_recipes.released import ReleasedGSA
+from lt_recipes.steps import ReleasedGSA
 from test_gsa import SmallCNN, _batch
 
 GROUP_OF_CLASS = [0, 0, 1, 1, 2, 2]

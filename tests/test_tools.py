@@ -49,7 +49,7 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
 
 def _resolved(cfg: dict) -> dict:
     """The config with the scaling's own radius scale and clamp written out ("auto" / null: SCALE_DEFAULTS)."""
-    from lt_recipes.gsa import SCALE_DEFAULTS
+    from lt_recipes.steps.gsa import SCALE_DEFAULTS
     gsa = dict(cfg["gsa"])
     z, clamp = SCALE_DEFAULTS[gsa["scale"]]
     gsa["z"] = z if gsa["z"] is None else gsa["z"]

@@ -15,7 +15,7 @@ import json
 
 from lt_recipes.config import load_config
 from lt_recipes.data import NUM_CLASSES
-from lt_recipes.gsa import is_classifier
+from lt_recipes.models import is_classifier
 from lt_recipes.models import create_lt_model
 
 

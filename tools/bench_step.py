@@ -1,6 +1,8 @@
-"""Time one full training step of SGD, SAM, the grouped step in its modes, and the naive step, side by side.
+"""Time one full training step of SGD, every registered step (lt_recipes.steps), the grouped step in its modes, and the
+naive step, side by side.
 
-Kinds: sgd, sam; `[gkp_]gsa_<group grads>[_<pass>]`, the grouped step (direction h_g) without or with GKP: group
+Kinds: sgd (torch's own loop); every registered step by its name with its recipe defaults (none: the plain step on
+the step core; sam, asam, fsam, imbsam, focal_sam, cc_sam, gbg over the grouping below); `[gkp_]gsa_<group grads>[_<pass>]`, the grouped step (direction h_g) without or with GKP: group
 gradients `masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one
 pass), then the perturbed pass: the recipes' default (no suffix), `per_group` (one offset pass over the group-sorted
 batch) or `per_group_exact` (one whole-batch pass per group); gkp_released: the released script's step (one pass at
@@ -9,7 +11,9 @@ theta, one at the averaged FriendlySAM perturbation) with GKP; naive: the masked
 same model, batch and groups; every repeat times each kind once in turn, so machine load affects all of them alike,
 and the table reports medians and ratios to SAM. Groups, anchors and Fisher are real: a memory bank is filled with
 snapshots, cut with spectral clustering, and the Fisher is estimated with the exact estimator, before anything is
-timed. `--json` prints one JSON object as the last line.
+timed. Each kind's forward and full backward passes per step are counted in one untimed step (hooks on the model and on
+its first parameter's gradient; CC-SAM's head-only passes are not full passes). `--json` prints one JSON object as the
+last line.
 
     python tools/bench_step.py                       # resnet32_cifar, batch 128, G=4, CPU
     python tools/bench_step.py --device cuda --amp bf16 --batch 256
@@ -33,23 +37,27 @@ from torch.utils.data import TensorDataset
 from lt_recipes import reference
 from lt_recipes.batchnorm import frozen_bn_stats
 from lt_recipes.choices import CANCELLING_DIRECTIONS, GROUP_GRADS, PERTURBATIONS
-from lt_recipes.config import SCHEMA
+from lt_recipes.config import SCHEMA, defaults
 from lt_recipes.data import long_tail_counts
 from lt_recipes.gkp import estimate_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
-from lt_recipes.gsa import SAM, GroupedSAM, is_classifier, ordered_parameters
+from lt_recipes.models import is_classifier, ordered_parameters
+from lt_recipes.steps import GroupedSAM, create_step, list_steps, step_info
 from lt_recipes.models import create_lt_model
-from lt_recipes.released import ReleasedGSA
+from lt_recipes.steps import ReleasedGSA
 
 # kind -> (with GKP, group_grads, perturbation), from the option tuples the step accepts: `[gkp_]gsa_<group grads>`
 # with the recipes' default perturbed pass, `[gkp_]gsa_<group grads>_<pass>` with another (not the averaged pass,
 # which the h_g directions cancel in)
 _DEFAULT_PASS = SCHEMA["gsa"]["perturbation"].default
+SCHEMA_DEFAULTS = defaults()
 _PASSES = [p for p in sorted(PERTURBATIONS, key=lambda p: p != _DEFAULT_PASS)
            if not (p == "averaged" and "gsa" in CANCELLING_DIRECTIONS)]
 GROUPED_KINDS = {f"{'gkp_' if gkp else ''}gsa_{grads}{'' if pert == _DEFAULT_PASS else '_' + pert}":
                  (gkp, grads, pert) for pert in _PASSES for grads in GROUP_GRADS for gkp in (False, True)}
-KINDS = ["sgd", "sam", *GROUPED_KINDS, "gkp_released", "naive"]
+# every registered step with its recipe defaults (the grouped step is timed in its modes below)
+REGISTERED = [s for s in list_steps() if s != "gsa"]
+KINDS = ["sgd", *REGISTERED, *GROUPED_KINDS, "gkp_released", "naive"]
 
 
 class NaiveGSA:
@@ -85,6 +93,21 @@ class NaiveGSA:
         vector_to_parameters(theta, self.params)
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)
+
+
+def count_passes(model: torch.nn.Module, step: Callable[[], object]) -> str:
+    """Forward passes of the whole model and full backward passes (through its first parameter) in one call of
+    `step`, as "<F>F+<B>B"."""
+    counts = {"F": 0, "B": 0}
+    first = next(p for p in model.parameters() if p.requires_grad)
+    hooks = [model.register_forward_pre_hook(lambda *_: counts.__setitem__("F", counts["F"] + 1)),
+             first.register_hook(lambda g: counts.__setitem__("B", counts["B"] + 1))]
+    try:
+        step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return f"{counts['F']}F+{counts['B']}B"
 
 
 def build_groups(model: torch.nn.Module, num_classes: int, counts: list[int], G: int, device: torch.device,
@@ -152,11 +175,17 @@ def main() -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=False)
             steps[kind], state_bytes[kind] = sgd_step, 0
-        elif kind == "sam":
-            sam = SAM(model, opt, rho=0.05, autocast=autocast)
-            steps[kind] = lambda sam=sam, model=model: sam.step(
+        elif kind in REGISTERED:
+            info = step_info(kind)
+            options = dict(SCHEMA_DEFAULTS[info.section]) if info.section else {}
+            run = {"class_counts": counts, "head_losses": lambda z, t: F.cross_entropy(z, t, reduction="none")}
+            step = create_step(kind, model, opt, autocast=autocast, **options, **{k: run[k] for k in info.uses})
+            if info.grouping == "gradient":
+                labels, _, _ = build_groups(model, args.num_classes, counts, step.num_groups, device, img, autocast)
+                step.set_groups(labels, [int(np.asarray(counts)[labels == g].sum()) for g in range(labels.max() + 1)])
+            steps[kind] = lambda step=step, model=model: step.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
-            state_bytes[kind] = sam.base.numel() * 4
+            state_bytes[kind] = (step.base.numel() + step.flat.rows.numel()) * 4
         elif kind in GROUPED_KINDS or kind == "gkp_released":
             with_gkp, group_grads, perturbation = GROUPED_KINDS.get(kind, (True, None, None))
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
@@ -192,6 +221,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    passes = {k: count_passes(models[k], steps[k]) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     peak: dict[str, int] = {}
     for r in range(args.warmup + args.repeats):
@@ -216,6 +246,7 @@ def main() -> None:
     for k in kinds:
         out[f"{k}_ms"] = med[k]
         out[f"{k}_state_bytes"] = state_bytes[k]
+        out[f"{k}_passes"] = passes[k]
         if k in peak:
             out[f"{k}_peak_bytes"] = peak[k]
     if "sam" in med:
@@ -224,10 +255,11 @@ def main() -> None:
                 out[f"{k}_over_sam"] = med[k] / med["sam"]
     print(f"{args.model} batch {args.batch} G={args.groups} on {out['device_name']} ({args.amp}), "
           f"{args.repeats} interleaved repeats, median ms:")
-    print(f"{'step':<25} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}" + ("  peak MB" if peak else ""))
+    print(f"{'step':<25} {'passes':>7} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}"
+          + ("  peak MB" if peak else ""))
     for k in kinds:
         ratio = f"{med[k] / med['sam']:7.3f}" if "sam" in med else "      -"
-        line = f"{k:<25} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
+        line = f"{k:<25} {passes[k]:>7} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
         if k in peak:
             line += f"  {peak[k] / 2**20:7.1f}"
         print(line)

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from lt_recipes.checkpoint import tensor_bytes
-from lt_recipes.choices import GROUPED_METHODS
+from lt_recipes.steps import uses_memory_groups
 from lt_recipes.config import load_config
 from lt_recipes.data import NUM_CLASSES, dataset_in_chans
 from lt_recipes.grouping import DTYPES
-from lt_recipes.gsa import is_classifier, ordered_parameters
+from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
 from lt_recipes.optim import create_optimizer
 
@@ -52,7 +52,7 @@ def method_parts(cfg: dict[str, Any], params: int, covered: int, num_classes: in
     """Tensor bytes of the grouped method's state by part (none for method none / sam)."""
     g, k = cfg["groups"], cfg["gkp"]
     state, bank = DTYPES[k["state_dtype"]].itemsize, DTYPES[g["bank_dtype"]].itemsize
-    if cfg["method"] not in GROUPED_METHODS:
+    if not uses_memory_groups(cfg["method"]):
         return {}
     parts = {"bank": num_classes * 8 + (0 if g["bank_spill_dir"] else snapshots * covered * bank),
              "anchors": groups * covered * state}

@@ -34,8 +34,9 @@ from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_fi
                                  save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text
 from lt_recipes.cli import last_error
-from lt_recipes.choices import DIRECTIONS, GROUPED_METHODS, LOSSES, METHOD_MODULES
+from lt_recipes.choices import DIRECTIONS, LOSSES
 from lt_recipes.errors import AnalysisError, LTRecipesError
+from lt_recipes.steps import list_methods, method_modules
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_grid import DEFAULT_VARIANT, GRIDS  # noqa: E402  (the grids say which labels form which table)
@@ -47,9 +48,12 @@ END = "<!-- results:end -->"
 HEAD_BEGIN = "<!-- headline:begin -->"
 HEAD_END = "<!-- headline:end -->"
 METRICS = ("top1", "many", "medium", "few")
-# Labels sort by base loss, then method modules ("" base alone, sam, gkp, gsa, gkp+gsa), then ascent direction.
-MODULE_ORDER = tuple("+".join(modules) for modules in METHOD_MODULES.values())
-GROUPED_MODULES = tuple("+".join(METHOD_MODULES[m]) for m in GROUPED_METHODS)
+# The paper's components on a base (its Table 3), in the component table's column order.
+GROUPED_MODULES = ("gkp", "gsa", "gkp+gsa")
+# Labels sort by base loss, then method modules (the base alone, sam, the paper's components, then every other
+# registered method in the registry's order), then ascent direction.
+MODULE_ORDER = tuple(dict.fromkeys(("", "sam") + GROUPED_MODULES
+                                   + tuple("+".join(method_modules(m)) for m in list_methods())))
 DIRECTION_TITLES = {"gsa": "GSA: h_g (global component removed)", "sam": "SAM: global gradient g",
                     "gsa_proj": "GSA-proj: removed component only", "friendly": "FriendlySAM: g - EMA"}
 PAPER = "CIFAR-100-LT r=100"

@@ -14,6 +14,7 @@ by default (the CPU machines have two cores).
     python tools/run_grid.py --grid fmnist16                 # the 16-epoch grid (README results)
     python tools/run_grid.py --grid fmnist64 --ratios 100    # the paper-shaped 64-epoch schedule
     python tools/run_grid.py --grid fmnist64 --list          # what is done and what is left
+    python tools/run_grid.py --grid peers                    # the sharpness-aware peers on the same bases
     python tools/run_grid.py --grid fmnist200 --workers 4    # a GPU: the paper's CIFAR protocol at 28 px
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lt_recipes.choices import METHOD_MODULES
+from lt_recipes.steps import list_methods, list_steps, method_modules
 from lt_recipes.cli import last_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ BASES = {
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
 # the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
-METHOD_OF_MODULES = {"+".join(modules): method for method, modules in METHOD_MODULES.items()}
+METHOD_OF_MODULES = {"+".join(method_modules(method)): method for method in list_methods()}
 # the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
 DEFAULT_VARIANT = "paper_exact_rho_div10"
 # the adaptive radius clamp of the released code, the default before the readings grid measured a smaller one
@@ -65,7 +66,8 @@ VARIANTS = {
     "paper_ema": ["reading=paper", "gsa.perturbation=per_group", "gsa.group_grad_ema=0.9", _RELEASED_CLAMP],
     "released": ["reading=released"],                                     # the authors' script as its README runs it
     # ASAM at the released radius: rho = sqrt(d) x 0.003 (its clamp's top) = 1.57 for BCL's ResNet-8, d = 274,928
-    "asam": ["sam.adaptive=true", "sam.rho=1.57"],
+    # (run as method sam with sam.adaptive, the key before ASAM was a step of its own)
+    "r1.57": ["asam.rho=1.57"],
     "b128": ["data.batch_size=128", "optim.lr=0.2"],                       # 4x the batch, the learning rate scaled
     "paper_exact_b128": ["reading=paper", "gsa.perturbation=per_group_exact", "data.batch_size=128", "optim.lr=0.2",
                          _RELEASED_CLAMP],
@@ -83,6 +85,8 @@ VARIANTS = {
     **{f"lam1e{k}": [f"gkp.lam=1e{k}"] for k in (4, 5, 6, 7)},
     **{f"ps_lam1e{k}": ["gkp.fisher=per_sample", f"gkp.lam=1e{k}"] for k in (1, 2, 3, 4)},
     "classes": ["gkp.norm=per_classes"], "ps_classes": ["gkp.fisher=per_sample", "gkp.norm=per_classes"],
+    # SAM + re-weighting (Rangwani et al. 2022): plain SAM at its CIFAR-100-LT radius for LDAM+DRW / CE+DRW
+    "drw": ["sam.rho=0.8"],
 }
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
@@ -99,6 +103,8 @@ class Grid:
 
 
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
+# every registered sharpness-aware step other than the paper's own (its default runs are the fmnist64 grid's rows)
+PEER_STEPS = [s for s in list_steps() if s not in ("none", "gsa")]
 GRIDS = {
     # the main job's recipe (scikit-learn digits, r=10, 30 epochs): the default method against its base
     "digits": Grid("digits_lt", "digits", {10: ["ce", f"ce+gkp+gsa#{DEFAULT_VARIANT}"]}),
@@ -117,7 +123,7 @@ GRIDS = {
     # the grouped step's readings on the 64-epoch recipe against BCL and plain ASAM, GKP's control and strength sweep,
     # a 4x batch (docs/results.md, "Readings of the grouped step")
     "readings": Grid("fmnist_lt_resnet8_long", "fmnist64", {100: [
-        "bcl+sam#asam", "bcl+gkp+gsa#paper", "bcl+gkp+gsa#paper_exact", "bcl+gkp+gsa#paper_ema",
+        "bcl+asam#r1.57", "bcl+gkp+gsa#paper", "bcl+gkp+gsa#paper_exact", "bcl+gkp+gsa#paper_ema",
         "bcl+gkp+gsa#released", "bcl+gkp#lam0", "bcl", "bcl+gkp", "bcl#b128",
         # the chosen default (the exact paper reading: every group ascends) at 4x the batch and on the other bases
         "bcl+gkp+gsa#paper_exact_b128", "ce", "ce+gkp+gsa#paper_exact", "la", "la+gkp+gsa#paper_exact",
@@ -129,6 +135,12 @@ GRIDS = {
         sweeps={100: [f"bcl+gkp#lam1e{k}" for k in (4, 5, 6, 7)]
                 + [f"bcl+gkp#ps_lam1e{k}" for k in (1, 2, 3, 4)]
                 + ["bcl+gkp#classes", "bcl+gkp#ps_classes"]}),
+    # the sharpness-aware peers (lt_recipes.steps) at their authors' defaults on the LA and BCL bases (ImbSAM also on CE,
+    # as its authors run it), SAM + DRW on LDAM-DRW, and each base alone (docs/results.md, "Sharpness-aware methods on
+    # the same bases")
+    "peers": Grid("fmnist_lt_resnet8_long", "fmnist64", {100: [
+        f"{base}+{step}" for base in ("la", "bcl") for step in PEER_STEPS] + [
+        "ce+imbsam", "ldam_drw+sam#drw", "ce", "la", "bcl", "ldam_drw"]}),
     # for a GPU: the paper's CIFAR protocol (ResNet-32, 200 epochs, batch 256) on the full 28-px Fashion-MNIST-LT
     "fmnist200": Grid("fmnist_lt_resnet32", "fmnist200", {100: ["la", "la+gkp+gsa"]}),
 }

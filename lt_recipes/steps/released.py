@@ -31,9 +31,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import reference
-from .batchnorm import batchnorms, frozen_bn_stats
-from .gsa import LossFn, StepStats, _all_reduce_, _FlatStep
+from .. import reference
+from ..batchnorm import batchnorms, frozen_bn_stats
+from .core import LossFn, StepCore, StepStats, all_reduce_
 
 _logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def repeated_bn_updates(model: nn.Module, times: int) -> Iterator[None]:
             m.momentum = mom
 
 
-class ReleasedGSA(_FlatStep):
+class ReleasedGSA(StepCore):
     """The released script's step (module docstring), with the interface of `GroupedSAM`.
 
     >>> step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9), num_groups=1)
@@ -74,25 +74,17 @@ class ReleasedGSA(_FlatStep):
         self.scale = scale
         self.sigma = friendly_sigma
         self.lam = friendly_momentum
-        self.group_of_class: torch.Tensor | None = None
-        self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
         self.momentum_set: list[bool] = []
-        self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.direction = torch.empty_like(self.flat.data)
         self.eps = torch.empty_like(self.flat.data)
 
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id per class and training samples n_k per group; the momenta start afresh."""
-        self.group_of_class = torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
-        self.group_sizes = [int(n) for n in group_sizes]
+        super().set_groups(group_of_class, group_sizes)
         self.num_groups = len(self.group_sizes)
         self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
         self.momentum_set = [False] * self.num_groups
-
-    def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor) -> None:
-        """GKP over the covered parameters: P_j = strength_j sum_i F_ji (theta_i - a_ji)^2, strength_j = (lambda/2)/n_j."""
-        self.gkp_terms = (anchors, fisher, strength)
 
     def _gkp_coef(self, alpha: float, weights: list[float], present: list[int]) -> torch.Tensor:
         """(1 - alpha) strength_j sum_{k in K, k != j} w_k: the weight of P_j in a pass whose group k has weight w_k."""
@@ -102,19 +94,13 @@ class ReleasedGSA(_FlatStep):
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP."""
-        if self.group_of_class is None:
-            raise RuntimeError("ReleasedGSA.step called before set_groups()")
         flat, stats = self.flat, StepStats()
-        gid = self.group_of_class[targets]
-        counts_t = torch.bincount(gid, minlength=self.num_groups).double()
-        _all_reduce_(counts_t)
-        counts = counts_t.tolist()
+        gid, _, counts = self.group_counts(targets)
         total = sum(counts)
         present = [k for k, c in enumerate(counts) if c > 0]
         shares = [c / total for c in counts]
         everyone = torch.arange(len(gid), device=gid.device)
-        self.base.copy_(flat.data)
-        self.bn_at_start.save()
+        self._begin()
 
         # 1. sum_k [alpha L_k + (1 - alpha) sum_{j != k} P_j] at theta, each group's mean loss weighted 1
         per_group_mean = torch.tensor([1.0 / c if c > 0 else 0.0 for c in counts], device=gid.device)[gid]
@@ -123,11 +109,8 @@ class ReleasedGSA(_FlatStep):
                 losses = loss_fn(everyone).float()
         stats.group_loss, stats.loss = self._group_means(losses, gid, counts, True)
         self._backward((losses * per_group_mean).sum(), alpha)
-        grad = flat.grad
-        _all_reduce_(grad)
-        if self.scaler.scale != 1.0:
-            grad.div_(self.scaler.scale)
-        if not bool(torch.isfinite(grad).all()):
+        grad = all_reduce_(flat.grad)
+        if not self._unscale(grad):
             return self._skip(stats)
         if self.gkp_terms is not None:
             anchors, fisher, _ = self.gkp_terms
@@ -170,19 +153,19 @@ class ReleasedGSA(_FlatStep):
         anchors, fisher, _ = self.gkp_terms
         value = self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, shares, present))
 
-        def add_gkp() -> float:
-            self._add_gkp_gradient(stats)
+        def add_gkp() -> float:  # P_j's gradient at theta + eps, added to the reduced task gradient
+            task = float(torch.linalg.vector_norm(flat.grad))
+            stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan
+            flat.grad[:self.num_covered].add_(self.gkp_grad)
             return value
-        return self._finish(stats, add_gkp)
+        return self._finish(stats, extra=add_gkp)
 
     def state_dict(self) -> dict[str, Any]:
-        """Step state that a resumed run needs: loss scale, FriendlySAM momenta, skip count."""
-        return {"scaler": self.scaler.state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set),
-                "skipped_steps": self.skipped_steps}
+        """Step state that a resumed run needs: loss scale, skip count, FriendlySAM momenta."""
+        return {**super().state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scaler.load_state_dict(state["scaler"])
+        super().load_state_dict(state)
         if state["momentum"] is not None:
             self.momentum = state["momentum"].to(self.flat.data.device)
             self.momentum_set = list(state["momentum_set"])
-        self.skipped_steps = int(state["skipped_steps"])

@@ -1,7 +1,7 @@
-"""SAM / ASAM and the paper's grouped step (GSA with optional GKP) as optimizer-style step wrappers.
+"""The paper's grouped step (GSA, Eq. 11-16; GKP is the step core's term), on the step core (lt_recipes.steps.core).
 
-Both work on flattened parameters (lt_recipes.flat): every vector operation is one pass over one buffer, and group
-gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md):
+Group gradients land in rows of a [G, d] buffer of the core's flat parameters. One `GroupedSAM.step`
+(docs/method.md):
 
 1. Group gradients g_g (Eq. 11) from one whole-batch forward at theta, which makes the step's one BatchNorm
    running-statistics update: `masked` differentiates each group's masked share of the batch loss through that one
@@ -16,92 +16,35 @@ gradients land in rows of a [G, d] buffer. One `GroupedSAM.step` (docs/method.md
    normalised by the mixed perturbed batch, and on the 64-epoch grid some groups' losses fell); `averaged` one
    whole-batch pass at the batch-share mean of the eps_g (the released code's pass; refused for the h_g directions,
    whose batch-share mean is exactly zero). BatchNorm normalises the whole batch; its running statistics are left alone.
-4. theta restored, the GKP gradient (Eq. 6) added in one fused pass, the base optimizer's step.
+4. theta restored, the task gradient weighted alpha and the GKP gradient (Eq. 6) added in one fused pass by the
+   core, the base optimizer's step.
 
 Every step records, per group, the rise of its loss in the perturbed pass over its loss at theta (`ascent`): the
 defining property of a sharpness-aware step is that it is positive for every group.
-
-A loss function `loss_fn(idx)` returns the per-sample losses of the batch rows `idx`, in that order, whose mean over
-the whole batch is the batch loss (lt_recipes.losses.LTLoss.per_sample).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import ops, reference
-from .batchnorm import BNState, frozen_bn_stats
-from .choices import CANCELLING_DIRECTIONS, DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
-from .flat import FlatParams
-from .segments import Layout, group_offsets, offset_modules
+from .. import ops, reference
+from ..batchnorm import frozen_bn_stats
+from ..choices import CANCELLING_DIRECTIONS, DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
+from ..segments import Layout, group_offsets, offset_modules
+from .core import LossFn, StepCore, StepStats, all_reduce_, world_size
+from .registry import register_step
 
 _logger = logging.getLogger(__name__)
-
-LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 # The radius scale Z / C and the clamp that belong to each perturbation scaling (docs/method.md): the released
 # code's adaptive scaling with C = 0.1 and a clamp ten times below its [0.002, 0.003] (measured on the 64-epoch
 # grid: the released clamp cost 1.9-9.6 points on every base); Eq. 13-14 as printed with Z = 1e-2 and no clamp.
 SCALE_DEFAULTS: dict[str, tuple[float, tuple[float, float] | None]] = {
     "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}
-# LTModel's classifier: the parameters GKP leaves out and the flattened buffers put last.
-CLASSIFIER_PREFIX = "classifier."
-
-
-class LossScaler:
-    """Dynamic fp16 loss scale shared by both passes: halve on overflow, double after `growth_interval` clean steps."""
-
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
-        self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
-        self.growth_interval = growth_interval
-        self.clean_steps = 0
-
-    def update(self, found_inf: bool) -> None:
-        if not self.enabled:
-            return
-        if found_inf:
-            self.scale /= 2.0
-            self.clean_steps = 0
-        else:
-            self.clean_steps += 1
-            if self.clean_steps % self.growth_interval == 0:
-                self.scale *= 2.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    if _world() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def is_classifier(name: str) -> bool:
-    """Whether a parameter name belongs to the classifier (`CLASSIFIER_PREFIX`), which GKP does not cover."""
-    return name.startswith(CLASSIFIER_PREFIX)
-
-
-def ordered_parameters(model: nn.Module,
-                       is_excluded: Callable[[str], bool]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Trainable parameters split into the GKP-covered ones (encoder and heads) and the excluded ones (classifier)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [p for n, p in named if not is_excluded(n)], [p for n, p in named if is_excluded(n)]
 
 
 def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
@@ -109,152 +52,6 @@ def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
     along = coef * glob_norm
     norm = math.sqrt(res_norm ** 2 + along ** 2)
     return along / norm if norm > 0 else 0.0
-
-
-@dataclass
-class StepStats:
-    """What one step measured: mean base loss at theta (all, per group); per group the radius, cos(g_g, g) and the
-    rise of the group's loss in the perturbed pass over its loss at theta (NaN for a group absent from the batch);
-    the GKP value and ||grad GKP|| / ||grad task|| of the update; the skip flag."""
-
-    loss: float = math.nan
-    group_loss: list[float] = field(default_factory=list)
-    rho: list[float] = field(default_factory=list)
-    cos: list[float] = field(default_factory=list)
-    ascent: list[float] = field(default_factory=list)
-    gkp: float = 0.0
-    gkp_grad_ratio: float = math.nan
-    skipped: bool = False
-
-
-class _FlatStep:
-    """Shared machinery: flattened parameters, loss scaling, restore-before-step, gradient reduction."""
-
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int,
-                 is_excluded: Callable[[str], bool] = is_classifier,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
-                 clip_grad: float | None = None, backend: str = "auto") -> None:
-        self.model = model
-        self.base_optimizer = base_optimizer
-        covered, rest = ordered_parameters(model, is_excluded)
-        self.num_covered = sum(p.numel() for p in covered)
-        self.flat = FlatParams(covered + rest, num_rows=num_rows)
-        self.base = torch.empty_like(self.flat.data)
-        self.autocast = autocast
-        self.scaler = scaler or LossScaler(False)
-        self.clip_grad = clip_grad
-        self.backend = backend
-        self.skipped_steps = 0
-        self.bn_at_start = BNState(model)
-        self.bn_scratch = BNState(model)
-        self.gkp_grad: torch.Tensor | None = None
-
-    @property
-    def d(self) -> int:
-        return self.flat.numel
-
-    def _backward(self, loss: torch.Tensor, weight: float, retain_graph: bool = False) -> None:
-        (loss * (weight * self.scaler.scale)).backward(retain_graph=retain_graph)
-
-    def _finish(self, stats: StepStats, extra_grad: Callable[[], float] | None = None) -> StepStats:
-        """Restore theta, reduce and unscale the update gradient, skip on inf/NaN, add extra terms, step."""
-        self.flat.data.copy_(self.base)
-        grad = self.flat.grad
-        _all_reduce_(grad)
-        if self.scaler.scale != 1.0:
-            grad.div_(self.scaler.scale)
-        if not bool(torch.isfinite(grad).all()):
-            return self._skip(stats)
-        if extra_grad is not None:
-            stats.gkp = extra_grad()
-        if self.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_([grad], self.clip_grad)
-        self.base_optimizer.step()
-        grad.zero_()
-        self.scaler.update(False)
-        return stats
-
-    def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> float:
-        """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights, its gradient left in a
-        scratch buffer for `_add_gkp_gradient` (the covered parameters only)."""
-        n = self.num_covered
-        if self.gkp_grad is None:
-            self.gkp_grad = torch.zeros(n, dtype=self.flat.grad.dtype, device=self.flat.grad.device)
-        self.gkp_grad.zero_()
-        return float(ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
-                                     backend=self.backend))
-
-    def _add_gkp_gradient(self, stats: StepStats) -> None:
-        """Add the GKP gradient to the (reduced, unscaled) task gradient; record ||grad GKP|| / ||grad task||."""
-        task = float(torch.linalg.vector_norm(self.flat.grad))
-        stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan
-        self.flat.grad[:self.num_covered].add_(self.gkp_grad)
-
-    def _group_means(self, losses: torch.Tensor, gid: torch.Tensor, counts: list[float],
-                     sync: bool) -> tuple[list[float], float]:
-        """Mean of per-sample `losses` per group (NaN for an absent group) and over the batch, over all ranks with
-        `sync`."""
-        sums = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
-        sums.index_add_(0, gid, losses.detach().double())
-        if sync:
-            _all_reduce_(sums)
-        sums_l = sums.tolist()
-        return [s / c if c > 0 else math.nan for s, c in zip(sums_l, counts)], sum(sums_l) / max(sum(counts), 1.0)
-
-    def _skip(self, stats: StepStats) -> StepStats:
-        """An overflow in either pass skips the whole step: weights and BatchNorm statistics restored, gradients
-        dropped, loss scale halved."""
-        self.flat.data.copy_(self.base)
-        self.bn_at_start.restore()
-        self.flat.grads_to_main()
-        self.flat.grad.zero_()
-        self.scaler.update(True)
-        self.skipped_steps += 1
-        stats.skipped = True
-        _logger.debug("non-finite gradient: step skipped (loss scale now %g)", self.scaler.scale)
-        return stats
-
-
-def _mean_loss(losses: torch.Tensor) -> torch.Tensor:
-    return losses.float().mean()
-
-
-class SAM(_FlatStep):
-    """Sharpness-Aware Minimization (Foret et al.): ascend to theta + eps, take the gradient there, step from theta.
-
-    eps = rho g / ||g||, or with `adaptive` ASAM's (Kwon et al.) rho theta^2 g / ||theta g||. The ascent gradient is
-    each replica's own (as common for SAM under DDP); the update gradient is averaged.
-    """
-
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
-                 adaptive: bool = False, **kw: Any) -> None:
-        super().__init__(model, base_optimizer, num_rows=0, **kw)
-        self.rho = rho
-        self.scale = "adaptive" if adaptive else "euclidean"
-
-    def step(self, loss_fn: LossFn, targets: torch.Tensor) -> StepStats:
-        idx = torch.arange(len(targets), device=targets.device)
-        stats = StepStats()
-        self.base.copy_(self.flat.data)
-        self.bn_at_start.save()
-        with self.autocast():
-            loss = _mean_loss(loss_fn(idx))
-        self._backward(loss, 1.0)
-        stats.loss = float(loss.detach())
-        grad = self.flat.grad
-        if self.scaler.scale != 1.0:
-            grad.div_(self.scaler.scale)
-        if not bool(torch.isfinite(grad).all()):
-            return self._skip(stats)
-        if reference.scaled_norm(self.scale, grad, self.base) > 0:
-            # SAM's radius rho is Eq. 14's sqrt(d) rho*: the same perturbation formula as a one-group GSA step
-            self.flat.data.add_(reference.gsa_perturbation(self.scale, grad, self.base, self.rho / math.sqrt(self.d)))
-        grad.zero_()
-        with frozen_bn_stats(self.model, self.bn_scratch):
-            with self.autocast():
-                loss2 = _mean_loss(loss_fn(idx))
-            self._backward(loss2, 1.0 / _world())
-        return self._finish(stats)
 
 
 def check_perturbation(direction: str, perturbation: str) -> None:
@@ -268,7 +65,8 @@ def check_perturbation(direction: str, perturbation: str) -> None:
                          "direction that does not cancel (sam, gsa_proj, friendly)")
 
 
-class GroupedSAM(_FlatStep):
+@register_step("gsa")
+class GroupedSAM(StepCore):
     """The paper's grouped step (GSA with optional GKP), usable from any training loop.
 
     >>> gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_groups=4)
@@ -282,7 +80,7 @@ class GroupedSAM(_FlatStep):
     group's share of the batch, the released code) | sum (Eq. 16 as printed) | mean; `group_grad_ema` > 0 takes the
     directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
     group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
-    perturbs from its own samples. `perturb=False` is GKP without GSA: one plain pass of the weighted task term.
+    perturbs from its own samples. GKP, when installed with `set_gkp`, is added by the core.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
@@ -290,15 +88,14 @@ class GroupedSAM(_FlatStep):
                  rho_clamp: Sequence[float] | str | None = "auto", group_grads: str = "masked",
                  perturbation: str = "per_group_exact", group_weighting: str = "samples", regularizer: bool = False,
                  friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, group_grad_ema: float = 0.0,
-                 sync: bool = True, perturb: bool = True, **kw: Any) -> None:
+                 sync: bool = True, **kw: Any) -> None:
         for name, value, options in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),
                                      ("group_grads", group_grads, GROUP_GRADS),
                                      ("perturbation", perturbation, PERTURBATIONS),
                                      ("group_weighting", group_weighting, WEIGHTINGS)):
             if value not in options:
                 raise ValueError(f"GroupedSAM: {name} must be one of {', '.join(options)}, got '{value}'")
-        if perturb:
-            check_perturbation(direction, perturbation)
+        check_perturbation(direction, perturbation)
         if not 0.0 <= group_grad_ema < 1.0:
             raise ValueError(f"GroupedSAM: group_grad_ema must be in [0, 1), got {group_grad_ema}")
         super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
@@ -315,7 +112,6 @@ class GroupedSAM(_FlatStep):
         self.friendly_momentum = friendly_momentum
         self.group_grad_ema = group_grad_ema
         self.sync = sync
-        self.perturb = perturb
         self.seg_modules, _ = offset_modules(model, self.flat.params)
         self.group_of_class: torch.Tensor | None = None
         self.group_sizes: list[int] = []
@@ -326,7 +122,6 @@ class GroupedSAM(_FlatStep):
         self.glob = torch.empty_like(self.flat.data)
         self.fisher_ema: torch.Tensor | None = None
         self.fisher_ema_decay = 0.0
-        self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._offsets()
 
     def _offsets(self) -> None:
@@ -346,8 +141,7 @@ class GroupedSAM(_FlatStep):
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id of every class and the number of training samples n_g of every group.
         FriendlySAM momenta and the group-gradient EMA start afresh (a new grouping names new groups)."""
-        self.group_of_class = torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
-        self.group_sizes = [int(n) for n in group_sizes]
+        super().set_groups(group_of_class, group_sizes)
         if len(self.group_sizes) != self.num_groups:
             self.num_groups = len(self.group_sizes)
             self.flat.resize_rows(self.num_groups)
@@ -359,11 +153,6 @@ class GroupedSAM(_FlatStep):
             self.grad_ema = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
             self.grad_ema_set = [False] * self.num_groups
 
-    def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor) -> None:
-        """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
-        strength_j = (lambda / 2) / |G_j| (Eq. 6); each step weighs it by (1 - alpha) sum_{g != j} w_g (Eq. 16)."""
-        self.gkp_terms = (anchors, fisher, strength)
-
     def track_fisher(self, decay: float) -> torch.Tensor:
         """Keep an EMA of squared per-group gradients (the cheap Fisher option) over the covered parameters."""
         self.fisher_ema_decay = decay
@@ -372,17 +161,6 @@ class GroupedSAM(_FlatStep):
         return self.fisher_ema
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def _counts(self, targets: torch.Tensor) -> tuple[torch.Tensor, list[int], list[float]]:
-        """Group of every sample, local samples per group, and samples per group over all ranks (with `sync`)."""
-        if self.group_of_class is None:
-            raise RuntimeError("GroupedSAM.step called before set_groups()")
-        gid = self.group_of_class[targets]
-        local = torch.bincount(gid, minlength=self.num_groups)
-        counts = local.double()
-        if self.sync:
-            _all_reduce_(counts)
-        return gid, local.tolist(), counts.tolist()
-
     def _group_gradients(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
                          stats: StepStats) -> None:
         """Pass 1: the group gradients g_g into the rows (unscaled, reduced over ranks with `sync`)."""
@@ -398,7 +176,7 @@ class GroupedSAM(_FlatStep):
     def group_gradients(self, loss_fn: LossFn, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         """Pass 1 alone, without a step: the group gradients [G, d] (a buffer the next step overwrites) and the number
         of samples of each group in the batch. Like any training forward, it moves BatchNorm running statistics."""
-        gid, local, counts = self._counts(targets)
+        gid, local, counts = self.group_counts(targets, self.sync)
         self._group_gradients(loss_fn, gid, local, counts, StepStats())
         return self.flat.rows, counts
 
@@ -406,27 +184,21 @@ class GroupedSAM(_FlatStep):
         """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP (Eq. 16)."""
         flat = self.flat
         stats = StepStats()
-        gid, local, counts = self._counts(targets)
+        gid, local, counts = self.group_counts(targets, self.sync)
         weights = reference.group_weights(self.group_weighting, counts)
         # per-sample weights of the task term sum_g w_g L_g, L_g the mean loss over D_g
         per_sample = torch.tensor([w / c if c > 0 else 0.0 for w, c in zip(weights, counts)],
                                   device=targets.device)[gid]
-        self.base.copy_(flat.data)
-        self.bn_at_start.save()
-        if not self.perturb:
-            with self.autocast():
-                losses = loss_fn(torch.arange(len(gid), device=gid.device)).float()
-            stats.group_loss, stats.loss = self._group_means(losses, gid, counts, self.sync)
-            self._backward((losses * per_sample).sum(), alpha)
-        else:
-            self._group_gradients(loss_fn, gid, local, counts, stats)
-            if not bool(torch.isfinite(flat.rows).all()):
-                return self._skip(stats)
-            self._perturb(counts, stats)
-            self._perturbed_pass(loss_fn, gid, local, counts, per_sample, alpha, stats)
-        if not self.sync and _world() > 1:
-            flat.grad.div_(_world())
-        return self._finish(stats, lambda: self._extra_terms(alpha, weights, counts, stats))
+        self._begin()
+        self._group_gradients(loss_fn, gid, local, counts, stats)
+        if not bool(torch.isfinite(flat.rows).all()):
+            return self._skip(stats)
+        self._perturb(counts, stats)
+        self._perturbed_pass(loss_fn, gid, local, counts, per_sample, stats)
+        if not self.sync and world_size() > 1:
+            flat.grad.div_(world_size())
+        extra = (lambda: self._regularizer(alpha, weights, counts, stats)) if self.regularizer else None
+        return self._finish(stats, alpha, weights, extra=extra)
 
     def _masked_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, everyone: torch.Tensor, counts: list[float],
                             stats: StepStats) -> None:
@@ -435,14 +207,9 @@ class GroupedSAM(_FlatStep):
         with self.autocast():
             losses = loss_fn(everyone).float()
         stats.group_loss, stats.loss = self._group_means(losses, gid, counts, self.sync)
-        mine = [(g, torch.nonzero(gid == g).squeeze(1)) for g in range(self.num_groups)]
-        mine = [(g, idx) for g, idx in mine if len(idx)]
-        for k, (g, idx) in enumerate(mine):
-            flat.grads_to_row(g)
-            self._backward(losses[idx].sum() / counts[g], 1.0, retain_graph=k + 1 < len(mine))
-        flat.grads_to_main()
+        self._group_rows(losses, gid, counts)
         if self.sync:
-            _all_reduce_(flat.rows)
+            all_reduce_(flat.rows)
 
     def _shared_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
                             stats: StepStats) -> None:
@@ -456,8 +223,8 @@ class GroupedSAM(_FlatStep):
             self._backward(losses.sum() / total, 1.0)
         stats.group_loss, stats.loss = self._group_means(losses, gid[order], counts, self.sync)
         if self.sync:
-            _all_reduce_(flat.rows)
-            _all_reduce_(flat.grad)
+            all_reduce_(flat.rows)
+            all_reduce_(flat.grad)
         for g, c in enumerate(counts):
             if c > 0:
                 flat.rows[g].mul_(total / c).add_(flat.grad)
@@ -511,7 +278,7 @@ class GroupedSAM(_FlatStep):
                 stats.rho[g] = 0.0
 
     def _perturbed_pass(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
-                        per_sample: torch.Tensor, alpha: float, stats: StepStats) -> None:
+                        per_sample: torch.Tensor, stats: StepStats) -> None:
         """Pass 2: every sample's loss at its group's perturbation (or, `averaged`, at their batch-share mean),
         weighted as its group's term of Eq. 16, differentiated with respect to theta."""
         flat, rows = self.flat, self.flat.rows
@@ -524,7 +291,7 @@ class GroupedSAM(_FlatStep):
                     with self.autocast():
                         losses = loss_fn(everyone).float()
                     mine = gid == g
-                    self._backward((losses * per_sample * mine).sum(), alpha)
+                    self._backward((losses * per_sample * mine).sum(), 1.0)
                     perturbed = torch.where(mine, losses.detach(), perturbed)
                 order = everyone
             else:
@@ -534,14 +301,14 @@ class GroupedSAM(_FlatStep):
                     order = everyone
                     with self.autocast():
                         perturbed = loss_fn(order).float()
-                    self._backward((perturbed * per_sample).sum(), alpha)
+                    self._backward((perturbed * per_sample).sum(), 1.0)
                 else:
                     rows.sub_(eps_bar)  # offsets eps_g - eps_bar on top of theta + eps_bar: group g sees theta + eps_g
                     order = torch.argsort(gid, stable=True)
                     with group_offsets(self.seg_modules, Layout(local), self.row_views, share=False):
                         with self.autocast():
                             perturbed = loss_fn(order).float()
-                        self._backward((perturbed * per_sample[order]).sum(), alpha)
+                        self._backward((perturbed * per_sample[order]).sum(), 1.0)
         means, _ = self._group_means(perturbed, gid[order], counts, self.sync)
         stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]
 
@@ -553,33 +320,25 @@ class GroupedSAM(_FlatStep):
             self.momentum[g].copy_(self.flat.rows[g])
             self.momentum_set[g] = True
 
-    def _extra_terms(self, alpha: float, weights: list[float], counts: list[float], stats: StepStats) -> float:
-        """GKP (Eq. 6, weighted as in Eq. 16) and the optional Eq. 15 regulariser: value, gradient added at theta to the
-        reduced task gradient."""
+    def _regularizer(self, alpha: float, weights: list[float], counts: list[float], stats: StepStats) -> float:
+        """The optional Eq. 15 regulariser: its value, its gradient added at theta to the reduced task gradient."""
         flat, value = self.flat, 0.0
-        if self.gkp_terms is not None:
-            anchors, fisher, strength = self.gkp_terms
-            over = torch.tensor(reference.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
-            value = self._gkp_gradient(anchors, fisher, (1 - alpha) * strength * over)
-            self._add_gkp_gradient(stats)
-        if self.regularizer and self.perturb:
-            theta_norm = float(torch.linalg.vector_norm(flat.data))
-            for g, rho in enumerate(stats.rho):
-                if counts[g] > 0 and rho > 0:
-                    term = alpha * weights[g] * reference.gsa_regularizer(theta_norm, rho, self.group_sizes[g])
-                    value += term
-                    flat.grad.add_(flat.data, alpha=term / theta_norm ** 2)  # the term is linear in ||theta||
+        theta_norm = float(torch.linalg.vector_norm(flat.data))
+        for g, rho in enumerate(stats.rho):
+            if counts[g] > 0 and rho > 0:
+                term = alpha * weights[g] * reference.gsa_regularizer(theta_norm, rho, self.group_sizes[g])
+                value += term
+                flat.grad.add_(flat.data, alpha=term / theta_norm ** 2)  # the term is linear in ||theta||
         return value
 
     def state_dict(self) -> dict[str, Any]:
         """Step state that a resumed run needs: loss scale, FriendlySAM momenta, group-gradient EMA, Fisher EMA, skip
         count."""
-        return {"scaler": self.scaler.state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set),
-                "grad_ema": self.grad_ema, "grad_ema_set": list(self.grad_ema_set),
-                "fisher_ema": self.fisher_ema, "skipped_steps": self.skipped_steps}
+        return {**super().state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set),
+                "grad_ema": self.grad_ema, "grad_ema_set": list(self.grad_ema_set), "fisher_ema": self.fisher_ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scaler.load_state_dict(state["scaler"])
+        super().load_state_dict(state)
         if state["momentum"] is not None:
             self.momentum = state["momentum"].to(self.flat.data.device)
             self.momentum_set = list(state["momentum_set"])
@@ -588,4 +347,3 @@ class GroupedSAM(_FlatStep):
             self.grad_ema_set = list(state["grad_ema_set"])
         if state["fisher_ema"] is not None:
             self.fisher_ema = state["fisher_ema"].to(self.flat.data.device)
-        self.skipped_steps = int(state["skipped_steps"])

@@ -1,0 +1,120 @@
+"""CC-SAM (Zhou et al., CVPR 2023), stage 1 as its authors released it: class-conditioned perturbations of the
+classifier alone.
+
+Per class c in the batch, g_c is the gradient of the class's mean classification loss with respect to the
+classifier, per tensor t; its perturbation is
+
+    eps_c^t = rho0 sqrt(||theta_cls|| / ||g_c^t||) d^(1/4) / (sqrt(2) (n_c - 1)^(1/4)) g_c^t / ||g_c^t||
+
+(d the classifier's parameter count, n_c the class's training images), and the loss is
+
+    L = (1 - beta) (1/B) sum_i l_i(theta) + beta (1/B) sum_i CE(head_{theta_cls + eps_{y_i}}(f_i), y_i),
+
+the head re-run on the features f_i of the one forward, so the step costs one forward and backward plus a loop of
+head-only passes. l_i is the base loss (the released code: mixup CE; the base's own here, so the comparison is
+on the same data pipeline), the head's loss the base's classification loss. Under DDP the per-class classifier
+gradients are summed over ranks (one small all-reduce), so every rank perturbs with the global batch's classes.
+Stage 2 (a frozen backbone, class-aware sampling and feature perturbations) is a fine-tuning schedule, not a step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, world_size
+from .registry import register_step
+
+HeadLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def class_perturbation(grads: Sequence[torch.Tensor], theta_norm: float, d: int, n_c: int,
+                       rho: float) -> list[torch.Tensor]:
+    """eps_c per classifier tensor from class c's gradients (module docstring); zero for a zero gradient."""
+    out = []
+    for g in grads:
+        norm = float(torch.linalg.vector_norm(g))
+        if not norm > 0 or not math.isfinite(norm):
+            out.append(torch.zeros_like(g))
+            continue
+        scale = rho * math.sqrt(theta_norm / norm) * d ** 0.25 / (math.sqrt(2) * max(n_c - 1, 1) ** 0.25)
+        out.append(g * (scale / norm))
+    return out
+
+
+@register_step("cc_sam")
+class CCSAM(StepCore):
+    """CC-SAM's stage-1 step (module docstring) on a model whose classifier is the module `model.classifier`.
+
+    >>> step = CCSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), class_counts=counts)
+    >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, class_counts: Sequence[int],
+                 head_losses: HeadLosses | None = None, rho: float = 1e-6, beta: float = 0.5, **kw: Any) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"CCSAM: beta must be in [0, 1], got {beta}")
+        super().__init__(model, base_optimizer, **kw)
+        self.classifier: nn.Module = model.classifier
+        self.names = [n for n, p in self.classifier.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.classifier.parameters() if p.requires_grad]
+        self.d_cls = sum(p.numel() for p in self.params)
+        self.class_counts = [int(n) for n in class_counts]
+        self.head_losses = head_losses or _cross_entropy
+        self.rho, self.beta = rho, beta
+
+    def _class_grads(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Every class's gradient of its summed head loss w.r.t. the classifier, [C, d_cls], and the batch's count
+        of each class, both summed over ranks; the mean per class is sum / count."""
+        C = len(self.class_counts)
+        grads = torch.zeros(C, self.d_cls, dtype=self.params[0].dtype, device=logits.device)
+        counts = torch.bincount(targets, minlength=C).double()
+        losses = upcast(self.head_losses(upcast(logits), targets))
+        present = torch.unique(targets).tolist()
+        for c in present:
+            g = torch.autograd.grad(losses[targets == c].sum(), self.params, retain_graph=True)
+            grads[c] = torch.cat([t.reshape(-1) for t in g])
+        all_reduce_(grads)
+        all_reduce_(counts)
+        return grads, counts.tolist()
+
+    def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
+        """One step on a batch with labels `targets`; `alpha` weighs the task gradient against GKP (Eq. 16)."""
+        stats, B = StepStats(), len(targets)
+        self._begin()
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hook = self.classifier.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+        try:
+            with self.autocast():
+                losses = upcast(loss_fn(torch.arange(B, device=targets.device)))
+        finally:
+            hook.remove()
+        feats, logits = seen[0][0][:B], seen[0][1][:B]  # the classification view (BCL adds its views after it)
+        stats.loss = float(losses.detach().mean())
+        grads, counts = self._class_grads(logits, targets)
+        theta_norm = float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for p in self.params])))
+        sizes = [p.numel() for p in self.params]
+        perturbed = torch.zeros(B, dtype=losses.dtype, device=targets.device)
+        with self.autocast():
+            for c in torch.unique(targets).tolist():
+                mine = targets == c
+                mean = [t.view_as(p) / counts[c] for t, p in zip(grads[c].split(sizes), self.params)]
+                eps = class_perturbation(mean, theta_norm, self.d_cls, self.class_counts[c], self.rho)
+                moved = {n: p + e.to(p.dtype) for n, p, e in zip(self.names, self.params, eps)}
+                out = functional_call(self.classifier, moved, (feats[mine],))
+                perturbed[mine] = upcast(self.head_losses(upcast(out), targets[mine]))
+        loss = (1 - self.beta) * losses.mean() + self.beta * perturbed.mean()
+        self._backward(loss, 1.0 / world_size())
+        clean_head = self.head_losses(upcast(logits.detach()), targets)
+        rise = torch.tensor([float(perturbed.detach().mean() - clean_head.mean())],
+                            dtype=torch.float64)
+        stats.ascent = [float(all_reduce_(rise)) / world_size()]
+        return self._finish(stats, alpha, self.batch_shares(targets))

@@ -1,0 +1,290 @@
+"""The step core every training step runs on: flat parameters, one loss scale, DDP reduction, clipping, skipping.
+
+A step (SAM, ImbSAM, the grouped step, the plain step, ...) is a small class on `StepCore` that saves theta, runs
+its passes through `_backward` (the loss times the current loss scale) and ends with `_finish`, which owns
+everything the passes share:
+
+- the parameters and their gradients are views into one flat buffer each (lt_recipes.flat): a perturbation is one
+  vector operation, and group gradients can land in rows of a [G, d] buffer;
+- mixed precision: one dynamic loss scale for fp16 (`LossScaler`), none for bf16 or fp32;
+- DDP: the steps forward the unwrapped model, so no pass synchronises by itself; each step weighs its losses so that
+  the sum over ranks is the global batch's gradient, and `_finish` all-reduces the update gradient once (a step that
+  needs a synchronised ascent direction all-reduces it once too);
+- clipping of the update gradient, and skipping a step whose gradient is not finite, with one skip counter;
+- GKP (Eq. 6), a term any step can carry: with groups and anchors installed, `_finish` adds its gradient at theta,
+  weighted (1 - alpha) sum_{g != j} w_g as in Eq. 16, and the task gradient is weighted alpha.
+
+A loss function `loss_fn(idx)` returns the per-sample losses of the batch rows `idx`, in that order, whose mean over
+the whole batch is the batch loss (lt_recipes.losses.LTLoss.per_sample).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import ops, reference
+from ..batchnorm import BNState
+from ..flat import FlatParams
+from ..models import is_classifier, ordered_parameters
+
+_logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LossScaler:
+    """Dynamic fp16 loss scale shared by every pass: halve on overflow, double after `growth_interval` clean steps."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.clean_steps = 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale /= 2.0
+            self.clean_steps = 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps % self.growth_interval == 0:
+                self.scale *= 2.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the processes in place (nothing with one)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class StepStats:
+    """What one step measured: mean base loss at theta (all, per group); per group the radius, cos(g_g, g) and the
+    rise of the group's loss in the perturbed pass over its loss at theta (NaN for a group absent from the batch);
+    the GKP value and ||grad GKP|| / ||grad task|| of the update; the skip flag. Ungrouped steps report one group,
+    the whole batch."""
+
+    loss: float = math.nan
+    group_loss: list[float] = field(default_factory=list)
+    rho: list[float] = field(default_factory=list)
+    cos: list[float] = field(default_factory=list)
+    ascent: list[float] = field(default_factory=list)
+    gkp: float = 0.0
+    gkp_grad_ratio: float = math.nan
+    skipped: bool = False
+
+
+def upcast(losses: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses in at least float32 (autocast's half-precision losses are summed in float32)."""
+    return losses if losses.dtype in (torch.float32, torch.float64) else losses.float()
+
+
+def sam_perturbation(grad: torch.Tensor, theta: torch.Tensor, rho: float, adaptive: bool) -> torch.Tensor | None:
+    """SAM's eps = rho g / ||g||, or ASAM's rho T^2 g / ||T g|| with T = |theta|; None when the norm is zero."""
+    scaled = theta * grad if adaptive else grad
+    norm = float(torch.linalg.vector_norm(scaled))
+    if not norm > 0 or not math.isfinite(norm):
+        return None
+    return (theta * scaled if adaptive else grad) * (rho / norm)
+
+
+class StepCore:
+    """The machinery every step shares (module docstring). Subclasses implement `step(loss_fn, targets, alpha)`."""
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int = 0,
+                 is_excluded: Callable[[str], bool] = is_classifier,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
+                 clip_grad: float | None = None, backend: str = "auto") -> None:
+        self.model = model
+        self.base_optimizer = base_optimizer
+        covered, rest = ordered_parameters(model, is_excluded)
+        self.num_covered = sum(p.numel() for p in covered)
+        self.flat = FlatParams(covered + rest, num_rows=num_rows)
+        self.base = torch.empty_like(self.flat.data)
+        self.autocast = autocast
+        self.scaler = scaler or LossScaler(False)
+        self.clip_grad = clip_grad
+        self.backend = backend
+        self.skipped_steps = 0
+        self.bn_at_start = BNState(model)
+        self.bn_scratch = BNState(model)
+        self.group_of_class: torch.Tensor | None = None
+        self.group_sizes: list[int] = []
+        self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.gkp_groups: torch.Tensor | None = None
+        self.gkp_grad: torch.Tensor | None = None
+
+    @property
+    def d(self) -> int:
+        return self.flat.numel
+
+    # ---- groups and GKP --------------------------------------------------------------------------------------
+    def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
+        """Install a grouping: group id of every class and the number of training samples n_g of every group (GKP's
+        weights; the grouped steps' own groups)."""
+        self.group_of_class = torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
+        self.group_sizes = [int(n) for n in group_sizes]
+
+    def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
+                group_of_class: Sequence[int] | torch.Tensor | None = None) -> None:
+        """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
+        strength_j = (lambda / 2) / |G_j| (Eq. 6); each step weighs it by (1 - alpha) sum_{g != j} w_g (Eq. 16), w_g
+        the batch share of GKP's group g (`group_of_class`; None: the step's own groups of `set_groups`)."""
+        self.gkp_terms = (anchors, fisher, strength)
+        self.gkp_groups = None if group_of_class is None else \
+            torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
+
+    def group_counts(self, targets: torch.Tensor, sync: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
+        """Group of every sample, local samples per group, and samples per group over all ranks (with `sync`)."""
+        if self.group_of_class is None:
+            raise RuntimeError(f"{type(self).__name__}.step needs set_groups() first")
+        gid = self.group_of_class[targets]
+        local = torch.bincount(gid, minlength=len(self.group_sizes))
+        counts = local.double()
+        if sync:
+            all_reduce_(counts)
+        return gid, local.tolist(), counts.tolist()
+
+    def batch_shares(self, targets: torch.Tensor) -> list[float] | None:
+        """The batch share |D_g| / |D| of every group over all ranks, the w_g GKP is weighted with (None without
+        GKP)."""
+        if self.gkp_terms is None:
+            return None
+        groups = self.group_of_class if self.gkp_groups is None else self.gkp_groups
+        counts = torch.bincount(groups[targets], minlength=self.gkp_terms[0].shape[0]).double()
+        return reference.group_weights("samples", all_reduce_(counts).tolist())
+
+    def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> float:
+        """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights, its gradient left in a
+        scratch buffer (the covered parameters only)."""
+        n = self.num_covered
+        if self.gkp_grad is None:
+            self.gkp_grad = torch.zeros(n, dtype=self.flat.grad.dtype, device=self.flat.grad.device)
+        self.gkp_grad.zero_()
+        return float(ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
+                                     backend=self.backend))
+
+    def _add_gkp(self, alpha: float, weights: Sequence[float], stats: StepStats) -> float:
+        """Add the GKP gradient, weighted (1 - alpha) sum_{g != j} w_g, to the reduced task gradient; record
+        ||grad GKP|| / ||grad task||; return GKP's value."""
+        anchors, fisher, strength = self.gkp_terms
+        over = torch.tensor(reference.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
+        value = self._gkp_gradient(anchors, fisher, (1 - alpha) * strength * over)
+        task = float(torch.linalg.vector_norm(self.flat.grad))
+        stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan
+        self.flat.grad[:self.num_covered].add_(self.gkp_grad)
+        return value
+
+    # ---- passes ----------------------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        """Remember theta and the BatchNorm statistics, to restore after a perturbed pass or a skipped step."""
+        self.base.copy_(self.flat.data)
+        self.bn_at_start.save()
+
+    def _backward(self, loss: torch.Tensor, weight: float, retain_graph: bool = False) -> None:
+        """Backward of `weight` x `loss` at the current loss scale, accumulated into the gradient buffer."""
+        (loss * (weight * self.scaler.scale)).backward(retain_graph=retain_graph)
+
+    def _unscale(self, grad: torch.Tensor) -> bool:
+        """Unscale a gradient in place; whether it is finite."""
+        if self.scaler.scale != 1.0:
+            grad.div_(self.scaler.scale)
+        return bool(torch.isfinite(grad).all())
+
+    def _finish(self, stats: StepStats, alpha: float = 1.0, gkp_weights: Sequence[float] | None = None,
+                reduced: bool = False, extra: Callable[[], float] | None = None) -> StepStats:
+        """Restore theta, reduce and unscale the update gradient (unless `reduced`: the step did both), skip on
+        inf/NaN, weigh it by
+        `alpha`, add GKP (with the group weights `gkp_weights`) and `extra` terms, clip, step."""
+        self.flat.data.copy_(self.base)
+        grad = self.flat.grad
+        finite = self._unscale(all_reduce_(grad)) if not reduced else bool(torch.isfinite(grad).all())
+        if not finite:
+            return self._skip(stats)
+        if alpha != 1.0:
+            grad.mul_(alpha)
+        if self.gkp_terms is not None and gkp_weights is not None:
+            stats.gkp = self._add_gkp(alpha, gkp_weights, stats)
+        if extra is not None:
+            stats.gkp += extra()
+        if self.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_([grad], self.clip_grad)
+        self.base_optimizer.step()
+        grad.zero_()
+        self.scaler.update(False)
+        return stats
+
+    def _skip(self, stats: StepStats) -> StepStats:
+        """An overflow in any pass skips the whole step: weights and BatchNorm statistics restored, gradients
+        dropped, loss scale halved, the one skip counter raised."""
+        self.flat.data.copy_(self.base)
+        self.bn_at_start.restore()
+        self.flat.grads_to_main()
+        self.flat.grad.zero_()
+        self.scaler.update(True)
+        self.skipped_steps += 1
+        stats.skipped = True
+        _logger.debug("non-finite gradient: step skipped (loss scale now %g)", self.scaler.scale)
+        return stats
+
+    def plain_step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
+        """The base loss's own step on the core: one forward and backward at theta (GKP added when installed)."""
+        stats = StepStats()
+        self._begin()
+        with self.autocast():
+            loss = upcast(loss_fn(torch.arange(len(targets), device=targets.device))).mean()
+        self._backward(loss, 1.0 / world_size())
+        stats.loss = float(loss.detach())
+        return self._finish(stats, alpha, self.batch_shares(targets))
+
+    def _group_rows(self, losses: torch.Tensor, gid: torch.Tensor, counts: list[float]) -> None:
+        """Row g of the (zeroed) rows += the gradient of sum_{i in D_g} l_i / |D_g|: one backward per group present
+        in this rank's batch through the one graph of `losses`, |D_g| the group's count over all ranks."""
+        flat = self.flat
+        mine = [(g, torch.nonzero(gid == g).squeeze(1)) for g in range(flat.rows.shape[0])]
+        mine = [(g, idx) for g, idx in mine if len(idx)]
+        for k, (g, idx) in enumerate(mine):
+            flat.grads_to_row(g)
+            self._backward(losses[idx].sum() / counts[g], 1.0, retain_graph=k + 1 < len(mine))
+        flat.grads_to_main()
+
+    def _group_means(self, losses: torch.Tensor, gid: torch.Tensor, counts: list[float],
+                     sync: bool) -> tuple[list[float], float]:
+        """Mean of per-sample `losses` per group (NaN for an absent group) and over the batch, over all ranks with
+        `sync`."""
+        sums = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
+        sums.index_add_(0, gid, losses.detach().double())
+        if sync:
+            all_reduce_(sums)
+        sums_l = sums.tolist()
+        return [s / c if c > 0 else math.nan for s, c in zip(sums_l, counts)], sum(sums_l) / max(sum(counts), 1.0)
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the loss scale and the skip count (steps with state add theirs)."""
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = int(state["skipped_steps"])

@@ -1,0 +1,134 @@
+"""GBG (AAAI 2024, WickyLee1998/GBG_v1): class groups from gradient clustering, and MGDA weights over them per step.
+
+Grouping, once from the initial weights: every class's mean per-sample gradient of the classification loss over its
+training images (evaluation mode, the covered parameters: the encoder and its heads, not the classifier), cosine
+affinity, normalised-cut spectral clustering into G groups (the grouping's own affinity and clustering,
+lt_recipes.reference). Each step:
+
+1. one forward; the gradient g_g of each present group's mean loss L_g (one backward per group into the rows of
+   the flat buffer, summed over ranks);
+2. MGDA (Sener & Koltun 2018) with the authors' `loss+` normalisation: u_g = g_g / (L_g ||g_g||) over the covered
+   parameters, alpha = argmin over the simplex of ||sum_g alpha_g u_g||^2 (exact on the Gram matrix; the authors
+   iterate towards it);
+3. the update gradient sum_g alpha_g g_g, the gradient of sum_g alpha_g L_g.
+
+L_g is the base's per-sample loss averaged over the group (the authors pair CE groups with BCL's contrastive term
+outside the MGDA weights; here BCL's whole per-sample loss is grouped, as for every other base).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import reference
+from ..grouping import order_head_first
+from .core import LossFn, StepCore, StepStats, all_reduce_, upcast
+from .registry import register_step
+
+_logger = logging.getLogger(__name__)
+
+
+def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
+    """The point alpha of the simplex minimising alpha^T M alpha for a Gram matrix M: the min-norm element of the
+    convex hull of the vectors behind M (MGDA). Exact, by enumerating the supports S of alpha: on each, the
+    minimiser with sum alpha = 1 is M_S^+ 1 / (1^T M_S^+ 1); the best non-negative one wins (G is a handful)."""
+    M = gram.double().cpu()
+    n = M.shape[0]
+    best, best_val = torch.full((n,), 1.0 / n, dtype=torch.float64), math.inf
+    for mask in range(1, 2 ** n):
+        S = [i for i in range(n) if mask >> i & 1]
+        z = torch.linalg.pinv(M[S][:, S]) @ torch.ones(len(S), dtype=torch.float64)
+        if not float(z.sum()) > 0:
+            continue
+        a_S = z / z.sum()
+        if bool((a_S < -1e-12).any()):
+            continue
+        alpha = torch.zeros(n, dtype=torch.float64)
+        alpha[S] = a_S.clamp_min(0)
+        alpha /= alpha.sum()
+        val = float(alpha @ M @ alpha)
+        if val < best_val:
+            best, best_val = alpha, val
+    return best
+
+
+def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    dataset: Dataset, targets: np.ndarray, num_classes: int, num_groups: int, covered: list[nn.Parameter],
+                    batch_size: int, device: torch.device, autocast: Callable[[], ContextManager],
+                    seed: int = 0) -> np.ndarray:
+    """GBG's grouping: group id per class (head first) from the cosine affinity of the classes' mean per-sample
+    gradients over the covered parameters, computed on `dataset` in evaluation mode."""
+    was = model.training
+    model.eval()
+    sums = torch.zeros(num_classes, sum(p.numel() for p in covered), dtype=torch.float64)
+    counts = np.bincount(targets, minlength=num_classes)
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                losses = classification_losses(model(x), y).float()
+            for c in torch.unique(y).tolist():
+                g = torch.autograd.grad(losses[y == c].sum(), covered, retain_graph=True, allow_unused=True)
+                sums[c] += torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).double().cpu()
+                                      for t, p in zip(g, covered)])
+    finally:
+        model.train(was)
+    means = sums / torch.from_numpy(np.maximum(counts, 1)).double()[:, None]
+    if num_groups >= num_classes:
+        labels = np.arange(num_classes)
+    else:
+        labels = reference.spectral_groups(reference.class_affinity(means), num_groups, seed)
+    return order_head_first(labels, counts.tolist())
+
+
+@register_step("gbg")
+class GBG(StepCore):
+    """GBG's step over installed groups (`set_groups`; the training loop forms them with `gradient_groups`).
+
+    >>> step = GBG(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_groups=4)
+    >>> step.set_groups(group_of_class, group_sizes)
+    >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int = 4,
+                 **kw: Any) -> None:
+        super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
+        self.num_groups = num_groups
+        self.last_weights: list[float] = []
+
+    def set_groups(self, group_of_class: Any, group_sizes: Any) -> None:
+        super().set_groups(group_of_class, group_sizes)
+        if len(self.group_sizes) != self.flat.rows.shape[0]:
+            self.num_groups = len(self.group_sizes)
+            self.flat.resize_rows(self.num_groups)
+
+    def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
+        """One step on a batch with labels `targets`; `alpha` weighs the task gradient against GKP (Eq. 16)."""
+        flat, stats = self.flat, StepStats()
+        gid, _, counts = self.group_counts(targets)
+        self._begin()
+        with self.autocast():
+            losses = upcast(loss_fn(torch.arange(len(targets), device=targets.device)))
+        stats.group_loss, stats.loss = self._group_means(losses, gid, counts, True)
+        flat.rows.zero_()
+        self._group_rows(losses, gid, counts)
+        rows = all_reduce_(flat.rows)
+        if not self._unscale(rows):
+            return self._skip(stats)
+        present = [g for g, c in enumerate(counts) if c > 0]
+        cov = rows[present, :self.num_covered]
+        norms = torch.linalg.vector_norm(cov, dim=1).double()
+        scale = torch.tensor([stats.group_loss[g] for g in present], dtype=torch.float64) * norms.cpu()
+        unit = cov.double() / scale.clamp_min(1e-300).to(cov.device)[:, None]
+        weights = min_norm_weights((unit @ unit.T).cpu())
+        self.last_weights = [math.nan] * self.num_groups
+        for w, g in zip(weights.tolist(), present):
+            self.last_weights[g] = w
+            flat.grad.add_(rows[g], alpha=w)
+        return self._finish(stats, alpha, self.batch_shares(targets), reduced=True)
