@@ -430,3 +430,32 @@ def test_collect_results_ablations_read_the_spelled_out_default_step(tmp_path: P
     # the README headline compares the base with the default step
     assert "| fmnist r=100, 2 ep | `ce` | 40.00 ± 1.41 (6.00) | 46.00 (12.00) | +6.00 | n/a | 1 |" in \
         tool.headline_block(str(root))
+
+
+def test_collect_results_peers_table_and_headline(tmp_path: Path) -> None:
+    """The peers grid's folder gets "Sharpness-aware methods on the same bases": each base, its peers in grid order,
+    the default grouped step, with the step cost over SAM read from the committed step benchmark; the README block
+    gets a method-by-base table of the same runs."""
+    tool = load_tool("collect_results")
+    root = tmp_path / "results"
+    folder = "fmnist64_r100"
+    for seed, top1 in enumerate((40.0, 42.0)):
+        _write_run(root, folder, "la", seed, (top1, 80.0, 30.0, 5.0))
+    for seed, top1 in enumerate((46.0, 47.0)):
+        _write_run(root, folder, "la+imbsam", seed, (top1, 80.0, 40.0, 10.0))
+    _write_run(root, folder, "la+sam", 0, (41.0, 80.0, 33.0, 6.0))
+    _write_run(root, folder, "la+gkp+gsa#paper_exact_rho_div10", 0, (43.0, 80.0, 35.0, 8.0))
+    (root / "bench").mkdir()
+    (root / "bench" / "step_cpu_resnet32.json").write_text(json.dumps(
+        {"sam_ms": 100.0, "imbsam_ms": 125.0, "none_ms": 50.0, "gkp_gsa_masked_ms": 350.0}))
+    block = tool.build_block(str(root), str(tmp_path / "README.md"), str(tmp_path / "docs"), False)
+    table = block.split("#### Sharpness-aware methods on the same bases", 1)[1].split("\n\n")[1]
+    labels = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| `")]
+    assert labels == ["`la`", "`la+sam`", "`la+imbsam`", "`la+gkp+gsa#paper_exact_rho_div10`"]
+    # hand-computed: la 41 +- 1.41, imbsam 46.5 +- 0.71: +5.50 beyond 2.12; cost 125 / 100
+    assert _row(table, "la+imbsam") == ["`la+imbsam`", "2", "46.50 ± 0.71", "80.00 ± 0.00", "40.00 ± 0.00",
+                                        "10.00 ± 0.00", "1.25x", "+5.50", "yes"]
+    assert _row(table, "la")[6:] == ["0.50x", "—", "—"]
+    assert _row(table, "la+gkp+gsa#paper_exact_rho_div10")[6:] == ["3.50x", "+2.00", "n/a"]
+    head = tool.headline_block(str(root))
+    assert "| +imbsam | 46.50 ± 0.71 (+5.50, yes) [2] |" in head and "| base alone | 41.00 ± 1.41 [2] |" in head

@@ -419,6 +419,48 @@ def group_table(stats: dict[str, MethodStats]) -> list[str]:
         "", f"The paper reports its best G as 4 on CIFAR-LT and iNaturalist 2018 and 6 on ImageNet-LT."]
 
 
+def step_cost(bench: dict[str, Any] | None, label: str) -> str:
+    """A label's step time over SAM's in the committed CPU step benchmark (its step kind: the plain step for a base
+    alone, the registered step's name, the default grouped step with GKP for +gkp+gsa); a dash without one."""
+    modules = parse_label(label)[1]
+    kind = {"": "none", "gkp+gsa": "gkp_gsa_masked"}.get(modules, modules)
+    if bench is None or f"{kind}_ms" not in bench:
+        return "—"
+    return f"{bench[f'{kind}_ms'] / bench['sam_ms']:.2f}x"
+
+
+def peers_rows(stats: dict[str, MethodStats], labels: Sequence[str]) -> dict[str, list[str]]:
+    """Per base of the `peers` grid's `labels` present in `stats`: the base, its runs of the grid in grid order, and
+    the default GKP+GSA step on it."""
+    out: dict[str, list[str]] = {}
+    for base in sorted({parse_label(m)[0] for m in labels}, key=_order_key):
+        if base not in stats:
+            continue
+        rows = [base] + [m for m in labels if parse_label(m)[0] == base and m != base and m in stats]
+        full = default_label(stats, base)
+        out[base] = rows + ([full] if full else [])
+    return out
+
+
+def peers_table(stats: dict[str, MethodStats], labels: Sequence[str], bench: dict[str, Any] | None) -> list[str]:
+    """"Sharpness-aware methods on the same bases": every peer on each base next to the base alone and the default
+    GKP+GSA step: Top-1 / Many / Medium / Few, step cost x SAM, the change against the base and its verdict."""
+    rows = []
+    for base, group in peers_rows(stats, labels).items():
+        for label in group:
+            s = stats[label]
+            d, verdict = delta_vs(stats[base], s) if label != base else (math.nan, "—")
+            rows.append([f"`{label}`", str(len(s.seeds))] + [_fmt(s.mean[k], s.std[k]) for k in METRICS]
+                        + [step_cost(bench, label), "—" if label == base else f"{d:+.2f}", verdict])
+    if not rows:
+        return []
+    return _table(["method", "seeds", "Top-1", "Many", "Medium", "Few", "step cost x SAM", "Δ Top-1 vs base",
+                   "beyond seed spread"], rows) + [
+        "", "Each peer at its authors' CIFAR-100-LT defaults (docs/method.md, section 9) on the recipe's schedule; "
+            "`+gkp+gsa` is the default grouped step. Step cost: the committed CPU step benchmark "
+            "(docs/benchmarks.md; ResNet-32, batch 128), median step time over SAM's."]
+
+
 def history_table(history_root: str, tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]) -> list[str]:
     """Per base of each history folder: the base now, base+gkp+gsa with the first grouped step (v1), and now."""
     if not os.path.isdir(history_root):
@@ -490,6 +532,12 @@ def v1_sweep_table(sweeps: str) -> list[str]:
                 "exist):", ""] + _table(["folder", "run", "method", "changed keys", "seeds", "Top-1"], rows)
 
 
+def read_bench(results_root: str) -> dict[str, Any] | None:
+    """The committed CPU step benchmark (results/bench/step_cpu_resnet32.json), None when absent."""
+    path = os.path.join(results_root, "bench", "step_cpu_resnet32.json")
+    return read_json(path) if os.path.exists(path) else None
+
+
 def build_block(results_root: str, readme: str, docs: str, write_plots: bool) -> str:
     """The README block (markers included); PNGs are written when `write_plots`."""
     tree = _scan(results_root)
@@ -520,6 +568,11 @@ def build_block(results_root: str, readme: str, docs: str, write_plots: bool) ->
         groups = group_table(stats)
         if groups:
             lines += ["", f"#### Number of groups, {title}", ""] + groups
+        peers = GRIDS["peers"]
+        if folder.rpartition("_r")[0] == peers.folder and int(folder.rpartition("_r")[2]) in peers.cells:
+            table = peers_table(stats, peers.cells[int(folder.rpartition("_r")[2])], read_bench(results_root))
+            if table:
+                lines += ["", f"#### Sharpness-aware methods on the same bases, {title}", ""] + table
         grid = next((g for g in GRIDS.values() if g.folder == folder.rpartition("_r")[0]
                      and int(folder.rpartition("_r")[2]) in g.sweeps), None)
         if grid is not None:
@@ -557,7 +610,42 @@ def headline_block(results_root: str) -> str:
                          "overwritten -->", ""]
     lines += _table(["data, schedule", "base", "base Top-1 (Few)", "+GKP+GSA Top-1 (Few)", "Δ Top-1",
                      "beyond seed spread", "seeds"], rows)
-    return "\n".join(lines + ["", HEAD_END])
+    return "\n".join(lines + peers_headline(tree, first) + ["", HEAD_END])
+
+
+def peers_headline(tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]],
+                   first: dict[str, dict[str, Any]]) -> list[str]:
+    """The README's rows of the peers table: a method per row, a base per column, Top-1 (Δ vs the base, whether
+    beyond the seed spread, seeds)."""
+    peers = GRIDS["peers"]
+    lines = []
+    for ratio, labels in peers.cells.items():
+        folder = f"{peers.folder}_r{ratio}"
+        if folder not in tree:
+            continue
+        stats = {m: summarize(runs) for m, runs in tree[folder].items()}
+        groups = {b: g for b, g in peers_rows(stats, labels).items() if len(g) > 2}  # bases with a peer run
+        if not groups:
+            continue
+        methods = list(dict.fromkeys(parse_label(m)[1] for g in groups.values() for m in g))
+        rows = []
+        for mod in methods:
+            cells = []
+            for base, group in groups.items():
+                label = next((m for m in group if parse_label(m)[1] == mod), None)
+                if label is None:
+                    cells.append("—")
+                    continue
+                s = stats[label]
+                d, verdict = delta_vs(stats[base], s)
+                cells.append(_fmt(s.mean["top1"], s.std["top1"]) + ("" if not mod else f" ({d:+.2f}, {verdict})")
+                             + f" [{len(s.seeds)}]")
+            rows.append([f"+{mod}" if mod else "base alone"] + cells)
+        r = first[folder]
+        lines += ["", f"Sharpness-aware methods on the same bases, {r['dataset']} r={_ratio(r['imbalance_ratio'])}, "
+                      f"{r['epochs']} ep: Top-1 (Δ vs base, beyond seed spread) [seeds].", ""]
+        lines += _table(["method"] + [f"`{b}`" for b in groups], rows)
+    return lines
 
 
 def replace_block(text: str, block: str, path: str, begin: str = BEGIN, end: str = END) -> str:
