@@ -145,3 +145,19 @@ def test_repeated_nonfinite_losses_stop_the_run_without_a_checkpoint(tmp_path):
                                  "--set", "sched.warmup_epochs=0"])
     assert proc.returncode == 2 and "non-finite values in the loss or gradients of the step" in proc.stderr
     assert "epoch 0" in proc.stderr and not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["fsam", "gkp_gbg"])
+def test_a_killed_peer_resumes_to_the_uninterrupted_result(method, tmp_path):
+    """The peers' own state survives a kill: FriendlySAM's gradient EMA, and GBG's groups from the initial weights
+    with GKP riding on it."""
+    args = ["--recipe", "digits_lt", "--set", "epochs=3", "--set", "groups.start_epoch=1", "--set", f"method={method}"]
+    full = tmp_path / "full"
+    assert train(full, args=args).returncode == 0
+    killed = train(tmp_path / "killed", failpoint="step:13", args=args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = train(tmp_path / "killed", "--resume", args=args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "killed" / "results.json").read_text()) == \
+        json.loads((full / "results.json").read_text())
+    assert summary_without_time(tmp_path / "killed") == summary_without_time(full)
