@@ -362,3 +362,23 @@ def test_gkp_rides_on_a_peer():
     want[:n_enc] -= LR * gkp_grad
     assert len(enc_ids) == len(enc)
     torch.testing.assert_close(_flat(m).double(), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["none", "sam", "imbsam", "cc_sam", "gbg"])
+def test_a_non_finite_step_is_skipped_once_by_the_core(name):
+    """An overflow in any pass skips the whole step on the core: weights and BatchNorm statistics untouched, the fp16
+    loss scale halved, the one skip counter raised."""
+    from lt_recipes.steps import LossScaler
+
+    model, (x, y) = _model("bn"), _data("bn")
+    m = copy.deepcopy(model)
+    kw = {k: {"class_counts": COUNTS, "head_losses": None}[k] for k in step_info(name).uses}
+    scaler = LossScaler(True, init_scale=1024.0)
+    step = create_step(name, m, torch.optim.SGD(m.parameters(), lr=LR), scaler=scaler, **kw)
+    if name == "gbg":
+        step.set_groups(*GBG_GROUPS)
+    before, stats_before = _flat(m), [b.clone() for b in m.buffers()]
+    stats = step.step(lambda idx: _loss_fn(m, x, y)(idx) * float("inf"), y)
+    assert stats.skipped and step.skipped_steps == 1 and scaler.scale == 512.0
+    _close(_flat(m), before)
+    assert all(torch.equal(a, b) for a, b in zip(stats_before, m.buffers()))
