@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,13 @@ def index_inputs(inputs: torch.Tensor | list[torch.Tensor], idx: torch.Tensor) -
     return inputs[idx]
 
 
+def group_sizes(labels: np.ndarray, train_counts: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Classes and training samples of every group of a group-id-per-class array."""
+    counts = np.asarray(train_counts)
+    G = int(labels.max()) + 1
+    return [int((labels == g).sum()) for g in range(G)], [int(counts[labels == g].sum()) for g in range(G)]
+
+
 def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -125,7 +132,7 @@ class Method:
 
     def _gradient_groups(self) -> None:
         from .steps.gbg import gradient_groups
-        with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+        with self._own_rng():
             covered, _ = ordered_parameters(self.model, is_classifier)
             self.gradient_labels = gradient_groups(
                 self.model, self.criterion.classification_losses, self.data.train_eval,
@@ -135,10 +142,12 @@ class Method:
         _logger.info("%s groups from the initial weights' class gradients: %s", self.step_name,
                      [np.flatnonzero(self.gradient_labels == g).tolist() for g in range(self.gradient_labels.max() + 1)])
 
+    def _own_rng(self):
+        """Random numbers drawn inside (grouping, bank, Fisher) leave the training stream untouched."""
+        return torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else [])
+
     def _install_gradient_groups(self) -> None:
-        counts = np.asarray(self.data.train_counts)
-        G = int(self.gradient_labels.max()) + 1
-        self.step_fn.set_groups(self.gradient_labels, [int(counts[self.gradient_labels == g].sum()) for g in range(G)])
+        self.step_fn.set_groups(self.gradient_labels, group_sizes(self.gradient_labels, self.data.train_counts)[1])
 
     def _nonfinite(self, epoch: int, step: int, where: str) -> None:
         self.nonfinite_run += 1
@@ -215,7 +224,7 @@ class GroupedMethod(Method):
         super().epoch_start(epoch)
         if self._grouping_due(epoch):
             # the bank, grouping and Fisher draw no random numbers from the training stream
-            with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+            with self._own_rng():
                 if not self.bank_snapshots:
                     self._update_bank(epoch - 1)
                 self._regroup(epoch)
@@ -260,10 +269,7 @@ class GroupedMethod(Method):
                          format_per_process([h for h, _ in held]))
 
     def _group_sizes(self) -> tuple[list[int], list[int]]:
-        G = int(self.labels.max()) + 1
-        counts = np.asarray(self.data.train_counts)
-        return ([int((self.labels == g).sum()) for g in range(G)],
-                [int(counts[self.labels == g].sum()) for g in range(G)])
+        return group_sizes(self.labels, self.data.train_counts)
 
     def _regroup(self, epoch: int) -> None:
         gcfg = self.cfg["groups"]

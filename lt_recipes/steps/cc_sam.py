@@ -71,9 +71,10 @@ class CCSAM(StepCore):
         self.head_losses = head_losses or _cross_entropy
         self.rho, self.beta = rho, beta
 
-    def _class_grads(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    def _class_grads(self, logits: torch.Tensor,
+                     targets: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor]:
         """Every class's gradient of its summed head loss w.r.t. the classifier, [C, d_cls], and the batch's count
-        of each class, both summed over ranks; the mean per class is sum / count."""
+        of each class, both summed over ranks (the mean per class is sum / count); the head losses at theta."""
         C = len(self.class_counts)
         grads = torch.zeros(C, self.d_cls, dtype=self.params[0].dtype, device=logits.device)
         counts = torch.bincount(targets, minlength=C).double()
@@ -84,7 +85,7 @@ class CCSAM(StepCore):
             grads[c] = torch.cat([t.reshape(-1) for t in g])
         all_reduce_(grads)
         all_reduce_(counts)
-        return grads, counts.tolist()
+        return grads, counts.tolist(), losses.detach()
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One step on a batch with labels `targets`; `alpha` weighs the task gradient against GKP (Eq. 16)."""
@@ -99,7 +100,7 @@ class CCSAM(StepCore):
             hook.remove()
         feats, logits = seen[0][0][:B], seen[0][1][:B]  # the classification view (BCL adds its views after it)
         stats.loss = float(losses.detach().mean())
-        grads, counts = self._class_grads(logits, targets)
+        grads, counts, clean_head = self._class_grads(logits, targets)
         theta_norm = float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for p in self.params])))
         sizes = [p.numel() for p in self.params]
         perturbed = torch.zeros(B, dtype=losses.dtype, device=targets.device)
@@ -113,7 +114,6 @@ class CCSAM(StepCore):
                 perturbed[mine] = upcast(self.head_losses(upcast(out), targets[mine]))
         loss = (1 - self.beta) * losses.mean() + self.beta * perturbed.mean()
         self._backward(loss, 1.0 / world_size())
-        clean_head = self.head_losses(upcast(logits.detach()), targets)
         rise = torch.tensor([float(perturbed.detach().mean() - clean_head.mean())],
                             dtype=torch.float64)
         stats.ascent = [float(all_reduce_(rise)) / world_size()]
