@@ -8,10 +8,11 @@
 namespace lt_recipes {
 
 // Most groups (rows of grads / anchors) a fused kernel takes: the CUDA kernels keep 2 accumulators per group in
-// registers. The Python wrappers send larger G to the reference backend.
+// registers. Python reads it as lt_recipes._C.MAX_GROUPS; backend="auto" sends larger G to the reference backend.
 constexpr int64_t kMaxGroups = 32;
 
-// Each check raises c10::Error naming the op, the argument, what was expected and what was given.
+// Each check raises c10::ValueError (Python ValueError) naming the op, the argument, what was expected and what was
+// given: the rules and messages of _check_gsa_project / _check_gkp in lt_recipes/ops.py, which the fake kernels use.
 void check_gsa_project(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& global_grad);
 void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher, const at::Tensor& coef,
                const at::Tensor* grad_out);

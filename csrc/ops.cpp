@@ -1,21 +1,28 @@
-// Python module `lt_recipes._C`, the op schemas of the `lt_recipes` torch.library namespace, and the input checks
-// shared by the CPU (ops_cpu.cpp) and CUDA (ops_cuda.cu) implementations.
+// Python module `lt_recipes._C` and the input checks shared by the CPU (ops_cpu.cpp) and CUDA (ops_cuda.cu)
+// kernels. The op schemas of the `lt_recipes` torch.library namespace, and their fake kernels, are defined in
+// lt_recipes/ops.py; this library only implements them (TORCH_LIBRARY_IMPL).
 #include <Python.h>
 
 #include <sstream>
 #include <string>
 
 #include <ATen/MemoryOverlap.h>
-#include <torch/library.h>
 
 #include "lt_ops.h"
 
 extern "C" PyObject* PyInit__C(void) {
-  // Importing the module loads this library, whose static initializers register the ops with the dispatcher;
-  // the module itself holds nothing.
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lt_recipes fused ops (registered in torch.ops.lt_recipes)",
+  // Importing the module loads this library, whose static initializers register the kernels with the dispatcher;
+  // the module itself holds the kernels' group limit, MAX_GROUPS.
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "lt_recipes fused ops (kernels of torch.ops.lt_recipes; MAX_GROUPS: most groups a "
+                               "kernel takes)",
                                -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "MAX_GROUPS", static_cast<long>(lt_recipes::kMaxGroups)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 namespace lt_recipes {
@@ -35,25 +42,25 @@ bool dtype_in(at::ScalarType t, std::initializer_list<at::ScalarType> allowed) {
   return false;
 }
 
-// A tensor argument with `ndim` dimensions, one of `dtypes`, on `device`, contiguous.
+// A tensor argument with `ndim` dimensions, one of `dtypes`, `length` rows when length >= 0 (`from` says why), on
+// `device`, contiguous; checked in that order, as _check of lt_recipes/ops.py does.
 void check_arg(const char* op, const char* name, const at::Tensor& t, int64_t ndim, const char* what,
-               std::initializer_list<at::ScalarType> dtypes, const at::Device& device) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
-  TORCH_CHECK(t.dim() == ndim && dtype_in(t.scalar_type(), dtypes), op, ": ", name, " must be a ", what,
-              ", got ", describe(t));
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the first argument, got ",
-              describe(t));
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got ", describe(t));
+               std::initializer_list<at::ScalarType> dtypes, const at::Device& device, int64_t length = -1,
+               const char* from = "") {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
+  TORCH_CHECK_VALUE(t.dim() == ndim && dtype_in(t.scalar_type(), dtypes), op, ": ", name, " must be a ", what,
+                    ", got ", describe(t));
+  TORCH_CHECK_VALUE(length < 0 || t.size(0) == length, op, ": ", name, " must have length ", length, " (", from,
+                    "), got ", describe(t));
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, " like the first argument, got ",
+                    describe(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got ", describe(t));
 }
 
-void check_len(const char* op, const char* name, const at::Tensor& t, int64_t expected, const char* from) {
-  TORCH_CHECK(t.size(0) == expected, op, ": ", name, " must have length ", expected, " (", from, "), got ",
-              describe(t));
-}
-
-void check_groups(const char* op, int64_t groups) {
-  TORCH_CHECK(groups >= 1 && groups <= kMaxGroups, op, ": the fused kernels take 1 to ", kMaxGroups,
-              " groups, got ", groups);
+void check_groups(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.size(0) >= 1, op, ": ", name, " must have at least one row (group), got ", describe(t));
+  TORCH_CHECK_VALUE(t.size(0) <= kMaxGroups, op, ": the fused kernels take at most ", kMaxGroups, " groups, got ",
+                    t.size(0), " (the reference backend takes any number)");
 }
 
 }  // namespace
@@ -61,13 +68,13 @@ void check_groups(const char* op, int64_t groups) {
 void check_gsa_project(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& global_grad) {
   const char* op = "gsa_project";
   check_arg(op, "grads", grads, 2, "2-D float32 tensor [G, d]", {at::kFloat}, grads.device());
-  check_groups(op, grads.size(0));
-  check_arg(op, "weights", weights, 1, "1-D float32 tensor [G]", {at::kFloat}, grads.device());
-  check_len(op, "weights", weights, grads.size(0), "G, the rows of grads");
-  check_arg(op, "out", global_grad, 1, "1-D float32 tensor [d]", {at::kFloat}, grads.device());
-  check_len(op, "out", global_grad, grads.size(1), "d, the columns of grads");
-  TORCH_CHECK(at::get_overlap_status(global_grad, grads) == at::MemOverlapStatus::No, op,
-              ": out must not share memory with grads");
+  check_groups(op, "grads", grads);
+  check_arg(op, "weights", weights, 1, "1-D float32 tensor [G]", {at::kFloat}, grads.device(), grads.size(0),
+            "G, the rows of grads");
+  check_arg(op, "out", global_grad, 1, "1-D float32 tensor [d]", {at::kFloat}, grads.device(), grads.size(1),
+            "d, the columns of grads");
+  TORCH_CHECK_VALUE(at::get_overlap_status(global_grad, grads) == at::MemOverlapStatus::No, op,
+                    ": out must not share memory with grads");
 }
 
 void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher, const at::Tensor& coef,
@@ -77,29 +84,18 @@ void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Ten
   check_arg(op, "theta", theta, 1, "1-D float32 tensor [d]", {at::kFloat}, theta.device());
   const int64_t d = theta.size(0);
   check_arg(op, "anchors", anchors, 2, "2-D float32, bfloat16 or float16 tensor [G, d]", stored, theta.device());
-  check_groups(op, anchors.size(0));
-  TORCH_CHECK(anchors.size(1) == d, op, ": anchors must have ", d, " columns (d, the length of theta), got ",
-              describe(anchors));
+  TORCH_CHECK_VALUE(anchors.size(1) == d, op, ": anchors must have ", d, " columns (d, the length of theta), got ",
+                    describe(anchors));
+  check_groups(op, "anchors", anchors);
   check_arg(op, "fisher", fisher, 2, "2-D float32, bfloat16 or float16 tensor [G, d]", stored, theta.device());
-  TORCH_CHECK(fisher.sizes() == anchors.sizes(), op, ": fisher must have the shape of anchors ", anchors.sizes(),
-              ", got ", describe(fisher));
-  check_arg(op, "coef", coef, 1, "1-D float32 tensor [G]", {at::kFloat}, theta.device());
-  check_len(op, "coef", coef, anchors.size(0), "G, the rows of anchors");
+  TORCH_CHECK_VALUE(fisher.sizes() == anchors.sizes(), op, ": fisher must have the shape of anchors ",
+                    anchors.sizes(), ", got ", describe(fisher));
+  check_arg(op, "coef", coef, 1, "1-D float32 tensor [G]", {at::kFloat}, theta.device(), anchors.size(0),
+            "G, the rows of anchors");
   if (grad_out != nullptr) {
-    check_arg(op, "grad_out", *grad_out, 1, "1-D float32 tensor [d]", {at::kFloat}, theta.device());
-    check_len(op, "grad_out", *grad_out, d, "d, the length of theta");
+    check_arg(op, "grad_out", *grad_out, 1, "1-D float32 tensor [d]", {at::kFloat}, theta.device(), d,
+              "d, the length of theta");
   }
 }
 
 }  // namespace lt_recipes
-
-TORCH_LIBRARY(lt_recipes, m) {
-  // Writes global_grad = sum_g weights_g grads_g; returns coef_g = <grads_g, global_grad> / ||global_grad||^2
-  // (0 when that is 0) and residual_norm_g = ||grads_g - coef_g global_grad||.
-  m.def("gsa_project(Tensor grads, Tensor weights, Tensor(a!) global_grad) -> (Tensor coef, Tensor residual_norm)");
-  // sum_j coef_j sum_i fisher_ji (theta_i - anchors_ji)^2.
-  m.def("gkp_penalty(Tensor theta, Tensor anchors, Tensor fisher, Tensor coef) -> Tensor");
-  // The same value; also grad_out += 2 sum_j coef_j fisher_ji (theta_i - anchors_ji), in the same pass.
-  m.def("gkp_penalty_accumulate(Tensor theta, Tensor anchors, Tensor fisher, Tensor coef, Tensor(a!) grad_out) "
-        "-> Tensor");
-}

@@ -1,12 +1,17 @@
 """Fused vector ops of GSA and GKP over flattened parameters, with a plain PyTorch reference backend.
 
-GSA and GKP touch every parameter G times per step; each op here does its work in one pass over its inputs
-(C++/CUDA kernels of csrc/, registered as `torch.ops.lt_recipes.*` by the extension `lt_recipes._C`). The
+GSA and GKP touch every parameter G times per step; each op here does its work in one pass over its inputs. The op
+schemas (`torch.ops.lt_recipes.*`) and their fake kernels, which let torch.compile and FakeTensorMode trace the ops,
+are defined here and exist whether or not the compiled extension `lt_recipes._C` loads; the extension adds the
+C++/CUDA kernels of csrc/ and the group limit of those kernels (MAX_FUSED_GROUPS, None without the extension). The
 reference backend is the same math in plain torch ops; the fused kernels are tested against it.
 
+Argument rules are stated once in Python (`_check_gsa_project`, `_check_gkp`), for the wrappers and the fake
+kernels; the kernels' TORCH_CHECKs in csrc/ops.cpp raise the same ValueError messages for direct op calls.
+
 backend: "fused" runs the extension and raises when it is missing; "reference" runs plain torch; "auto" runs the
-extension when it has a kernel for the inputs' device and otherwise the reference (warning once per process when
-the extension failed to load, and also for more groups than the kernels take, MAX_FUSED_GROUPS).
+extension when it has a kernel for the inputs' device and the inputs have at most MAX_FUSED_GROUPS groups, and
+otherwise the reference (warning once per process when the extension failed to load).
 """
 from __future__ import annotations
 
@@ -15,19 +20,31 @@ import warnings
 from typing import Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .choices import BACKENDS
 
 _logger = logging.getLogger(__name__)
 
-MAX_FUSED_GROUPS = 32  # kMaxGroups of csrc/lt_ops.h
 _STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+_lib = torch.library.Library("lt_recipes", "DEF")
+# Writes global_grad = sum_g weights_g grads_g; returns coef_g = <grads_g, global_grad> / ||global_grad||^2 (0 when
+# that is 0) and residual_norm_g = ||grads_g - coef_g global_grad||.
+_lib.define("gsa_project(Tensor grads, Tensor weights, Tensor(a!) global_grad) -> (Tensor coef, Tensor residual_norm)")
+# sum_j coef_j sum_i fisher_ji (theta_i - anchors_ji)^2.
+_lib.define("gkp_penalty(Tensor theta, Tensor anchors, Tensor fisher, Tensor coef) -> Tensor")
+# The same value; also grad_out += 2 sum_j coef_j fisher_ji (theta_i - anchors_ji), in the same pass.
+_lib.define("gkp_penalty_accumulate(Tensor theta, Tensor anchors, Tensor fisher, Tensor coef, Tensor(a!) grad_out) "
+            "-> Tensor")
+
 try:
-    import lt_recipes._C  # noqa: F401  (registers torch.ops.lt_recipes.*)
+    from . import _C  # registers the CPU (and CUDA) kernels of the ops defined above
     _EXT_ERROR: str | None = None
+    MAX_FUSED_GROUPS: int | None = _C.MAX_GROUPS
 except ImportError as exc:
     _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    MAX_FUSED_GROUPS = None
     _logger.debug("lt_recipes._C did not load: %s", _EXT_ERROR)
 _EXT_LOADED = _EXT_ERROR is None
 # Device types with a compiled kernel, fixed at import so backend choice is plain Python under torch.compile.
@@ -36,19 +53,6 @@ _FUSED_DEVICES = frozenset(
     if _EXT_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("lt_recipes::gsa_project", dev.upper()))
 _warned_fallback = False
 
-if _EXT_LOADED:
-    @torch.library.register_fake("lt_recipes::gsa_project")
-    def _gsa_project_fake(grads: torch.Tensor, weights: torch.Tensor, global_grad: torch.Tensor):
-        return grads.new_empty(grads.shape[0]), grads.new_empty(grads.shape[0])
-
-    @torch.library.register_fake("lt_recipes::gkp_penalty")
-    def _gkp_penalty_fake(theta, anchors, fisher, coef):
-        return theta.new_empty(())
-
-    @torch.library.register_fake("lt_recipes::gkp_penalty_accumulate")
-    def _gkp_penalty_accumulate_fake(theta, anchors, fisher, coef, grad_out):
-        return theta.new_empty(())
-
 
 def fused_available() -> bool:
     """Whether the compiled extension `lt_recipes._C` loaded (so backend="fused" can run)."""
@@ -56,7 +60,11 @@ def fused_available() -> bool:
 
 
 def _use_fused(op: str, backend: str, device: torch.device, groups: int) -> bool:
-    """Resolve `backend` for one call; raises for an unknown backend or a "fused" request that cannot run."""
+    """Resolve `backend` for one call; raises for an unknown backend or a "fused" request that cannot run here.
+
+    More groups than the kernels take is left to the kernel's own check under "fused" and sent to the reference
+    under "auto".
+    """
     global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -70,9 +78,6 @@ def _use_fused(op: str, backend: str, device: torch.device, groups: int) -> bool
         if device.type not in _FUSED_DEVICES:
             raise RuntimeError(f"{op}: backend='fused' has no kernel for {device.type} tensors in this build (kernels "
                                f"for: {sorted(_FUSED_DEVICES)}); rebuild with FORCE_CUDA=1 or use backend='reference'")
-        if groups > MAX_FUSED_GROUPS:
-            raise ValueError(f"{op}: backend='fused' takes at most {MAX_FUSED_GROUPS} groups, got G={groups}; "
-                             f"use backend='reference'")
         return True
     if not _EXT_LOADED and not _warned_fallback:
         _warned_fallback = True
@@ -101,9 +106,85 @@ def _check(op: str, name: str, t: object, what: str, ndim: int, dtypes: Sequence
         raise ValueError(f"{op}: {name} must be contiguous, got {_describe(t)}")
 
 
-def _check_scalar(op: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__} {value!r}")
+def _check_groups(op: str, name: str, t: torch.Tensor, max_groups: int | None) -> None:
+    """Raise unless t has at least one row (group) and, when max_groups is given, at most that many."""
+    if t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must have at least one row (group), got {_describe(t)}")
+    if max_groups is not None and t.shape[0] > max_groups:
+        raise ValueError(f"{op}: the fused kernels take at most {max_groups} groups, got {t.shape[0]} (the reference "
+                         f"backend takes any number)")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share bytes of memory; also right for fake tensors, which keep their aliasing.
+
+    While dynamo traces a caller it answers False: the fake kernel checks the traced tensors instead.
+    """
+    if torch.compiler.is_dynamo_compiling() or a.numel() == 0 or b.numel() == 0:
+        return False
+    if StorageWeakRef(a.untyped_storage()) != StorageWeakRef(b.untyped_storage()):
+        return False
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _check_gsa_project(grads: object, weights: object, out: object | None, max_groups: int | None) -> None:
+    """The argument rules of gsa_project (out may be None: not given yet); max_groups is the kernels' limit or None."""
+    op = "gsa_project"
+    _check(op, "grads", grads, "2-D float32 tensor [G, d]", 2, (torch.float32,), None)
+    _check_groups(op, "grads", grads, max_groups)
+    _check(op, "weights", weights, "1-D float32 tensor [G]", 1, (torch.float32,), grads.device,
+           (grads.shape[0], "G, the rows of grads"))
+    if out is not None:
+        _check(op, "out", out, "1-D float32 tensor [d]", 1, (torch.float32,), grads.device,
+               (grads.shape[1], "d, the columns of grads"))
+        if _overlap(out, grads):
+            raise ValueError(f"{op}: out must not share memory with grads")
+
+
+def _check_gkp(theta: object, anchors: object, fisher: object, coef: object, grad_out: object | None,
+               max_groups: int | None) -> None:
+    """The argument rules of gkp_penalty (and gkp_penalty_accumulate, which has a grad_out)."""
+    op = "gkp_penalty"
+    stored = "2-D float32, bfloat16 or float16 tensor [G, d]"
+    _check(op, "theta", theta, "1-D float32 tensor [d]", 1, (torch.float32,), None)
+    _check(op, "anchors", anchors, stored, 2, _STORED_DTYPES, theta.device)
+    if anchors.shape[1] != theta.shape[0]:
+        raise ValueError(f"{op}: anchors must have {theta.shape[0]} columns (d, the length of theta), "
+                         f"got {_describe(anchors)}")
+    _check_groups(op, "anchors", anchors, max_groups)
+    _check(op, "fisher", fisher, stored, 2, _STORED_DTYPES, theta.device)
+    if fisher.shape != anchors.shape:
+        raise ValueError(f"{op}: fisher must have the shape of anchors {list(anchors.shape)}, got {_describe(fisher)}")
+    _check(op, "coef", coef, "1-D float32 tensor [G]", 1, (torch.float32,), theta.device,
+           (anchors.shape[0], "G, the rows of anchors"))
+    if grad_out is not None:
+        _check(op, "grad_out", grad_out, "1-D float32 tensor [d]", 1, (torch.float32,), theta.device,
+               (theta.shape[0], "d, the length of theta"))
+
+
+@torch.library.register_fake("lt_recipes::gsa_project")
+def _gsa_project_fake(grads: torch.Tensor, weights: torch.Tensor,
+                      global_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """coef and residual_norm [G] like the kernels', after their argument checks."""
+    _check_gsa_project(grads, weights, global_grad, MAX_FUSED_GROUPS)
+    return weights.new_empty(grads.shape[0]), weights.new_empty(grads.shape[0])
+
+
+@torch.library.register_fake("lt_recipes::gkp_penalty")
+def _gkp_penalty_fake(theta: torch.Tensor, anchors: torch.Tensor, fisher: torch.Tensor,
+                      coef: torch.Tensor) -> torch.Tensor:
+    """The 0-dim float32 value, after the kernels' argument checks."""
+    _check_gkp(theta, anchors, fisher, coef, None, MAX_FUSED_GROUPS)
+    return theta.new_empty(())
+
+
+@torch.library.register_fake("lt_recipes::gkp_penalty_accumulate")
+def _gkp_penalty_accumulate_fake(theta: torch.Tensor, anchors: torch.Tensor, fisher: torch.Tensor,
+                                 coef: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The 0-dim float32 value (grad_out is updated in place), after the kernels' argument checks."""
+    _check_gkp(theta, anchors, fisher, coef, grad_out, MAX_FUSED_GROUPS)
+    return theta.new_empty(())
 
 
 def gsa_project(grads: torch.Tensor, weights: torch.Tensor, backend: str = "auto",
@@ -118,30 +199,13 @@ def gsa_project(grads: torch.Tensor, weights: torch.Tensor, backend: str = "auto
     there) and the difference is clamped at 0. `out` (float32 [d], not overlapping grads) receives global_grad
     instead of a new tensor, which saves allocating and first-touching d floats per call on the CPU.
     """
-    op = "gsa_project"
-    _check(op, "grads", grads, "2-D float32 tensor [G, d]", 2, (torch.float32,), None)
-    _check(op, "weights", weights, "1-D float32 tensor [G]", 1, (torch.float32,), grads.device,
-           (grads.shape[0], "G, the rows of grads"))
-    if grads.shape[0] == 0:
-        raise ValueError(f"{op}: grads must have at least one row (group), got {_describe(grads)}")
+    _check_gsa_project(grads, weights, out, None)
     if out is None:
         out = grads.new_empty(grads.shape[1])
-    else:
-        _check(op, "out", out, "1-D float32 tensor [d]", 1, (torch.float32,), grads.device,
-               (grads.shape[1], "d, the columns of grads"))
-        if not torch.compiler.is_compiling() and _overlap(out, grads):
-            raise ValueError(f"{op}: out must not share memory with grads")
-    if _use_fused(op, backend, grads.device, grads.shape[0]):
+    if _use_fused("gsa_project", backend, grads.device, grads.shape[0]):
         coef, residual = torch.ops.lt_recipes.gsa_project(grads, weights, out)
         return out, coef, residual
     return _gsa_project_reference(grads, weights, out)
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two contiguous tensors share bytes of memory."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a.numel() > 0 and b.numel() > 0 and a0 < b0 + b.numel() * b.element_size() and \
-        b0 < a0 + a.numel() * a.element_size()
 
 
 def _gsa_project_reference(grads: torch.Tensor, weights: torch.Tensor, out: torch.Tensor):
@@ -164,24 +228,8 @@ def gkp_penalty(theta: torch.Tensor, anchors: torch.Tensor, fisher: torch.Tensor
     as such, computed in float32). When grad_out (float32 [d]) is given, 2 sum_j coef_j fisher_ji (theta_i -
     anchors_ji) is added to it in the same pass. Terms are formed in float32 and summed in float64.
     """
-    op = "gkp_penalty"
-    stored = "2-D float32, bfloat16 or float16 tensor [G, d]"
-    _check(op, "theta", theta, "1-D float32 tensor [d]", 1, (torch.float32,), None)
-    _check(op, "anchors", anchors, stored, 2, _STORED_DTYPES, theta.device)
-    if anchors.shape[1] != theta.shape[0]:
-        raise ValueError(f"{op}: anchors must have {theta.shape[0]} columns (d, the length of theta), "
-                         f"got {_describe(anchors)}")
-    if anchors.shape[0] == 0:
-        raise ValueError(f"{op}: anchors must have at least one row (group), got {_describe(anchors)}")
-    _check(op, "fisher", fisher, stored, 2, _STORED_DTYPES, theta.device)
-    if fisher.shape != anchors.shape:
-        raise ValueError(f"{op}: fisher must have the shape of anchors {list(anchors.shape)}, got {_describe(fisher)}")
-    _check(op, "coef", coef, "1-D float32 tensor [G]", 1, (torch.float32,), theta.device,
-           (anchors.shape[0], "G, the rows of anchors"))
-    if grad_out is not None:
-        _check(op, "grad_out", grad_out, "1-D float32 tensor [d]", 1, (torch.float32,), theta.device,
-               (theta.shape[0], "d, the length of theta"))
-    if _use_fused(op, backend, theta.device, anchors.shape[0]):
+    _check_gkp(theta, anchors, fisher, coef, grad_out, None)
+    if _use_fused("gkp_penalty", backend, theta.device, anchors.shape[0]):
         if grad_out is None:
             return torch.ops.lt_recipes.gkp_penalty(theta, anchors, fisher, coef)
         return torch.ops.lt_recipes.gkp_penalty_accumulate(theta, anchors, fisher, coef, grad_out)

@@ -1,7 +1,12 @@
 """The fused GSA/GKP ops against float64 NumPy and against the reference backend, on the CPU and (when present)
-the GPU; input validation; opcheck; torch.compile; the missing-extension paths."""
+the GPU; input validation by the wrappers, the kernels and the fake kernels; the group limit; opcheck;
+torch.compile; the missing-extension paths."""
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -9,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lt_recipes import ops
 
@@ -213,8 +219,28 @@ def test_more_groups_than_the_kernels_take_use_the_reference():
     auto = ops.gsa_project(grads, weights)
     for a, b in zip(auto, ops.gsa_project(grads, weights, backend="reference")):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="at most 32 groups"):
+    with pytest.raises(ValueError, match=f"at most {ops.MAX_FUSED_GROUPS} groups, got {ops.MAX_FUSED_GROUPS + 1}"):
         ops.gsa_project(grads, weights, backend="fused")
+
+
+def test_group_limit_is_the_extensions():
+    """MAX_FUSED_GROUPS is read from the extension, and the kernels take exactly that many groups (computing them
+    right) and no more; the fake kernels apply the same limit."""
+    import lt_recipes._C
+
+    limit = ops.MAX_FUSED_GROUPS
+    assert limit == lt_recipes._C.MAX_GROUPS and limit > 8
+    rng = np.random.default_rng(limit)
+    _run_project(_rand(rng, limit, 301), rng.random(limit).astype(np.float32), "cpu")
+    _run_gkp(limit, 301, limit, torch.float32, torch.bfloat16, "cpu", with_grad=True)
+    lt = torch.ops.lt_recipes
+    for mode in ("kernel", "fake"):
+        with FakeTensorMode() if mode == "fake" else contextlib.nullcontext():
+            g, w, out = torch.randn(limit + 1, 10), torch.rand(limit + 1), torch.empty(10)
+            with pytest.raises(ValueError, match=f"the fused kernels take at most {limit} groups, got {limit + 1}"):
+                lt.gsa_project(g, w, out)
+            with pytest.raises(ValueError, match=f"the fused kernels take at most {limit} groups, got {limit + 1}"):
+                lt.gkp_penalty_accumulate(out, g, g, w, out.clone())
 
 
 # ---- validation ---------------------------------------------------------------------------------------------------
@@ -258,21 +284,91 @@ def test_unknown_backend():
         ops.gsa_project(torch.randn(2, 3), torch.rand(2), backend="cuda")
 
 
-def test_kernels_check_their_inputs_when_called_directly():
+def _bad_op_calls():
+    """Direct op calls that break one argument rule each, with the message expected; tensors are made when called,
+    so under FakeTensorMode they are fake."""
     lt = torch.ops.lt_recipes
     g, w, out = torch.randn(3, 10), torch.rand(3), torch.empty(10)
-    with pytest.raises(RuntimeError, match=r"gsa_project: weights must have length 3"):
-        lt.gsa_project(g, w[:2], out)
-    with pytest.raises(RuntimeError, match=r"gsa_project: out must not share memory with grads"):
-        lt.gsa_project(g, w, g[2])
-    with pytest.raises(RuntimeError, match=r"gsa_project: grads must be contiguous"):
-        lt.gsa_project(torch.randn(10, 3).t(), w, out)
-    with pytest.raises(RuntimeError, match=r"gsa_project: the fused kernels take 1 to 32 groups, got 33"):
-        lt.gsa_project(torch.randn(33, 10), torch.rand(33), out)
-    with pytest.raises(RuntimeError, match=r"gkp_penalty: fisher must have the shape of anchors"):
-        lt.gkp_penalty(out, g, g[:2].contiguous(), w)
-    with pytest.raises(RuntimeError, match=r"gkp_penalty: grad_out must have length 10"):
-        lt.gkp_penalty_accumulate(out, g, g, w, out[:9])
+    th, a, f, c = torch.randn(10), torch.randn(2, 10), torch.rand(2, 10), torch.rand(2)
+    return [
+        (lambda: lt.gsa_project(g[0], w, out),
+         r"gsa_project: grads must be a 2-D float32 tensor \[G, d\], got shape \[10\]"),
+        (lambda: lt.gsa_project(g.double(), w, out), r"gsa_project: grads must be a 2-D float32 tensor"),
+        (lambda: lt.gsa_project(torch.randn(10, 3).t(), w, out), r"gsa_project: grads must be contiguous"),
+        (lambda: lt.gsa_project(g[:0], w[:0], out), r"gsa_project: grads must have at least one row \(group\)"),
+        (lambda: lt.gsa_project(g, w[:2], out), r"gsa_project: weights must have length 3 \(G, the rows of grads\)"),
+        (lambda: lt.gsa_project(g, w, out[:9]), r"gsa_project: out must have length 10 \(d, the columns of grads\)"),
+        (lambda: lt.gsa_project(g, w, g[2]), r"gsa_project: out must not share memory with grads"),
+        (lambda: lt.gkp_penalty(th, a.long(), f, c),
+         r"gkp_penalty: anchors must be a 2-D float32, bfloat16 or float16 tensor \[G, d\]"),
+        (lambda: lt.gkp_penalty(th, a[:, :9].contiguous(), f, c), r"gkp_penalty: anchors must have 10 columns"),
+        (lambda: lt.gkp_penalty(th, a[:0], f[:0], c[:0]), r"gkp_penalty: anchors must have at least one row"),
+        (lambda: lt.gkp_penalty(th, a, f[:1], c), r"gkp_penalty: fisher must have the shape of anchors \[2, 10\]"),
+        (lambda: lt.gkp_penalty(th, a, f, c[:1]), r"gkp_penalty: coef must have length 2 \(G, the rows of anchors\)"),
+        (lambda: lt.gkp_penalty(torch.randn(20)[::2], a, f, c), r"gkp_penalty: theta must be contiguous"),
+        (lambda: lt.gkp_penalty_accumulate(th, a, f, c, out[:9]), r"gkp_penalty: grad_out must have length 10"),
+        (lambda: lt.gkp_penalty_accumulate(th, a, f, c, out.double()), r"gkp_penalty: grad_out must be a 1-D float32"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["kernel", "fake"])
+@pytest.mark.parametrize("case", range(len(_bad_op_calls())))
+def test_kernels_and_fake_kernels_check_their_inputs_alike(mode, case):
+    """The C++ kernels and the fake kernels reject the same calls with the same ValueError message."""
+    with FakeTensorMode() if mode == "fake" else contextlib.nullcontext():
+        call, message = _bad_op_calls()[case]
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_fake_kernels_give_the_kernels_output_shapes():
+    lt = torch.ops.lt_recipes
+    with FakeTensorMode():
+        g, w, out = torch.randn(3, 10), torch.rand(3), torch.empty(10)
+        a, f = torch.randn(3, 10).half(), torch.rand(3, 10)
+        outputs = [*lt.gsa_project(g, w, out), lt.gkp_penalty(out, a, f, w),
+                   lt.gkp_penalty_accumulate(out, a, f, w, g[0])]
+    assert [(tuple(t.shape), t.dtype) for t in outputs] == [((3,), torch.float32)] * 2 + [((), torch.float32)] * 2
+
+
+_WITHOUT_EXTENSION = """
+import json, sys
+sys.modules["lt_recipes._C"] = None  # the import of the extension fails, as when it was never built
+import torch
+from torch._library.simple_registry import singleton
+from torch._subclasses.fake_tensor import FakeTensorMode
+from lt_recipes import ops
+
+names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lt_recipes::"))
+report = {"loaded": ops.fused_available(), "limit": ops.MAX_FUSED_GROUPS, "names": names,
+          "cpu_kernel": torch._C._dispatch_has_kernel_for_dispatch_key("lt_recipes::gsa_project", "CPU"),
+          "fakes": [singleton.find(n).fake_impl.kernel is not None for n in names]}
+lt = torch.ops.lt_recipes
+with FakeTensorMode():
+    g, w, out = torch.randn(40, 10), torch.rand(40), torch.empty(10)
+    a, f = torch.randn(40, 10).half(), torch.rand(40, 10)
+    outputs = [*lt.gsa_project(g, w, out), lt.gkp_penalty(out, a, f, w), lt.gkp_penalty_accumulate(out, a, f, w, g[0])]
+    report["shapes"] = [list(t.shape) for t in outputs]
+    try:
+        lt.gkp_penalty(out, a, f[:3], w)
+    except ValueError as exc:
+        report["error"] = str(exc)
+print(json.dumps(report))
+"""
+
+
+def test_fake_kernels_are_registered_without_the_extension():
+    """In a process where lt_recipes._C cannot be imported, every lt_recipes op still has its schema and a fake
+    kernel that checks shapes (no group limit: there are no kernels to limit)."""
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loaded"] is False and report["limit"] is None and report["cpu_kernel"] is False
+    assert report["names"] == ["lt_recipes::gkp_penalty", "lt_recipes::gkp_penalty_accumulate",
+                               "lt_recipes::gsa_project"]
+    assert report["fakes"] == [True, True, True]
+    assert report["shapes"] == [[40], [40], [], []]
+    assert report["error"].startswith("gkp_penalty: fisher must have the shape of anchors [40, 10], got shape [3, 10]")
 
 
 # ---- torch.library integration ------------------------------------------------------------------------------------
@@ -291,7 +387,10 @@ def _op_samples(device: str):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for op, args in _op_samples(device):
+    samples = _op_samples(device)
+    assert sorted(op._schema.name for op, _ in samples) == \
+        sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lt_recipes::"))  # every op
+    for op, args in samples:
         torch.library.opcheck(op, args)
 
 
@@ -311,6 +410,15 @@ def test_compiled_function_calls_the_ops():
     for got, want in zip(compiled(*args), step(*eager_args)):
         assert torch.equal(got, want)
     assert torch.equal(args[6], eager_args[6])  # the mutation is kept
+
+
+def test_compiled_call_checks_aliasing_in_the_fake_kernel():
+    """dynamo does not trace the wrapper's storage comparison; the fake kernel makes the same check on the traced
+    tensors, which keep their aliasing."""
+    compiled = torch.compile(lambda g, w: ops.gsa_project(g, w, backend="fused", out=g[1]), backend="aot_eager",
+                             fullgraph=True)
+    with pytest.raises(Exception, match=r"gsa_project: out must not share memory with grads"):
+        compiled(torch.randn(3, 64), torch.rand(3))
 
 
 # ---- backend selection --------------------------------------------------------------------------------------------
