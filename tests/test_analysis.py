@@ -14,11 +14,12 @@ import yaml
 from matplotlib.image import imread
 from torch import nn
 
-from lt_recipes.analysis import (AnalysisError, analysis_groups, balanced_indices, filter_normalized_direction,
-                                 group_means, hessian_vector_product, read_summary, split_boundaries,
-                                 top_hessian_eigenvalue)
 from lt_recipes.checkpoint import atomic_write_csv, save_checkpoint
 from toolload import load_tool
+
+# tools/'s sibling module, importable once toolload has put tools/ on sys.path
+from analysis import (AnalysisError, analysis_groups, balanced_indices, filter_normalized_direction, group_means,
+                      hessian_vector_product, read_summary, split_boundaries, top_hessian_eigenvalue)
 
 
 @pytest.fixture(autouse=True)

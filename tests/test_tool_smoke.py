@@ -26,6 +26,9 @@ from toolload import ROOT, load_tool
 
 # script -> (the test that runs its main path, how it is covered when that is not obvious from the test's name)
 TOOLS: dict[str, tuple[str, str]] = {
+    "analysis.py": ("tests/test_analysis.py::test_plot_run_writes_pngs",
+                    "the module collect_results.py, plot_run.py and landscape.py import; tests/test_analysis.py "
+                    "also tests its pieces one by one"),
     "bench_epoch.py": ("tests/test_tool_smoke.py::test_device_check_smoke",
                        "device_check.sh's epoch step runs it on synthetic CIFAR-100; its JSON is checked there"),
     "bench_kernels.py": ("tests/test_tool_smoke.py::test_bench_kernels", ""),

@@ -25,21 +25,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import yaml
 
-from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure, read_json, read_summary,
-                                 save_figure, split_boundaries, train_counts_of)
 from lt_recipes.checkpoint import atomic_write_text
 from lt_recipes.cli import last_error
 from lt_recipes.choices import DIRECTIONS, LOSSES
 from lt_recipes.errors import AnalysisError, LTRecipesError
 from lt_recipes.steps import list_methods, method_modules
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_grid import DEFAULT_VARIANT, GRIDS  # noqa: E402  (the grids say which labels form which table)
+from analysis import (head_to_tail, indexed_columns, load_run, new_figure, read_json, read_summary, save_figure,
+                      split_boundaries, train_counts_of)
+from run_grid import DEFAULT_VARIANT, GRIDS  # the grids say which labels form which table
 
 _logger = logging.getLogger("collect_results")
 
@@ -162,6 +161,15 @@ def delta_vs(base: MethodStats, other: MethodStats, key: str = "top1") -> tuple[
     return delta, verdict
 
 
+def change_cells(base: MethodStats | None, other: MethodStats) -> list[str]:
+    """The Top-1 change against the base and its verdict (`delta_vs`) as two cells; dashes without a base run or
+    on the base's own row."""
+    if base is None or base is other:
+        return ["—", "—"]
+    d, verdict = delta_vs(base, other)
+    return [f"{d:+.2f}", verdict]
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -175,13 +183,8 @@ def main_table(stats: dict[str, MethodStats]) -> list[str]:
     rows = []
     for label in sorted(stats, key=_order_key):
         s = stats[label]
-        base = stats.get(parse_label(label)[0])
-        if base is None or base is s:
-            change = ["—", "—"]
-        else:
-            d, verdict = delta_vs(base, s)
-            change = [f"{d:+.2f}", verdict]
-        rows.append([f"`{label}`", str(len(s.seeds))] + [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change)
+        rows.append([f"`{label}`", str(len(s.seeds))] + [_fmt(s.mean[k], s.std[k]) for k in METRICS]
+                    + change_cells(stats.get(parse_label(label)[0]), s))
     return _table(["method", "seeds", "Top-1", "Many", "Medium", "Few", "Δ Top-1 vs base", "beyond seed spread"],
                   rows)
 
@@ -232,13 +235,10 @@ def direction_table(stats: dict[str, MethodStats]) -> list[str]:
                             key=lambda m: (paper_order.index(parse_label(m)[2]) if parse_label(m)[2] in paper_order
                                            else len(paper_order), m)):
             s, direction = stats[label], parse_label(label)[2]
-            change = ["—", "—"]
-            if base in stats:
-                d, verdict = delta_vs(stats[base], s)
-                change = [f"{d:+.2f}", verdict]
             paper = PAPER_DIRECTIONS.get(direction)
             rows.append([DIRECTION_TITLES.get(direction, direction), f"`{label}`", str(len(s.seeds)),
-                         _fmt(s.mean["top1"], s.std["top1"])] + change + ["—" if paper is None else f"{paper:.1f}"])
+                         _fmt(s.mean["top1"], s.std["top1"])] + change_cells(stats.get(base), s)
+                        + ["—" if paper is None else f"{paper:.1f}"])
     if not rows:
         return []
     return _table(["ascent direction", "method", "seeds", "Top-1", "Δ vs base", "beyond seed spread",
@@ -297,35 +297,19 @@ def variant_keys(run_dir: str) -> str:
     return ", ".join(f"`{k}`" for k in keys) or "(recipe)"
 
 
-def _changed_keys(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    return variant_keys(runs[0][0])
-
-
 def readings_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
                    labels: Sequence[str], folder_dir: str = "") -> list[str]:
     """The `readings` grid's rows present here: Top-1 / Many / Medium / Few, the change against the label's base,
     and whether every group ascended (share of positive epoch-mean ascents, the smallest); a run that stopped (its
     train.log committed) with its error."""
-    rows = []
-    for label in labels:
-        stopped = stopped_seeds(folder_dir, label)
-        if label not in stats:
-            if stopped:
-                seed_dir = os.path.join(folder_dir, label, f"seed{stopped[0][0]}")
-                rows.append([f"`{label}`", variant_keys(seed_dir), seeds_cell(0, stopped), "stopped"]
-                            + ["—"] * 6 + [stopped[0][1]])
-            continue
-        s, base = stats[label], stats.get(parse_label(label)[0])
-        change = ["—", "—"]
-        if base is not None and base is not s:
-            d, verdict = delta_vs(base, s)
-            change = [f"{d:+.2f}", verdict]
-        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(len(s.seeds), stopped)]
-                    + [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change + ascent_cells(runs[label]))
+    header = ["method", "changed keys", "seeds", "Top-1", "Many", "Medium", "Few", "Δ Top-1 vs base",
+              "beyond seed spread", "group-epochs ascending", "smallest ascent"]
+    rows = label_rows(stats, runs, labels, folder_dir, len(header), lambda label, s: (
+        [_fmt(s.mean[k], s.std[k]) for k in METRICS] + change_cells(stats.get(parse_label(label)[0]), s)
+        + ascent_cells(runs[label])))
     if not rows:
         return []
-    return _table(["method", "changed keys", "seeds", "Top-1", "Many", "Medium", "Few", "Δ Top-1 vs base",
-                   "beyond seed spread", "group-epochs ascending", "smallest ascent"], rows) + [
+    return _table(header, rows) + [
         "", "Ascent: each group's epoch mean of (its loss in the perturbed pass) - (its loss at theta) from "
             "summary.csv, over every epoch after grouping and every seed; 100% means every group rose in every epoch."]
 
@@ -349,27 +333,39 @@ def seeds_cell(finished: int, stopped: Sequence[tuple[int, str]]) -> str:
     return f"{finished} (seed{'s' if len(stopped) > 1 else ''} {seeds} stopped)"
 
 
+def label_rows(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
+               labels: Sequence[str], folder_dir: str, width: int,
+               cells: Callable[[str, MethodStats], list[str]]) -> list[list[str]]:
+    """Rows of a grid's table of `width` columns, one per label with runs here: the label, the recipe keys its
+    variant changed and its seeds (`seeds_cell`), then `cells(label, its MethodStats)` when a seed finished; when every
+    seed stopped (`stopped_seeds`), "stopped", dashes and the first stopped seed's error, so every table shows a
+    stopped run the same way. A label with neither is left out."""
+    rows = []
+    for label in labels:
+        stopped = stopped_seeds(folder_dir, label)
+        if label in stats:
+            rows.append([f"`{label}`", variant_keys(runs[label][0][0]), seeds_cell(len(stats[label].seeds), stopped)]
+                        + cells(label, stats[label]))
+        elif stopped:
+            keys = variant_keys(os.path.join(folder_dir, label, f"seed{stopped[0][0]}"))
+            rows.append([f"`{label}`", keys, seeds_cell(0, stopped), "stopped"] + ["—"] * (width - 5)
+                        + [stopped[0][1]])
+    return rows
+
+
 def gkp_sweep_table(stats: dict[str, MethodStats], runs: dict[str, list[tuple[str, dict[str, Any]]]],
                     labels: Sequence[str], folder_dir: str = "") -> list[str]:
     """GKP's strength: each `<base>+gkp[#variant]` row with its changed keys, Top-1 against the base and
     ||grad GKP|| / ||grad task|| as logged; a run that stopped (its train.log committed) with its error."""
-    rows = []
-    for label in (m for m in labels if parse_label(m)[1] == "gkp"):
-        stopped = stopped_seeds(folder_dir, label)
-        if label not in stats:
-            if stopped:
-                keys = variant_keys(os.path.join(folder_dir, label, f"seed{stopped[0][0]}"))
-                rows.append([f"`{label}`", keys, seeds_cell(0, stopped), "stopped", "—", "—", "—", stopped[0][1]])
-            continue
-        s, base = stats[label], stats.get(parse_label(label)[0])
-        change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
-        rows.append([f"`{label}`", _changed_keys(runs[label]), seeds_cell(len(s.seeds), stopped),
-                     _fmt(s.mean["top1"], s.std["top1"]),
-                     _fmt(s.mean["few"], s.std["few"])] + change + [gkp_ratio_cell(runs[label])])
+    header = ["method", "changed keys", "seeds", "Top-1", "Few", "Δ Top-1 vs base", "beyond seed spread",
+              "‖∇GKP‖ / ‖∇task‖ median (range)"]
+    gkp_labels = [m for m in labels if parse_label(m)[1] == "gkp"]
+    rows = label_rows(stats, runs, gkp_labels, folder_dir, len(header), lambda label, s: (
+        [_fmt(s.mean["top1"], s.std["top1"]), _fmt(s.mean["few"], s.std["few"])]
+        + change_cells(stats.get(parse_label(label)[0]), s) + [gkp_ratio_cell(runs[label])]))
     if not rows:
         return []
-    return _table(["method", "changed keys", "seeds", "Top-1", "Few", "Δ Top-1 vs base", "beyond seed spread",
-                   "‖∇GKP‖ / ‖∇task‖ median (range)"], rows) + [
+    return _table(header, rows) + [
         "", "The ratio is logged per epoch after grouping (summary.csv `gkp_grad_ratio`); runs from before it was "
             "logged show —."]
 
@@ -410,8 +406,8 @@ def group_table(stats: dict[str, MethodStats]) -> list[str]:
         base = stats.get(parse_label(full)[0])
         for g, label in counts + [(stats[full].groups, full)]:
             s = stats[label]
-            change = ["—", "—"] if base is None else [f"{delta_vs(base, s)[0]:+.2f}", delta_vs(base, s)[1]]
-            rows.append([f"`{full}`", str(g), str(len(s.seeds)), _fmt(s.mean["top1"], s.std["top1"])] + change)
+            rows.append([f"`{full}`", str(g), str(len(s.seeds)), _fmt(s.mean["top1"], s.std["top1"])]
+                        + change_cells(base, s))
     if not rows:
         return []
     rows.sort(key=lambda r: (r[0], int(r[1])))

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lt_recipes.analysis import (analysis_groups, balanced_indices, filter_normalized_direction, group_means,
-                                 load_run, new_figure, new_panels, per_sample_loss, save_figure, set_parameters,
-                                 top_hessian_eigenvalue, train_counts_of)
 from lt_recipes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from lt_recipes.data import build_data
 from lt_recipes.errors import AnalysisError, CheckpointError, LTRecipesError
 from lt_recipes.models import create_lt_model
+
+from analysis import (analysis_groups, balanced_indices, filter_normalized_direction, group_means, load_run, new_figure,
+                      new_panels, per_sample_loss, save_figure, set_parameters, top_hessian_eigenvalue, train_counts_of)
 
 _logger = logging.getLogger("landscape")
 

@@ -21,9 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from lt_recipes.analysis import (head_to_tail, indexed_columns, load_run, new_figure, new_panels, save_figure,
-                                 split_boundaries, train_counts_of)
 from lt_recipes.errors import AnalysisError, LTRecipesError
+
+from analysis import (head_to_tail, indexed_columns, load_run, new_figure, new_panels, save_figure, split_boundaries,
+                      train_counts_of)
 
 _logger = logging.getLogger("plot_run")
 

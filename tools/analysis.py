@@ -3,6 +3,10 @@
 Reading run directories (summary.csv, results.json, groups.json, quality.json, args.yaml), the class groups a run
 is analysed by, filter-normalized random directions (Li et al. 2018), per-sample losses for loss-landscape slices,
 and the top Hessian eigenvalue by power iteration on Hessian-vector products (double backward).
+
+The scripts import it as the sibling module `analysis` (a script's own folder leads sys.path; tests/toolload.py
+puts tools/ there for the tests). It lives beside them because only the tools read runs: the training package
+never imports it.
 """
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from .config import load_config
-from .data import build_data
-from .errors import AnalysisError
-from .metrics import class_splits
+from lt_recipes.config import load_config
+from lt_recipes.data import build_data
+from lt_recipes.errors import AnalysisError
+from lt_recipes.metrics import class_splits
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("analysis")
 
 
 # ---- run directories ------------------------------------------------------------------------------------------
