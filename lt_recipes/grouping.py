@@ -17,7 +17,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 from safetensors.torch import load_file, save_file
 
-from . import reference
+from .equations import spectral_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -27,24 +27,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.double(), b.double()))
-
-
-def feature_quality(features: torch.Tensor, labels: torch.Tensor, num_classes: int, beta: float = 0.5,
-                    var_floor: float = 1e-12) -> torch.Tensor:
-    """Vectorised Q(c) = Dis(c) - beta log Var(c), equal to `reference.feature_quality` (float64, on the CPU)."""
-    feats, labels = features.double().cpu(), labels.long().cpu()
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    sums = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats)
-    present = counts > 0
-    mus = sums / counts.clamp_min(1)[:, None]
-    sq = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, ((feats - mus[labels]) ** 2).sum(1))
-    var = (sq / counts.clamp_min(1)).clamp_min(var_floor)
-    dist = torch.cdist(mus, mus)
-    dist.fill_diagonal_(math.inf)
-    dist[:, ~present] = math.inf
-    q = dist.min(1).values - beta * torch.log(var)
-    q[~present | torch.isinf(dist.min(1).values)] = -math.inf
-    return q
 
 
 class MemoryBank:
@@ -207,7 +189,7 @@ def compute_groups(bank: MemoryBank, num_groups: int, train_counts: list[int], s
         if n_comp > 1:
             _logger.warning("groups: affinity graph has %d connected components; adding 1e-6 to every edge", n_comp)
             aff = aff + 1e-6
-        labels = reference.spectral_groups(aff, num_groups, seed)
+        labels = spectral_groups(aff, num_groups, seed)
     return order_head_first(labels, train_counts)
 
 

@@ -23,12 +23,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from . import faults, reference
+from . import equations, faults
 from .data import LTData
 from .distributed import broadcast_groups, format_per_process, gather_counts
+from .equations import feature_quality
 from .errors import NonFiniteError
 from .gkp import estimate_fisher, gkp_strength
-from .grouping import DTYPES, MemoryBank, compute_groups, feature_quality
+from .grouping import DTYPES, MemoryBank, compute_groups
 from .models import is_classifier, ordered_parameters
 from .steps import create_step, method_modules, split_method, step_info, uses_memory_groups
 from .steps.core import LossScaler, StepCore, StepStats
@@ -231,7 +232,7 @@ class GroupedMethod(Method):
         if self.labels is not None:
             a = self.cfg["alpha"]
             # supplement Eq. 20 with t the epoch and T the total number of epochs
-            self.alpha = reference.alpha_schedule(epoch, self.cfg["epochs"], a["start"], a["end"]) \
+            self.alpha = equations.alpha_schedule(epoch, self.cfg["epochs"], a["start"], a["end"]) \
                 if self.use_gkp else 1.0
             self.alpha_history.append(self.alpha)
         self._epoch_stats = defaultdict(list)

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lt_recipes import ops, reference
+from lt_recipes import ops
+from lt_recipes.equations import gkp_weights, group_weights
 from lt_recipes.gkp import estimate_fisher, gkp_strength
 from lt_recipes.models import is_classifier, ordered_parameters
+from oracles import fisher_diagonal, gkp_group_loss, total_objective
 
 
 @pytest.mark.parametrize("norm", ["per_classes", "per_samples"])
@@ -27,11 +29,11 @@ def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend, weighting):
     classes, samples = [3, 2, 4, 1], [500, 120, 60, 7]
     sizes = torch.tensor(classes if norm == "per_classes" else samples, dtype=torch.float64)
     t = theta.double().requires_grad_(True)
-    w = reference.group_weights(weighting, batch_counts)
-    want = reference.total_objective([torch.zeros(())] * G, [reference.gkp_group_loss(t, anchors.double(),
-                                     fisher.double(), sizes, k, lam) for k in range(G)], alpha, w)
+    w = group_weights(weighting, batch_counts)
+    want = total_objective([torch.zeros(())] * G, [gkp_group_loss(t, anchors.double(), fisher.double(), sizes, k, lam)
+                                                   for k in range(G)], alpha, w)
     want_grad, = torch.autograd.grad(want, t)
-    coef = (1 - alpha) * gkp_strength(classes, samples, lam, norm) * torch.tensor(reference.gkp_weights(w))
+    coef = (1 - alpha) * gkp_strength(classes, samples, lam, norm) * torch.tensor(gkp_weights(w))
     grad = torch.zeros(d)
     value = ops.gkp_penalty(theta, anchors, fisher, coef, grad_out=grad, backend=backend)
     assert float(value) == pytest.approx(float(want), rel=1e-5)
@@ -41,11 +43,11 @@ def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend, weighting):
 def test_strength_and_weights_by_hand():
     assert gkp_strength([2, 3], [100, 10], lam=10.0, norm="per_samples").tolist() == pytest.approx([5 / 100, 5 / 10])
     assert gkp_strength([2, 3], [100, 10], lam=10.0, norm="per_classes").tolist() == pytest.approx([5 / 2, 5 / 3])
-    assert reference.group_weights("samples", [6, 2, 0, 2]) == [0.6, 0.2, 0.0, 0.2]
-    assert reference.group_weights("mean", [6, 2, 0, 2]) == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3])
-    assert reference.group_weights("sum", [6, 2, 0, 2]) == [1.0] * 4
-    assert reference.gkp_weights([0.6, 0.2, 0.0, 0.2]) == pytest.approx([0.4, 0.8, 1.0, 0.8])
-    assert reference.gkp_weights([1.0] * 4) == [3.0] * 4  # Eq. 16 as printed: G - 1 step groups weigh each term
+    assert group_weights("samples", [6, 2, 0, 2]) == [0.6, 0.2, 0.0, 0.2]
+    assert group_weights("mean", [6, 2, 0, 2]) == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3])
+    assert group_weights("sum", [6, 2, 0, 2]) == [1.0] * 4
+    assert gkp_weights([0.6, 0.2, 0.0, 0.2]) == pytest.approx([0.4, 0.8, 1.0, 0.8])
+    assert gkp_weights([1.0] * 4) == [3.0] * 4  # Eq. 16 as printed: G - 1 step groups weigh each term
 
 
 def _losses(logits, y):
@@ -79,7 +81,7 @@ def test_batch_mean_fisher_equals_direct_per_batch_computation():
         torch.nn.utils.vector_to_parameters(anchors[j], list(m.encoder.parameters()))
         idx = np.flatnonzero(group_of_class[y.numpy()] == j)
         batches = [(x[idx[i:i + 5]], y[idx[i:i + 5]]) for i in range(0, len(idx), 5)]
-        want = reference.fisher_diagonal(m, F.cross_entropy, batches, list(m.encoder.parameters()))
+        want = fisher_diagonal(m, F.cross_entropy, batches, list(m.encoder.parameters()))
         assert torch.allclose(fisher[j].double(), torch.cat([w.reshape(-1) for w in want]), rtol=1e-5, atol=1e-9)
     assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), before)  # works on a copy
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lt_recipes import reference
-from lt_recipes.grouping import MemoryBank, order_head_first, compute_groups, feature_quality
+from lt_recipes.config import defaults
+from lt_recipes.equations import alpha_schedule, class_affinity, feature_quality, spectral_groups
+from lt_recipes.grouping import MemoryBank, order_head_first, compute_groups
+import oracles
 
 
 def _hand_example():
@@ -22,24 +24,25 @@ def _hand_example():
 
 def test_quality_matches_hand_computed_example():
     feats, labels, expected = _hand_example()
-    assert reference.feature_quality(feats, labels, 3).tolist() == pytest.approx(expected, abs=1e-12)
+    assert oracles.feature_quality(feats, labels, 3).tolist() == pytest.approx(expected, abs=1e-12)
     assert feature_quality(feats, labels, 3).tolist() == pytest.approx(expected, abs=1e-12)
 
 
-def test_fast_quality_equals_reference_and_handles_missing_classes():
+def test_fast_quality_equals_oracle_and_handles_missing_classes():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(200, 16, generator=g)
     labels = torch.randint(0, 9, (200,), generator=g)  # class 9 absent
-    fast, ref = feature_quality(feats, labels, 10, beta=0.7), reference.feature_quality(feats, labels, 10, beta=0.7)
+    fast, ref = feature_quality(feats, labels, 10, beta=0.7), oracles.feature_quality(feats, labels, 10, beta=0.7)
     assert torch.allclose(fast[:9], ref[:9], atol=1e-10)
     assert fast[9] == -math.inf and ref[9] == -math.inf
 
 
 def test_alpha_schedule_ends_and_middle():
-    assert reference.alpha_schedule(0, 10) == pytest.approx(0.95)
-    assert reference.alpha_schedule(10, 10) == pytest.approx(0.6)
-    assert reference.alpha_schedule(5, 10) == pytest.approx(0.775)
-    assert reference.alpha_schedule(5, 10, 0.9, 0.8) == pytest.approx(0.85)
+    start, end = defaults()["alpha"]["start"], defaults()["alpha"]["end"]
+    assert alpha_schedule(0, 10, start, end) == pytest.approx(0.95)
+    assert alpha_schedule(10, 10, start, end) == pytest.approx(0.6)
+    assert alpha_schedule(5, 10, start, end) == pytest.approx(0.775)
+    assert alpha_schedule(5, 10, 0.9, 0.8) == pytest.approx(0.85)
 
 
 def _train_and_bank(num_classes=6, epochs=12, d_feat=5, spill_dir=None, dtype="fp32"):
@@ -63,7 +66,7 @@ def _train_and_bank(num_classes=6, epochs=12, d_feat=5, spill_dir=None, dtype="f
         with torch.no_grad():
             q = feature_quality(enc(xv), yv, num_classes)
         theta = torch.nn.utils.parameters_to_vector(enc.parameters()).detach()
-        reference.update_naive_bank(naive, best, q, theta)
+        oracles.update_naive_bank(naive, best, q, theta)
         bank.update(q, theta)
     counts = torch.bincount(y).tolist()
     return bank, torch.stack(naive), counts
@@ -74,10 +77,10 @@ def test_bank_groups_and_anchors_equal_naive_bank():
     assert len(bank.uids) > 2, "the example must produce several distinct snapshots"
     for G in (2, 3):
         labels = compute_groups(bank, G, counts, seed=0)
-        naive_labels = order_head_first(reference.spectral_groups(reference.class_affinity(naive), G, 0), counts)
+        naive_labels = order_head_first(spectral_groups(class_affinity(naive), G, 0), counts)
         assert labels.tolist() == naive_labels.tolist()
-        assert torch.allclose(bank.anchors(labels, G), reference.group_anchors(naive, labels, G).float(), atol=1e-6)
-    assert np.allclose(bank.affinity(), reference.class_affinity(naive), atol=1e-12)
+        assert torch.allclose(bank.anchors(labels, G), oracles.group_anchors(naive, labels, G).float(), atol=1e-6)
+    assert np.allclose(bank.affinity(), class_affinity(naive), atol=1e-12)
 
 
 def test_bank_memory_grows_with_snapshots_not_classes(tmp_path):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import TensorDataset
 
-from lt_recipes import reference
+from lt_recipes import equations
 from lt_recipes.batchnorm import frozen_bn_stats
 from lt_recipes.choices import CANCELLING_DIRECTIONS, GROUP_GRADS, PERTURBATIONS
 from lt_recipes.config import SCHEMA, defaults
@@ -83,10 +83,10 @@ class NaiveGSA:
         glob = sum(float((gid == g).sum()) / len(y) * grads[g] for g in present)
         d = theta.numel()
         for g in present:
-            h = reference.ascent_direction("gsa", grads[g], glob)
-            norm = reference.scaled_norm("adaptive", h, theta)
-            rho = reference.gsa_radius(self.z, float(theta.norm()), norm, d, self.sizes[g], self.clamp)
-            vector_to_parameters(theta + reference.gsa_perturbation("adaptive", h, theta, rho), self.params)
+            h = equations.ascent_direction("gsa", grads[g], glob)
+            norm = equations.scaled_norm("adaptive", h, theta)
+            rho = equations.gsa_radius(self.z, float(theta.norm()), norm, d, self.sizes[g], self.clamp)
+            vector_to_parameters(theta + equations.gsa_perturbation("adaptive", h, theta, rho), self.params)
             with frozen_bn_stats(self.model), autocast():
                 losses = F.cross_entropy(self.model(x), y, reduction="none")
                 (losses.float()[gid == g].sum() / len(y)).backward()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import ops, reference
+from .. import equations, ops
 from ..batchnorm import BNState
 from ..flat import FlatParams
 from ..models import is_classifier, ordered_parameters
@@ -173,7 +173,7 @@ class StepCore:
             return None
         groups = self.group_of_class if self.gkp_groups is None else self.gkp_groups
         counts = torch.bincount(groups[targets], minlength=self.gkp_terms[0].shape[0]).double()
-        return reference.group_weights("samples", all_reduce_(counts).tolist())
+        return equations.group_weights("samples", all_reduce_(counts).tolist())
 
     def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> float:
         """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights, its gradient left in a
@@ -189,7 +189,7 @@ class StepCore:
         """Add the GKP gradient, weighted (1 - alpha) sum_{g != j} w_g, to the reduced task gradient; record
         ||grad GKP|| / ||grad task||; return GKP's value."""
         anchors, fisher, strength = self.gkp_terms
-        over = torch.tensor(reference.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
+        over = torch.tensor(equations.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
         value = self._gkp_gradient(anchors, fisher, (1 - alpha) * strength * over)
         task = float(torch.linalg.vector_norm(self.flat.grad))
         stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan

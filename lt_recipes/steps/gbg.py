@@ -3,7 +3,7 @@
 Grouping, once from the initial weights: every class's mean per-sample gradient of the classification loss over its
 training images (evaluation mode, the covered parameters: the encoder and its heads, not the classifier), cosine
 affinity, normalised-cut spectral clustering into G groups (the grouping's own affinity and clustering,
-lt_recipes.reference). Each step:
+lt_recipes.equations). Each step:
 
 1. one forward; the gradient g_g of each present group's mean loss L_g (one backward per group into the rows of
    the flat buffer, summed over ranks);
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import reference
+from .. import equations
 from ..grouping import order_head_first
 from .core import LossFn, StepCore, StepStats, all_reduce_, upcast
 from .registry import register_step
@@ -83,7 +83,7 @@ def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Ten
     if num_groups >= num_classes:
         labels = np.arange(num_classes)
     else:
-        labels = reference.spectral_groups(reference.class_affinity(means), num_groups, seed)
+        labels = equations.spectral_groups(equations.class_affinity(means), num_groups, seed)
     return order_head_first(labels, counts.tolist())
 
 

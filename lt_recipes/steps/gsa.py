@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import ops, reference
+from .. import equations, ops
 from ..batchnorm import frozen_bn_stats
 from ..choices import CANCELLING_DIRECTIONS, DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
 from ..segments import Layout, group_offsets, offset_modules
@@ -185,7 +185,7 @@ class GroupedSAM(StepCore):
         flat = self.flat
         stats = StepStats()
         gid, local, counts = self.group_counts(targets, self.sync)
-        weights = reference.group_weights(self.group_weighting, counts)
+        weights = equations.group_weights(self.group_weighting, counts)
         # per-sample weights of the task term sum_g w_g L_g, L_g the mean loss over D_g
         per_sample = torch.tensor([w / c if c > 0 else 0.0 for w, c in zip(weights, counts)],
                                   device=targets.device)[gid]
@@ -265,13 +265,13 @@ class GroupedSAM(StepCore):
                      for g in range(self.num_groups)]
         for g in present:
             momentum = self.momentum[g] if self.direction == "friendly" and self.momentum_set[g] else None
-            h = reference.ascent_direction(self.direction, src[g], glob, momentum, self.friendly_sigma, coef_l[g])
+            h = equations.ascent_direction(self.direction, src[g], glob, momentum, self.friendly_sigma, coef_l[g])
             if self.direction == "friendly":
                 self._update_momentum(g)
-            norm = reference.scaled_norm(self.scale, h, self.base)
+            norm = equations.scaled_norm(self.scale, h, self.base)
             if norm > 0 and math.isfinite(norm):
-                rho = reference.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[g], self.rho_clamp)
-                rows[g].copy_(reference.gsa_perturbation(self.scale, h, self.base, rho))
+                rho = equations.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[g], self.rho_clamp)
+                rows[g].copy_(equations.gsa_perturbation(self.scale, h, self.base, rho))
                 stats.rho[g] = rho
             else:
                 rows[g].zero_()
@@ -295,7 +295,7 @@ class GroupedSAM(StepCore):
                     perturbed = torch.where(mine, losses.detach(), perturbed)
                 order = everyone
             else:
-                eps_bar = reference.averaged_perturbation(rows, counts)
+                eps_bar = equations.averaged_perturbation(rows, counts)
                 flat.data.copy_(self.base).add_(eps_bar)
                 if self.perturbation == "averaged":
                     order = everyone
@@ -326,7 +326,7 @@ class GroupedSAM(StepCore):
         theta_norm = float(torch.linalg.vector_norm(flat.data))
         for g, rho in enumerate(stats.rho):
             if counts[g] > 0 and rho > 0:
-                term = alpha * weights[g] * reference.gsa_regularizer(theta_norm, rho, self.group_sizes[g])
+                term = alpha * weights[g] * equations.gsa_regularizer(theta_norm, rho, self.group_sizes[g])
                 value += term
                 flat.grad.add_(flat.data, alpha=term / theta_norm ** 2)  # the term is linear in ||theta||
         return value

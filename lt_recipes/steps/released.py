@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .. import reference
+from .. import equations
 from ..batchnorm import batchnorms, frozen_bn_stats
 from .core import LossFn, StepCore, StepStats, all_reduce_
 
@@ -130,10 +130,10 @@ class ReleasedGSA(StepCore):
             else:
                 self.momentum[k].copy_(self.direction)
                 self.momentum_set[k] = True
-            norm = reference.scaled_norm(self.scale, self.direction, self.base)
+            norm = equations.scaled_norm(self.scale, self.direction, self.base)
             if norm > 0 and math.isfinite(norm):
-                rho = reference.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[k], self.rho_clamp)
-                self.eps.add_(reference.gsa_perturbation(self.scale, self.direction, self.base, rho), alpha=shares[k])
+                rho = equations.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[k], self.rho_clamp)
+                self.eps.add_(equations.gsa_perturbation(self.scale, self.direction, self.base, rho), alpha=shares[k])
                 stats.rho[k] = rho
             else:
                 stats.rho[k] = 0.0
