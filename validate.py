@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def evaluate(cfg: dict) -> int:
-        from lt_recipes.engine import validate
+        from lt_recipes.engine import evaluate_checkpoint
 
         stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
         output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"validate-{stem}")
-        res = validate(cfg, args.checkpoint, output, mixed_precision=args.mixed_precision)
+        res = evaluate_checkpoint(cfg, args.checkpoint, output, mixed_precision=args.mixed_precision)
         if process_rank() == 0:
             top5 = "" if res["top5"] is None else f"  top5={res['top5']:.2f}"
             print(f"results: {output}/results.json  top1={res['top1']:.2f}{top5}")

@@ -43,8 +43,8 @@ def check_data_root(data_cfg: dict[str, Any]) -> None:
     check for a single process (the data layer names a missing root), for digits (bundled) or without a root (the
     data layer says data.root is required)."""
     rank, world = rank_and_world()
-    root = data_cfg["root"] or (FMNIST_ROOT if data_cfg["dataset"] == "fmnist" else None)
-    if world == 1 or root is None or data_cfg["dataset"] == "digits":
+    root = data_cfg.root or (FMNIST_ROOT if data_cfg.dataset == "fmnist" else None)
+    if world == 1 or root is None or data_cfg.dataset == "digits":
         return
     mine = (os.path.isdir(root), os.path.abspath(root), process_name(rank))
     everyone: list[Any] = [None] * world

@@ -9,6 +9,7 @@ metrics are reduced over all processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -31,6 +32,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_wr
                          check_identity, check_output_dir, evaluation_identity, load_checkpoint, load_resumable,
                          previous_path, save_checkpoint, size_report)
 from .config import flatten
+from .sections import Recipe
 from .data import LTData, build_data, build_loaders
 from .distributed import check_data_root, check_same_resume
 from .errors import CheckpointError, ConfigError, NonFiniteError
@@ -99,13 +101,35 @@ def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator,
     return torch.cat(preds), torch.cat(targets)
 
 
-def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator, train_counts: list[int]) -> dict[str, Any]:
-    """Top-1, Top-5 (None with fewer than 5 classes), Many / Medium / Few, per-class accuracy and the sample count."""
-    preds, targets = predict(model, loader, accelerator)
-    rep = split_report(preds[:, 0], targets, train_counts)
-    return {"top1": rep["top1"], "top5": topk_accuracy(preds, targets, 5), "many": rep["many"],
-            "medium": rep["medium"], "few": rep["few"], "per_class": rep["per_class"],
-            "num_test_evaluated": int(len(targets))}
+class Evaluator:
+    """The one evaluation path: a model on a split (Top-1, Top-5, Many / Medium / Few, per class), used for validation
+    every epoch, the test report at the end of training and validate.py's checkpoint evaluation."""
+
+    def __init__(self, loaders: Mapping[str, Any], accelerator: Accelerator, train_counts: list[int]) -> None:
+        self.loaders = dict(loaders)
+        self.accelerator = accelerator
+        self.train_counts = train_counts
+
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, Any]:
+        """Top-1, Top-5 (None with fewer than 5 classes), Many / Medium / Few, per-class accuracy and the sample count
+        of `model` on `split` (a name of the loaders)."""
+        preds, targets = predict(model, self.loaders[split], self.accelerator)
+        rep = split_report(preds[:, 0], targets, self.train_counts)
+        return {"top1": rep["top1"], "top5": topk_accuracy(preds, targets, 5), "many": rep["many"],
+                "medium": rep["medium"], "few": rep["few"], "per_class": rep["per_class"],
+                "num_test_evaluated": int(len(targets))}
+
+    def report(self, split: str, model: torch.nn.Module, ema: torch.nn.Module | None, title: str) -> dict[str, Any]:
+        """The results of `model` on `split` with `train_counts`, and under "ema" those of its EMA weights when
+        there are; the main process logs each table under `title`."""
+        results = {**self.evaluate(model, split), "train_counts": self.train_counts}
+        if ema is not None:
+            results["ema"] = self.evaluate(ema, split)
+        if self.accelerator.is_main_process:
+            _log_report(title, results)
+            if ema is not None:
+                _log_report(f"{title} of the EMA weights", results["ema"])
+        return results
 
 
 def reduce_sums(accelerator: Accelerator, *values: float) -> list[float]:
@@ -151,9 +175,9 @@ def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
     return accelerator
 
 
-def _results_header(cfg: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
-    return {"recipe": cfg["name"], "method": method_label(cfg), "dataset": cfg["data"]["dataset"],
-            "imbalance_ratio": cfg["data"]["imbalance_ratio"], "seed": cfg["seed"], "epochs": cfg["epochs"],
+def _results_header(recipe: Recipe, accelerator: Accelerator) -> dict[str, Any]:
+    return {"recipe": recipe.name, "method": method_label(recipe), "dataset": recipe.data.dataset,
+            "imbalance_ratio": recipe.data.imbalance_ratio, "seed": recipe.seed, "epochs": recipe.epochs,
             **_launch(accelerator)}
 
 
@@ -174,31 +198,33 @@ class Trainer:
         self.output_dir = output_dir
         self.accelerator = accelerator or Accelerator()
         acc = self.accelerator
-        set_seed(cfg["seed"])
-        _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", cfg["seed"],
+        self.recipe = r = Recipe.from_dict(cfg)
+        set_seed(r.seed)
+        _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", r.seed,
                      ", ".join(f"{k} {v}" for k, v in _launch(acc).items()))
-        check_data_root(cfg["data"])  # on every process: a node without the data is named, not waited for
-        self.data = build_data(cfg)
-        self.model = create_lt_model(cfg["model"], self.data.num_classes, self.data.in_chans).to(acc.device)
-        # timm's EMA copies the model before DDP wraps it and before GSA flattens its parameters
-        e = cfg["ema"]
-        self.ema = ModelEmaV3(self.model, decay=e["decay"], use_warmup=e["warmup"]) if e["decay"] is not None else None
-        self.criterion = create_loss(cfg["loss"], self.data.train_counts, cfg["epochs"]).to(acc.device)
-        train_loader, val_loader, test_loader = build_loaders(self.data, cfg)
-        self.method: Method = create_method(cfg, self.model, self.criterion, self.data, acc)
-        o, s = cfg["optim"], cfg["sched"]
-        self.global_batch_size = cfg["data"]["batch_size"] * acc.num_processes
-        self.lr = scaled_lr(o, self.global_batch_size)
-        optimizer = create_optimizer(self.model, o, self.global_batch_size)
+        check_data_root(r.data)  # on every process: a node without the data is named, not waited for
+        self.data = build_data(r.data, r.seed)
+        self.model = create_lt_model(r.model, self.data.num_classes, self.data.in_chans).to(acc.device)
+        # timm's EMA copies the model before DDP wraps it and before a step flattens its parameters
+        self.ema = ModelEmaV3(self.model, decay=r.ema.decay, use_warmup=r.ema.warmup) \
+            if r.ema.decay is not None else None
+        self.criterion = create_loss(r.loss, self.data.train_counts, r.epochs).to(acc.device)
+        train_loader, val_loader, test_loader = build_loaders(self.data, r.data, r.seed)
+        self.global_batch_size = r.data.batch_size * acc.num_processes
+        self.lr = scaled_lr(r.optim, self.global_batch_size)
+        optimizer = create_optimizer(self.model, r.optim, self.global_batch_size)
         self.scheduler = None
-        if s["sched"] != "none":
+        s = r.sched
+        if s.sched != "none":
             self.scheduler, _ = create_scheduler_v2(
-                optimizer, sched=s["sched"], num_epochs=cfg["epochs"], decay_milestones=s["decay_milestones"],
-                decay_epochs=s["decay_milestones"][0] if s["decay_milestones"] else 30, decay_rate=s["decay_rate"],
-                min_lr=s["min_lr"], warmup_lr=s["warmup_lr"], warmup_epochs=s["warmup_epochs"])
+                optimizer, sched=s.sched, num_epochs=r.epochs, decay_milestones=list(s.decay_milestones),
+                decay_epochs=s.decay_milestones[0] if s.decay_milestones else 30, decay_rate=s.decay_rate,
+                min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs)
         (self.ddp_model, self.optimizer, self.train_loader, self.val_loader,
          self.test_loader) = acc.prepare(self.model, optimizer, train_loader, val_loader, test_loader)
-        self.method.bind(self.ddp_model, self.optimizer, self.val_loader)
+        self.evaluator = Evaluator({"val": self.val_loader, "test": self.test_loader}, acc, self.data.train_counts)
+        self.method: Method = create_method(r, self.model, self.optimizer, self.criterion, self.data, self.val_loader,
+                                            acc)
         self.identity = {**_identity(cfg, self.data), **{k: _launch(acc)[k] for k in LAUNCH_IDENTITY}}
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_top1": None, "epoch": None}
@@ -267,10 +293,10 @@ class Trainer:
                       elapsed: float) -> None:
         per_step = elapsed / (step + 1)
         eta_epoch = per_step * (steps - step - 1)
-        eta_run = eta_epoch + per_step * steps * (self.cfg["epochs"] - epoch - 1)
+        eta_run = eta_epoch + per_step * steps * (self.recipe.epochs - epoch - 1)
         lr = self.optimizer.param_groups[0]["lr"]
         _logger.info("epoch %d/%d step %d/%d: loss %s (epoch mean %.4f), lr %.4g, %.0f img/s, eta %s (epoch), %s (run)",
-                     epoch, self.cfg["epochs"], step + 1, steps, "skipped" if loss is None else f"{loss:.4f}",
+                     epoch, self.recipe.epochs, step + 1, steps, "skipped" if loss is None else f"{loss:.4f}",
                      mean_loss, lr, seen * self.accelerator.num_processes / max(elapsed, 1e-9),
                      datetime.timedelta(seconds=round(eta_epoch)), datetime.timedelta(seconds=round(eta_run)))
 
@@ -283,7 +309,7 @@ class Trainer:
         self.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to our EpochSampler
         self.ddp_model.train()
         total, images, seen = 0.0, 0, 0
-        steps, interval = len(self.train_loader), self.cfg["log_interval"]
+        steps, interval = len(self.train_loader), self.recipe.log_interval
         show_bar = acc.is_main_process and sys.stderr.isatty()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not show_bar)
         t0 = time.time()
@@ -303,10 +329,6 @@ class Trainer:
         total, images = reduce_sums(acc, total, images)
         return {"train_loss": total / images if images else math.nan, "train_images": int(images)}
 
-    def _val_top1(self, model: torch.nn.Module) -> float:
-        preds, targets = predict(model, self.val_loader, self.accelerator, k=1)
-        return 100.0 * (preds[:, 0] == targets).double().mean().item() if len(targets) else math.nan
-
     def fit(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
@@ -315,10 +337,10 @@ class Trainer:
             atomic_write_text(os.path.join(self.output_dir, "args.yaml"),
                               f"# launch (not recipe keys; results.json has them too): {launch}\n"
                               + yaml.safe_dump(cfg, sort_keys=False))
-        if cfg["log_with"]:
+        if self.recipe.log_with:
             acc.init_trackers(TRACKER_PROJECT, config=_tracker_config(cfg))
-        for epoch in range(self.start_epoch, cfg["epochs"]):
-            set_seed(_epoch_seed(cfg["seed"], epoch), device_specific=True)
+        for epoch in range(self.start_epoch, self.recipe.epochs):
+            set_seed(_epoch_seed(self.recipe.seed, epoch), device_specific=True)
             t0 = time.time()
             row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch(epoch))
@@ -330,15 +352,15 @@ class Trainer:
                 for model in (self.model, self.ema.module if self.ema is not None else None):
                     if model is not None:
                         distribute_bn(model, acc.num_processes, reduce=False)
-            row["val_top1"] = self._val_top1(self.ddp_model)
+            row["val_top1"] = self.evaluator.evaluate(self.ddp_model, "val")["top1"]
             if self.ema is not None:
-                row["ema_val_top1"] = self._val_top1(self.ema.module)
+                row["ema_val_top1"] = self.evaluator.evaluate(self.ema.module, "val")["top1"]
             row.update(self.method.epoch_end(epoch))
             row["time"] = time.time() - t0
             self.rows.append(row)
             _logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in row.items()))
-            if cfg["log_with"]:
+            if self.recipe.log_with:
                 acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             improved = row["val_top1"] > (self.best["val_top1"] if self.best["val_top1"] is not None else -math.inf)
             if improved:
@@ -347,7 +369,7 @@ class Trainer:
                 atomic_write_csv(os.path.join(self.output_dir, "summary.csv"), [_readable(r) for r in self.rows])
                 for name, obj in self.method.artifacts().items():
                     atomic_write_json(os.path.join(self.output_dir, name), obj)
-                due = (epoch + 1) % cfg["checkpoint_interval"] == 0 or epoch + 1 == cfg["epochs"]
+                due = (epoch + 1) % self.recipe.checkpoint_interval == 0 or epoch + 1 == self.recipe.epochs
                 self._save(epoch, improved, due)
             acc.wait_for_everyone()
         return self.report()
@@ -360,7 +382,7 @@ class Trainer:
 
     def _weights_note(self) -> str:
         """The run's last log line: which weights the test table is for, and where the best validation epoch's are."""
-        last = f"the test results are for the weights of the last epoch ({self.cfg['epochs'] - 1})" + \
+        last = f"the test results are for the weights of the last epoch ({self.recipe.epochs - 1})" + \
             (" and their EMA" if self.ema is not None else "")
         if self.best["epoch"] is None:
             return f"{last}; there is no {BEST_NAME} (no validation Top-1 to choose one by)"
@@ -370,22 +392,17 @@ class Trainer:
 
     def report(self) -> dict[str, Any]:
         """Final test evaluation of the model (and of its EMA); results.json from the main process."""
-        acc, cfg = self.accelerator, self.cfg
-        rep = evaluate(self.ddp_model, self.test_loader, acc, self.data.train_counts)
-        results = {**_results_header(cfg, acc), **rep, "train_counts": self.data.train_counts,
-                   "lr": self.lr, "global_batch_size": self.global_batch_size,
+        acc = self.accelerator
+        rep = self.evaluator.report("test", self.ddp_model, None if self.ema is None else self.ema.module,
+                                    "test results")
+        results = {**_results_header(self.recipe, acc), **rep, "lr": self.lr, "global_batch_size": self.global_batch_size,
                    "best_val_top1": self.best["val_top1"], "best_epoch": self.best["epoch"],
                    "skipped_steps": self.method.skipped_steps}
-        if self.ema is not None:
-            results["ema"] = evaluate(self.ema.module, self.test_loader, acc, self.data.train_counts)
         if acc.is_main_process:
             atomic_write_json(os.path.join(self.output_dir, "results.json"), results)
-            _log_report("test results", rep)
-            if self.ema is not None:
-                _log_report("test results of the EMA weights", results["ema"])
             _logger.info("%s", self._weights_note())
-        if cfg["log_with"]:
-            acc.log({f"test_{k}": v for k, v in rep.items() if isinstance(v, float)}, step=cfg["epochs"])
+        if self.recipe.log_with:
+            acc.log({f"test_{k}": v for k, v in rep.items() if isinstance(v, float)}, step=self.recipe.epochs)
             acc.end_training()
         acc.wait_for_everyone()
         return results
@@ -422,39 +439,36 @@ def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precis
                           else "interrupted before the first checkpoint: nothing to resume") from None
 
 
-def validate(cfg: dict[str, Any], checkpoint: str, output_dir: str,
-             mixed_precision: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, output_dir: str,
+                        mixed_precision: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `cfg`'s model on its test split, and its EMA
-    weights when it holds them; writes `output_dir`/results.json like the end of training."""
+    weights when it holds them, as the end of training does; writes `output_dir`/results.json (validate.py)."""
     acc = _accelerator(mixed_precision)
     state = load_checkpoint(checkpoint, expect=evaluation_identity(cfg))  # before the data is built
     if acc.is_main_process:
         check_output_dir(output_dir)  # so a mistyped checkpoint path leaves no empty folder
-    check_data_root(cfg["data"])
-    data = build_data(cfg)
+    r = Recipe.from_dict(cfg)
+    check_data_root(r.data)
+    data = build_data(r.data, r.seed)
     check_identity(checkpoint, state["identity"], {"num_classes": data.num_classes})
-    if state["identity"].get("recipe", cfg["name"]) != cfg["name"]:
+    if state["identity"].get("recipe", r.name) != r.name:
         _logger.warning("%s was trained with recipe %s and is evaluated with recipe %s (the same dataset, image size, "
-                        "classes and model)", checkpoint, state["identity"]["recipe"], cfg["name"])
-    _, _, test_loader = build_loaders(data, cfg)
-    test_loader = acc.prepare(test_loader)
-    results = {**_results_header(cfg, acc), "checkpoint": os.path.abspath(checkpoint), "epoch": state["epoch"]}
+                        "classes and model)", checkpoint, state["identity"]["recipe"], r.name)
+    test_loader = acc.prepare(build_loaders(data, r.data, r.seed)[2])
+    models = {}
     for key in ("model", "ema"):
         if state.get(key) is None:
             continue
-        model = create_lt_model({**cfg["model"], "pretrained_path": None}, data.num_classes, data.in_chans)
+        models[key] = create_lt_model(dataclasses.replace(r.model, pretrained_path=None), data.num_classes,
+                                      data.in_chans)
         try:
-            model.load_state_dict(state[key])
+            models[key].load_state_dict(state[key])
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {checkpoint} does not fit model {cfg['model']['name']}: {e}") from None
-        rep = evaluate(model.to(acc.device), test_loader, acc, data.train_counts)
-        if key == "model":
-            results.update(rep)
-            results["train_counts"] = data.train_counts
-        else:
-            results["ema"] = rep
-        if acc.is_main_process:
-            _log_report(f"{checkpoint} ({'EMA weights' if key == 'ema' else 'weights'}), test split", rep)
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit model {r.model.name}: {e}") from None
+        models[key].to(acc.device)
+    rep = Evaluator({"test": test_loader}, acc, data.train_counts).report("test", models["model"], models.get("ema"),
+                                                                          f"{checkpoint}, test split")
+    results = {**_results_header(r, acc), "checkpoint": os.path.abspath(checkpoint), "epoch": state["epoch"], **rep}
     if acc.is_main_process:
         atomic_write_json(os.path.join(output_dir, "results.json"), results)
     acc.wait_for_everyone()

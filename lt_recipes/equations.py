@@ -12,11 +12,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .sections import GroupsConfig, GSAConfig
+
 # ---- Memory-based grouping (Eq. 2, supplement Eq. 17-19) -----------------------------------------------------
 
 
-def feature_quality(features: torch.Tensor, labels: torch.Tensor, num_classes: int, beta: float = 0.5,
-                    var_floor: float = 1e-12) -> torch.Tensor:
+def feature_quality(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    beta: float = GroupsConfig.quality_beta, var_floor: float = 1e-12) -> torch.Tensor:
     """Q(c) = Dis(c) - beta * log Var(c) (supplement Eq. 17-19), vectorised, float64 on the CPU.
 
     mu_c: mean feature of class c; Dis(c) = min_{c' != c} ||mu_c - mu_c'||; Var(c) = mean ||a - mu_c||^2 over the
@@ -61,7 +63,7 @@ PARALLEL_TOL = 1e-6
 
 
 def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor | None = None,
-                     sigma: float = 1.0, coef: float | None = None) -> torch.Tensor:
+                     sigma: float = GSAConfig.friendly_sigma, coef: float | None = None) -> torch.Tensor:
     """Eq. 12 and the ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g = g_g - (<g_g, g> / ||g||^2) g),
     sam (g), gsa_proj (g_g - h_g), friendly (g_g - sigma m).
 

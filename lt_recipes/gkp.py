@@ -17,7 +17,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
-from .choices import GKP_NORMS
 from .models import ordered_parameters
 
 _logger = logging.getLogger(__name__)
@@ -26,8 +25,6 @@ _logger = logging.getLogger(__name__)
 def gkp_strength(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str) -> torch.Tensor:
     """(lambda / 2) / |G_j| of Eq. 6, |G_j| the group's training samples ("per_samples", the released code) or
     classes ("per_classes")."""
-    if norm not in GKP_NORMS:
-        raise ValueError(f"gkp norm must be one of {', '.join(GKP_NORMS)}, got '{norm}'")
     sizes = group_samples if norm == "per_samples" else group_classes
     return torch.tensor([lam / 2 / max(int(s), 1) for s in sizes], dtype=torch.float32)
 

@@ -170,18 +170,16 @@ class MemoryBank:
 def compute_groups(bank: MemoryBank, num_groups: int, train_counts: list[int], seed: int = 0) -> np.ndarray:
     """Cut the classes into groups (Eq. 2); returns a group id per class, groups ordered head first.
 
-    Degenerate cases are handled and logged: G >= number of classes (one class per group), fewer distinct
-    snapshots than G (classes sharing a snapshot are indistinguishable, so one group per snapshot), and a
-    disconnected affinity graph (a tiny uniform affinity is added so the normalized cut is defined).
+    Degenerate cases: G >= number of classes (one class per group), fewer distinct snapshots than G (classes sharing
+    a snapshot are indistinguishable, so one group per snapshot), and a disconnected affinity graph (a tiny uniform
+    affinity is added so the normalized cut is defined). The grouping may have fewer groups than `num_groups`; the
+    method that asked says so (lt_recipes.method.Groups).
     """
     num_classes = bank.num_classes
     uids = bank.uids
     if num_groups >= num_classes:
-        _logger.warning("groups: G=%d >= %d classes: one class per group", num_groups, num_classes)
         labels = np.arange(num_classes)
     elif len(uids) <= num_groups:
-        _logger.warning("groups: only %d distinct bank snapshots for G=%d: one group per snapshot",
-                        len(uids), num_groups)
         labels = np.array([uids.index(u) for u in bank.class_snapshot])
     else:
         aff = bank.affinity()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .errors import LossError
+from .sections import LossConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class LTLoss(nn.Module):
 
     contrastive_views: int = 0
 
-    def __init__(self, class_counts: Sequence[int], label_smoothing: float = 0.0) -> None:
+    def __init__(self, class_counts: Sequence[int], label_smoothing: float = LossConfig.label_smoothing) -> None:
         super().__init__()
         counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
         if counts.ndim != 1 or counts.numel() == 0:
@@ -76,7 +77,8 @@ class CrossEntropy(LTLoss):
 class LogitAdjusted(LTLoss):
     """Logit-adjusted CE (Menon et al. 2021): CE on z + tau * log(pi), pi the training class prior."""
 
-    def __init__(self, class_counts: Sequence[int], tau: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, class_counts: Sequence[int], tau: float = LossConfig.tau,
+                 label_smoothing: float = LossConfig.label_smoothing) -> None:
         super().__init__(class_counts, label_smoothing)
         self.tau = tau
         prior = self.class_counts.double() / self.class_counts.double().sum()
@@ -89,7 +91,7 @@ class LogitAdjusted(LTLoss):
 class BalancedSoftmax(LTLoss):
     """Balanced Softmax (Ren et al. 2020): CE on z + log(n_c)."""
 
-    def __init__(self, class_counts: Sequence[int], label_smoothing: float = 0.0) -> None:
+    def __init__(self, class_counts: Sequence[int], label_smoothing: float = LossConfig.label_smoothing) -> None:
         super().__init__(class_counts, label_smoothing)
         self.register_buffer("log_counts", self.class_counts.log())
 
@@ -105,8 +107,9 @@ class LDAMDRW(LTLoss):
     (1 - beta) / (1 - beta^n_c), normalised so the weights sum to C; before it, unweighted.
     """
 
-    def __init__(self, class_counts: Sequence[int], max_m: float = 0.5, s: float = 30.0, drw_epoch: int = 0,
-                 beta: float = 0.9999, label_smoothing: float = 0.0) -> None:
+    def __init__(self, class_counts: Sequence[int], max_m: float = LossConfig.ldam_max_m,
+                 s: float = LossConfig.ldam_s, drw_epoch: int = 0, beta: float = LossConfig.drw_beta,
+                 label_smoothing: float = LossConfig.label_smoothing) -> None:
         super().__init__(class_counts, label_smoothing)
         self.s = s
         self.drw_epoch = drw_epoch
@@ -178,8 +181,9 @@ class BCL(LogitAdjusted):
 
     contrastive_views = 2
 
-    def __init__(self, class_counts: Sequence[int], alpha: float = 2.0, beta: float = 0.6, temperature: float = 0.1,
-                 tau: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, class_counts: Sequence[int], alpha: float = LossConfig.bcl_alpha,
+                 beta: float = LossConfig.bcl_beta, temperature: float = LossConfig.bcl_temperature,
+                 tau: float = LossConfig.tau, label_smoothing: float = LossConfig.label_smoothing) -> None:
         super().__init__(class_counts, tau=tau, label_smoothing=label_smoothing)
         self.alpha = alpha
         self.beta = beta
@@ -207,24 +211,21 @@ class BCL(LogitAdjusted):
 
 
 # The builder of every recipe `loss.name` (lt_recipes.choices.LOSSES): (loss section, class counts, epochs) -> loss.
-LOSS_BUILDERS: dict[str, Callable[[dict[str, Any], Sequence[int], int], LTLoss]] = {
-    "ce": lambda c, counts, epochs: CrossEntropy(counts, label_smoothing=c["label_smoothing"]),
-    "la": lambda c, counts, epochs: LogitAdjusted(counts, tau=c["tau"], label_smoothing=c["label_smoothing"]),
-    "bs": lambda c, counts, epochs: BalancedSoftmax(counts, label_smoothing=c["label_smoothing"]),
-    "ldam_drw": lambda c, counts, epochs: LDAMDRW(counts, max_m=c["ldam_max_m"], s=c["ldam_s"],
-                                                  drw_epoch=int(c["drw_start"] * epochs), beta=c["drw_beta"],
-                                                  label_smoothing=c["label_smoothing"]),
-    "bcl": lambda c, counts, epochs: BCL(counts, alpha=c["bcl_alpha"], beta=c["bcl_beta"],
-                                         temperature=c["bcl_temperature"], tau=c["tau"],
-                                         label_smoothing=c["label_smoothing"]),
+LOSS_BUILDERS: dict[str, Callable[[LossConfig, Sequence[int], int], LTLoss]] = {
+    "ce": lambda c, counts, epochs: CrossEntropy(counts, label_smoothing=c.label_smoothing),
+    "la": lambda c, counts, epochs: LogitAdjusted(counts, tau=c.tau, label_smoothing=c.label_smoothing),
+    "bs": lambda c, counts, epochs: BalancedSoftmax(counts, label_smoothing=c.label_smoothing),
+    "ldam_drw": lambda c, counts, epochs: LDAMDRW(counts, max_m=c.ldam_max_m, s=c.ldam_s,
+                                                  drw_epoch=int(c.drw_start * epochs), beta=c.drw_beta,
+                                                  label_smoothing=c.label_smoothing),
+    "bcl": lambda c, counts, epochs: BCL(counts, alpha=c.bcl_alpha, beta=c.bcl_beta,
+                                         temperature=c.bcl_temperature, tau=c.tau,
+                                         label_smoothing=c.label_smoothing),
 }
 
 
-def create_loss(loss_cfg: dict[str, Any], class_counts: Sequence[int], epochs: int) -> LTLoss:
-    """Build the recipe's loss (`loss_cfg["name"]`, one of `LOSS_BUILDERS`) for these training class counts."""
-    name = loss_cfg["name"]
-    if name not in LOSS_BUILDERS:
-        raise LossError(f"loss.name={name!r} must be one of {', '.join(LOSS_BUILDERS)}")
-    loss = LOSS_BUILDERS[name](loss_cfg, class_counts, epochs)
+def create_loss(loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int) -> LTLoss:
+    """Build the recipe's loss (`loss_cfg.name`, one of `LOSS_BUILDERS`) for these training class counts."""
+    loss = LOSS_BUILDERS[loss_cfg.name](loss_cfg, class_counts, epochs)
     _logger.info("loss: %s", loss)
     return loss

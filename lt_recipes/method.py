@@ -2,20 +2,23 @@
 `method`: `<step>` or `gkp_<step>`, `gkp` for the plain step with GKP).
 
 `create_method` turns the recipe into one object with the hooks the engine calls: `epoch_start`, `train_step`,
-`epoch_end`, `artifacts` and `state_dict`. Every step runs on the step core (flat parameters, one loss scale, DDP
+`epoch_end`, `artifacts` and `state_dict`; it is built once, after Accelerate's `prepare`. Every step runs on the step core (flat parameters, one loss scale, DDP
 reduction, clipping, skipping). A method that carries GKP or runs the grouped step (`GroupedMethod`) warms up with
 its step without GKP (the grouped step: with the plain step), evaluates class feature quality on the held-out
 validation split after every `groups.eval_interval` epochs to update the memory bank, groups at
 `groups.start_epoch` (and every `groups.interval` epochs after), and then trains with Eq. 16. Under several
 processes the bank is the main process's alone; the groups and anchors are broadcast from it
 (lt_recipes.distributed) and the Fisher is estimated by all processes together. GBG forms its own groups from the
-initial weights, before the first step.
+initial weights, before the first step. A grouping may yield fewer groups than asked (fewer classes or distinct bank
+snapshots than groups, empty clusters): `Groups` holds the realised grouping, the one owner of the group count every
+step, table and artifact reads, and the run says once in its log when it is below the asked count.
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,50 +34,43 @@ from .errors import NonFiniteError
 from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups
 from .models import is_classifier, ordered_parameters
-from .steps import create_step, method_modules, split_method, step_info, uses_memory_groups
+from .sections import GSAConfig, Recipe
+from .steps import create_step, method_modules, split_method, step_class, step_info, uses_memory_groups
 from .steps.core import LossScaler, StepCore, StepStats
 from .steps.released import ReleasedGSA
 
 _logger = logging.getLogger(__name__)
 
 
-def create_grouped_step(cfg: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                        **kw: Any) -> StepCore:
-    """The grouped step from the recipe: `gsa.step` grouped (GroupedSAM with the gsa.* options) or released (the
-    authors' script's step); `kw` passes autocast, scaler, clip_grad."""
-    g, G = cfg["gsa"], cfg["groups"]["num_groups"]
-    if g["step"] == "released":
-        return ReleasedGSA(model, optimizer, num_groups=G, z=0.1 if g["z"] is None else g["z"],
-                           rho_clamp=(0.002, 0.003) if g["rho_clamp"] == "auto" else g["rho_clamp"],
-                           scale=g["scale"], friendly_sigma=g["friendly_sigma"],
-                           friendly_momentum=g["friendly_momentum"], backend=g["backend"], **kw)
-    return create_step("gsa", model, optimizer, num_groups=G, direction=g["direction"], scale=g["scale"], z=g["z"],
-                       rho_clamp=g["rho_clamp"], group_grads=g["group_grads"], perturbation=g["perturbation"],
-                       group_weighting=g["group_weighting"], regularizer=g["regularizer"],
-                       friendly_sigma=g["friendly_sigma"], friendly_momentum=g["friendly_momentum"],
-                       group_grad_ema=g["group_grad_ema"], sync=g["sync"], backend=g["backend"], **kw)
+def create_grouped_step(gsa: GSAConfig, model: nn.Module, optimizer: torch.optim.Optimizer, **kw: Any) -> StepCore:
+    """The grouped step of the recipe section `gsa`: `gsa.step` grouped (the paper's GroupedSAM) or released (the
+    authors' script's step), with the section's options it takes; `kw` passes autocast, scaler, clip_grad."""
+    cls = ReleasedGSA if gsa.step == "released" else step_class("gsa")
+    return cls(model, optimizer, **gsa.step_kwargs(cls), **kw)
 
 
-def build_step(cfg: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+def build_step(recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                data: LTData, **kw: Any) -> StepCore:
     """The recipe's step: its registered class with its recipe section's options and what it uses from the run
-    (training counts, the base's classification loss); `kw` passes autocast, scaler, clip_grad."""
-    name = split_method(cfg["method"])[0]
+    (training counts, the base's classification loss); the grouped step is `gsa.step`'s (the paper's GroupedSAM or
+    the released script's). A step on gradient groups takes none of its section, which sets how many groups the
+    method forms. `kw` passes autocast, scaler, clip_grad."""
+    name = split_method(recipe.method)[0]
     if name == "gsa":
-        return create_grouped_step(cfg, model, optimizer, **kw)
+        return create_grouped_step(recipe.gsa, model, optimizer, **kw)
     info = step_info(name)
-    options = dict(cfg[info.section]) if info.section else {}
+    options = recipe.step_options(info.section) if info.grouping != "gradient" else {}
     run = {"class_counts": list(data.train_counts), "head_losses": criterion.classification_losses}
     return create_step(name, model, optimizer, **options, **{k: run[k] for k in info.uses}, **kw)
 
 
-def method_label(cfg: dict[str, Any]) -> str:
+def method_label(recipe: Recipe) -> str:
     """`<base>` or `<base>+<modules>`, with `@<direction>` when the paper's grouped step ascends along a non-default
     direction (the released step's direction is its own, named by its reading)."""
-    modules = method_modules(cfg["method"])
-    label = "+".join([cfg["loss"]["name"], *modules])
-    if "gsa" in modules and cfg["gsa"]["step"] == "grouped" and cfg["gsa"]["direction"] != "gsa":
-        label += f"@{cfg['gsa']['direction']}"
+    modules = method_modules(recipe.method)
+    label = "+".join([recipe.loss.name, *modules])
+    if "gsa" in modules and recipe.gsa.step == "grouped" and recipe.gsa.direction != GSAConfig.direction:
+        label += f"@{recipe.gsa.direction}"
     return label
 
 
@@ -85,11 +81,31 @@ def index_inputs(inputs: torch.Tensor | list[torch.Tensor], idx: torch.Tensor) -
     return inputs[idx]
 
 
-def group_sizes(labels: np.ndarray, train_counts: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Classes and training samples of every group of a group-id-per-class array."""
-    counts = np.asarray(train_counts)
-    G = int(labels.max()) + 1
-    return [int((labels == g).sum()) for g in range(G)], [int(counts[labels == g].sum()) for g in range(G)]
+@dataclass(frozen=True)
+class Groups:
+    """A realised grouping of the classes: the group of every class, and each group's classes and training samples.
+    Its `count` is the one group count every step, summary column and artifact reads."""
+
+    of_class: np.ndarray
+    classes: tuple[int, ...]
+    samples: tuple[int, ...]
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[int] | np.ndarray, train_counts: Sequence[int]) -> "Groups":
+        """The grouping of a group-id-per-class array (ids 0..G-1, every group non-empty)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.asarray(train_counts)
+        G = int(labels.max()) + 1
+        return cls(labels, tuple(int((labels == g).sum()) for g in range(G)),
+                   tuple(int(counts[labels == g].sum()) for g in range(G)))
+
+    @property
+    def count(self) -> int:
+        return len(self.classes)
+
+    def members(self) -> list[list[int]]:
+        """The classes of every group."""
+        return [np.flatnonzero(self.of_class == g).tolist() for g in range(self.count)]
 
 
 def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -100,26 +116,37 @@ class Method:
     """A registered step on the base loss, without groups (GBG: with its gradient groups, formed before the first
     step from the initial weights)."""
 
-    def __init__(self, cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
-                 accelerator: Accelerator) -> None:
-        self.cfg = cfg
+    def __init__(self, recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                 data: LTData, val_loader: Any, accelerator: Accelerator) -> None:
+        """`model` unwrapped (the steps forward it; their update gradient is all-reduced once), `optimizer` and
+        `val_loader` as Accelerate prepared them."""
+        self.recipe = recipe
         self.model = model
+        self.optimizer = optimizer
         self.criterion = criterion
         self.data = data
+        self.val_loader = val_loader
         self.acc = accelerator
-        self.step_name, self.use_gkp = split_method(cfg["method"])
+        self.step_name, self.use_gkp = split_method(recipe.method)
         self.info = step_info(self.step_name)
         self.nonfinite_run = 0
-        self.gradient_labels: np.ndarray | None = None
+        self.groups: Groups | None = None  # GBG's gradient groups
+        self.bank_snapshots: int | None = None  # the memory bank's distinct snapshots (GroupedMethod)
+        self._fewer_groups_said = False
+        self.step_fn = build_step(recipe, model, _raw_optimizer(optimizer), criterion, data,
+                                  autocast=accelerator.autocast,
+                                  scaler=LossScaler(accelerator.mixed_precision == "fp16"),
+                                  clip_grad=recipe.optim.clip_grad)
 
-    def bind(self, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, val_loader: Any) -> None:
-        """Attach the prepared (possibly DDP-wrapped) model, optimizer and validation loader; build the step."""
-        self.ddp_model = ddp_model
-        self.optimizer = optimizer
-        self.val_loader = val_loader
-        self.step_fn = build_step(self.cfg, self.model, _raw_optimizer(optimizer), self.criterion, self.data,
-                                  autocast=self.acc.autocast, scaler=LossScaler(self.acc.mixed_precision == "fp16"),
-                                  clip_grad=self.cfg["optim"]["clip_grad"])
+    def _realised(self, groups: Groups, asked: int, where: str) -> Groups:
+        """`groups`, said once per run in the log when it has fewer groups than asked."""
+        if groups.count < asked and not self._fewer_groups_said:
+            _logger.warning("%s gave %d groups of the %d asked (%d classes%s); the run uses the %d it has", where,
+                            groups.count, asked, self.data.num_classes,
+                            "" if self.bank_snapshots is None else f", {self.bank_snapshots} distinct bank snapshots",
+                            groups.count)
+            self._fewer_groups_said = True
+        return groups
 
     @property
     def skipped_steps(self) -> int:
@@ -128,31 +155,30 @@ class Method:
 
     def epoch_start(self, epoch: int) -> None:
         """Hook before an epoch's first step: GBG's gradient grouping before the run's first step."""
-        if self.info.grouping == "gradient" and self.gradient_labels is None:
+        if self.info.grouping == "gradient" and self.groups is None:
             self._gradient_groups()
 
     def _gradient_groups(self) -> None:
         from .steps.gbg import gradient_groups
+        asked = getattr(self.recipe, self.info.section).num_groups
         with self._own_rng():
             covered, _ = ordered_parameters(self.model, is_classifier)
-            self.gradient_labels = gradient_groups(
+            labels = gradient_groups(
                 self.model, self.criterion.classification_losses, self.data.train_eval,
-                np.asarray(self.data.train_targets), self.data.num_classes, self.cfg[self.info.section]["num_groups"],
-                covered, self.cfg["data"]["eval_batch_size"], self.acc.device, self.acc.autocast, self.cfg["seed"])
-        self._install_gradient_groups()
-        _logger.info("%s groups from the initial weights' class gradients: %s", self.step_name,
-                     [np.flatnonzero(self.gradient_labels == g).tolist() for g in range(self.gradient_labels.max() + 1)])
+                np.asarray(self.data.train_targets), self.data.num_classes, asked, covered,
+                self.recipe.data.eval_batch_size, self.acc.device, self.acc.autocast, self.recipe.seed)
+        self.groups = self._realised(Groups.from_labels(labels, self.data.train_counts), asked,
+                                     f"{self.step_name}'s gradient grouping")
+        self.step_fn.set_groups(self.groups.of_class, self.groups.samples)
+        _logger.info("%s groups from the initial weights' class gradients: %s", self.step_name, self.groups.members())
 
     def _own_rng(self):
         """Random numbers drawn inside (grouping, bank, Fisher) leave the training stream untouched."""
         return torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else [])
 
-    def _install_gradient_groups(self) -> None:
-        self.step_fn.set_groups(self.gradient_labels, group_sizes(self.gradient_labels, self.data.train_counts)[1])
-
     def _nonfinite(self, epoch: int, step: int, where: str) -> None:
         self.nonfinite_run += 1
-        if self.nonfinite_run > self.cfg["max_nonfinite_steps"]:
+        if self.nonfinite_run > self.recipe.max_nonfinite_steps:
             raise NonFiniteError(f"non-finite values in {where} for {self.nonfinite_run} steps in a row "
                                  f"(epoch {epoch}, step {step}); lower optim.lr or check the data")
 
@@ -177,21 +203,20 @@ class Method:
 
     def artifacts(self) -> dict[str, Any]:
         """Extra JSON files for the run directory, by file name."""
-        if self.gradient_labels is None:
+        if self.groups is None:
             return {}
-        return {"groups.json": {"groups": [np.flatnonzero(self.gradient_labels == g).tolist()
-                                           for g in range(int(self.gradient_labels.max()) + 1)],
+        return {"groups.json": {"groups": self.groups.members(),
                                 "weights": [None if math.isnan(w) else w for w in self.step_fn.last_weights]}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_fn.state_dict(),
-                "gradient_labels": None if self.gradient_labels is None else self.gradient_labels.tolist()}
+                "gradient_labels": None if self.groups is None else self.groups.of_class.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_fn.load_state_dict(state["step"])
         if state.get("gradient_labels") is not None:
-            self.gradient_labels = np.asarray(state["gradient_labels"], dtype=np.int64)
-            self._install_gradient_groups()
+            self.groups = Groups.from_labels(state["gradient_labels"], self.data.train_counts)
+            self.step_fn.set_groups(self.groups.of_class, self.groups.samples)
 
 
 class GroupedMethod(Method):
@@ -200,13 +225,13 @@ class GroupedMethod(Method):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        gcfg = self.cfg["groups"]
+        g = self.recipe.groups
         self.memory_step = self.info.grouping == "memory"  # the step itself runs on the memory-based groups
         # one bank per run, on the main process: it groups and averages the anchors, the others get both broadcast
-        self.bank = MemoryBank(self.data.num_classes, gcfg["bank_dtype"], gcfg["bank_spill_dir"]) \
+        self.bank = MemoryBank(self.data.num_classes, g.bank_dtype, g.bank_spill_dir) \
             if self.acc.is_main_process else None
         self.bank_snapshots = 0  # the main bank's distinct snapshots, known on every process
-        self.labels: np.ndarray | None = None
+        self.memory_groups: Groups | None = None
         self.anchors: torch.Tensor | None = None
         self.fisher: torch.Tensor | None = None
         self.group_epochs: list[int] = []
@@ -218,7 +243,7 @@ class GroupedMethod(Method):
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def _grouping_due(self, epoch: int) -> bool:
-        start, interval = self.cfg["groups"]["start_epoch"], self.cfg["groups"]["interval"]
+        start, interval = self.recipe.groups.start_epoch, self.recipe.groups.interval
         return epoch == start or (interval > 0 and epoch > start and (epoch - start) % interval == 0)
 
     def epoch_start(self, epoch: int) -> None:
@@ -229,10 +254,10 @@ class GroupedMethod(Method):
                 if not self.bank_snapshots:
                     self._update_bank(epoch - 1)
                 self._regroup(epoch)
-        if self.labels is not None:
-            a = self.cfg["alpha"]
+        if self.memory_groups is not None:
+            a = self.recipe.alpha
             # supplement Eq. 20 with t the epoch and T the total number of epochs
-            self.alpha = equations.alpha_schedule(epoch, self.cfg["epochs"], a["start"], a["end"]) \
+            self.alpha = equations.alpha_schedule(epoch, self.recipe.epochs, a.start, a.end) \
                 if self.use_gkp else 1.0
             self.alpha_history.append(self.alpha)
         self._epoch_stats = defaultdict(list)
@@ -256,7 +281,7 @@ class GroupedMethod(Method):
         """Eq. 1 on the main process from every process's validation features; logs each process's bank memory."""
         feats, labels = self._val_features()
         if self.bank is not None:
-            q = feature_quality(feats, labels, self.data.num_classes, self.cfg["groups"]["quality_beta"])
+            q = feature_quality(feats, labels, self.data.num_classes, self.recipe.groups.quality_beta)
             improved = self.bank.update(q, self.step_fn.flat.data[:self.step_fn.num_covered])
             self.quality["epochs"].append(epoch)
             self.quality["q"].append([float(v) for v in q.tolist()])
@@ -269,46 +294,45 @@ class GroupedMethod(Method):
                          self.bank.nbytes / 2**20, ", on disk" if self.bank.spill_dir else "",
                          format_per_process([h for h, _ in held]))
 
-    def _group_sizes(self) -> tuple[list[int], list[int]]:
-        return group_sizes(self.labels, self.data.train_counts)
-
     def _regroup(self, epoch: int) -> None:
-        gcfg = self.cfg["groups"]
-        dtype = DTYPES[self.cfg["gkp"]["state_dtype"]]
+        asked = self.recipe.groups.num_groups
+        dtype = DTYPES[self.recipe.gkp.state_dtype]
         labels = anchors = None
         if self.bank is not None:
-            labels = compute_groups(self.bank, gcfg["num_groups"], self.data.train_counts, self.cfg["seed"])
+            labels = compute_groups(self.bank, asked, self.data.train_counts, self.recipe.seed)
             anchors = self.bank.anchors(labels, int(labels.max()) + 1, dtype=dtype).to(self.acc.device)
-        self.labels, self.anchors = broadcast_groups(labels, anchors, self.data.num_classes, self.step_fn.num_covered,
-                                                     dtype, self.acc.device)
-        G = int(self.labels.max()) + 1
+        labels, self.anchors = broadcast_groups(labels, anchors, self.data.num_classes, self.step_fn.num_covered,
+                                                dtype, self.acc.device)
+        self.memory_groups = self._realised(Groups.from_labels(labels, self.data.train_counts), asked,
+                                            f"the memory-based grouping of epoch {epoch}")
         self.group_epochs.append(epoch)
         faults.hit("grouping")
-        classes, samples = self._group_sizes()
         if self.memory_step:
-            self.step_fn.set_groups(self.labels, samples)
+            self.step_fn.set_groups(self.memory_groups.of_class, self.memory_groups.samples)
         if self.use_gkp:
-            k = self.cfg["gkp"]
-            if k["fisher"] != "ema":
+            k = self.recipe.gkp
+            if k.fisher != "ema":
                 self.fisher = estimate_fisher(
                     self.model, self.criterion.classification_losses, self.data.train_eval, self.data.train_targets,
-                    self.labels, self.anchors, is_classifier, self.cfg["data"]["eval_batch_size"], self.acc.device,
-                    self.acc.autocast, k["fisher_batches"], estimate=k["fisher"], chunk=k["fisher_chunk"]).to(dtype)
+                    self.memory_groups.of_class, self.anchors, is_classifier, self.recipe.data.eval_batch_size,
+                    self.acc.device, self.acc.autocast, k.fisher_batches, estimate=k.fisher,
+                    chunk=k.fisher_chunk).to(dtype)
             else:
-                self.fisher = self.step_fn.track_fisher(k["fisher_ema"])
+                self.fisher = self.step_fn.track_fisher(k.fisher_ema)
             self._install_gkp()
-        _logger.info("groups at epoch %d: %s (classes per group %s)", epoch, G, classes)
+        _logger.info("groups at epoch %d: %s (classes per group %s)", epoch, self.memory_groups.count,
+                     list(self.memory_groups.classes))
 
     def _install_gkp(self) -> None:
-        classes, samples = self._group_sizes()
-        k = self.cfg["gkp"]
+        groups, k = self.memory_groups, self.recipe.gkp
         self.step_fn.set_gkp(self.anchors, self.fisher,
-                             gkp_strength(classes, samples, k["lam"], k["norm"]).to(self.acc.device), self.labels)
+                             gkp_strength(groups.classes, groups.samples, k.lam, k.norm).to(self.acc.device),
+                             groups.of_class)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
         loss_fn = self._loss_fn(inputs, targets)
-        if self.labels is None:  # before the first grouping: the grouped step's plain step, or the step without GKP
+        if self.memory_groups is None:  # before the first grouping: the grouped step's plain step, or without GKP
             stats = self.step_fn.plain_step(loss_fn, targets) if self.memory_step else self.step_fn.step(loss_fn, targets)
             return self._finish(stats, epoch, step)
         stats = self.step_fn.step(loss_fn, targets, alpha=self.alpha)
@@ -325,11 +349,12 @@ class GroupedMethod(Method):
         return self._finish(stats, epoch, step)
 
     def epoch_end(self, epoch: int) -> dict[str, Any]:
-        if (epoch + 1) % self.cfg["groups"]["eval_interval"] == 0:
+        if (epoch + 1) % self.recipe.groups.eval_interval == 0:
             self._update_bank(epoch)
+        groups = self.memory_groups
         row: dict[str, Any] = {"skipped_steps": self.skipped_steps,
-                               "alpha": self.alpha if self.labels is not None else math.nan,
-                               "num_groups": 0 if self.labels is None else int(self.labels.max()) + 1,
+                               "alpha": self.alpha if groups is not None else math.nan,
+                               "num_groups": 0 if groups is None else groups.count,
                                "bank_snapshots": self.bank_snapshots}
         # per realised group (none before grouping), the epoch mean over the steps where the group was in the batch
         for g in range(row["num_groups"]):
@@ -342,23 +367,23 @@ class GroupedMethod(Method):
         return row
 
     def artifacts(self) -> dict[str, Any]:
-        groups = [] if self.labels is None else [np.flatnonzero(self.labels == g).tolist()
-                                                 for g in range(int(self.labels.max()) + 1)]
         return {
             "groups.json": {
-                "groups": groups,
+                "groups": [] if self.memory_groups is None else self.memory_groups.members(),
                 "memory_bank": {"snapshots": len(self.bank.uids), "class_snapshot": list(self.bank.class_snapshot),
                                 "bytes": self.bank.nbytes},
-                "rho": [None if math.isnan(r) else r for r in self.rho_last], "alpha": self.alpha_history, "group_epochs": self.group_epochs},
+                "rho": [None if math.isnan(r) else r for r in self.rho_last], "alpha": self.alpha_history,
+                "group_epochs": self.group_epochs},
             "quality.json": self.quality,
         }
 
     def state_dict(self) -> dict[str, Any]:
+        groups = self.memory_groups
         return {**super().state_dict(), "bank": None if self.bank is None else self.bank.state_dict(),
-                "labels": None if self.labels is None else self.labels.tolist(),
+                "labels": None if groups is None else groups.of_class.tolist(),
                 "anchors": None if self.anchors is None else self.anchors.cpu(),
                 # the EMA Fisher is the step's own state (saved there): a second copy would double it on a GPU
-                "fisher": None if self.fisher is None or self.cfg["gkp"]["fisher"] == "ema" else self.fisher.cpu(),
+                "fisher": None if self.fisher is None or self.recipe.gkp.fisher == "ema" else self.fisher.cpu(),
                 "group_epochs": list(self.group_epochs), "alpha_history": list(self.alpha_history),
                 "quality": self.quality, "rho_last": list(self.rho_last)}
 
@@ -371,21 +396,22 @@ class GroupedMethod(Method):
         self.quality = state["quality"]
         self.rho_last = list(state["rho_last"])
         if state["labels"] is not None:
-            self.labels = np.asarray(state["labels"], dtype=np.int64)
+            self.memory_groups = Groups.from_labels(state["labels"], self.data.train_counts)
             self.anchors = state["anchors"].to(self.acc.device)
             if self.memory_step:  # before the step's state: a new grouping resets the step's per-group state
-                self.step_fn.set_groups(self.labels, self._group_sizes()[1])
+                self.step_fn.set_groups(self.memory_groups.of_class, self.memory_groups.samples)
         super().load_state_dict(state)
-        if self.cfg["gkp"]["fisher"] == "ema":
+        if self.recipe.gkp.fisher == "ema":
             self.fisher = self.step_fn.fisher_ema
         elif state["fisher"] is not None:
             self.fisher = state["fisher"].to(self.acc.device)
-        if self.fisher is not None and self.labels is not None:
+        if self.fisher is not None and self.memory_groups is not None:
             self._install_gkp()
 
 
-def create_method(cfg: dict[str, Any], model: nn.Module, criterion: nn.Module, data: LTData,
-                  accelerator: Accelerator) -> Method:
-    """The method object for `cfg["method"]`: `GroupedMethod` when it needs the memory-based groups."""
-    cls = GroupedMethod if uses_memory_groups(cfg["method"]) else Method
-    return cls(cfg, model, criterion, data, accelerator)
+def create_method(recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                  data: LTData, val_loader: Any, accelerator: Accelerator) -> Method:
+    """The method of `recipe.method`, built once after Accelerate's `prepare` (`GroupedMethod` when it needs the
+    memory-based groups); `model` unwrapped, `optimizer` and `val_loader` prepared."""
+    cls = GroupedMethod if uses_memory_groups(recipe.method) else Method
+    return cls(recipe, model, optimizer, criterion, data, val_loader, accelerator)

@@ -20,7 +20,7 @@ from timm.models import load_pretrained as timm_load_pretrained
 from torch import nn
 
 from .checkpoint import read_error
-from .choices import CLASSIFIERS
+from .sections import ModelConfig
 from .data.constants import MEAN_STD
 from .errors import ModelError
 from .segments import shared
@@ -110,7 +110,7 @@ class CifarResNet(nn.Module):
     """CIFAR-style ResNet with the timm model API (`depth` = 6 * blocks_per_stage + 2: 8, 20, 32, 44, 56, 110)."""
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
-                 drop_rate: float = 0.0, widths: tuple[int, int, int] = (16, 32, 64),
+                 drop_rate: float = ModelConfig.drop_rate, widths: tuple[int, int, int] = (16, 32, 64),
                  norm_layer: str = "batchnorm") -> None:
         super().__init__()
         if norm_layer not in NORM_LAYERS:
@@ -222,18 +222,16 @@ class LTModel(nn.Module):
     rows to class prototypes.
     """
 
-    def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, classifier: str = "linear",
-                 cosine_scale: float = 30.0, proj_dims: tuple[int, int] | None = None) -> None:
+    def __init__(self, encoder: nn.Module, num_features: int, num_classes: int,
+                 classifier: str = ModelConfig.classifier, cosine_scale: float = ModelConfig.cosine_scale, proj_dims: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.num_features = num_features
         self.num_classes = num_classes
         if classifier == "linear":
             self.classifier: nn.Module = nn.Linear(num_features, num_classes)
-        elif classifier == "cosine":
-            self.classifier = CosineLinear(num_features, num_classes, cosine_scale)
         else:
-            raise ModelError(f"model.classifier={classifier!r} must be one of {', '.join(CLASSIFIERS)}")
+            self.classifier = CosineLinear(num_features, num_classes, cosine_scale)
         self.proj_head: nn.Module | None = None
         self.proto_head: nn.Module | None = None
         if proj_dims is not None:
@@ -339,30 +337,29 @@ def load_pretrained(model: LTModel, path: str, in_chans: int) -> None:
     _logger.info("loaded the backbone from %s (dropped its classifier keys %s)", path, dropped)
 
 
-def create_lt_model(model_cfg: dict[str, Any], num_classes: int, in_chans: int) -> LTModel:
-    """Build the recipe's model: timm backbone `model_cfg["name"]` without classifier, plus our classifier and heads.
+def create_lt_model(model_cfg: ModelConfig, num_classes: int, in_chans: int) -> LTModel:
+    """Build the recipe's model: timm backbone `model_cfg.name` without classifier, plus our classifier and heads.
 
-    Keys: name, pretrained_path, classifier ("linear" | "cosine"), cosine_scale, proj_head ([hidden, out] or None),
-    drop_rate, norm_layer (None: the backbone's own; passed to timm otherwise). Never downloads: timm gets
-    pretrained=False, weights come only from `pretrained_path`.
+    `norm_layer` None keeps the backbone's own (timm gets it otherwise). Never downloads: timm gets pretrained=False,
+    weights come only from `pretrained_path`.
     """
-    name = model_cfg["name"]
+    name = model_cfg.name
     if not timm.is_model(name):
         raise ModelError(f"model.name={name!r} is not a timm model (e.g. resnet32_cifar, resnet8_cifar, resnet50, "
                          "resnext50_32x4d, resnet152)")
-    extra = {"norm_layer": model_cfg["norm_layer"]} if model_cfg["norm_layer"] else {}
+    extra = {"norm_layer": model_cfg.norm_layer} if model_cfg.norm_layer else {}
     try:
         encoder = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
-                                    drop_rate=model_cfg["drop_rate"], **extra)
+                                    drop_rate=model_cfg.drop_rate, **extra)
     except (TypeError, ValueError) as e:
         raise ModelError(f"model.name={name!r} could not be created with in_chans={in_chans}, "
-                         f"drop_rate={model_cfg['drop_rate']}, {extra or 'its own norm layer'}: {e}") from None
+                         f"drop_rate={model_cfg.drop_rate}, {extra or 'its own norm layer'}: {e}") from None
     num_features = int(getattr(encoder, "head_hidden_size", None) or encoder.num_features)
-    proj = model_cfg["proj_head"]
-    model = LTModel(encoder, num_features, num_classes, classifier=model_cfg["classifier"],
-                    cosine_scale=float(model_cfg["cosine_scale"]), proj_dims=tuple(proj) if proj else None)
-    if model_cfg["pretrained_path"]:
-        load_pretrained(model, model_cfg["pretrained_path"], in_chans)
+    proj = model_cfg.proj_head
+    model = LTModel(encoder, num_features, num_classes, classifier=model_cfg.classifier,
+                    cosine_scale=float(model_cfg.cosine_scale), proj_dims=tuple(proj) if proj else None)
+    if model_cfg.pretrained_path:
+        load_pretrained(model, model_cfg.pretrained_path, in_chans)
     _logger.info("model %s: %d features, %d classes, %s classifier, %.3fM parameters", name, num_features,
-                 num_classes, model_cfg["classifier"], sum(p.numel() for p in model.parameters()) / 1e6)
+                 num_classes, model_cfg.classifier, sum(p.numel() for p in model.parameters()) / 1e6)
     return model

@@ -27,7 +27,7 @@ def main(out: str) -> None:
                 p.copy_(p0 + 0.05 * torch.randn_like(p))
         method._update_bank(k)
     method._regroup(1)
-    torch.save({"labels": method.labels.tolist(), "anchors": method.anchors, "fisher": method.fisher,
+    torch.save({"labels": method.memory_groups.of_class.tolist(), "anchors": method.anchors, "fisher": method.fisher,
                 "bank": None if method.bank is None else len(method.bank.uids)},
                os.path.join(out, f"rank{acc.process_index}.pt"))
 

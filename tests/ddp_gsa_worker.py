@@ -20,7 +20,7 @@ def main(out: str, sync: bool, group_grads: str) -> None:
     x, y = _batch(n=24)
     half = len(y) // world
     xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, scale="euclidean", z=0.5,
+    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), scale="euclidean", z=0.5,
                      backend="reference", sync=sync, group_grads=group_grads)
     gsa.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
     stats = gsa.step(lambda idx: F.cross_entropy(model(xs[idx]), ys[idx], reduction="none"), ys)

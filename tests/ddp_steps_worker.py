@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_steps import COUNTS, run_two_steps  # noqa: E402
+from test_steps import run_two_steps  # noqa: E402
 
 from lt_recipes.steps import list_steps  # noqa: E402
 

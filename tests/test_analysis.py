@@ -15,6 +15,7 @@ from matplotlib.image import imread
 from torch import nn
 
 from lt_recipes.checkpoint import atomic_write_csv, save_checkpoint
+from lt_recipes.sections import Recipe
 from toolload import load_tool
 
 # tools/'s sibling module, importable once toolload has put tools/ on sys.path
@@ -316,7 +317,7 @@ def _trained_run(path: Path, data, groups: list[list[int]] | None, steps: int, s
     path.mkdir()
     (path / "args.yaml").write_text(yaml.safe_dump(cfg))
     torch.manual_seed(seed)  # the batches below and the initial weights
-    model = create_lt_model(cfg["model"], data.num_classes, data.in_chans)
+    model = create_lt_model(Recipe.from_dict(cfg).model, data.num_classes, data.in_chans)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True)
     for _, (x, y) in zip(range(steps), loader):
@@ -335,7 +336,8 @@ def test_landscape_writes_plots_and_json(tmp_path: Path, capsys: pytest.CaptureF
     from lt_recipes.models import create_lt_model
     tool = load_tool("landscape")
     cfg = _digits_cfg("none")
-    data = build_data(cfg)
+    recipe = Recipe.from_dict(cfg)
+    data = build_data(recipe.data, recipe.seed)
     groups = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
     _trained_run(tmp_path / "base", data, None, steps=8, seed=0)
     _trained_run(tmp_path / "method", data, groups, steps=8, seed=1)
@@ -355,7 +357,7 @@ def test_landscape_writes_plots_and_json(tmp_path: Path, capsys: pytest.CaptureF
             assert math.isfinite(g["lambda_max"]) and g["lambda_max"] > 0
             assert g["slice"][2] == pytest.approx(g["surface"][2][2], rel=1e-9)
     # the centre of the slice is the trained model's loss on the seeded balanced sample, group by group
-    model = create_lt_model(cfg["model"], data.num_classes, data.in_chans)
+    model = create_lt_model(recipe.model, data.num_classes, data.in_chans)
     model.load_state_dict(torch.load(tmp_path / "method" / "checkpoint.pt", weights_only=True)["model"])
     model.eval()
     idx = balanced_indices(np.asarray(data.train_targets), cfg["data"]["eval_batch_size"] // 10, seed=0)

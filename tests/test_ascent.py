@@ -19,6 +19,7 @@ from lt_recipes.data.in_memory import read_digits
 from lt_recipes.data.profile import long_tail_indices
 from lt_recipes.steps import GroupedSAM
 from lt_recipes.method import create_grouped_step
+from lt_recipes.sections import Recipe
 from test_config import RECIPES
 
 BATCHES, BATCH, MIN_RISE = 40, 32, 0.9
@@ -97,12 +98,12 @@ def _grouped_recipes() -> dict[str, dict]:
 def test_every_group_ascends_with_the_defaults(source):
     if source == "GroupedSAM":
         def make(model, opt):
-            return GroupedSAM(model, opt, num_groups=4)
+            return GroupedSAM(model, opt)
     else:
         cfg = _grouped_recipes()[source]
 
         def make(model, opt):
-            return create_grouped_step({**cfg, "groups": {**cfg["groups"], "num_groups": 4}}, model, opt)
+            return create_grouped_step(Recipe.from_dict(cfg).gsa, model, opt)
     fractions = _rise_fractions(make)
     print(f"\n{source}: fraction of batches in which each group's loss rose: {[round(f, 3) for f in fractions]}")
     assert min(fractions) >= MIN_RISE, fractions
@@ -113,7 +114,7 @@ def test_the_cancelling_average_fails_the_property():
     averaged perturbation is what the h_g leave after cancelling, and some groups' losses fall in the 'perturbed'
     pass in most batches."""
     def make(model, opt):
-        step = GroupedSAM(model, opt, num_groups=4)
+        step = GroupedSAM(model, opt)
         step.perturbation = "averaged"
         return step
     fractions = _rise_fractions(make)
@@ -151,7 +152,7 @@ def test_one_pass_against_the_exact_whole_batch_pass(source):
         pytest.skip("the released step has one averaged pass")
 
     def make(model, opt):
-        return create_grouped_step({**cfg, "groups": {**cfg["groups"], "num_groups": 4}}, model, opt)
+        return create_grouped_step(Recipe.from_dict(cfg).gsa, model, opt)
     one_pass, exact = _update(make, "per_group"), _update(make, "per_group_exact")
     distance = float((one_pass - exact).norm() / exact.norm())
     cosine = float(F.cosine_similarity(one_pass, exact, dim=0))

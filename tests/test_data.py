@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
 from conftest import LIST_COLOURS, LIST_COUNTS, write_idx
-from lt_recipes.config import defaults
+from lt_recipes.errors import ConfigError
+from lt_recipes.sections import DataConfig
 from lt_recipes.data import (Cutout, DataError, DataNotFoundError, EpochSampler, LTData, build_data, build_loaders,
                              long_tail_counts, long_tail_indices)
 from lt_recipes.metrics import class_splits
@@ -30,10 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_cfg(seed=0, **data):
-    cfg = defaults()
-    cfg["seed"] = seed
-    cfg["data"].update(data)
-    return cfg
+    """(data section, seed) as build_data and build_loaders take them; in-memory datasets at ratio 10 unless given."""
+    return DataConfig(**{"imbalance_ratio": 10.0, **data}), seed
 
 
 def decode_ids(images):
@@ -139,7 +138,7 @@ def cifar10_root(tmp_path_factory, write_cifar):
 def test_cifar100_lt_r100_build(cifar100_root):
     root, pool_labels = cifar100_root
     v = 4
-    data = build_data(make_cfg(dataset="cifar100", root=str(root), imbalance_ratio=100.0, val_per_class=v))
+    data = build_data(*make_cfg(dataset="cifar100", root=str(root), imbalance_ratio=100.0, val_per_class=v))
     lt = long_tail_counts(500, 100, 100)
     assert data.lt_counts == lt and sum(data.lt_counts) == 10847
     assert [len(x) for x in class_splits(data.lt_counts).values()] == [35, 35, 30]
@@ -161,7 +160,7 @@ def test_val_split_seeded_and_disjoint(cifar10_root):
     root, pool_labels = cifar10_root
 
     def val_ids(seed):
-        data = build_data(make_cfg(seed, dataset="cifar10", root=str(root), imbalance_ratio=2.0, val_per_class=3))
+        data = build_data(*make_cfg(seed, dataset="cifar10", root=str(root), imbalance_ratio=2.0, val_per_class=3))
         return decode_ids(data.val.images.numpy()), decode_ids(data.train_eval.images.numpy())
 
     a, train_a = val_ids(0)
@@ -176,7 +175,7 @@ def test_val_split_seeded_and_disjoint(cifar10_root):
 def test_cifar_eval_transform_is_float64_normalisation(write_cifar, tmp_path):
     write_cifar(tmp_path, "cifar10", 30, 3, seed=5)
     mean, std = [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]
-    data = build_data(make_cfg(dataset="cifar10", root=str(tmp_path), imbalance_ratio=2.0, mean=mean, std=std,
+    data = build_data(*make_cfg(dataset="cifar10", root=str(tmp_path), imbalance_ratio=2.0, mean=mean, std=std,
                                augment="none"))
     for ds in (data.test, data.train, data.train_eval):
         x, y = ds[1]
@@ -190,7 +189,7 @@ def test_cifar_eval_transform_is_float64_normalisation(write_cifar, tmp_path):
 @pytest.mark.parametrize("augment", ["basic", "autoaugment", "randaugment"])
 def test_cifar_train_augment_modes(cifar10_root, augment):
     root, _ = cifar10_root
-    data = build_data(make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=2.0, augment=augment))
+    data = build_data(*make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=2.0, augment=augment))
     torch.manual_seed(0)
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     outs = [data.train.transform(img) for _ in range(4)]
@@ -201,13 +200,13 @@ def test_cifar_train_augment_modes(cifar10_root, augment):
 
 def test_contrastive_views(cifar10_root):
     root, _ = cifar10_root
-    data = build_data(make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=2.0, contrastive_views=2,
+    data = build_data(*make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=2.0, contrastive_views=2,
                                img_size=24))
     views, label = data.train[3]
     assert len(views) == 3 and all(v.shape == (3, 24, 24) for v in views) and label == data.train_targets[3]
     x, _ = data.train_eval[3]
     assert x.shape == (3, 24, 24)
-    loader = build_loaders(data, make_cfg(batch_size=5))[0]
+    loader = build_loaders(data, *make_cfg(batch_size=5))[0]
     batch, y = next(iter(loader))
     assert [b.shape for b in batch] == [(5, 3, 24, 24)] * 3 and y.shape == (5,)
 
@@ -226,33 +225,33 @@ def test_cutout_zeroes_one_clipped_square():
 def test_cifar_errors(cifar10_root, write_cifar, tmp_path):
     root, _ = cifar10_root
     with pytest.raises(DataError, match="class 7 has no training samples after the LT cut"):
-        build_data(make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=100.0))  # 30 * 0.01 ** (7/9) < 1
+        build_data(*make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=100.0))  # 30 * 0.01 ** (7/9) < 1
     with pytest.raises(DataNotFoundError, match="cifar-100-python/train"):
-        build_data(make_cfg(dataset="cifar100", root=str(root), imbalance_ratio=10.0))
+        build_data(*make_cfg(dataset="cifar100", root=str(root), imbalance_ratio=10.0))
     with pytest.raises(DataError, match="data.root is required"):
-        build_data(make_cfg(dataset="cifar10", root=None, imbalance_ratio=10.0))
+        build_data(*make_cfg(dataset="cifar10", root=None, imbalance_ratio=10.0))
     with pytest.raises(DataNotFoundError, match="data.root='/nonexistent/x'"):
-        build_data(make_cfg(dataset="cifar10", root="/nonexistent/x", imbalance_ratio=10.0))
-    with pytest.raises(DataError, match=r"data.imbalance_ratio=0.5"):
-        build_data(make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=0.5))
+        build_data(*make_cfg(dataset="cifar10", root="/nonexistent/x", imbalance_ratio=10.0))
+    with pytest.raises(ConfigError, match=r"'data.imbalance_ratio' = 0.5: must be >= 1"):
+        build_data(*make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=0.5))
     with pytest.raises(DataError, match=r"data.mean=\[0.5\] must hold 3 numbers"):
-        build_data(make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=2.0, mean=[0.5]))
+        build_data(*make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=2.0, mean=[0.5]))
     write_cifar(tmp_path, "cifar100", 3, 1)
     bad = tmp_path / "cifar-100-python" / "test"
     with open(bad, "wb") as f:
         pickle.dump({"data": np.zeros((1, 3072), np.uint8), "coarse_labels": [0]}, f)
     with pytest.raises(DataError, match=f"{bad}: missing key 'fine_labels'"):
-        build_data(make_cfg(dataset="cifar100", root=str(tmp_path), imbalance_ratio=1.0, val_per_class=1))
+        build_data(*make_cfg(dataset="cifar100", root=str(tmp_path), imbalance_ratio=1.0, val_per_class=1))
     with open(bad, "wb") as f:
         pickle.dump({"data": np.zeros((1, 3072), np.uint8), "fine_labels": [100]}, f)
     with pytest.raises(DataError, match=f"{bad} 'fine_labels': label 100 outside"):
-        build_data(make_cfg(dataset="cifar100", root=str(tmp_path), imbalance_ratio=1.0, val_per_class=1))
+        build_data(*make_cfg(dataset="cifar100", root=str(tmp_path), imbalance_ratio=1.0, val_per_class=1))
 
 
 def test_val_per_class_too_large_names_key(cifar10_root):
     root, _ = cifar10_root
     with pytest.raises(DataError, match="class 0: .*data.val_per_class=30"):
-        build_data(make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=1.0, val_per_class=30))
+        build_data(*make_cfg(dataset="cifar10", root=str(root), imbalance_ratio=1.0, val_per_class=30))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,7 +261,7 @@ def test_val_per_class_too_large_names_key(cifar10_root):
 def test_digits_build():
     bunch = load_digits()
     tpc, v, r = 20, 5, 10.0
-    data = build_data(make_cfg(dataset="digits", imbalance_ratio=r, test_per_class=tpc, val_per_class=v, img_size=8))
+    data = build_data(*make_cfg(dataset="digits", imbalance_ratio=r, test_per_class=tpc, val_per_class=v, img_size=8))
     n_max = int(np.bincount(bunch.target).min()) - tpc
     assert data.lt_counts == long_tail_counts(n_max, 10, r)
     assert data.num_classes == 10 and data.in_chans == 1 and data.num_val_from_train == 10 * v
@@ -278,11 +277,11 @@ def test_digits_build():
     x, y = data.train[0]
     assert x.shape == (1, 8, 8) and y == data.train_targets[0]
     with pytest.raises(DataError, match="data.test_per_class=200"):
-        build_data(make_cfg(dataset="digits", imbalance_ratio=r, test_per_class=200))
+        build_data(*make_cfg(dataset="digits", imbalance_ratio=r, test_per_class=200))
 
 
 def test_digits_resized_and_contrastive():
-    data = build_data(make_cfg(dataset="digits", imbalance_ratio=5.0, img_size=16, contrastive_views=2))
+    data = build_data(*make_cfg(dataset="digits", imbalance_ratio=5.0, img_size=16, contrastive_views=2))
     views, _ = data.train[0]
     assert [v.shape for v in views] == [(1, 16, 16)] * 3
     assert data.test[0][0].shape == (1, 16, 16)
@@ -298,7 +297,7 @@ def test_fmnist_from_idx_files(tmp_path, gz):
     write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", train_labels)
     write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", train_images[:20])
     write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", train_labels[:20])
-    data = build_data(make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=4.0, val_per_class=2,
+    data = build_data(*make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=4.0, val_per_class=2,
                                img_size=28))
     assert data.lt_counts == long_tail_counts(12, 10, 4.0) and data.in_chans == 1
     np.testing.assert_array_equal(data.test.images[:, 0].numpy(), train_images[:20])
@@ -310,18 +309,18 @@ def test_fmnist_from_idx_files(tmp_path, gz):
 def test_fmnist_idx_errors(tmp_path):
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(DataNotFoundError, match="train-labels-idx1-ubyte"):
-        build_data(make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=1.0))
+        build_data(*make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=1.0))
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01" + struct.pack(">i", 2) + b"\0" * 8)
     with pytest.raises(DataError, match="train-labels-idx1-ubyte: not an unsigned-byte idx file"):
-        build_data(make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=1.0))
+        build_data(*make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=1.0))
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + struct.pack(">i", 5) + b"\0" * 2)
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: idx header says shape \(5,\)"):
-        build_data(make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=1.0))
+        build_data(*make_cfg(dataset="fmnist", root=str(tmp_path), imbalance_ratio=1.0))
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fmnist_debian_package():
-    data = build_data(make_cfg(dataset="fmnist", root=None, imbalance_ratio=100.0, img_size=28))
+    data = build_data(*make_cfg(dataset="fmnist", root=None, imbalance_ratio=100.0, img_size=28))
     assert data.lt_counts == long_tail_counts(6000, 10, 100.0)
     assert len(data.test) == 10000 and np.bincount(data.test.targets).tolist() == [1000] * 10
     assert data.train[0][0].shape == (1, 28, 28)
@@ -340,7 +339,7 @@ def list_cfg(root, **kw):
 
 def test_list_dataset_build(image_list_root):
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    data = build_data(list_cfg(image_list_root, mean=mean, std=std, augment="basic", auto_augment="rand-n2-m10"))
+    data = build_data(*list_cfg(image_list_root, mean=mean, std=std, augment="basic", auto_augment="rand-n2-m10"))
     assert data.num_classes == 3 and data.in_chans == 3 and data.num_val_from_train == 0
     assert data.train_counts == data.lt_counts == LIST_COUNTS["train"]
     assert (len(data.val), len(data.test)) == (3, 6)
@@ -352,7 +351,7 @@ def test_list_dataset_build(image_list_root):
         torch.testing.assert_close(x.double(), ref[:, None, None].expand(3, 16, 16), rtol=0, atol=1e-6)
     x, _ = data.train[1]
     assert x.shape == (3, 16, 16)
-    train, val, test = build_loaders(data, list_cfg(image_list_root, batch_size=4, eval_batch_size=4))
+    train, val, test = build_loaders(data, *list_cfg(image_list_root, batch_size=4, eval_batch_size=4))
     assert sorted(torch.cat([y for _, y in test]).tolist()) == sorted(data.test.targets.tolist())
 
 
@@ -361,7 +360,7 @@ def test_list_dataset_transforms_come_from_timm(image_list_root):
     from timm.data.auto_augment import RandAugment
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
-    data = build_data(list_cfg(image_list_root, augment="basic", auto_augment="rand-n2-m10", contrastive_views=2))
+    data = build_data(*list_cfg(image_list_root, augment="basic", auto_augment="rand-n2-m10", contrastive_views=2))
     train = data.train.transform
     ra = [t for t in train.cls_transform.transforms if isinstance(t, RandAugment)]
     assert len(ra) == 1 and ra[0].num_layers == 2 and {op.magnitude for op in ra[0].ops} == {10}
@@ -369,30 +368,30 @@ def test_list_dataset_transforms_come_from_timm(image_list_root):
     assert len(crop) == 1 and crop[0].scale == (0.2, 1.0)
     views = data.train[0][0]
     assert len(views) == 3 and all(v.shape == (3, 16, 16) for v in views)
-    with pytest.raises(DataError, match="data.auto_augment"):
-        build_data(list_cfg(image_list_root, augment="randaugment"))
+    with pytest.raises(ConfigError, match="data.auto_augment"):  # the data section refuses it, once
+        build_data(*list_cfg(image_list_root, augment="randaugment"))
 
 
 def test_list_test_defaults_to_val(image_list_root):
-    data = build_data(list_cfg(image_list_root, dataset="places_lt", test_list=None))
+    data = build_data(*list_cfg(image_list_root, dataset="places_lt", test_list=None))
     assert data.test is data.val
 
 
 def test_max_per_class_caps_the_profile_head():
-    data = build_data(make_cfg(dataset="digits", imbalance_ratio=10.0, max_per_class=60, val_per_class=5))
+    data = build_data(*make_cfg(dataset="digits", imbalance_ratio=10.0, max_per_class=60, val_per_class=5))
     assert data.lt_counts == long_tail_counts(60, 10, 10.0)
 
 
 def test_list_without_val_holds_out_training_images(image_list_root):
     """iNat protocol: val2018 is the test set, so feature quality needs a class-balanced hold-out of training images."""
-    data = build_data(list_cfg(image_list_root, dataset="inat2018", val_list=None, val_per_class=1))
+    data = build_data(*list_cfg(image_list_root, dataset="inat2018", val_list=None, val_per_class=1))
     assert data.num_val_from_train == 3 and len(data.val) == 3 and len(data.test) == 6
     assert data.lt_counts == LIST_COUNTS["train"]
     assert data.train_counts == [n - 1 for n in LIST_COUNTS["train"]]
     assert not set(data.train.paths) & set(data.val.paths)
     assert sorted(data.val.targets.tolist()) == [0, 1, 2]
     with pytest.raises(DataError, match="val_list or data.test_list"):
-        build_data(list_cfg(image_list_root, val_list=None, test_list=None))
+        build_data(*list_cfg(image_list_root, val_list=None, test_list=None))
 
 
 def test_list_absolute_paths(image_list_root, tmp_path_factory):
@@ -400,7 +399,7 @@ def test_list_absolute_paths(image_list_root, tmp_path_factory):
     lines = [f"{image_list_root / name} {label}" for name, label in
              (line.rsplit(" ", 1) for line in (image_list_root / "train.txt").read_text().splitlines())]
     (other / "abs.txt").write_text("\n".join(lines))
-    data = build_data(list_cfg(image_list_root, train_list=str(other / "abs.txt")))
+    data = build_data(*list_cfg(image_list_root, train_list=str(other / "abs.txt")))
     assert data.train_counts == LIST_COUNTS["train"]
 
 
@@ -411,16 +410,16 @@ def test_bad_list_line_names_file_and_line(image_list_root, line, lineno):
     lines.insert(lineno - 1, line)
     path.write_text("\n".join(lines))
     with pytest.raises(DataError, match=f"{path}:{lineno}: expected 'relative/path.jpg label'"):
-        build_data(list_cfg(image_list_root))
+        build_data(*list_cfg(image_list_root))
 
 
 def test_label_out_of_range_names_file_and_line(image_list_root):
     path = image_list_root / "val.txt"
     path.write_text(path.read_text() + "images/val/class 0/0.png 3\n")
     with pytest.raises(DataError, match=rf"{path}:4: label 3 outside \[0, 3\) \(the class count from data.num_classes"):
-        build_data(list_cfg(image_list_root, num_classes=3))
+        build_data(*list_cfg(image_list_root, num_classes=3))
     with pytest.raises(DataError, match=rf"class 3 has no training samples in .*train.txt \(listed at {path}:4\)"):
-        build_data(list_cfg(image_list_root))
+        build_data(*list_cfg(image_list_root))
 
 
 @pytest.mark.parametrize("label", [3, 1000])
@@ -432,21 +431,21 @@ def test_stray_training_label_names_file_and_line_not_a_new_class(image_list_roo
     lineno = sum(LIST_COUNTS["train"]) + 1
     with pytest.raises(DataError, match=rf"{path}:{lineno}: label {label} outside \[0, 3\) \(the class count from "
                                         r"the labels of .*val.txt and .*test.txt; set data.num_classes"):
-        build_data(list_cfg(image_list_root))
+        build_data(*list_cfg(image_list_root))
     with pytest.raises(DataError, match=rf"{path}:{lineno}: label {label} outside \[0, 3\)"):
-        build_data(list_cfg(image_list_root, num_classes=3))
+        build_data(*list_cfg(image_list_root, num_classes=3))
     if label == 3:
-        data = build_data(list_cfg(image_list_root, num_classes=4))  # a class the evaluation lists lack
+        data = build_data(*list_cfg(image_list_root, num_classes=4))  # a class the evaluation lists lack
         assert data.num_classes == 4 and data.train_counts == LIST_COUNTS["train"] + [1]
 
 
 def test_recipe_class_count_is_checked_against_the_data(image_list_root):
     with pytest.raises(DataError, match=r"class 3 has no training samples in .*train.txt; 2 of 5 classes are empty "
                                         r"\(the class count from data.num_classes=5\)"):
-        build_data(list_cfg(image_list_root, num_classes=5))
+        build_data(*list_cfg(image_list_root, num_classes=5))
     write_coco(image_list_root / "train2018.json", [("images/train/class 0/0.png", 7)], [7])
     with pytest.raises(DataError, match="data.num_classes=3 but .*train2018.json has 1 categories"):
-        build_data(list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json", num_classes=3))
+        build_data(*list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json", num_classes=3))
     from lt_recipes.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="'data.num_classes' applies to the list-file datasets"):
@@ -457,28 +456,28 @@ def test_class_without_training_images_is_named(image_list_root):
     path = image_list_root / "train.txt"
     path.write_text("".join(line for line in path.read_text().splitlines(True) if not line.endswith(" 1\n")))
     with pytest.raises(DataError, match="class 1 has no training samples in .*train.txt"):
-        build_data(list_cfg(image_list_root))
+        build_data(*list_cfg(image_list_root))
 
 
 def test_missing_files_and_root(image_list_root):
     with pytest.raises(DataNotFoundError, match="data.val_list: .*nope.txt not found"):
-        build_data(list_cfg(image_list_root, val_list="nope.txt"))
+        build_data(*list_cfg(image_list_root, val_list="nope.txt"))
     with pytest.raises(DataError, match="data.train_list is required"):
-        build_data(list_cfg(image_list_root, train_list=None))
+        build_data(*list_cfg(image_list_root, train_list=None))
     with pytest.raises(DataNotFoundError, match="data.root='/no/such/dir'"):
-        build_data(list_cfg("/no/such/dir"))
-    with pytest.raises(DataError, match="does not apply"):
-        build_data(list_cfg(image_list_root, imbalance_ratio=10.0))
+        build_data(*list_cfg("/no/such/dir"))
+    with pytest.raises(ConfigError, match="does not apply"):
+        build_data(*list_cfg(image_list_root, imbalance_ratio=10.0))
 
 
 def test_missing_image_error_or_skip(image_list_root, caplog):
     gone = image_list_root / "images/train/class 0/3.png"
     gone.unlink()
     with pytest.raises(DataNotFoundError, match=f"image {gone} .*train.txt:4"):
-        build_data(list_cfg(image_list_root))
+        build_data(*list_cfg(image_list_root))
     (image_list_root / "images/val/class 2/0.png").write_bytes(b"this is not an image")
     with caplog.at_level(logging.WARNING, logger="lt_recipes.data"):
-        data = build_data(list_cfg(image_list_root, skip_bad_images=True))
+        data = build_data(*list_cfg(image_list_root, skip_bad_images=True))
     assert data.train_counts == [4, 3, 2] and len(data.val) == 2
     assert "skipped 2 unreadable or missing images (train 1, val 1, test 0)" in caplog.text
 
@@ -486,7 +485,7 @@ def test_missing_image_error_or_skip(image_list_root, caplog):
 def test_unreadable_image_named_when_loaded(image_list_root):
     bad = image_list_root / "images/train/class 1/0.png"
     bad.write_bytes(b"\x89PNG garbage")
-    data = build_data(list_cfg(image_list_root))
+    data = build_data(*list_cfg(image_list_root))
     with pytest.raises(DataError, match=f"image {bad} .*train.txt:6.* cannot be read"):
         data.train[5]
 
@@ -501,13 +500,13 @@ def test_inat_json(image_list_root):
     write_coco(image_list_root / "val2018.json", [(n, ids[lab]) for n, lab in val], ids)
     cfg = list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json", val_list="val2018.json",
                    test_list=None)
-    data = build_data(cfg)
+    data = build_data(*cfg)
     sorted_ids = sorted(ids)
     expected = [sorted_ids.index(ids[lab]) for _, lab in entries]
     assert data.num_classes == 3 and data.train_targets.tolist() == expected
     assert data.train_counts == np.bincount(expected).tolist()
     assert data.test is data.val and len(data.val) == 3
-    mixed = build_data(list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json"))
+    mixed = build_data(*list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json"))
     assert mixed.train_targets.tolist() == expected and len(mixed.test) == 6
 
 
@@ -517,26 +516,26 @@ def test_inat_json_errors(image_list_root):
     cfg = list_cfg(image_list_root, dataset="inat2018", train_list="train2018.json", val_list="val2018.json")
     write_coco(image_list_root / "val2018.json", [("images/val/class 0/0.png", 9)], [5, 6, 9])
     with pytest.raises(DataError, match=r"val2018.json images\[0\]: category_id 9 is not among"):
-        build_data(cfg)
+        build_data(*cfg)
     path.write_text(json.dumps({k: v for k, v in doc.items() if k != "annotations"}))
     with pytest.raises(DataError, match=f"{path}: missing key 'annotations'"):
-        build_data(cfg)
+        build_data(*cfg)
     del doc["images"][1]["file_name"]
     path.write_text(json.dumps(doc))
     with pytest.raises(DataError, match=rf"{path} images\[1\]: missing key 'file_name'"):
-        build_data(cfg)
+        build_data(*cfg)
     doc["images"][1]["file_name"] = "x.png"
     doc["annotations"] = doc["annotations"][:1]
     path.write_text(json.dumps(doc))
     with pytest.raises(DataError, match=rf"{path} images\[1\]: image id 101 \(x.png\) has no annotation"):
-        build_data(cfg)
+        build_data(*cfg)
     doc["annotations"][0]["category_id"] = "five"
     path.write_text(json.dumps(doc))
     with pytest.raises(DataError, match=rf"{path} annotations\[0\]: 'category_id' must be an integer, got 'five'"):
-        build_data(cfg)
+        build_data(*cfg)
     path.write_text("{not json")
     with pytest.raises(DataError, match=f"{path}: not valid JSON"):
-        build_data(cfg)
+        build_data(*cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -576,16 +575,16 @@ def test_class_balanced_sampler_uniform_over_classes():
 
 
 def test_sampler_bad_mode():
-    with pytest.raises(DataError, match="data.sampler='balanced'"):
-        EpochSampler([0, 1], "balanced", seed=0)
+    with pytest.raises(ConfigError, match="'data.sampler' = 'balanced': must be one of"):
+        DataConfig(imbalance_ratio=10.0, sampler="balanced")
 
 
 def test_build_loaders_digits():
     cfg = make_cfg(dataset="digits", imbalance_ratio=10.0, batch_size=32, eval_batch_size=64, sampler="class_balanced",
                    img_size=8)
-    data = build_data(cfg)
+    data = build_data(*cfg)
     assert isinstance(data, LTData)
-    train, val, test = build_loaders(data, cfg)
+    train, val, test = build_loaders(data, *cfg)
     assert isinstance(train.sampler, EpochSampler) and train.sampler.mode == "class_balanced"
     x, y = next(iter(train))
     assert x.shape == (32, 1, 8, 8) and y.dtype == torch.int64
@@ -603,7 +602,7 @@ def test_dataset_summary_tool(tmp_path, capsys):
     main = runpy.run_path(str(REPO / "tools" / "dataset_summary.py"))["main"]
     main(["--recipe", str(recipe), "--set", "data.val_per_class=5"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    data = build_data(make_cfg(dataset="digits", imbalance_ratio=10.0, val_per_class=5))
+    data = build_data(*make_cfg(dataset="digits", imbalance_ratio=10.0, val_per_class=5))
     assert out["dataset"] == "digits" and out["num_classes"] == 10
     assert out["train_counts"] == data.train_counts and out["num_train"] == sum(data.train_counts)
     assert out["num_lt"] == sum(data.lt_counts)

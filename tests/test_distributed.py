@@ -63,7 +63,7 @@ def test_synchronized_gsa_step_equals_single_process_step(tmp_path, group_grads)
     torch.manual_seed(0)
     model = Tiny()
     x, y = _batch(n=24)
-    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), num_groups=4, scale="euclidean", z=0.5,
+    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), scale="euclidean", z=0.5,
                      backend="reference", group_grads=group_grads)
     gsa.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
     stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)

@@ -2,7 +2,6 @@
 timm.create_model(pretrained=True, pretrained_cfg_overlay=dict(file=...)) loads; model.pretrained_path reads it."""
 import importlib.util
 import json
-import os
 
 import pytest
 import timm
@@ -15,6 +14,7 @@ from lt_recipes.checkpoint import CheckpointError, atomic_write_yaml, save_check
 from lt_recipes.config import flatten, load_config
 from lt_recipes.data import build_data, build_loaders
 from lt_recipes.models import create_lt_model
+from lt_recipes.sections import Recipe
 from toolload import ROOT, load_tool
 
 SETS = ["epochs=2", "method=none", "ema.decay=0.5", "sched.warmup_epochs=0"]
@@ -54,13 +54,14 @@ def _validate_main():
 
 def _trained(run_dir, key="model"):
     cfg = load_config(str(run_dir / "args.yaml"))
-    model = create_lt_model(cfg["model"], 10, 1)
+    model = create_lt_model(Recipe.from_dict(cfg).model, 10, 1)
     model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True)[key])
     return model.eval(), cfg
 
 
 def _test_batch(cfg):
-    _, _, test = build_loaders(build_data(cfg), cfg)
+    r = Recipe.from_dict(cfg)
+    _, _, test = build_loaders(build_data(r.data, r.seed), r.data, r.seed)
     return next(iter(test))[0]
 
 
@@ -100,7 +101,7 @@ def test_pretrained_path_reads_an_export(run_dir, tmp_path):
     assert load_tool("export").main([str(run_dir), "--best", "--out", str(out)]) == 0
     best = torch.load(run_dir / "model_best.pt", weights_only=True)["model"]
     cfg = load_config("digits_lt", [f"model.pretrained_path={out}"])
-    model = create_lt_model(cfg["model"], 10, 1)
+    model = create_lt_model(Recipe.from_dict(cfg).model, 10, 1)
     for k, v in model.encoder.state_dict().items():
         torch.testing.assert_close(v, best[f"encoder.{k}"], msg=k)
 
@@ -108,7 +109,7 @@ def test_pretrained_path_reads_an_export(run_dir, tmp_path):
 def test_cosine_classifier_and_bcl_heads_export_the_backbone_only(tmp_path, capsys):
     cfg = load_config("digits_lt", ["loss.name=bcl", "data.contrastive_views=2", "model.classifier=cosine",
                                     "model.proj_head=[32, 16]"])
-    model = create_lt_model(cfg["model"], 10, 1)
+    model = create_lt_model(Recipe.from_dict(cfg).model, 10, 1)
     atomic_write_yaml(str(tmp_path / "args.yaml"), cfg)
     save_checkpoint(str(tmp_path / "checkpoint.pt"), {"identity": _identity(cfg, 10), "epoch": 0,
                                                       "model": model.state_dict()})
@@ -155,12 +156,13 @@ def test_export_carries_the_runs_preprocessing_for_a_list_file_run(image_list_ro
     run = tmp_path / "run"
     atomic_write_yaml(str(run / "args.yaml"), cfg)
     save_checkpoint(str(run / "checkpoint.pt"), {"identity": _identity(cfg, 3), "epoch": 0,
-                                                 "model": create_lt_model(cfg["model"], 3, 3).state_dict()})
+                                                 "model": create_lt_model(Recipe.from_dict(cfg).model, 3, 3).state_dict()})
     res = load_tool("export").export(str(run))
     for got in _resolved(res):
         assert got["input_size"] == (3, 24, 24) and got["interpolation"] == "bilinear" and got["crop_pct"] == 0.875
         assert got["mean"] == tuple(mean) and got["std"] == tuple(std)
-    data = build_data(cfg)
+    r = Recipe.from_dict(cfg)
+    data = build_data(r.data, r.seed)
     transform = timm.data.create_transform(**_resolved(res)[0])
     with Image.open(data.test.paths[0]) as im:
         torch.testing.assert_close(transform(im.convert("RGB")), data.test[0][0])

@@ -82,13 +82,13 @@ def test_checkpoint_size_tool_matches_a_real_checkpoint(uninterrupted):
     import torch
 
     from lt_recipes.checkpoint import tensor_bytes
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from toolload import load_tool
 
     state = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
     groups = json.loads((uninterrupted / "groups.json").read_text())
     parts = load_tool("checkpoint_size").checkpoint_parts(
-        load_config(str(uninterrupted / "args.yaml")), 10, 1, len(groups["groups"]), groups["memory_bank"]["snapshots"])
+        load_recipe(str(uninterrupted / "args.yaml")), 10, 1, len(groups["groups"]), groups["memory_bank"]["snapshots"])
     assert set(parts["method_parts"]) == {"bank", "anchors", "fisher", "friendly_momentum"}
     for key in ("model", "optimizer", "method"):
         assert parts[key] == tensor_bytes(state[key]), key

@@ -151,10 +151,10 @@ def oracle_step(model, x, y, direction="gsa", scale="euclidean", z=0.5, clamp=No
     return theta - lr * total, grads, eps, new_momentum
 
 
-def _gsa(model, lr=0.1, num_groups=4, group_of_class=GROUP_OF_CLASS, group_sizes=GROUP_SIZES, **kw):
+def _gsa(model, lr=0.1, group_of_class=GROUP_OF_CLASS, group_sizes=GROUP_SIZES, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     kw = {"scale": "euclidean", "z": 0.5, "rho_clamp": None, "backend": "reference", **kw}
-    gsa = GroupedSAM(model, opt, num_groups=num_groups, **kw)
+    gsa = GroupedSAM(model, opt, **kw)
     gsa.set_groups(group_of_class, group_sizes)
     return gsa
 
@@ -376,7 +376,7 @@ def test_single_group_is_sam_or_asam(scale, group_grads, perturbation):
     ref = copy.deepcopy(model)
     lr, z = 0.1, (0.5 if scale == "euclidean" else 5.0)
     one = [0] * NUM_CLASSES
-    gsa = _gsa(model, lr=lr, num_groups=1, group_of_class=one, group_sizes=[1069], scale=scale, z=z,
+    gsa = _gsa(model, lr=lr, group_of_class=one, group_sizes=[1069], scale=scale, z=z,
                group_grads=group_grads, perturbation=perturbation)
     stats = gsa.step(_loss_fn(model, x, y), y)
     params = list(ref.parameters())
@@ -433,7 +433,7 @@ def test_zero_strength_step_is_the_plain_step(group_grads, perturbation):
     ref = copy.deepcopy(model)
     x, y = _batch(n=30, image=True)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_groups=4, z=0.0,
+    gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), z=0.0,
                      rho_clamp=None, group_grads=group_grads, perturbation=perturbation, backend="reference")
     gsa.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
     for _ in range(3):

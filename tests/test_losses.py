@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lt_recipes.errors import ConfigError
+from lt_recipes.sections import LossConfig
 from lt_recipes.losses import (BCL, LDAMDRW, BalancedSoftmax, CrossEntropy, LogitAdjusted, LossError,
                                balanced_contrastive_loss, create_loss)
 from lt_recipes.models import LTModel
@@ -17,10 +19,7 @@ COUNTS = [50, 20, 8, 3]
 
 
 def loss_cfg(**kw):
-    cfg = dict(name="ce", tau=1.0, ldam_max_m=0.5, ldam_s=30.0, drw_start=0.8, drw_beta=0.9999, bcl_alpha=2.0,
-               bcl_beta=0.6, bcl_temperature=0.1, label_smoothing=0.0)
-    cfg.update(kw)
-    return cfg
+    return LossConfig(**kw)
 
 
 def ref_ce(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None,
@@ -161,7 +160,7 @@ def test_per_sample_losses_average_to_the_batch_loss(smoothing):
 def test_bad_inputs():
     with pytest.raises(LossError, match="class 2 has 0"):
         CrossEntropy([5, 3, 0])
-    with pytest.raises(LossError, match="loss.name='focal'"):
+    with pytest.raises(ConfigError, match="'loss.name' = 'focal': must be one of"):  # the loss section's check
         create_loss(loss_cfg(name="focal"), COUNTS, 10)
 
 

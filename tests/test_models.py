@@ -9,15 +9,13 @@ import timm
 import torch
 from torch import nn
 
+from lt_recipes.sections import ModelConfig
 from lt_recipes.models import CLASSIFIER_PREFIX, is_classifier
 from lt_recipes.models import BasicBlock, CosineLinear, ModelError, ShortcutA, create_lt_model
 
 
 def model_cfg(**kw):
-    cfg = dict(name="resnet8_cifar", pretrained_path=None, classifier="linear", cosine_scale=30.0, proj_head=None,
-               drop_rate=0.0, norm_layer=None)
-    cfg.update(kw)
-    return cfg
+    return ModelConfig(**kw)
 
 
 def cifar_resnet_params(blocks: int, num_classes: int, in_chans: int = 3) -> int:

@@ -6,14 +6,13 @@ import pytest
 import torch
 from timm.optim import Lamb, get_optimizer_info, list_optimizers
 
-from lt_recipes.config import defaults, load_config
+from lt_recipes.sections import OptimConfig
+from lt_recipes.config import load_config
 from lt_recipes.optim import OptimizerError, create_optimizer, scaled_lr
 
 
 def _optim(**kw):
-    cfg = defaults()["optim"]
-    cfg.update(kw)
-    return cfg
+    return OptimConfig(**kw)
 
 
 @pytest.mark.parametrize("name", list_optimizers())

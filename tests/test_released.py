@@ -89,7 +89,7 @@ def test_released_step_equals_its_float64_oracle_with_batchnorm():
     g = torch.Generator().manual_seed(4)
     anchors, fisher, gamma = torch.randn(3, n_cov, generator=g) * 0.3, torch.rand(3, n_cov, generator=g), 50.0
     oracle = copy.deepcopy(model).double()
-    step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.05), num_groups=3)
+    step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.05))
     step.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
     step.set_gkp(anchors, fisher, torch.tensor([gamma / 2 / n for n in GROUP_SIZES]))
     momenta = {}

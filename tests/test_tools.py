@@ -1,9 +1,10 @@
 """Tools: the epoch benchmark's synthetic CIFAR and projection; the results grid's and sweep's recipes."""
 import pytest
 
-from lt_recipes.config import load_config
+from lt_recipes.config import load_config, load_recipe
 from lt_recipes.data import build_data
 from lt_recipes.method import method_label
+from lt_recipes.sections import GSAConfig, Recipe
 from toolload import load_tool
 
 def _bench_epoch():
@@ -22,7 +23,8 @@ def test_projection_hand_computed():
 
 def test_synthetic_cifar100_loads_as_cifar100_lt(tmp_path):
     _bench_epoch().write_synthetic_cifar(str(tmp_path), "cifar100")
-    data = build_data(load_config("cifar100_lt_resnet32", [f"data.root={tmp_path}"]))
+    r = load_recipe("cifar100_lt_resnet32", [f"data.root={tmp_path}"])
+    data = build_data(r.data, r.seed)
     assert data.num_classes == 100 and sum(data.lt_counts) == 10847  # the CIFAR-100-LT r=100 profile
     assert data.lt_counts[0] == 500 and data.lt_counts[-1] == 5 and len(data.test) == 10000
 
@@ -35,7 +37,7 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
         ratios = sorted(g.cells)
         for label, ratio, seed in grid.jobs_of(name, ratios, [2]):
             cfg = load_config(g.recipe, grid.overrides(label, ratio, seed))
-            assert method_label(cfg) == label.partition("#")[0], label
+            assert method_label(Recipe.from_dict(cfg)) == label.partition("#")[0], label
             assert cfg["data"]["imbalance_ratio"] == ratio and cfg["seed"] == 2
     cfg = load_config("fmnist_lt_resnet8_long", grid.overrides("bcl+gkp+gsa@sam#G2", 100, 0))
     assert cfg["groups"]["num_groups"] == 2 and cfg["gsa"]["direction"] == "sam" and cfg["loss"]["name"] == "bcl"
@@ -48,12 +50,10 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
 
 
 def _resolved(cfg: dict) -> dict:
-    """The config with the scaling's own radius scale and clamp written out ("auto" / null: SCALE_DEFAULTS)."""
-    from lt_recipes.steps.gsa import SCALE_DEFAULTS
+    """The config with the step's own radius scale and clamp written out (null / "auto": GSAConfig.radius)."""
     gsa = dict(cfg["gsa"])
-    z, clamp = SCALE_DEFAULTS[gsa["scale"]]
-    gsa["z"] = z if gsa["z"] is None else gsa["z"]
-    gsa["rho_clamp"] = (list(clamp) if clamp else None) if gsa["rho_clamp"] == "auto" else gsa["rho_clamp"]
+    z, clamp = GSAConfig.radius(gsa["step"], gsa["scale"], gsa["z"], gsa["rho_clamp"])
+    gsa["z"], gsa["rho_clamp"] = z, (list(clamp) if clamp else None)
     return {**cfg, "gsa": gsa}
 
 

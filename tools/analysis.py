@@ -27,6 +27,7 @@ from torch import nn
 
 from lt_recipes.config import load_config
 from lt_recipes.data import build_data
+from lt_recipes.sections import Recipe
 from lt_recipes.errors import AnalysisError
 from lt_recipes.metrics import class_splits
 
@@ -107,7 +108,8 @@ def train_counts_of(run: Run) -> list[int] | None:
         return [int(n) for n in run.results["train_counts"]]
     if run.args is None:
         return None
-    return list(build_data(run.args).train_counts)
+    recipe = Recipe.from_dict(run.args)
+    return list(build_data(recipe.data, recipe.seed).train_counts)
 
 
 def head_to_tail(train_counts: Sequence[int] | None, num_classes: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.data import NUM_CLASSES
 from lt_recipes.models import is_classifier
 from lt_recipes.models import create_lt_model
@@ -25,16 +25,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    cfg = load_config(args.recipe, args.overrides)
-    C = NUM_CLASSES[cfg["data"]["dataset"]]
-    model = create_lt_model(cfg["model"], C, 3)
+    cfg = load_recipe(args.recipe, args.overrides)
+    C = NUM_CLASSES[cfg.data.dataset]
+    model = create_lt_model(cfg.model, C, 3)
     d = sum(p.numel() for p in model.parameters())
     d_enc = sum(p.numel() for n, p in model.named_parameters() if not is_classifier(n))
-    G = cfg["groups"]["num_groups"]
-    evals = cfg["epochs"] // cfg["groups"]["eval_interval"]
+    G = cfg.groups.num_groups
+    evals = cfg.epochs // cfg.groups.eval_interval
     gib = 2 ** 30
     out = {
-        "recipe": cfg["name"], "model": cfg["model"]["name"], "num_classes": C, "groups": G, "params": d,
+        "recipe": cfg.name, "model": cfg.model.name, "num_classes": C, "groups": G, "params": d,
         "encoder_params": d_enc, "evaluation_points": evals,
         "naive_bank_bytes_fp32": C * d_enc * 4,
         "snapshot_bank_max_bytes_fp32": min(evals, C) * d_enc * 4,
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         "gkp_state_bytes_bf16": 2 * G * d_enc * 2,
     }
     out["bank_reduction"] = out["naive_bank_bytes_fp32"] / out["snapshot_bank_max_bytes_fp32"]
-    print(f"{cfg['name']}: {cfg['model']['name']}, {C} classes, G={G}, {d / 1e6:.2f}M parameters "
+    print(f"{cfg.name}: {cfg.model.name}, {C} classes, G={G}, {d / 1e6:.2f}M parameters "
           f"({d_enc / 1e6:.2f}M encoder + heads), {evals} evaluation points")
     rows = [("memory bank, naive (one encoder per class)", out["naive_bank_bytes_fp32"]),
             ("memory bank, distinct snapshots, fp32 (worst case)", out["snapshot_bank_max_bytes_fp32"]),

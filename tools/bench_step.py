@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import time
@@ -37,20 +38,19 @@ from torch.utils.data import TensorDataset
 from lt_recipes import equations
 from lt_recipes.batchnorm import frozen_bn_stats
 from lt_recipes.choices import CANCELLING_DIRECTIONS, GROUP_GRADS, PERTURBATIONS
-from lt_recipes.config import SCHEMA, defaults
 from lt_recipes.data import long_tail_counts
 from lt_recipes.gkp import estimate_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.steps import GroupedSAM, create_step, list_steps, step_info
 from lt_recipes.models import create_lt_model
+from lt_recipes.sections import SECTION_OF, GBGConfig, GSAConfig, ModelConfig
 from lt_recipes.steps import ReleasedGSA
 
 # kind -> (with GKP, group_grads, perturbation), from the option tuples the step accepts: `[gkp_]gsa_<group grads>`
 # with the recipes' default perturbed pass, `[gkp_]gsa_<group grads>_<pass>` with another (not the averaged pass,
 # which the h_g directions cancel in)
-_DEFAULT_PASS = SCHEMA["gsa"]["perturbation"].default
-SCHEMA_DEFAULTS = defaults()
+_DEFAULT_PASS = GSAConfig.perturbation
 _PASSES = [p for p in sorted(PERTURBATIONS, key=lambda p: p != _DEFAULT_PASS)
            if not (p == "averaged" and "gsa" in CANCELLING_DIRECTIONS)]
 GROUPED_KINDS = {f"{'gkp_' if gkp else ''}gsa_{grads}{'' if pert == _DEFAULT_PASS else '_' + pert}":
@@ -162,9 +162,7 @@ def main() -> None:
     models, steps, state_bytes = {}, {}, {}
     for kind in kinds:
         torch.manual_seed(0)
-        model = create_lt_model({"name": args.model, "pretrained_path": None, "classifier": "linear",
-                                 "cosine_scale": 30.0, "proj_head": None, "drop_rate": 0.0, "norm_layer": None},
-                                args.num_classes, 3).to(device).train()
+        model = create_lt_model(ModelConfig(name=args.model), args.num_classes, 3).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         models[kind] = model
         if kind == "sgd":
@@ -177,11 +175,14 @@ def main() -> None:
             steps[kind], state_bytes[kind] = sgd_step, 0
         elif kind in REGISTERED:
             info = step_info(kind)
-            options = dict(SCHEMA_DEFAULTS[info.section]) if info.section else {}
+            # a step on gradient groups takes none of its section: it sets how many groups are formed
+            options = dataclasses.asdict(SECTION_OF[info.section]()) \
+                if info.section and info.grouping != "gradient" else {}
             run = {"class_counts": counts, "head_losses": lambda z, t: F.cross_entropy(z, t, reduction="none")}
             step = create_step(kind, model, opt, autocast=autocast, **options, **{k: run[k] for k in info.uses})
             if info.grouping == "gradient":
-                labels, _, _ = build_groups(model, args.num_classes, counts, step.num_groups, device, img, autocast)
+                labels, _, _ = build_groups(model, args.num_classes, counts, GBGConfig.num_groups, device, img,
+                                             autocast)
                 step.set_groups(labels, [int(np.asarray(counts)[labels == g].sum()) for g in range(labels.max() + 1)])
             steps[kind] = lambda step=step, model=model: step.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
@@ -191,9 +192,9 @@ def main() -> None:
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1
             if kind == "gkp_released":
-                gsa = ReleasedGSA(model, opt, num_groups=G, autocast=autocast)
+                gsa = ReleasedGSA(model, opt, autocast=autocast)
             else:
-                gsa = GroupedSAM(model, opt, num_groups=G, autocast=autocast, group_grads=group_grads,
+                gsa = GroupedSAM(model, opt, autocast=autocast, group_grads=group_grads,
                                  perturbation=perturbation)
             sizes = [int(np.asarray(counts)[labels == g].sum()) for g in range(G)]
             gsa.set_groups(labels, sizes)

@@ -14,6 +14,7 @@ real checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -22,21 +23,22 @@ import torch
 
 from lt_recipes.checkpoint import tensor_bytes
 from lt_recipes.steps import uses_memory_groups
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.data import NUM_CLASSES, dataset_in_chans
 from lt_recipes.grouping import DTYPES
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
 from lt_recipes.optim import create_optimizer
+from lt_recipes.sections import Recipe
 
 
-def weights_and_optimizer(cfg: dict[str, Any], num_classes: int, in_chans: int) -> dict[str, int]:
+def weights_and_optimizer(cfg: Recipe, num_classes: int, in_chans: int) -> dict[str, int]:
     """Tensor bytes of the model, its EMA copy and the optimizer state, measured on the real objects; and the
     parameter counts (all trainable, and those GKP/GSA cover)."""
-    model = create_lt_model({**cfg["model"], "pretrained_path": None}, num_classes, in_chans)
+    model = create_lt_model(dataclasses.replace(cfg.model, pretrained_path=None), num_classes, in_chans)
     parts = {"model": tensor_bytes(model.state_dict())}
-    parts["ema"] = parts["model"] if cfg["ema"]["decay"] is not None else 0
-    optimizer = create_optimizer(model, cfg["optim"], cfg["data"]["batch_size"])
+    parts["ema"] = parts["model"] if cfg.ema.decay is not None else 0
+    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -47,25 +49,25 @@ def weights_and_optimizer(cfg: dict[str, Any], num_classes: int, in_chans: int) 
     return parts
 
 
-def method_parts(cfg: dict[str, Any], params: int, covered: int, num_classes: int, groups: int,
+def method_parts(cfg: Recipe, params: int, covered: int, num_classes: int, groups: int,
                  snapshots: int) -> dict[str, int]:
     """Tensor bytes of the grouped method's state by part (none for method none / sam)."""
-    g, k = cfg["groups"], cfg["gkp"]
-    state, bank = DTYPES[k["state_dtype"]].itemsize, DTYPES[g["bank_dtype"]].itemsize
-    if not uses_memory_groups(cfg["method"]):
+    g, k = cfg.groups, cfg.gkp
+    state, bank = DTYPES[k.state_dtype].itemsize, DTYPES[g.bank_dtype].itemsize
+    if not uses_memory_groups(cfg.method):
         return {}
-    parts = {"bank": num_classes * 8 + (0 if g["bank_spill_dir"] else snapshots * covered * bank),
+    parts = {"bank": num_classes * 8 + (0 if g.bank_spill_dir else snapshots * covered * bank),
              "anchors": groups * covered * state}
-    if cfg["method"] != "gsa" and k["fisher"] != "ema":
+    if cfg.method != "gsa" and k.fisher != "ema":
         parts["fisher"] = groups * covered * state
-    if k["fisher"] == "ema":
+    if k.fisher == "ema":
         parts["fisher_ema"] = groups * covered * 4
-    if cfg["gsa"]["direction"] == "friendly":
+    if cfg.gsa.direction == "friendly":
         parts["friendly_momentum"] = groups * params * 4
     return parts
 
 
-def checkpoint_parts(cfg: dict[str, Any], num_classes: int, in_chans: int, groups: int,
+def checkpoint_parts(cfg: Recipe, num_classes: int, in_chans: int, groups: int,
                      snapshots: int) -> dict[str, Any]:
     """Tensor bytes of each part of checkpoint.pt: model, ema, optimizer, method (and `method_parts`)."""
     parts: dict[str, Any] = weights_and_optimizer(cfg, num_classes, in_chans)
@@ -81,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshots", type=int, default=None, help="memory-bank snapshots (default: 1 and the most)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
-    cfg = load_config(args.recipe, args.overrides)
-    dataset = cfg["data"]["dataset"]
-    num_classes, groups = NUM_CLASSES[dataset], cfg["groups"]["num_groups"]
-    most = min(num_classes, cfg["epochs"] // cfg["groups"]["eval_interval"])
+    cfg = load_recipe(args.recipe, args.overrides)
+    dataset = cfg.data.dataset
+    num_classes, groups = NUM_CLASSES[dataset], cfg.groups.num_groups
+    most = min(num_classes, cfg.epochs // cfg.groups.eval_interval)
     counts = [args.snapshots] if args.snapshots else sorted({1, most})
-    out = {"recipe": cfg["name"], "model": cfg["model"]["name"], "num_classes": num_classes, "groups": groups,
-           "optimizer": cfg["optim"]["opt"], "sizes": {}}
+    out = {"recipe": cfg.name, "model": cfg.model.name, "num_classes": num_classes, "groups": groups,
+           "optimizer": cfg.optim.opt, "sizes": {}}
     weights = weights_and_optimizer(cfg, num_classes, dataset_in_chans(dataset))
     for k in counts:
         method = method_parts(cfg, weights["params"], weights["covered_params"], num_classes, groups, k)
@@ -96,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         out["sizes"][k] = {**parts, "checkpoint": total, "model_best": parts["model"] + parts["ema"],
                            "on_disk": 2 * total + parts["model"] + parts["ema"]}
     first = out["sizes"][counts[0]]
-    print(f"{cfg['name']}: {cfg['model']['name']}, {num_classes} classes, {first['params'] / 1e6:.1f}M parameters "
-          f"({first['covered_params'] / 1e6:.1f}M covered by GKP/GSA), G={groups}, optim.opt={cfg['optim']['opt']}, "
-          f"method={cfg['method']}")
+    print(f"{cfg.name}: {cfg.model.name}, {num_classes} classes, {first['params'] / 1e6:.1f}M parameters "
+          f"({first['covered_params'] / 1e6:.1f}M covered by GKP/GSA), G={groups}, optim.opt={cfg.optim.opt}, "
+          f"method={cfg.method}")
     rows = [("model (weights, BatchNorm statistics)", "model"), ("EMA weights", "ema"),
             ("optimizer state", "optimizer")]
     header = "| part | " + " | ".join(f"MB, {k} bank snapshot{'s' * (k > 1)}" for k in counts) + " |"

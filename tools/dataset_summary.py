@@ -13,17 +13,18 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.data import build_data
 from lt_recipes.errors import LTRecipesError
 from lt_recipes.metrics import class_splits
+from lt_recipes.sections import Recipe
 
 _logger = logging.getLogger(__name__)
 
 
-def summarize(cfg: dict[str, Any]) -> dict[str, Any]:
+def summarize(cfg: Recipe) -> dict[str, Any]:
     """Build the recipe's data and return the summary fields."""
-    data = build_data(cfg)
+    data = build_data(cfg.data, cfg.seed)
     splits = class_splits(data.train_counts)
     return {
         "dataset": data.dataset,
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = summarize(load_config(args.recipe, args.overrides))
+        summary = summarize(load_recipe(args.recipe, args.overrides))
     except LTRecipesError as e:
         _logger.error("%s", e)
         sys.exit(2)

@@ -23,6 +23,7 @@ RUN_DIR/<checkpoint name>[_ema].safetensors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ from lt_recipes.config import load_config
 from lt_recipes.data import dataset_in_chans, eval_data_config
 from lt_recipes.errors import CheckpointError, LTRecipesError
 from lt_recipes.models import LTModel, create_lt_model
+from lt_recipes.sections import Recipe
 
 _logger = logging.getLogger("export")
 
@@ -99,15 +101,16 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     key = "ema" if ema else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights" + (" (the run had ema.decay=null)" if ema else ""))
-    num_classes, in_chans = state["identity"]["num_classes"], dataset_in_chans(cfg["data"]["dataset"])
-    data_config = eval_data_config(cfg["data"]["dataset"], cfg["data"], in_chans)
-    model = create_lt_model({**cfg["model"], "pretrained_path": None}, num_classes, in_chans)
+    recipe = Recipe.from_dict(cfg)
+    num_classes, in_chans = state["identity"]["num_classes"], dataset_in_chans(recipe.data.dataset)
+    data_config = eval_data_config(recipe.data.dataset, recipe.data, in_chans)
+    model = create_lt_model(dataclasses.replace(recipe.model, pretrained_path=None), num_classes, in_chans)
     try:
         model.load_state_dict(state[key])
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt} does not fit the model of {run_dir}/args.yaml: {e}") from None
     weights, left_out = timm_state_dict(model)
-    name = cfg["model"]["name"]
+    name = recipe.model.name
     head = 0 if left_out and left_out[0].startswith("classifier") else num_classes
     cfg_overlay = overlay(path, head, data_config, model.encoder.pretrained_cfg)
     pretrained_cfg = {k: v for k, v in {**model.encoder.pretrained_cfg, **cfg_overlay}.items() if k != "file"}

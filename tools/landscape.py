@@ -37,6 +37,7 @@ from lt_recipes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from lt_recipes.data import build_data
 from lt_recipes.errors import AnalysisError, CheckpointError, LTRecipesError
 from lt_recipes.models import create_lt_model
+from lt_recipes.sections import Recipe
 
 from analysis import (analysis_groups, balanced_indices, filter_normalized_direction, group_means, load_run, new_figure,
                       new_panels, per_sample_loss, save_figure, set_parameters, top_hessian_eigenvalue, train_counts_of)
@@ -62,8 +63,9 @@ def load_trained(run_dir: str, batches: int, seed: int, device: torch.device) ->
     run = load_run(run_dir)
     if run.args is None:
         raise AnalysisError(f"{run_dir} has no args.yaml")
-    data = build_data(run.args)
-    model = create_lt_model(run.args["model"], data.num_classes, data.in_chans)
+    recipe = Recipe.from_dict(run.args)
+    data = build_data(recipe.data, recipe.seed)
+    model = create_lt_model(recipe.model, data.num_classes, data.in_chans)
     state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))
     try:
         model.load_state_dict(state["model"])

@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..choices import IN_MEMORY_DATASETS, LIST_DATASETS
+from ..choices import IN_MEMORY_DATASETS
 from ..errors import DataError, DataNotFoundError
 from ..metrics import class_splits
+from ..sections import DataConfig
 from .constants import FMNIST_ROOT, NUM_CLASSES
 from .image_lists import ImageListDataset, Record, check_images, read_entries
 from .in_memory import TensorImageDataset, read_cifar, read_digits, read_fmnist
@@ -47,8 +47,8 @@ class LTData:
     num_val_from_train: int
 
 
-def _data_root(data_cfg: dict[str, Any]) -> str:
-    dataset, root = data_cfg["dataset"], data_cfg["root"]
+def _data_root(data_cfg: DataConfig) -> str:
+    dataset, root = data_cfg.dataset, data_cfg.root
     if root is None:
         if dataset != "fmnist":
             raise DataError(f"data.root is required for dataset {dataset!r} (e.g. --set data.root=/path/to/data)")
@@ -58,15 +58,12 @@ def _data_root(data_cfg: dict[str, Any]) -> str:
     return root
 
 
-def _build_in_memory(cfg: dict[str, Any]) -> LTData:
-    d = cfg["data"]
-    dataset = d["dataset"]
+def _build_in_memory(d: DataConfig, seed: int) -> LTData:
+    dataset = d.dataset
     num_classes = NUM_CLASSES[dataset]
-    if d["imbalance_ratio"] is None:
-        raise DataError(f"data.imbalance_ratio is required for dataset {dataset!r}")
     if dataset == "digits":
         images, targets = read_digits()
-        test_idx = balanced_pick(targets, num_classes, d["test_per_class"], np.random.default_rng(DIGITS_TEST_SEED),
+        test_idx = balanced_pick(targets, num_classes, d.test_per_class, np.random.default_rng(DIGITS_TEST_SEED),
                                  "data.test_per_class")
         pool = np.setdiff1d(np.arange(len(targets)), test_idx)
         test_images, test_targets = images[test_idx], targets[test_idx]
@@ -75,12 +72,12 @@ def _build_in_memory(cfg: dict[str, Any]) -> LTData:
         images, targets, test_images, test_targets = read_fmnist(_data_root(d))
     else:
         images, targets, test_images, test_targets = read_cifar(_data_root(d), dataset)
-    cap = d["max_per_class"]
+    cap = d.max_per_class
     n_max = None if cap is None else min(cap, int(np.bincount(targets, minlength=num_classes).min()))
-    kept = long_tail_indices(targets, num_classes, d["imbalance_ratio"], n_max)
+    kept = long_tail_indices(targets, num_classes, d.imbalance_ratio, n_max)
     lt_counts = np.bincount(targets[kept], minlength=num_classes).tolist()
-    train_idx, val_idx = hold_out_val(targets, kept, num_classes, d["val_per_class"],
-                                      np.random.default_rng(cfg["seed"]))
+    train_idx, val_idx = hold_out_val(targets, kept, num_classes, d.val_per_class,
+                                      np.random.default_rng(seed))
     in_chans, native = images.shape[1], images.shape[-1]
     train_tf, eval_tf = build_transforms(dataset, d, in_chans, native)
     train_images = torch.from_numpy(np.ascontiguousarray(images[train_idx]))
@@ -98,8 +95,8 @@ def _build_in_memory(cfg: dict[str, Any]) -> LTData:
     )
 
 
-def _list_path(root: str, data_cfg: dict[str, Any], key: str) -> str | None:
-    name = data_cfg[key]
+def _list_path(root: str, data_cfg: DataConfig, key: str) -> str | None:
+    name = getattr(data_cfg, key)
     if name is None:
         return None
     path = os.path.join(root, name)
@@ -123,13 +120,9 @@ def _class_count(recipe_count: int | None, label_of: dict[int, int] | None, trai
         f"the labels of {' and '.join(evaluation)}; set data.num_classes when they do not hold every class")
 
 
-def _build_from_files(cfg: dict[str, Any]) -> LTData:
-    d = cfg["data"]
-    dataset = d["dataset"]
+def _build_from_files(d: DataConfig, seed: int) -> LTData:
+    dataset = d.dataset
     root = _data_root(d)
-    if d["imbalance_ratio"] is not None:
-        raise DataError(f"data.imbalance_ratio={d['imbalance_ratio']} does not apply to {dataset!r} "
-                        "(its long tail comes from the list files); set it to null")
     train_path = _list_path(root, d, "train_list")
     if train_path is None:
         raise DataError(f"data.train_list is required for dataset {dataset!r}")
@@ -141,14 +134,14 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
         _logger.info("data.test_list is not set: %s is scored on the validation split %s", dataset, val_path)
     if val_path is None:
         _logger.info("data.val_list is not set: %s holds out %d training images per class for validation",
-                     dataset, d["val_per_class"])
+                     dataset, d.val_per_class)
 
     train_entries, label_of = read_entries(train_path, None)
     paths = {"train": train_path, "val": val_path, "test": test_path}
     entries = {name: train_entries if name == "train" else read_entries(path, label_of)[0]
                for name, path in paths.items() if path is not None}
     evaluation = {paths[name]: split for name, split in entries.items() if name != "train"}
-    num_classes, source = _class_count(d["num_classes"], label_of, train_path, evaluation)
+    num_classes, source = _class_count(d.num_classes, label_of, train_path, evaluation)
     for split in entries.values():
         for _, label, where in split:
             if label >= num_classes:
@@ -163,7 +156,7 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
     splits, skipped = {}, {}
     for name, split in entries.items():
         records = [Record(os.path.join(root, rel), label, where) for rel, label, where in split]
-        splits[name], skipped[name] = check_images(records, d["skip_bad_images"], d["img_size"], d["num_workers"])
+        splits[name], skipped[name] = check_images(records, d.skip_bad_images, d.img_size, d.num_workers)
     if sum(skipped.values()):
         _logger.warning("skipped %d unreadable or missing images (%s)", sum(skipped.values()),
                         ", ".join(f"{k} {v}" for k, v in skipped.items()))
@@ -174,8 +167,8 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
     num_val_from_train = 0
     if "val" not in splits:
         labels = np.array([r.label for r in splits["train"]], dtype=np.int64)
-        train_idx, val_idx = hold_out_val(labels, np.arange(len(labels)), num_classes, d["val_per_class"],
-                                          np.random.default_rng(cfg["seed"]))
+        train_idx, val_idx = hold_out_val(labels, np.arange(len(labels)), num_classes, d.val_per_class,
+                                          np.random.default_rng(seed))
         splits["val"] = [splits["train"][i] for i in val_idx]
         splits["train"] = [splits["train"][i] for i in train_idx]
         num_val_from_train = len(val_idx)
@@ -195,15 +188,11 @@ def _build_from_files(cfg: dict[str, Any]) -> LTData:
     )
 
 
-def build_data(cfg: dict[str, Any]) -> LTData:
-    """Build train / train-eval / val / test datasets from a validated recipe (its `data` section and `seed`)."""
-    dataset = cfg["data"]["dataset"]
-    if dataset in IN_MEMORY_DATASETS:
-        data = _build_in_memory(cfg)
-    elif dataset in LIST_DATASETS:
-        data = _build_from_files(cfg)
-    else:
-        raise DataError(f"data.dataset={dataset!r} is not one of {list(IN_MEMORY_DATASETS + LIST_DATASETS)}")
+def build_data(data_cfg: DataConfig, seed: int) -> LTData:
+    """Build train / train-eval / val / test datasets from the recipe's `data` section; `seed` draws the held-out
+    validation images."""
+    dataset = data_cfg.dataset
+    data = (_build_in_memory if dataset in IN_MEMORY_DATASETS else _build_from_files)(data_cfg, seed)
     splits = class_splits(data.train_counts)
     _logger.info("%s: %d classes, %d train images (LT cut %d), %d val (%d from the training pool), %d test; "
                  "many/medium/few classes %d/%d/%d", dataset, data.num_classes, len(data.train), sum(data.lt_counts),

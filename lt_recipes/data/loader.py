@@ -1,14 +1,14 @@
 """The training order (`EpochSampler`, a pure function of seed and epoch) and the train / val / test loaders."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..choices import SAMPLERS
 from ..errors import DataError
+from ..sections import DataConfig
 from .build import LTData
 
 
@@ -21,10 +21,6 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, targets: Sequence[int] | np.ndarray, mode: str, seed: int, num_samples: int | None = None):
-        if mode not in SAMPLERS:
-            raise DataError(f"data.sampler={mode!r} must be one of {', '.join(SAMPLERS)}")
-        if seed < 0:
-            raise DataError(f"seed={seed} must be >= 0")
         self.targets = np.asarray(targets, dtype=np.int64)
         if self.targets.ndim != 1 or len(self.targets) == 0:
             raise DataError(f"EpochSampler needs a non-empty 1-d list of targets, got shape {self.targets.shape}")
@@ -58,12 +54,11 @@ class EpochSampler(Sampler[int]):
         return iter(idx.tolist())
 
 
-def build_loaders(data: LTData, cfg: dict[str, Any]) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (EpochSampler), val and test loaders, not yet prepared by Accelerate."""
-    d = cfg["data"]
-    common = {"num_workers": d["num_workers"], "pin_memory": torch.cuda.is_available()}
-    train = DataLoader(data.train, batch_size=d["batch_size"], drop_last=False,
-                       sampler=EpochSampler(data.train_targets, d["sampler"], cfg["seed"]), **common)
-    val = DataLoader(data.val, batch_size=d["eval_batch_size"], shuffle=False, **common)
-    test = DataLoader(data.test, batch_size=d["eval_batch_size"], shuffle=False, **common)
+def build_loaders(data: LTData, d: DataConfig, seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (EpochSampler drawing from `seed`), val and test loaders, not yet prepared by Accelerate."""
+    common = {"num_workers": d.num_workers, "pin_memory": torch.cuda.is_available()}
+    train = DataLoader(data.train, batch_size=d.batch_size, drop_last=False,
+                       sampler=EpochSampler(data.train_targets, d.sampler, seed), **common)
+    val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **common)
+    test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **common)
     return train, val, test

@@ -12,8 +12,9 @@ import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.transforms import v2
 
-from ..choices import IN_MEMORY_AUGMENTS, LIST_DATASETS
+from ..choices import LIST_DATASETS
 from ..errors import DataError
+from ..sections import DataConfig
 from .constants import MEAN_STD
 
 # How both evaluation pipelines resize: bilinearly, torchvision v2's default and timm's create_transform's.
@@ -53,11 +54,11 @@ def dataset_in_chans(dataset: str) -> int:
     return len(MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN,))[0])
 
 
-def _mean_std(data_cfg: dict[str, Any], dataset: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _mean_std(data_cfg: DataConfig, dataset: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     default = MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     out = []
     for i, key in enumerate(("mean", "std")):
-        value = data_cfg[key]
+        value = getattr(data_cfg, key)
         if value is None:
             value = default[i]
         if len(value) != in_chans or not all(isinstance(v, (int, float)) for v in value):
@@ -68,13 +69,13 @@ def _mean_std(data_cfg: dict[str, Any], dataset: str, in_chans: int) -> tuple[tu
     return out[0], out[1]
 
 
-def eval_data_config(dataset: str, data_cfg: dict[str, Any], in_chans: int) -> dict[str, Any]:
+def eval_data_config(dataset: str, data_cfg: DataConfig, in_chans: int) -> dict[str, Any]:
     """The run's evaluation preprocessing as timm's data config (input_size, interpolation, mean, std, crop_pct,
     crop_mode): the transforms below are built from it, and tools/export.py writes it into the exported model's
     pretrained_cfg, so `timm.data.resolve_data_config` preprocesses as the run did. Image files are resized to
     size / 0.875 and centre-cropped; in-memory images are resized whole (crop_pct 1)."""
     mean, std = _mean_std(data_cfg, dataset, in_chans)
-    size = data_cfg["img_size"]
+    size = data_cfg.img_size
     return {"input_size": (in_chans, size, size), "interpolation": EVAL_INTERPOLATION, "mean": mean, "std": std,
             "crop_pct": DEFAULT_CROP_PCT if dataset in LIST_DATASETS else 1.0, "crop_mode": "center"}
 
@@ -83,20 +84,20 @@ def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _timm_transforms(data_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> tuple[Callable, Callable, Callable]:
+def _timm_transforms(data_cfg: DataConfig, eval_cfg: dict[str, Any]) -> tuple[Callable, Callable, Callable]:
     """(train, eval, contrastive view) transforms of image files from `timm.data.create_transform`: train is
     RandomResizedCrop + flip + `data.auto_augment` (e.g. rand-n2-m10), eval is `eval_cfg` (resize to size / crop_pct,
     centre crop), the view is SimCLR's (crop scale 0.2-1, flip, colour jitter with p 0.8, grey-scale with p 0.2)."""
-    size, common = data_cfg["img_size"], {"mean": eval_cfg["mean"], "std": eval_cfg["std"]}
+    size, common = data_cfg.img_size, {"mean": eval_cfg["mean"], "std": eval_cfg["std"]}
     eval_tf = create_transform(**eval_cfg, is_training=False)
-    train_tf = eval_tf if data_cfg["augment"] == "none" else create_transform(
-        size, is_training=True, auto_augment=data_cfg["auto_augment"], color_jitter=None, **common)
+    train_tf = eval_tf if data_cfg.augment == "none" else create_transform(
+        size, is_training=True, auto_augment=data_cfg.auto_augment, color_jitter=None, **common)
     view_tf = create_transform(size, is_training=True, scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
                                color_jitter_prob=0.8, grayscale_prob=0.2, **common)
     return train_tf, eval_tf, view_tf
 
 
-def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
+def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int,
                      native_size: int | None) -> tuple[Callable, Callable]:
     """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files.
 
@@ -104,14 +105,11 @@ def build_transforms(dataset: str, data_cfg: dict[str, Any], in_chans: int,
     PIL-based transforms do not take) keep torchvision v2: pad-and-crop, flip (never for digits), the CIFAR or
     ImageNet AutoAugment policy with Cutout, or RandAugment(2, 10); conversion to float and normalisation last.
     """
-    size, augment = data_cfg["img_size"], data_cfg["augment"]
+    size, augment = data_cfg.img_size, data_cfg.augment
     eval_cfg = eval_data_config(dataset, data_cfg, in_chans)
     mean, std = eval_cfg["mean"], eval_cfg["std"]
-    views = data_cfg["contrastive_views"]
+    views = data_cfg.contrastive_views
     if native_size is None:
-        if augment in IN_MEMORY_AUGMENTS:
-            raise DataError(f"data.augment={augment} is for in-memory datasets; image files use timm's transforms: "
-                            "data.augment=basic with data.auto_augment (e.g. rand-n2-m10)")
         train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, eval_cfg)
         return (MultiViewTransform(train_tf, view_tf, views) if views else train_tf), eval_tf
     resize = [] if size == native_size else [v2.Resize(size, interpolation=v2.InterpolationMode(EVAL_INTERPOLATION))]

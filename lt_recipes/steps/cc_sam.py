@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..sections import CCSAMConfig
 from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, world_size
 from .registry import register_step
 
@@ -59,9 +60,9 @@ class CCSAM(StepCore):
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, class_counts: Sequence[int],
-                 head_losses: HeadLosses | None = None, rho: float = 1e-6, beta: float = 0.5, **kw: Any) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"CCSAM: beta must be in [0, 1], got {beta}")
+                 head_losses: HeadLosses | None = None, rho: float = CCSAMConfig.rho, beta: float = CCSAMConfig.beta,
+                 **kw: Any) -> None:
+        CCSAMConfig(rho=rho, beta=beta)  # the options' checks live in their recipe section
         super().__init__(model, base_optimizer, **kw)
         self.classifier: nn.Module = model.classifier
         self.names = [n for n, p in self.classifier.named_parameters() if p.requires_grad]

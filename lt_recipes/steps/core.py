@@ -33,6 +33,7 @@ from .. import equations, ops
 from ..batchnorm import BNState
 from ..flat import FlatParams
 from ..models import is_classifier, ordered_parameters
+from ..sections import GSAConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -110,12 +111,18 @@ def sam_perturbation(grad: torch.Tensor, theta: torch.Tensor, rho: float, adapti
 
 
 class StepCore:
-    """The machinery every step shares (module docstring). Subclasses implement `step(loss_fn, targets, alpha)`."""
+    """The machinery every step shares (module docstring). Subclasses implement `step(loss_fn, targets, alpha)`.
+
+    A step on groups learns their number from `set_groups` only (the grouping is its one owner); a step that keeps a
+    gradient row per group (`rows_per_group`) sizes its rows there.
+    """
+
+    rows_per_group = False
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int = 0,
                  is_excluded: Callable[[str], bool] = is_classifier,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
-                 clip_grad: float | None = None, backend: str = "auto") -> None:
+                 clip_grad: float | None = None, backend: str = GSAConfig.backend) -> None:
         self.model = model
         self.base_optimizer = base_optimizer
         covered, rest = ordered_parameters(model, is_excluded)
@@ -139,12 +146,19 @@ class StepCore:
     def d(self) -> int:
         return self.flat.numel
 
+    @property
+    def num_groups(self) -> int:
+        """The groups installed by `set_groups` (0 before)."""
+        return len(self.group_sizes)
+
     # ---- groups and GKP --------------------------------------------------------------------------------------
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id of every class and the number of training samples n_g of every group (GKP's
         weights; the grouped steps' own groups)."""
         self.group_of_class = torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
         self.group_sizes = [int(n) for n in group_sizes]
+        if self.rows_per_group and self.flat.rows.shape[0] != self.num_groups:
+            self.flat.resize_rows(self.num_groups)
 
     def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
                 group_of_class: Sequence[int] | torch.Tensor | None = None) -> None:
@@ -155,14 +169,14 @@ class StepCore:
         self.gkp_groups = None if group_of_class is None else \
             torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
 
-    def group_counts(self, targets: torch.Tensor, sync: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
-        """Group of every sample, local samples per group, and samples per group over all ranks (with `sync`)."""
+    def group_counts(self, targets: torch.Tensor, reduce: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
+        """Group of every sample, local samples per group, and samples per group over all ranks (with `reduce`)."""
         if self.group_of_class is None:
             raise RuntimeError(f"{type(self).__name__}.step needs set_groups() first")
         gid = self.group_of_class[targets]
         local = torch.bincount(gid, minlength=len(self.group_sizes))
         counts = local.double()
-        if sync:
+        if reduce:
             all_reduce_(counts)
         return gid, local.tolist(), counts.tolist()
 

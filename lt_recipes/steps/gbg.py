@@ -91,22 +91,16 @@ def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Ten
 class GBG(StepCore):
     """GBG's step over installed groups (`set_groups`; the training loop forms them with `gradient_groups`).
 
-    >>> step = GBG(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_groups=4)
+    >>> step = GBG(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     >>> step.set_groups(group_of_class, group_sizes)
     >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
     """
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int = 4,
-                 **kw: Any) -> None:
-        super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
-        self.num_groups = num_groups
-        self.last_weights: list[float] = []
+    rows_per_group = True
 
-    def set_groups(self, group_of_class: Any, group_sizes: Any) -> None:
-        super().set_groups(group_of_class, group_sizes)
-        if len(self.group_sizes) != self.flat.rows.shape[0]:
-            self.num_groups = len(self.group_sizes)
-            self.flat.resize_rows(self.num_groups)
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, **kw: Any) -> None:
+        super().__init__(model, base_optimizer, **kw)
+        self.last_weights: list[float] = []
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One step on a batch with labels `targets`; `alpha` weighs the task gradient against GKP (Eq. 16)."""

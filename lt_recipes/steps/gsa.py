@@ -33,19 +33,12 @@ from torch import nn
 
 from .. import equations, ops
 from ..batchnorm import frozen_bn_stats
-from ..choices import CANCELLING_DIRECTIONS, DIRECTIONS, GROUP_GRADS, PERTURBATIONS, SCALES, WEIGHTINGS
+from ..sections import GSAConfig
 from ..segments import Layout, group_offsets, offset_modules
 from .core import LossFn, StepCore, StepStats, all_reduce_, world_size
 from .registry import register_step
 
 _logger = logging.getLogger(__name__)
-
-# The radius scale Z / C and the clamp that belong to each perturbation scaling (docs/method.md): the released
-# code's adaptive scaling with C = 0.1 and a clamp ten times below its [0.002, 0.003] (measured on the 64-epoch
-# grid: the released clamp cost 1.9-9.6 points on every base); Eq. 13-14 as printed with Z = 1e-2 and no clamp.
-SCALE_DEFAULTS: dict[str, tuple[float, tuple[float, float] | None]] = {
-    "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}
-
 
 def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
     """cos(g_g, g) from the projection coefficient and residual: ||g_g||^2 = res^2 + coef^2 ||g||^2."""
@@ -54,56 +47,43 @@ def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
     return along / norm if norm > 0 else 0.0
 
 
-def check_perturbation(direction: str, perturbation: str) -> None:
-    """Refuse the cancelling combination: with batch-share weights sum_g w_g h_g = g - g = 0 exactly, so the averaged
-    perturbation of the h_g directions keeps only the imbalance of their norms and radii, and the tail groups' losses
-    fall in the 'perturbed' pass (docs/method.md)."""
-    if perturbation == "averaged" and direction in CANCELLING_DIRECTIONS:
-        raise ValueError(f"perturbation 'averaged' with direction '{direction}' cancels: the batch-share mean of the "
-                         "projected group directions h_g is exactly zero (sum_g w_g h_g = g - g), so the tail groups' "
-                         "losses fall in the perturbed pass; use perturbation per_group or per_group_exact, or a "
-                         "direction that does not cancel (sam, gsa_proj, friendly)")
-
-
 @register_step("gsa")
 class GroupedSAM(StepCore):
     """The paper's grouped step (GSA with optional GKP), usable from any training loop.
 
-    >>> gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_groups=4)
+    >>> gsa = GroupedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     >>> gsa.set_groups(group_of_class, group_sizes)          # group id per class, training samples per group
     >>> stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
 
     Options (docs/method.md): `direction` gsa (h_g, Eq. 12) | sam (g) | gsa_proj (the removed component) | friendly
     (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` and
-    clamp `rho_clamp` ("auto": the scale's own, SCALE_DEFAULTS; None: no clamp); `group_grads` masked | share;
+    clamp `rho_clamp` (None / "auto": the scale's own, GSAConfig.SCALE_DEFAULTS; a null clamp: none); `group_grads` masked | share;
     `perturbation` per_group_exact | per_group | averaged (not with direction gsa); `group_weighting` samples (each
     group's share of the batch, the released code) | sum (Eq. 16 as printed) | mean; `group_grad_ema` > 0 takes the
     directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
     group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
-    perturbs from its own samples. GKP, when installed with `set_gkp`, is added by the core.
+    perturbs from its own samples. GKP, when installed with `set_gkp`, is added by the core. The options, their
+    defaults and their checks are the recipe section `gsa` (lt_recipes.sections.GSAConfig).
     """
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int,
-                 direction: str = "gsa", scale: str = "adaptive", z: float | None = None,
-                 rho_clamp: Sequence[float] | str | None = "auto", group_grads: str = "masked",
-                 perturbation: str = "per_group_exact", group_weighting: str = "samples", regularizer: bool = False,
-                 friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, group_grad_ema: float = 0.0,
-                 sync: bool = True, **kw: Any) -> None:
-        for name, value, options in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),
-                                     ("group_grads", group_grads, GROUP_GRADS),
-                                     ("perturbation", perturbation, PERTURBATIONS),
-                                     ("group_weighting", group_weighting, WEIGHTINGS)):
-            if value not in options:
-                raise ValueError(f"GroupedSAM: {name} must be one of {', '.join(options)}, got '{value}'")
-        check_perturbation(direction, perturbation)
-        if not 0.0 <= group_grad_ema < 1.0:
-            raise ValueError(f"GroupedSAM: group_grad_ema must be in [0, 1), got {group_grad_ema}")
-        super().__init__(model, base_optimizer, num_rows=num_groups, **kw)
-        self.num_groups = num_groups
+    rows_per_group = True
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
+                 direction: str = GSAConfig.direction, scale: str = GSAConfig.scale, z: float | None = GSAConfig.z,
+                 rho_clamp: Sequence[float] | str | None = GSAConfig.rho_clamp,
+                 group_grads: str = GSAConfig.group_grads, perturbation: str = GSAConfig.perturbation,
+                 group_weighting: str = GSAConfig.group_weighting, regularizer: bool = GSAConfig.regularizer,
+                 friendly_sigma: float = GSAConfig.friendly_sigma,
+                 friendly_momentum: float = GSAConfig.friendly_momentum,
+                 group_grad_ema: float = GSAConfig.group_grad_ema, sync: bool = GSAConfig.sync, **kw: Any) -> None:
+        GSAConfig(direction=direction, scale=scale, z=z, rho_clamp=rho_clamp, group_grads=group_grads,
+                  perturbation=perturbation, group_weighting=group_weighting, regularizer=regularizer,
+                  friendly_sigma=friendly_sigma, friendly_momentum=friendly_momentum, group_grad_ema=group_grad_ema,
+                  sync=sync)
+        super().__init__(model, base_optimizer, **kw)
         self.direction = direction
         self.scale = scale
-        self.z = SCALE_DEFAULTS[scale][0] if z is None else z
-        self.rho_clamp = SCALE_DEFAULTS[scale][1] if rho_clamp == "auto" else rho_clamp
+        self.z, self.rho_clamp = GSAConfig.radius("grouped", scale, z, rho_clamp)
         self.group_grads = group_grads
         self.perturbation = perturbation
         self.group_weighting = group_weighting
@@ -113,8 +93,6 @@ class GroupedSAM(StepCore):
         self.group_grad_ema = group_grad_ema
         self.sync = sync
         self.seg_modules, _ = offset_modules(model, self.flat.params)
-        self.group_of_class: torch.Tensor | None = None
-        self.group_sizes: list[int] = []
         self.momentum: torch.Tensor | None = None
         self.momentum_set: list[bool] = []
         self.grad_ema: torch.Tensor | None = None
@@ -142,10 +120,7 @@ class GroupedSAM(StepCore):
         """Install a grouping: group id of every class and the number of training samples n_g of every group.
         FriendlySAM momenta and the group-gradient EMA start afresh (a new grouping names new groups)."""
         super().set_groups(group_of_class, group_sizes)
-        if len(self.group_sizes) != self.num_groups:
-            self.num_groups = len(self.group_sizes)
-            self.flat.resize_rows(self.num_groups)
-            self._offsets()
+        self._offsets()
         if self.direction == "friendly":
             self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
             self.momentum_set = [False] * self.num_groups
@@ -247,7 +222,7 @@ class GroupedSAM(StepCore):
 
     def _perturb(self, counts: list[float], stats: StepStats) -> None:
         """Directions, radii and perturbations (Eq. 12-14) of the groups in the batch, written over their rows."""
-        flat, rows = self.flat, self.flat.rows
+        rows = self.flat.rows
         total = sum(counts)
         present = [g for g, c in enumerate(counts) if c > 0]
         if self.fisher_ema is not None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import equations
 from ..batchnorm import batchnorms, frozen_bn_stats
+from ..sections import GSAConfig
 from .core import LossFn, StepCore, StepStats, all_reduce_
 
 _logger = logging.getLogger(__name__)
@@ -60,17 +61,19 @@ class ReleasedGSA(StepCore):
     >>> step.set_groups([0] * num_classes, [num_train_images])
     >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y, alpha=0.9)
 
-    `z` is the radius scale C (0.1), `rho_clamp` the clamp ([0.002, 0.003]), `friendly_sigma` / `friendly_momentum`
-    FriendlySAM's sigma (1) and lam (0.9), `scale` adaptive (the script's) or euclidean.
+    `z` is the radius scale C and `rho_clamp` the clamp (None and "auto": the script's 0.1 and [0.002, 0.003],
+    GSAConfig.RELEASED_RADIUS), `friendly_sigma` / `friendly_momentum` FriendlySAM's sigma and lam, `scale` adaptive
+    (the script's) or euclidean.
     """
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_groups: int, z: float = 0.1,
-                 rho_clamp: Sequence[float] | None = (0.002, 0.003), scale: str = "adaptive",
-                 friendly_sigma: float = 1.0, friendly_momentum: float = 0.9, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, z: float | None = GSAConfig.z,
+                 rho_clamp: Sequence[float] | str | None = GSAConfig.rho_clamp, scale: str = GSAConfig.scale,
+                 friendly_sigma: float = GSAConfig.friendly_sigma,
+                 friendly_momentum: float = GSAConfig.friendly_momentum, **kw: Any) -> None:
+        GSAConfig(step="released", direction="friendly", perturbation="averaged", z=z, rho_clamp=rho_clamp,
+                  scale=scale, friendly_sigma=friendly_sigma, friendly_momentum=friendly_momentum)
         super().__init__(model, base_optimizer, num_rows=0, **kw)
-        self.num_groups = num_groups
-        self.z = z
-        self.rho_clamp = rho_clamp
+        self.z, self.rho_clamp = GSAConfig.radius("released", scale, z, rho_clamp)
         self.scale = scale
         self.sigma = friendly_sigma
         self.lam = friendly_momentum
@@ -82,7 +85,6 @@ class ReleasedGSA(StepCore):
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id per class and training samples n_k per group; the momenta start afresh."""
         super().set_groups(group_of_class, group_sizes)
-        self.num_groups = len(self.group_sizes)
         self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
         self.momentum_set = [False] * self.num_groups
 

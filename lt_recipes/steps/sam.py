@@ -27,6 +27,7 @@ from torch import nn
 
 from ..batchnorm import frozen_bn_stats
 from ..metrics import FEW_SHOT
+from ..sections import ASAMConfig, FocalSAMConfig, FSAMConfig, ImbSAMConfig, SAMConfig
 from .core import LossFn, StepCore, StepStats, all_reduce_, sam_perturbation, upcast, world_size
 from .registry import register_step
 
@@ -41,9 +42,9 @@ class SAM(StepCore):
 
     adaptive = False
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, **kw: Any) -> None:
-        if rho < 0:
-            raise ValueError(f"{type(self).__name__}: rho must be >= 0, got {rho}")
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = SAMConfig.rho,
+                 **kw: Any) -> None:
+        SAMConfig(rho=rho)  # the options' checks live in their recipe section
         super().__init__(model, base_optimizer, num_rows=1, **kw)
         self.rho = rho
         # per-class clean (a) and perturbed (b) weights: None means a = 0, b = 1 (SAM)
@@ -114,7 +115,8 @@ class ASAM(SAM):
 
     adaptive = True
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 2.0, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = ASAMConfig.rho,
+                 **kw: Any) -> None:
         super().__init__(model, base_optimizer, rho=rho, **kw)
 
 
@@ -122,8 +124,9 @@ class ASAM(SAM):
 class FriendlySAM(SAM):
     """FriendlySAM: ascend along g_t - sigma m_{t-1}, with m an EMA (decay `lam`) of the batch gradients."""
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.2, sigma: float = 1.0,
-                 lam: float = 0.6, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = FSAMConfig.rho,
+                 sigma: float = FSAMConfig.sigma, lam: float = FSAMConfig.lam, **kw: Any) -> None:
+        FSAMConfig(rho=rho, sigma=sigma, lam=lam)
         super().__init__(model, base_optimizer, rho=rho, **kw)
         self.sigma, self.lam = sigma, lam
         self.momentum: torch.Tensor | None = None
@@ -158,7 +161,8 @@ class ImbSAM(SAM):
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, class_counts: Sequence[int],
-                 rho: float = 0.05, eta: float | None = None, **kw: Any) -> None:
+                 rho: float = ImbSAMConfig.rho, eta: float | None = ImbSAMConfig.eta, **kw: Any) -> None:
+        ImbSAMConfig(rho=rho, eta=eta)
         super().__init__(model, base_optimizer, rho=rho, **kw)
         self.eta = float(FEW_SHOT if eta is None else eta)
         tail = [n < self.eta for n in class_counts]
@@ -179,7 +183,9 @@ class FocalSAM(SAM):
     gradient of the omega-weighted loss; omega_c = lam (1 - n_c / N)^gamma grows toward the tail."""
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, class_counts: Sequence[int],
-                 rho: float = 0.3, gamma: float = 3.2, lam: float = 0.8, **kw: Any) -> None:
+                 rho: float = FocalSAMConfig.rho, gamma: float = FocalSAMConfig.gamma,
+                 lam: float = FocalSAMConfig.lam, **kw: Any) -> None:
+        FocalSAMConfig(rho=rho, gamma=gamma, lam=lam)
         super().__init__(model, base_optimizer, rho=rho, **kw)
         omega = focal_weights(class_counts, gamma, lam)
         self.clean_weights = _class_tensor([1.0 - w for w in omega], self.flat.data)

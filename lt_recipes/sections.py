@@ -1,0 +1,504 @@
+"""The recipe's sections as typed, frozen dataclasses: the one home of every recipe key's default, type, range and
+options.
+
+Each field is declared with `key(default, types, ...)`; the recipe schema that reads YAML files and `--set`
+overrides (lt_recipes.config) is derived from these classes, and `Recipe.from_dict` builds the typed recipe once from
+a loaded recipe. An instance checks its own fields when it is created (so a section built by hand in an own loop is
+checked too), and the code that takes a section trusts it. Constructors that can also be called without a recipe
+(the steps, GKP, the schedule) take their keyword defaults from these classes (`SAMConfig.rho`), never from a second
+literal. Imports neither torch nor timm, so a bad key or value is reported before either is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS, CONTRASTIVE_VIEWS, DATASETS,
+                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
+                      LIST_DATASETS, LOSSES, LR_BASE_SCALES,
+                      PERTURBATIONS, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
+from .errors import ConfigError
+from .steps.registry import list_methods
+
+INT = (int,)
+FLOAT = (int, float)
+STR = (str,)
+BOOL = (bool,)
+LIST = (list, tuple)
+_SPEC = "spec"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: default value, accepted types, optional extra check returning an error text or None, and for a
+    key that takes one of a few names, those names (`choices`, from lt_recipes.choices or a registry)."""
+
+    default: Any
+    types: tuple
+    check: Callable[[Any], str | None] | None = None
+    nullable: bool = False
+    choices: tuple | None = None
+    # an epoch count (or a list of them) that may be given as a fraction of `epochs`: config.resolve_epochs makes it
+    # whole
+    of_epochs: bool = False
+
+    def checked(self, key: str, value: Any) -> Any:
+        """`value` if it fits this key, else ConfigError naming `key`."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ConfigError(f"recipe key '{key}' may not be null")
+        if isinstance(value, bool) and bool not in self.types or not isinstance(value, self.types):
+            raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in self.types)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"recipe key '{key}': value {value!r} is not finite")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"recipe key '{key}' = {value!r}: must be one of {list(self.choices)}")
+        if self.check is not None:
+            err = self.check(value)
+            if err:
+                raise ConfigError(f"recipe key '{key}' = {value!r}: {err}")
+        return value
+
+
+def key(default: Any, types: tuple, check: Callable[[Any], str | None] | None = None, *, nullable: bool = False,
+        choices: tuple | None = None, of_epochs: bool = False) -> Any:
+    """A dataclass field carrying its recipe key's Field (a list default is the section's tuple: sections are frozen)."""
+    spec = Field(default, types, check, nullable, choices, of_epochs)
+    return dataclasses.field(default=tuple(default) if isinstance(default, list) else default, metadata={_SPEC: spec})
+
+
+def _at_least(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}]"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _pair_of_increasing(v: Any) -> str | None:
+    if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v) or not 0 <= v[0] <= v[1]:
+        return "must be [low, high] with 0 <= low <= high"
+    return None
+
+
+def _clamp(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v == "auto" else "must be auto, null or [low, high]"
+    return _pair_of_increasing(v)
+
+
+def _epoch_count(v: Any) -> str | None:
+    if isinstance(v, int):
+        return None if v >= 0 else "must be >= 0"
+    return None if 0 <= v < 1 else "must be a whole number of epochs or a fraction of epochs in [0, 1)"
+
+
+def _milestones(v: Any) -> str | None:
+    ok = all(isinstance(x, int) and not isinstance(x, bool) and x > 0 or isinstance(x, float) and 0 < x < 1 for x in v)
+    return None if ok else "must be a list of epochs (positive integers) or of fractions of epochs in (0, 1)"
+
+
+def _names(v: Any) -> str | None:
+    names = [v] if isinstance(v, str) else v
+    return None if names and all(isinstance(n, str) and n for n in names) else "must be a name or a list of names"
+
+
+def _betas(v: Any) -> str | None:
+    return None if len(v) in (2, 3) and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in v) \
+        else "must be a list of 2 (or 3) numbers in [0, 1)"
+
+
+def _dims(v: Any) -> str | None:
+    return None if len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) else "must be [hidden, out] positive integers"
+
+
+def _numbers(v: Any) -> str | None:
+    return None if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) else "must be numbers"
+
+
+class Section:
+    """Base of the sections: checks every field against its Field when created, and names its recipe section."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if _SPEC not in f.metadata:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # lists from YAML are kept as tuples: a section never changes
+                object.__setattr__(self, f.name, value := tuple(value))
+            f.metadata[_SPEC].checked(f"{self.section}.{f.name}" if self.section else f.name, value)
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        """Every key of the section and its Field."""
+        return {f.name: f.metadata[_SPEC] for f in dataclasses.fields(cls) if _SPEC in f.metadata}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as recipe data (tuples as lists, as YAML writes them)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# ---- data, model, loss, optimizer, schedule ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Which dataset, its long tail, splits, preprocessing and loaders (lt_recipes.data); batch sizes per process."""
+
+    section: ClassVar[str] = "data"
+    dataset: str = key("digits", STR, choices=DATASETS)
+    root: str | None = key(None, STR, nullable=True)
+    imbalance_ratio: float | None = key(None, FLOAT, _at_least(1.0), nullable=True)
+    max_per_class: int | None = key(None, INT, _at_least(1), nullable=True)
+    val_per_class: int = key(10, INT, _at_least(0))
+    test_per_class: int = key(50, INT, _at_least(1))
+    train_list: str | None = key(None, STR, nullable=True)
+    val_list: str | None = key(None, STR, nullable=True)
+    test_list: str | None = key(None, STR, nullable=True)
+    # list datasets: the class count (null: 1 + the largest label of the evaluation lists, or iNat's categories)
+    num_classes: int | None = key(None, INT, _at_least(1), nullable=True)
+    img_size: int = key(32, INT, _at_least(1))
+    augment: str = key("basic", STR, choices=AUGMENTS)
+    # timm's policy string for list datasets (e.g. rand-n2-m10, original, augmix-m5), see timm.data.auto_augment
+    auto_augment: str | None = key(None, STR, nullable=True)
+    contrastive_views: int = key(0, INT, choices=CONTRASTIVE_VIEWS)
+    batch_size: int = key(128, INT, _at_least(1))
+    eval_batch_size: int = key(256, INT, _at_least(1))
+    num_workers: int = key(0, INT, _at_least(0))
+    sampler: str = key("random", STR, choices=SAMPLERS)
+    skip_bad_images: bool = key(False, BOOL)
+    mean: tuple[float, ...] | None = key(None, LIST, _numbers, nullable=True)
+    std: tuple[float, ...] | None = key(None, LIST, _numbers, nullable=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        listed = self.dataset in LIST_DATASETS
+        if listed and self.imbalance_ratio is not None:
+            raise ConfigError(f"recipe key 'data.imbalance_ratio' does not apply to {self.dataset} (its long tail "
+                              "comes from the list files); set it to null")
+        if not listed and self.imbalance_ratio is None:
+            raise ConfigError(f"recipe key 'data.imbalance_ratio' is required for {self.dataset}")
+        if not listed and self.num_classes is not None:
+            raise ConfigError(f"recipe key 'data.num_classes' applies to the list-file datasets {list(LIST_DATASETS)}; "
+                              f"{self.dataset} has a fixed class count: set it to null")
+        if listed and self.augment in IN_MEMORY_AUGMENTS:
+            raise ConfigError(f"data.augment={self.augment} is for the in-memory datasets; {self.dataset} uses "
+                              "timm's transforms: set data.augment=basic and data.auto_augment (e.g. rand-n2-m10)")
+        if not listed and self.auto_augment is not None:
+            raise ConfigError(f"data.auto_augment applies to timm's transforms of {list(LIST_DATASETS)}, not "
+                              f"{self.dataset} (use data.augment)")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The timm backbone, our classifier and BCL's projection heads (lt_recipes.models)."""
+
+    section: ClassVar[str] = "model"
+    name: str = key("resnet8_cifar", STR)
+    pretrained_path: str | None = key(None, STR, nullable=True)
+    classifier: str = key("linear", STR, choices=CLASSIFIERS)
+    cosine_scale: float = key(30.0, FLOAT, _positive)
+    proj_head: tuple[int, int] | None = key(None, LIST, _dims, nullable=True)
+    drop_rate: float = key(0.0, FLOAT, _between(0.0, 1.0))
+    norm_layer: str | None = key(None, STR, nullable=True)
+
+
+@dataclass(frozen=True)
+class LossConfig(Section):
+    """The base loss (lt_recipes.losses): CE, logit adjustment, Balanced Softmax, LDAM-DRW or BCL."""
+
+    section: ClassVar[str] = "loss"
+    name: str = key("ce", STR, choices=LOSSES)
+    tau: float = key(1.0, FLOAT)
+    ldam_max_m: float = key(0.5, FLOAT, _positive)
+    ldam_s: float = key(30.0, FLOAT, _positive)
+    drw_start: float = key(0.8, FLOAT, _between(0.0, 1.0))
+    drw_beta: float = key(0.9999, FLOAT, _between(0.0, 1.0))
+    bcl_alpha: float = key(2.0, FLOAT, _at_least(0.0))
+    bcl_beta: float = key(0.6, FLOAT, _at_least(0.0))
+    bcl_temperature: float = key(0.1, FLOAT, _positive)
+    label_smoothing: float = key(0.0, FLOAT, _between(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    """The base optimizer, by timm name (lt_recipes.optim)."""
+
+    section: ClassVar[str] = "optim"
+    opt: str = key("sgd", STR)  # any name in timm.optim.list_optimizers(), optionally lookahead_<name>
+    lr: float = key(0.1, FLOAT, _positive)
+    # timm's rule: with lr_base set, lr = lr_base * (global batch / lr_base_size), or its square root
+    lr_base: float | None = key(None, FLOAT, _positive, nullable=True)
+    lr_base_size: int = key(256, INT, _at_least(1))
+    lr_base_scale: str | None = key(None, STR, nullable=True, choices=LR_BASE_SCALES)
+    momentum: float = key(0.9, FLOAT, _between(0.0, 1.0))
+    weight_decay: float = key(5e-4, FLOAT, _at_least(0.0))
+    nesterov: bool = key(False, BOOL)
+    eps: float | None = key(None, FLOAT, _positive, nullable=True)
+    betas: tuple[float, ...] | None = key(None, LIST, _betas, nullable=True)
+    clip_grad: float | None = key(None, FLOAT, _positive, nullable=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_base_scale is not None and self.lr_base is None:
+            raise ConfigError("optim.lr_base_scale scales optim.lr_base, which is not set (set optim.lr_base or drop "
+                              "optim.lr_base_scale)")
+
+
+@dataclass(frozen=True)
+class EmaConfig(Section):
+    """timm's ModelEmaV3 of the weights; no decay: no EMA."""
+
+    section: ClassVar[str] = "ema"
+    decay: float | None = key(None, FLOAT, _between(0.0, 1.0), nullable=True)
+    warmup: bool = key(False, BOOL)
+
+
+@dataclass(frozen=True)
+class SchedConfig(Section):
+    """timm's learning-rate scheduler by name; epoch counts may be fractions of the run."""
+
+    section: ClassVar[str] = "sched"
+    sched: str = key("cosine", STR, choices=SCHEDULERS)
+    warmup_epochs: int = key(0, FLOAT, _epoch_count, of_epochs=True)
+    warmup_lr: float = key(1e-4, FLOAT, _at_least(0.0))
+    min_lr: float = key(0.0, FLOAT, _at_least(0.0))
+    decay_milestones: tuple[int, ...] = key([], LIST, _milestones, of_epochs=True)
+    decay_rate: float = key(0.1, FLOAT, _positive)
+
+
+# ---- the paper's method: memory-based grouping, GKP, GSA, the alpha schedule ------------------------------------
+@dataclass(frozen=True)
+class GroupsConfig(Section):
+    """The memory-based grouping (lt_recipes.grouping): how many groups, when they are formed, the bank."""
+
+    section: ClassVar[str] = "groups"
+    num_groups: int = key(4, INT, _at_least(1))
+    # the paper's: groups from 10% of the run, refreshed every 10%
+    start_epoch: int = key(0.1, FLOAT, _epoch_count, of_epochs=True)
+    interval: int = key(0.1, FLOAT, _epoch_count, of_epochs=True)
+    eval_interval: int = key(1, INT, _at_least(1))
+    quality_beta: float = key(0.5, FLOAT, _at_least(0.0))
+    affinity: str = key("cosine", STR, choices=AFFINITIES)
+    bank_dtype: str = key("fp32", STR, choices=BANK_DTYPES)
+    bank_spill_dir: str | None = key(None, STR, nullable=True)
+
+
+@dataclass(frozen=True)
+class GKPConfig(Section):
+    """Grouped Knowledge Preservation (lt_recipes.gkp): Eq. 6's strength, normaliser and Fisher estimate."""
+
+    section: ClassVar[str] = "gkp"
+    lam: float = key(100.0, FLOAT, _at_least(0.0))
+    norm: str = key("per_samples", STR, choices=GKP_NORMS)
+    fisher: str = key("batch_mean", STR, choices=FISHER_ESTIMATES)
+    fisher_ema: float = key(0.9, FLOAT, _between(0.0, 1.0))
+    fisher_batches: int = key(0, INT, _at_least(0))
+    # per_sample: most per-sample gradients held at once (chunks of the evaluation batch); 0 = by memory
+    fisher_chunk: int = key(0, INT, _at_least(0))
+    state_dtype: str = key("fp32", STR, choices=STATE_DTYPES)
+
+
+@dataclass(frozen=True)
+class GSAConfig(Section):
+    """Grouped Sharpness-Aware minimization (lt_recipes.steps.gsa, .released): direction, radius, passes, ops."""
+
+    section: ClassVar[str] = "gsa"
+    step: str = key("grouped", STR, choices=GROUPED_STEPS)
+    direction: str = key("gsa", STR, choices=DIRECTIONS)
+    scale: str = key("adaptive", STR, choices=SCALES)
+    # Z of Eq. 13; null: the scale's own (Z_DEFAULTS)
+    z: float | None = key(None, FLOAT, _at_least(0.0), nullable=True)
+    # [low, high] clamp of rho_g; auto: the released clamp with the adaptive scale, none with euclidean
+    rho_clamp: tuple[float, float] | str | None = key("auto", LIST + STR, _clamp, nullable=True)
+    group_grads: str = key("masked", STR, choices=GROUP_GRADS)
+    perturbation: str = key("per_group_exact", STR, choices=PERTURBATIONS)
+    group_weighting: str = key("samples", STR, choices=WEIGHTINGS)
+    regularizer: bool = key(False, BOOL)
+    friendly_sigma: float = key(1.0, FLOAT)
+    friendly_momentum: float = key(0.9, FLOAT, _between(0.0, 1.0))
+    # > 0: the ascent directions from a per-group EMA (this decay) of the group gradients across steps
+    group_grad_ema: float = key(0.0, FLOAT, _between(0.0, 0.999))
+    sync: bool = key(True, BOOL)
+    backend: str = key("auto", STR, choices=BACKENDS)
+
+    # Z (or C) of Eq. 13 and the clamp of rho_g that belong to each perturbation scaling (docs/method.md), used where
+    # gsa.z is null and gsa.rho_clamp is auto: the released code's adaptive scaling with C = 0.1 and a clamp ten times
+    # below its [0.002, 0.003] (measured on the 64-epoch grid: the released clamp cost 1.9-9.6 points on every base);
+    # Eq. 13-14 as printed with Z = 1e-2 and no clamp. The released step's own are its script's.
+    SCALE_DEFAULTS: ClassVar[dict[str, tuple[float, tuple[float, float] | None]]] = {
+        "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}
+    RELEASED_RADIUS: ClassVar[tuple[float, tuple[float, float]]] = (0.1, (0.002, 0.003))
+    # what the released script's step fixes (gsa.step=released)
+    RELEASED_FIXED: ClassVar[dict[str, Any]] = {"direction": "friendly", "perturbation": "averaged",
+                                                 "group_weighting": "samples", "group_grad_ema": 0.0}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.step == "grouped" and self.perturbation == "averaged" and self.direction in CANCELLING_DIRECTIONS:
+            raise ConfigError(f"gsa.perturbation=averaged with gsa.direction={self.direction} cancels: the "
+                              "batch-share mean of the projected directions h_g is exactly zero (sum_g w_g h_g = "
+                              "g - g), so the tail groups' losses fall in the perturbed pass; set "
+                              "gsa.perturbation=per_group (or per_group_exact), or another gsa.direction")
+        wrong = {k: getattr(self, k) for k, v in self.RELEASED_FIXED.items() if getattr(self, k) != v}
+        if self.step == "released" and wrong:
+            raise ConfigError(f"gsa.step=released is the released script's step, which fixes "
+                              f"{', '.join(f'gsa.{k}={v}' for k, v in self.RELEASED_FIXED.items())}; got "
+                              f"{', '.join(f'gsa.{k}={v}' for k, v in wrong.items())} (use gsa.step=grouped)")
+
+    @classmethod
+    def radius(cls, step: str, scale: str, z: float | None, rho_clamp: Any) -> tuple[float, tuple[float, float] | None]:
+        """Z of Eq. 13 and the clamp of rho_g a step runs with: `z` and `rho_clamp` as given, a null `z` and an
+        `auto` clamp resolved to the step's own (the released step) or the scale's (SCALE_DEFAULTS)."""
+        own = cls.RELEASED_RADIUS if step == "released" else cls.SCALE_DEFAULTS[scale]
+        clamp = own[1] if isinstance(rho_clamp, str) else rho_clamp
+        return (own[0] if z is None else float(z)), (None if clamp is None else (float(clamp[0]), float(clamp[1])))
+
+    def step_kwargs(self, step: type) -> dict[str, Any]:
+        """The options of this section a grouped step class takes: its constructor's, and `backend` (the ops')."""
+        names = set(inspect.signature(step.__init__).parameters) | {"backend"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+
+
+@dataclass(frozen=True)
+class AlphaConfig(Section):
+    """Supplement Eq. 20: alpha decays from `start` to `end` over the run (GSA's share of Eq. 16 against GKP's)."""
+
+    section: ClassVar[str] = "alpha"
+    start: float = key(0.95, FLOAT, _between(0.0, 1.0))
+    end: float = key(0.6, FLOAT, _between(0.0, 1.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.end > self.start:
+            raise ConfigError("alpha.end must not exceed alpha.start (alpha decays over the method's epochs)")
+
+
+# ---- the sharpness-aware peers (lt_recipes.steps), each at its authors' CIFAR-100-LT setting --------------------
+@dataclass(frozen=True)
+class SAMConfig(Section):
+    """SAM (Foret et al. 2021)."""
+
+    section: ClassVar[str] = "sam"
+    rho: float = key(0.05, FLOAT, _at_least(0.0))
+
+
+@dataclass(frozen=True)
+class ASAMConfig(Section):
+    """ASAM (Kwon et al. 2021): the radius is in |theta|-scaled units."""
+
+    section: ClassVar[str] = "asam"
+    rho: float = key(2.0, FLOAT, _at_least(0.0))
+
+
+@dataclass(frozen=True)
+class FSAMConfig(Section):
+    """FriendlySAM (Li et al. 2024): momentum `sigma`-removed ascent, EMA `lam` of the gradients."""
+
+    section: ClassVar[str] = "fsam"
+    rho: float = key(0.2, FLOAT, _at_least(0.0))
+    sigma: float = key(1.0, FLOAT)
+    lam: float = key(0.6, FLOAT, _between(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ImbSAMConfig(Section):
+    """ImbSAM (Zhou et al. 2023): SAM on the tail classes {c : n_c < eta}."""
+
+    section: ClassVar[str] = "imbsam"
+    rho: float = key(0.05, FLOAT, _at_least(0.0))
+    # null: the few-shot boundary of the Many/Medium/Few split (20 images)
+    eta: float | None = key(None, FLOAT, _positive, nullable=True)
+
+
+@dataclass(frozen=True)
+class FocalSAMConfig(Section):
+    """Focal-SAM (Li et al. 2025): focal weights (1 - pi_c)^gamma mixed with `lam`."""
+
+    section: ClassVar[str] = "focal_sam"
+    rho: float = key(0.3, FLOAT, _at_least(0.0))
+    gamma: float = key(3.2, FLOAT, _at_least(0.0))
+    lam: float = key(0.8, FLOAT, _between(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class CCSAMConfig(Section):
+    """CC-SAM (Zhou et al. 2023), stage 1: class-wise radii rho n_c^-beta on the classifier."""
+
+    section: ClassVar[str] = "cc_sam"
+    rho: float = key(1e-6, FLOAT, _at_least(0.0))
+    beta: float = key(0.5, FLOAT, _between(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class GBGConfig(Section):
+    """GBG (2024): MGDA over gradient-clustered class groups."""
+
+    section: ClassVar[str] = "gbg"
+    num_groups: int = key(4, INT, _at_least(1))
+
+
+SECTIONS: tuple[type[Section], ...] = (DataConfig, ModelConfig, LossConfig, OptimConfig, EmaConfig, SchedConfig,
+                                       GroupsConfig, GKPConfig, GSAConfig, SAMConfig, ASAMConfig, FSAMConfig,
+                                       ImbSAMConfig, FocalSAMConfig, CCSAMConfig, GBGConfig, AlphaConfig)
+
+
+@dataclass(frozen=True)
+class Recipe(Section):
+    """A whole recipe: the run's own keys and one typed section per part (built once per run by `from_dict`)."""
+
+    name: str = key("", STR)
+    epochs: int = key(10, INT, _at_least(1))
+    seed: int = key(0, INT, _at_least(0))
+    # a registered step (lt_recipes.steps), with GKP as gkp_<step> (gkp alone: the plain step with GKP)
+    method: str = key("none", STR, choices=list_methods())
+    # a named reading of the method: a preset of keys (lt_recipes.config.READINGS_PRESETS), applied where it is set
+    reading: str = key("paper", STR, choices=READINGS)
+    log_interval: int = key(50, INT, _at_least(1))
+    checkpoint_interval: int = key(1, INT, _at_least(1))
+    max_nonfinite_steps: int = key(20, INT, _at_least(1))
+    # experiment trackers through Accelerate (tensorboard, wandb, mlflow, ...): a name or a list, null = none
+    log_with: str | tuple[str, ...] | None = key(None, STR + LIST, _names, nullable=True)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
+    sched: SchedConfig = dataclasses.field(default_factory=SchedConfig)
+    groups: GroupsConfig = dataclasses.field(default_factory=GroupsConfig)
+    gkp: GKPConfig = dataclasses.field(default_factory=GKPConfig)
+    gsa: GSAConfig = dataclasses.field(default_factory=GSAConfig)
+    sam: SAMConfig = dataclasses.field(default_factory=SAMConfig)
+    asam: ASAMConfig = dataclasses.field(default_factory=ASAMConfig)
+    fsam: FSAMConfig = dataclasses.field(default_factory=FSAMConfig)
+    imbsam: ImbSAMConfig = dataclasses.field(default_factory=ImbSAMConfig)
+    focal_sam: FocalSAMConfig = dataclasses.field(default_factory=FocalSAMConfig)
+    cc_sam: CCSAMConfig = dataclasses.field(default_factory=CCSAMConfig)
+    gbg: GBGConfig = dataclasses.field(default_factory=GBGConfig)
+    alpha: AlphaConfig = dataclasses.field(default_factory=AlphaConfig)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "Recipe":
+        """The typed recipe of a loaded recipe (lt_recipes.config.load_config's dict, or a run's args.yaml)."""
+        sections = {s.section: s(**cfg[s.section]) for s in SECTIONS}
+        return cls(**{k: cfg[k] for k in cls.fields()}, **sections)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in
+               ((k, getattr(self, k)) for k in self.fields())}
+        return {**out, **{s.section: getattr(self, s.section).as_dict() for s in SECTIONS}}
+
+    def step_options(self, section: str | None) -> dict[str, Any]:
+        """The options of a step's recipe section (none for a step without one)."""
+        return dataclasses.asdict(getattr(self, section)) if section else {}
+
+
+SECTION_OF: dict[str, type[Section]] = {s.section: s for s in SECTIONS}
