@@ -40,7 +40,8 @@ SCHEMA: dict[str, Any] = {**Recipe.fields(), **{s.section: s.fields() for s in S
 # schedule, and one group formed once from the initial weights, as its README runs it.
 RELEASED: dict[str, Any] = {
     "gsa.step": "released", "gsa.direction": "friendly", "gsa.perturbation": "averaged", "gsa.scale": "adaptive",
-    "gsa.z": GSAConfig.RELEASED_RADIUS[0], "gsa.rho_clamp": list(GSAConfig.RELEASED_RADIUS[1]), "gsa.friendly_sigma": 1.0, "gsa.friendly_momentum": 0.9,
+    "gsa.z": GSAConfig.RELEASED_RADIUS[0], "gsa.rho_clamp": list(GSAConfig.RELEASED_RADIUS[1]),
+    "gsa.friendly_sigma": 1.0, "gsa.friendly_momentum": 0.9,
     "gsa.group_weighting": "samples", "gkp.lam": 10.0, "gkp.norm": "per_samples", "gkp.fisher": "batch_mean",
     "alpha.start": 0.9, "alpha.end": 0.8, "groups.num_groups": 1, "groups.start_epoch": 0, "groups.interval": 0}
 # Keys a recipe sets for its data (the paper's G and grouping epochs per benchmark): `paper` leaves them to the recipe.

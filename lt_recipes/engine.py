@@ -395,7 +395,8 @@ class Trainer:
         acc = self.accelerator
         rep = self.evaluator.report("test", self.ddp_model, None if self.ema is None else self.ema.module,
                                     "test results")
-        results = {**_results_header(self.recipe, acc), **rep, "lr": self.lr, "global_batch_size": self.global_batch_size,
+        results = {**_results_header(self.recipe, acc), **rep, "lr": self.lr,
+                   "global_batch_size": self.global_batch_size,
                    "best_val_top1": self.best["val_top1"], "best_epoch": self.best["epoch"],
                    "skipped_steps": self.method.skipped_steps}
         if acc.is_main_process:

@@ -2,8 +2,8 @@
 `method`: `<step>` or `gkp_<step>`, `gkp` for the plain step with GKP).
 
 `create_method` turns the recipe into one object with the hooks the engine calls: `epoch_start`, `train_step`,
-`epoch_end`, `artifacts` and `state_dict`; it is built once, after Accelerate's `prepare`. Every step runs on the step core (flat parameters, one loss scale, DDP
-reduction, clipping, skipping). A method that carries GKP or runs the grouped step (`GroupedMethod`) warms up with
+`epoch_end`, `artifacts` and `state_dict`; it is built once, after Accelerate's `prepare`. Every step runs on the
+step core (flat parameters, one loss scale, DDP reduction, clipping, skipping). A method that carries GKP or runs the grouped step (`GroupedMethod`) warms up with
 its step without GKP (the grouped step: with the plain step), evaluates class feature quality on the held-out
 validation split after every `groups.eval_interval` epochs to update the memory bank, groups at
 `groups.start_epoch` (and every `groups.interval` epochs after), and then trains with Eq. 16. Under several
@@ -333,7 +333,8 @@ class GroupedMethod(Method):
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
         loss_fn = self._loss_fn(inputs, targets)
         if self.memory_groups is None:  # before the first grouping: the grouped step's plain step, or without GKP
-            stats = self.step_fn.plain_step(loss_fn, targets) if self.memory_step else self.step_fn.step(loss_fn, targets)
+            step = self.step_fn.plain_step if self.memory_step else self.step_fn.step
+            stats = step(loss_fn, targets)
             return self._finish(stats, epoch, step)
         stats = self.step_fn.step(loss_fn, targets, alpha=self.alpha)
         if not stats.skipped:

@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS, CONTRASTIVE_VIEWS, DATASETS,
+from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
+                      CONTRASTIVE_VIEWS, DATASETS,
                       DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
@@ -66,7 +67,7 @@ class Field:
 
 def key(default: Any, types: tuple, check: Callable[[Any], str | None] | None = None, *, nullable: bool = False,
         choices: tuple | None = None, of_epochs: bool = False) -> Any:
-    """A dataclass field carrying its recipe key's Field (a list default is the section's tuple: sections are frozen)."""
+    """A dataclass field carrying its recipe key's Field (a list default is a tuple in the section: it is frozen)."""
     spec = Field(default, types, check, nullable, choices, of_epochs)
     return dataclasses.field(default=tuple(default) if isinstance(default, list) else default, metadata={_SPEC: spec})
 
@@ -117,7 +118,8 @@ def _betas(v: Any) -> str | None:
 
 
 def _dims(v: Any) -> str | None:
-    return None if len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) else "must be [hidden, out] positive integers"
+    ok = len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+    return None if ok else "must be [hidden, out] positive integers"
 
 
 def _numbers(v: Any) -> str | None:

@@ -30,6 +30,8 @@ def main(out: str) -> None:
     torch.save({"labels": method.memory_groups.of_class.tolist(), "anchors": method.anchors, "fisher": method.fisher,
                 "bank": None if method.bank is None else len(method.bank.uids)},
                os.path.join(out, f"rank{acc.process_index}.pt"))
+    if torch.distributed.is_initialized():  # before exit: a live gloo group can abort a rank at teardown
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main(out: str) -> None:
     torch.distributed.all_gather_object(gathered, seen)
     if acc.is_main_process:
         torch.save(gathered, out)
+    torch.distributed.destroy_process_group()  # before exit: a live gloo group can abort a rank at teardown
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def test_fewer_groups_than_asked_are_said_once_and_read_everywhere(tmp_path, cap
     groupings), and the step, summary.csv and groups.json all hold the realised count."""
     from lt_recipes.engine import Trainer
 
-    cfg = load_config("digits_lt", ["epochs=3", "groups.num_groups=16", "groups.start_epoch=1", "groups.interval=1",
-                                    "data.batch_size=64"])
+    cfg = load_config("digits_lt", ["epochs=3", "method=gsa", "gsa.perturbation=per_group", "groups.num_groups=16",
+                                    "groups.start_epoch=1", "groups.interval=1", "data.batch_size=128"])
     caplog.set_level(logging.WARNING, logger="lt_recipes.method")
     trainer = Trainer(cfg, str(tmp_path))
     trainer.fit()

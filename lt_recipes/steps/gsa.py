@@ -56,9 +56,9 @@ class GroupedSAM(StepCore):
     >>> stats = gsa.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
 
     Options (docs/method.md): `direction` gsa (h_g, Eq. 12) | sam (g) | gsa_proj (the removed component) | friendly
-    (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` and
-    clamp `rho_clamp` (None / "auto": the scale's own, GSAConfig.SCALE_DEFAULTS; a null clamp: none); `group_grads` masked | share;
-    `perturbation` per_group_exact | per_group | averaged (not with direction gsa); `group_weighting` samples (each
+    (g_g - sigma m_g, m_g an EMA of past group gradients); `scale` adaptive | euclidean, with radius scale `z` (None:
+    the scale's own) and clamp `rho_clamp` ("auto": the scale's own, GSAConfig.SCALE_DEFAULTS; None: no clamp);
+    `group_grads` masked | share; `perturbation` per_group_exact | per_group | averaged (not with direction gsa); `group_weighting` samples (each
     group's share of the batch, the released code) | sum (Eq. 16 as printed) | mean; `group_grad_ema` > 0 takes the
     directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
     group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
