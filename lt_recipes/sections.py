@@ -145,10 +145,6 @@ class Section:
         """Every key of the section and its Field."""
         return {f.name: f.metadata[_SPEC] for f in dataclasses.fields(cls) if _SPEC in f.metadata}
 
-    def as_dict(self) -> dict[str, Any]:
-        """The section as recipe data (tuples as lists, as YAML writes them)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
 
 # ---- data, model, loss, optimizer, schedule ---------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -492,11 +488,6 @@ class Recipe(Section):
         """The typed recipe of a loaded recipe (lt_recipes.config.load_config's dict, or a run's args.yaml)."""
         sections = {s.section: s(**cfg[s.section]) for s in SECTIONS}
         return cls(**{k: cfg[k] for k in cls.fields()}, **sections)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in
-               ((k, getattr(self, k)) for k in self.fields())}
-        return {**out, **{s.section: getattr(self, s.section).as_dict() for s in SECTIONS}}
 
     def step_options(self, section: str | None) -> dict[str, Any]:
         """The options of a step's recipe section (none for a step without one)."""

@@ -70,8 +70,8 @@ class ReleasedGSA(StepCore):
                  rho_clamp: Sequence[float] | str | None = GSAConfig.rho_clamp, scale: str = GSAConfig.scale,
                  friendly_sigma: float = GSAConfig.friendly_sigma,
                  friendly_momentum: float = GSAConfig.friendly_momentum, **kw: Any) -> None:
-        GSAConfig(step="released", direction="friendly", perturbation="averaged", z=z, rho_clamp=rho_clamp,
-                  scale=scale, friendly_sigma=friendly_sigma, friendly_momentum=friendly_momentum)
+        GSAConfig(step="released", **GSAConfig.RELEASED_FIXED, z=z, rho_clamp=rho_clamp, scale=scale,
+                  friendly_sigma=friendly_sigma, friendly_momentum=friendly_momentum)
         super().__init__(model, base_optimizer, num_rows=0, **kw)
         self.z, self.rho_clamp = GSAConfig.radius("released", scale, z, rho_clamp)
         self.scale = scale
