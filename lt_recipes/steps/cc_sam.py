@@ -116,6 +116,6 @@ class CCSAM(StepCore):
         loss = (1 - self.beta) * losses.mean() + self.beta * perturbed.mean()
         self._backward(loss, 1.0 / world_size())
         rise = torch.tensor([float(perturbed.detach().mean() - clean_head.mean())],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=self.flat.data.device)
         stats.ascent = [float(all_reduce_(rise)) / world_size()]
         return self._finish(stats, alpha, self.batch_shares(targets))

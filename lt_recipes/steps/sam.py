@@ -95,7 +95,7 @@ class SAM(StepCore):
                 losses = upcast(loss_fn(torch.arange(len(targets), device=targets.device)))
             perturbed = self._split(losses, targets, self.perturbed_weights)
             self._backward(perturbed, 1.0 / world_size())
-        rise = torch.tensor([float(perturbed.detach()) - before], dtype=torch.float64)
+        rise = torch.tensor([float(perturbed.detach()) - before], dtype=torch.float64, device=self.flat.data.device)
         stats.ascent = [float(all_reduce_(rise)) / world_size()]
         self.flat.grad.add_(self.flat.rows[0])
         return self._finish(stats, alpha, self.batch_shares(targets))
