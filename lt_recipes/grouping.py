@@ -131,8 +131,10 @@ class MemoryBank:
         idx = np.array([uids.index(u) for u in self.class_snapshot])
         return (cos[np.ix_(idx, idx)] + 1) / 2
 
-    def anchors(self, assignment: np.ndarray, num_groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Eq. 3 anchors theta*_g = mean of member classes' entries, streaming each snapshot once."""
+    def anchors(self, assignment: np.ndarray, num_groups: int, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+        """Eq. 3 anchors theta*_g = mean of member classes' entries, streaming each snapshot once; on `device` (the
+        model's, for the fused GKP op; None: the CPU, where the snapshots are)."""
         acc = None
         sizes = np.bincount(assignment, minlength=num_groups)
         entries = np.asarray(self.class_snapshot)
@@ -143,7 +145,7 @@ class MemoryBank:
             members = np.bincount(assignment[entries == uid], minlength=num_groups)
             for g in np.flatnonzero(members):
                 acc[g].add_(vec, alpha=float(members[g] / sizes[g]))
-        return acc.to(dtype)
+        return acc.to(device=device, dtype=dtype)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

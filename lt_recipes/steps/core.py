@@ -165,7 +165,8 @@ class StepCore:
         """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
         strength_j = (lambda / 2) / |G_j| (Eq. 6); each step weighs it by (1 - alpha) sum_{g != j} w_g (Eq. 16), w_g
         the batch share of GKP's group g (`group_of_class`; None: the step's own groups of `set_groups`)."""
-        self.gkp_terms = (anchors, fisher, strength)
+        device = self.flat.data.device  # a user's loop may hand CPU tensors to a model on a GPU
+        self.gkp_terms = (anchors.to(device), fisher.to(device), strength.to(device))
         self.gkp_groups = None if group_of_class is None else \
             torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
 
