@@ -41,6 +41,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench_step.py": ("tests/test_tool_smoke.py::test_record_bench_smoke",
                       "record_bench.sh runs it (SMOKE=1: resnet8_cifar, batch 16, G=2); its JSON is checked there "
                       "and in device_check's"),
+    "cuda_env.sh": ("tests/test_setup_env.py::test_a_failing_cuda_build_falls_back_to_cpu_only_with_one_line",
+                    "the CUDA resolution and build fallback setup_env.sh and device_check.sh source, with a fake GPU"),
     "collect_results.py": ("tests/test_analysis.py::test_collect_results_tables_check_and_plot", ""),
     "dataset_summary.py": ("tests/test_data.py::test_dataset_summary_tool", ""),
     "device_check.sh": ("tests/test_tool_smoke.py::test_device_check_smoke", "DEVICE_CHECK_SMOKE=1, on the CPU"),

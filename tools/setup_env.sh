@@ -12,15 +12,19 @@ if ! "$PY" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split(
   echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
+# shellcheck source=tools/cuda_env.sh
+source tools/cuda_env.sh
 stamp=.venv/.lt-recipes-stamp
 want=$(cat requirements.txt setup.py csrc/* | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import torch, lt_recipes._C" 2>/dev/null; then
+# rebuilt when the inputs change, the extension does not load, or the build's CUDA kernels do not fit the machine (a
+# CPU-only .venv on a machine with a GPU)
+if ! cuda_stamp_fresh "$stamp" "$want" || ! "$PY" -c "import torch, lt_recipes._C" 2>/dev/null; then
   echo "[setup] installing requirements and building the extension"
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-  # The CUDA kernels cannot run on a machine without a GPU; tests/test_cuda_compile.py still compiles them.
-  if ! command -v nvidia-smi >/dev/null 2>&1; then export NO_CUDA=1; fi
-  .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e .
-  echo "$want" > "$stamp"
+  # with a GPU, the CUDA kernels too (a failed CUDA build says so in one line and builds CPU-only); without, CPU-only
+  build_extension .venv/lt-recipes-cuda-build.log .venv/bin/pip install -q --disable-pip-version-check \
+    --no-build-isolation -e .
+  echo "$want${CUDA_BUILD:+ $CUDA_BUILD}" > "$stamp"
 fi
 # Fashion-MNIST for the fmnist_lt_* recipes (Debian package); optional, the tests skip without it.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
