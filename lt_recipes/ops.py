@@ -11,7 +11,8 @@ kernels; the kernels' TORCH_CHECKs in csrc/ops.cpp raise the same ValueError mes
 
 backend: "fused" runs the extension and raises when it is missing; "reference" runs plain torch; "auto" runs the
 extension when it has a kernel for the inputs' device and the inputs have at most MAX_FUSED_GROUPS groups, and
-otherwise the reference (warning once per process when the extension failed to load).
+otherwise the reference (warning once per process when the extension failed to load, and once when it has no CUDA
+kernels for a CUDA tensor).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ _FUSED_DEVICES = frozenset(
     dev for dev in ("cpu", "cuda")
     if _EXT_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("lt_recipes::gsa_project", dev.upper()))
 _warned_fallback = False
+_warned_no_cuda = False
 
 
 def fused_available() -> bool:
@@ -66,7 +68,7 @@ def _use_fused(op: str, backend: str, device: torch.device, groups: int) -> bool
     More groups than the kernels take is left to the kernel's own check under "fused" and sent to the reference
     under "auto".
     """
-    global _warned_fallback
+    global _warned_fallback, _warned_no_cuda
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
@@ -84,6 +86,11 @@ def _use_fused(op: str, backend: str, device: torch.device, groups: int) -> bool
         _warned_fallback = True
         warnings.warn(f"lt_recipes.ops: the compiled extension did not load ({_EXT_ERROR}); using the slower "
                       f"reference backend", RuntimeWarning, stacklevel=3)
+    elif _EXT_LOADED and device.type == "cuda" and "cuda" not in _FUSED_DEVICES and not _warned_no_cuda:
+        _warned_no_cuda = True  # a .venv built CPU-only, used on a GPU
+        warnings.warn("lt_recipes.ops: lt_recipes._C was built without CUDA kernels; backend='auto' runs the slower "
+                      "reference ops on the GPU (rebuild on this machine: bash tools/setup_env.sh)", RuntimeWarning,
+                      stacklevel=3)
     return device.type in _FUSED_DEVICES and groups <= MAX_FUSED_GROUPS
 
 

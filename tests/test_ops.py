@@ -438,6 +438,21 @@ def test_auto_backend_without_extension_falls_back_with_one_warning(monkeypatch)
         assert torch.equal(a, b)
 
 
+def test_auto_backend_on_cuda_without_cuda_kernels_warns_once(monkeypatch):
+    """A .venv built CPU-only and used on a GPU: "auto" runs the reference there, and says so once. No GPU here, so
+    the backend choice is asked for a CUDA device directly."""
+    monkeypatch.setattr(ops, "_EXT_LOADED", True)
+    monkeypatch.setattr(ops, "_FUSED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(ops, "_warned_no_cuda", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ops._use_fused("gkp_penalty", "auto", torch.device("cuda", 0), 2)
+        assert not ops._use_fused("gsa_project", "auto", torch.device("cuda", 0), 2)
+    assert [str(w.message) for w in caught] == [
+        "lt_recipes.ops: lt_recipes._C was built without CUDA kernels; backend='auto' runs the slower reference ops "
+        "on the GPU (rebuild on this machine: bash tools/setup_env.sh)"]
+
+
 def test_fused_backend_without_a_kernel_for_the_device_raises(monkeypatch):
     monkeypatch.setattr(ops, "_FUSED_DEVICES", frozenset({"cuda"}))
     with pytest.raises(RuntimeError, match=r"no kernel for cpu tensors in this build"):
