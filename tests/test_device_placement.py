@@ -206,7 +206,8 @@ def test_every_tensor_for_a_collective_or_fused_op_is_made_on_the_parameters_dev
     assert len(files) > 20
     for path in files:
         rel = path.relative_to(ROOT).as_posix()
-        found += undeviced_tensors(path.read_text(encoding="utf-8"), rel, step_module=rel.startswith("lt_recipes/steps/"))
+        found += undeviced_tensors(path.read_text(encoding="utf-8"), rel,
+                                   step_module=rel.startswith("lt_recipes/steps/"))
     assert found == []
 
 

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import write_idx
+from lt_recipes.steps import list_steps
 from toolload import ROOT, load_tool
 
 # script -> (the test that runs its main path, how it is covered when that is not obvious from the test's name)
@@ -273,12 +274,26 @@ def test_record_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_device_check_smoke(tmp_path: Path) -> None:
-    """DEVICE_CHECK_SMOKE=1 device_check.sh: every step passes on the CPU and each benchmark's JSON is saved."""
-    proc = _run(["bash", "tools/device_check.sh"], timeout=400, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1",
+    """DEVICE_CHECK_SMOKE=1 device_check.sh: every part runs and passes on the CPU (or says why it cannot run in this
+    checkout yet), every registered step takes its two steps, and each benchmark's JSON is saved."""
+    proc = _run(["bash", "tools/device_check.sh"], timeout=600, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1",
                 BENCH_DIR=str(tmp_path))
     assert proc.stdout.rstrip().endswith("device check passed")
     assert "build the CUDA extension: skipped" in proc.stdout and "FAILED" not in proc.stdout
-    assert len(re.findall(r"^---- .*: ok in \d+s$", proc.stdout, re.M)) == 7
+    run = re.findall(r"^==== (.*) \(limit \d+s\) ====$", proc.stdout, re.M)
+    assert re.findall(r"^---- (.*): ok in \d+s$", proc.stdout, re.M) == run  # every step that ran passed
+    # every part runs, or says why it cannot in this checkout yet
+    parts = run + re.findall(r"^==== (.*): skipped \(.*\) ====$", proc.stdout, re.M)
+    for part in ("environment", "the README's set-up", "CPU kernels registered", "CUDA tests",
+                 "16- and 32-group kernel variants on cpu", "every registered step, two steps under a one-process gloo",
+                 "engine, 2 epochs of synthetic CIFAR-100 in bf16, killed and resumed, then validate.py",
+                 "engine in fp16", "the README's own loop on cpu", "two steps with model.compile",
+                 "kernel benchmark", "step benchmark, ResNet-32", "step benchmark, ResNet-50", "epoch timing"):
+        assert sum(p.startswith(part) for p in parts) == 1, part
+    for name in list_steps():
+        assert re.search(rf"^{name}: two steps on cpu \(gloo, 1 process\(es\)\)", proc.stdout, re.M), name
+    assert "killed at the grouping of epoch 1 as planned; resuming" in proc.stdout
+    assert re.search(r"^results: .*/engine_bf16/validate/results.json  top1=", proc.stdout, re.M)
     assert (tmp_path / "device_check.log").read_text().rstrip().endswith("device check passed")
     _check_kernels_json(json.loads((tmp_path / "kernels_cuda.json").read_text()), 4096)
     for name in ("step_cuda_resnet32.json", "step_cuda_resnet50.json"):
