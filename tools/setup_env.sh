@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or refresh .venv: pinned torch/torchvision, requirements, the package with its C++ extension.
+# Create or refresh .venv: pinned torch/torchvision, requirements, the package with its C++ extension (and its CUDA
+# kernels where nvidia-smi runs; tools/cuda_env.sh finds the toolkit and falls back to CPU-only in one line).
 # Idempotent: each step runs only when what it installs is missing or its inputs changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
