@@ -98,10 +98,10 @@ class _Function:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 if isinstance(target, ast.Name):
-                    if line is None:
-                        self.bad.pop(target.id, None)
-                    else:
+                    if line is not None:
                         self.bad[target.id] = line
+                    elif not isinstance(node, ast.AugAssign):  # `t += x` leaves t where it was
+                        self.bad.pop(target.id, None)
 
 
 def _tensor_args(fn: ast.FunctionDef) -> set[str]:
@@ -159,6 +159,7 @@ BAD = {
             dist.all_reduce(c)
         """,
     "a .cpu() copy into a broadcast": "def f(x):\n    y = x.cpu() * 2\n    dist.broadcast(y, src=0)\n",
+    "still on the cpu after an in-place add": "def f(x):\n    t = torch.ones(3)\n    t += x\n    all_reduce_(t)\n",
 }
 GOOD = {
     "the fixed rise": """
