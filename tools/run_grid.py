@@ -30,6 +30,8 @@ import argparse
 import fcntl
 import json
 import os
+import queue
+import shlex
 import shutil
 import subprocess
 import sys
@@ -257,15 +259,24 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
 
 def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namespace, dest: str,
                     scratch: str) -> str:
-    cmd = [sys.executable, os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
+    launcher = shlex.split(args.launch) if args.launch else [sys.executable]
+    cmd = launcher + [os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
     for o in overrides(label, ratio, seed, grid.bases) + args.overrides:
         cmd += ["--set", o]
     if os.path.exists(os.path.join(scratch, "checkpoint.pt")):
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    slots = getattr(args, "gpu_slots", None)
+    gpus = slots.get() if slots is not None else None  # this job's GPUs, back to the pool when it ends
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     t0 = time.time()
-    with open(os.path.join(scratch, "train.log"), "a") as log:
-        proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with open(os.path.join(scratch, "train.log"), "a") as log:
+            proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        if gpus is not None:
+            slots.put(gpus)
     diverged = proc.returncode != 0 and _diverged(os.path.join(scratch, "train.log"))
     if proc.returncode != 0 and not diverged:
         return f"FAILED {job_name(label, ratio, seed)} (see {scratch}/train.log)"
@@ -293,14 +304,17 @@ def _diverged(log_path: str) -> bool:
 
 
 TABLES = ["docs/results.md", "README.md", "docs/per_class_*.png"]  # what tools/collect_results.py writes
+PAPER_TABLES = ["docs/reproduce.md"]  # what tools/paper_tables.py writes
 
 
 def commit(path: str, message: str, tables: bool = True, tries: int = 5) -> None:
     """git commit of `path`, with the result tables regenerated from it (unless `tables` is off) so that committed
     tables match the committed runs; retried while another git command holds the index lock."""
-    regen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "collect_results.py")], cwd=ROOT,
-                           capture_output=True, text=True) if tables else None
-    paths = [path] + (TABLES if regen is not None and regen.returncode == 0 else [])
+    paths = [path]
+    for tool, written in (("collect_results.py", TABLES), ("paper_tables.py", PAPER_TABLES)) if tables else ():
+        regen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)], cwd=ROOT, capture_output=True,
+                               text=True)
+        paths += written if regen.returncode == 0 else []
     for attempt in range(tries):
         add = subprocess.run(["git", "add", *paths], cwd=ROOT, capture_output=True, text=True)
         done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=ROOT,
@@ -359,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
                          "the same list, and each skips what the committed results/ already hold)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every job (e.g. data.root=/elsewhere/fashion-mnist)")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None, help="jobs at once (default: one, or one per --gpus entry)")
+    ap.add_argument("--gpus", default=None, metavar="LIST",
+                    help="the GPUs of each concurrent job, comma-separated, '+' joining a multi-GPU job's: 0,1,2,3 "
+                         "(four one-GPU jobs) or 0+1+2+3,4+5+6+7 (with --launch for the processes)")
+    ap.add_argument("--launch", default=None, metavar="COMMAND",
+                    help="the launcher each job's train.py runs under (default: this Python), e.g. \"accelerate launch "
+                         "--multi_gpu --num_processes 4 --mixed_precision bf16\" or \"torchrun --nproc_per_node 4\"")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "grid"))
@@ -396,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                      else "stopped" if os.path.exists(os.path.join(dest, "train.log")) else "todo")
             print(f"{state} {where(name)}{job_name(label, ratio, seed)}")
         return 0
-    with ThreadPoolExecutor(args.workers) as pool:
+    if args.gpus:
+        args.gpu_slots = queue.Queue()
+        for entry in args.gpus.split(","):
+            args.gpu_slots.put(entry.replace("+", ","))
+    workers = args.workers or (len(args.gpus.split(",")) if args.gpus else 1)
+    with ThreadPoolExecutor(workers) as pool:
         for (name, *_), msg in zip(jobs, pool.map(lambda j: run_job(GRIDS[j[0]], *j[1:], args), jobs)):
             print(f"{where(name)}{msg}", flush=True)
     return 0

@@ -1,0 +1,105 @@
+"""The paper's tables for a GPU user: a paper-grid row end to end on CIFAR-format files, our figure beside the paper's
+in the generated table, the projected GPU-hours against a hand computation, and the grid runner's GPU pool."""
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from toolload import load_tool
+
+
+def _row(block: str, title: str, label: str, ratio: str) -> list[str]:
+    """The cells of `label` at `ratio` in the table under the heading that contains `title`."""
+    section = block.split(title, 1)[1].split("####", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| `")]
+    return next(r for r in rows if r[0] == f"`{label}`" and r[1] == ratio)
+
+
+def test_paper_row_end_to_end_on_cifar_files(tmp_path: Path, write_cifar, capsys: pytest.CaptureFixture) -> None:
+    """Table 1's CIFAR-10-LT r=10 BCL row, one epoch on a tiny CIFAR-10 in torchvision's layout: run_grid trains it
+    into results/cifar10_r10/bcl/seed0, and paper_tables sets its Top-1 beside the paper's 91.1."""
+    grid, tables = load_tool("run_grid"), load_tool("paper_tables")
+    write_cifar(tmp_path / "cifar", "cifar10", 30, 3)
+    results = tmp_path / "results"
+    argv = ["--grid", "table1", "--only", "bcl", "--ratios", "10", "--seeds", "0", "--results", str(results),
+            "--scratch", str(tmp_path / "scratch")]
+    tiny = ["epochs=1", "sched.warmup_epochs=0", "data.val_per_class=1", "data.batch_size=64",
+            "model.name=resnet8_cifar", "model.proj_head=[32, 16]", f"data.root={tmp_path / 'cifar'}"]
+    assert grid.main(argv + ["--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["todo cifar100: bcl r=10 seed=0", "todo cifar10: bcl r=10 seed=0"]
+    assert grid.main(argv + ["--grid", "table1_cifar10"] + sum([["--set", k] for k in tiny], [])) == 0
+    assert capsys.readouterr().out.startswith("done bcl r=10 seed=0")
+    res = load_tool("collect_results").read_json(str(results / "cifar10_r10" / "bcl" / "seed0" / "results.json"))
+    assert (res["dataset"], res["imbalance_ratio"], res["method"], res["epochs"]) == ("cifar10", 10.0, "bcl", 1)
+    block = tables.build_block(str(results))
+    row = _row(block, "Table 1, CIFAR-10-LT", "bcl", "10")
+    assert row[2] == "91.1 (Table 1)" and row[3] == f"{res['top1']:.2f}" and row[5] == "1"
+    assert row[4] == f"{res['top1'] - 91.1:+.2f}"
+    assert _row(block, "Table 1, CIFAR-10-LT", "bcl+gkp+gsa", "10")[2:6] == ["92.5 (Table 1)", "—", "—", "0"]
+    assert _row(block, "Table 1, CIFAR-100-LT", "bcl", "10")[3] == "—"  # the other dataset's row is still to run
+    doc = tmp_path / "reproduce.md"
+    doc.write_text("text\n<!-- paper:begin -->\nold\n<!-- paper:end -->\nmore\n")
+    args = ["--results", str(results), "--doc", str(doc)]
+    assert tables.main(args + ["--check"]) == 1 and tables.main(args) == 0 and tables.main(args + ["--check"]) == 0
+    assert doc.read_text().startswith("text\n<!-- paper:begin -->") and doc.read_text().endswith("<!-- paper:end -->\nmore\n")
+
+
+def _bench(tables) -> object:
+    """Benchmarks with round figures: a GPU epoch of 43 plain steps in 4.3 s (100 ms a step), a GPU plain step of
+    10 ms at batch 256, and on the CPU the grouped step three times the plain step at G = 4."""
+    return tables.Bench(
+        epochs={"resnet32_cifar": ("e.json", {"t_base_s": 4.3, "steps_per_epoch": 43, "device": "cuda", "gpu": "G"})},
+        gpu_steps={"resnet32_cifar": ("s.json", {"sgd_ms": 10.0, "batch": 256, "device_name": "G"}),
+                   "resnet50": ("s50.json", {"sgd_ms": 40.0, "batch": 64, "device_name": "G"})},
+        cpu_steps=("c.json", {"none_ms": 100.0, "gkp_gsa_masked_ms": 300.0, "gsa_masked_ms": 250.0, "groups": 4}))
+
+
+def test_projection_hand_computed() -> None:
+    tables, grid = load_tool("paper_tables"), load_tool("run_grid")
+    bench, c100 = _bench(tables), grid.GRIDS["table1_cifar100"]
+    # CIFAR-100-LT r=100: 10,847 images, 43 steps of 256; BCL's three views: plain compute 10 ms x 3 = 30 ms;
+    # method step 100 + 30 x (3 - 1) = 160 ms from epoch 20 of 200
+    p = tables.project(c100, "bcl+gkp+gsa", 100, bench)
+    assert (p.steps_per_epoch, p.plain_ms, p.method_ms, p.basis) == (43, 100.0, 160.0, "ER")
+    assert p.hours == pytest.approx(43 * (20 * 100 + 180 * 160) / 3.6e6)
+    assert tables.project(c100, "bcl", 100, bench).hours == pytest.approx(43 * 200 * 100 / 3.6e6)
+    # G = 8: twice the extra passes of G = 4; CE: one view (compute 10 ms); GSA alone: its own kind (2.5x)
+    assert tables.project(grid.GRIDS["groups_cifar100"], "bcl+gkp+gsa#G8", 100, bench).method_ms == 100 + 30 * 2 * 2
+    assert tables.project(c100, "ce+gkp+gsa", 100, bench).method_ms == 100 + 10 * 2
+    assert tables.project(grid.GRIDS["table4"], "bcl+gsa", 100, bench).method_ms == 100 + 30 * 1.5
+    # CIFAR-10-LT r=10: the profile's 20,431 images -> 80 steps
+    assert tables.project(grid.GRIDS["table1_cifar10"], "bcl", 10, bench).steps_per_epoch == math.ceil(20431 / 256)
+    # ImageNet-LT, ResNet-50 (no GPU epoch): 40 ms at batch 64 -> 160 ms at 256, x3 views = 480 ms; G = 6 from
+    # epoch 9 of 90; ResNeXt-50 takes ResNet-50's step (X)
+    p = tables.project(grid.GRIDS["imagenet_lt_resnet50"], "bcl+gkp+gsa", None, bench)
+    assert (p.steps_per_epoch, p.plain_ms, p.basis) == (math.ceil(115846 / 256), 480.0, "RS")
+    assert p.method_ms == pytest.approx(480 + 480 * 2 * 6 / 4)
+    assert p.hours == pytest.approx(p.steps_per_epoch * (9 * 480 + 81 * p.method_ms) / 3.6e6)
+    x = tables.project(grid.GRIDS["imagenet_lt_resnext50"], "bcl+gkp+gsa", None, bench)
+    assert x.basis == "RSX" and x.hours == pytest.approx(p.hours)
+
+
+def test_committed_reproduce_page_is_generated() -> None:
+    assert load_tool("paper_tables").main(["--check"]) == 0
+
+
+def test_grid_runs_each_job_on_its_gpus_under_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """--gpus: each job runs with one entry of the list as CUDA_VISIBLE_DEVICES ('+' joins a job's GPUs), as many
+    jobs at once as entries; --launch prefixes train.py with the launcher."""
+    grid = load_tool("run_grid")
+    seen = []
+
+    def fake_train(cmd, cwd, env, stdout, stderr):
+        seen.append((tuple(cmd[:3]), env["CUDA_VISIBLE_DEVICES"]))
+        return subprocess.CompletedProcess(cmd, 1)  # a failure: nothing is copied
+    monkeypatch.setattr(grid.subprocess, "run", fake_train)
+    argv = ["--grid", "table5", "--seeds", "0", "--results", str(tmp_path / "r"), "--scratch", str(tmp_path / "s"),
+            "--gpus", "0+1,2+3", "--launch", "torchrun --nproc_per_node 2"]
+    assert grid.main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4 and len(seen) == 4
+    assert {cmd for cmd, _ in seen} == {("torchrun", "--nproc_per_node", "2")}
+    assert {gpus for _, gpus in seen} <= {"0,1", "2,3"}
