@@ -49,7 +49,13 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
     assert load_config("fmnist_lt_resnet8", grid.overrides("la#cosine", 10, 0))["model"]["classifier"] == "cosine"
 
 
-def test_paper_grids_run_the_paper_rows_on_its_recipes():
+def grid_list(grid, argv: list[str], capsys) -> list[str]:
+    """The lines of run_grid --list."""
+    assert grid.main(argv + ["--list"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_paper_grids_run_the_paper_rows_on_its_recipes(tmp_path, capsys):
     """The paper's grids: Table 1's four labels at r = 100/50/10 on both CIFAR recipes, CE rows as plain CE (no
     contrastive views, projection head or cosine classifier), BCL rows the recipe itself, the list-file datasets at
     their own long tail, and `--grid table1` / `paper` naming the grids they stand for."""
@@ -75,9 +81,12 @@ def test_paper_grids_run_the_paper_rows_on_its_recipes():
     assert shared == [("table1_cifar100", "bcl", 100, 0)]
     assert [j[3] for j in jobs] == sorted(j[3] for j in jobs)  # seed 0 of every grid first
     assert ("imagenet_lt_resnext50", "bcl+gkp+gsa", None, 1) in jobs
-    # shards split the one list: disjoint, and together the whole list
-    parts = [jobs[k - 1::3] for k in (1, 2, 3)]
-    assert sorted(sum(parts, []), key=jobs.index) == jobs and grid.shard_of("2/3") == (2, 3)
+    # shards split the one list: disjoint, and together the whole list, whichever machine lists them
+    everything = grid_list(grid, ["--grid", "paper", "--seeds", "0,1", "--results", str(tmp_path)], capsys)
+    parts = [grid_list(grid, ["--grid", "paper", "--seeds", "0,1", "--results", str(tmp_path), "--shard", f"{k}/3"],
+                       capsys) for k in (1, 2, 3)]
+    assert len(everything) == len(jobs) and all(parts) and sorted(sum(parts, [])) == sorted(everything)
+    assert grid.shard_of("2/3") == (2, 3)
     with pytest.raises(SystemExit, match="k/n"):
         grid.shard_of("3/2")
     with pytest.raises(SystemExit, match="no grid or set named 'tabel1'"):
