@@ -103,3 +103,27 @@ def test_grid_runs_each_job_on_its_gpus_under_the_launcher(tmp_path: Path, monke
     assert len(capsys.readouterr().out.splitlines()) == 4 and len(seen) == 4
     assert {cmd for cmd, _ in seen} == {("torchrun", "--nproc_per_node", "2")}
     assert {gpus for _, gpus in seen} <= {"0,1", "2,3"}
+
+
+def test_list_file_dataset_rows_collect_without_a_ratio(tmp_path: Path) -> None:
+    """ImageNet-LT runs (no imbalance ratio: the list files' own tail) land in results/imagenet_lt_resnet50/ and are
+    tabled by both generators: docs/results.md titles them by dataset alone, the paper table beside 56.0 and 57.9."""
+    import json
+
+    import yaml
+    results = tmp_path / "results"
+    for label, top1 in (("bcl", 55.0), ("bcl+gkp+gsa", 56.5)):
+        run = results / "imagenet_lt_resnet50" / label / "seed0"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({
+            "recipe": "imagenet_lt_resnet50", "method": label, "dataset": "imagenet_lt", "imbalance_ratio": None,
+            "seed": 0, "epochs": 90, "top1": top1, "many": 70.0, "medium": 50.0, "few": 30.0,
+            "per_class": [70.0, 50.0, 30.0], "train_counts": [200, 50, 10]}))
+        (run / "args.yaml").write_text(yaml.safe_dump({"groups": {"num_groups": 6}}))
+    collect = load_tool("collect_results")
+    block = collect.build_block(str(results), str(tmp_path / "README.md"), str(tmp_path), write_plots=False)
+    assert "### imagenet_lt, 90 epochs" in block
+    assert "| imagenet_lt, 90 ep | `bcl` | 55.00 (30.00) | 56.50 (30.00) | +1.50 |" in collect.headline_block(str(results))
+    paper = load_tool("paper_tables").build_block(str(results))
+    assert _row(paper, "ImageNet-LT, ResNet-50", "bcl+gkp+gsa", "—")[2:6] == ["57.9 (ImageNet-LT table)", "56.50",
+                                                                               "-1.40", "1"]
