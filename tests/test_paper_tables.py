@@ -82,6 +82,26 @@ def test_projection_hand_computed() -> None:
     assert x.basis == "RSX" and x.hours == pytest.approx(p.hours)
 
 
+def test_a_gpu_epoch_of_the_current_step_replaces_the_cpu_ratio() -> None:
+    """An epoch benchmark under results/bench/ (the current code) times the recipe's own method: rows with the same
+    step keys take its grouped epoch (M); another G, another base or a history file keep the CPU ratio (R)."""
+    tables, grid = load_tool("paper_tables"), load_tool("run_grid")
+    bench = _bench(tables)
+    epoch = {"recipe": "cifar100_lt_resnet32", "t_base_s": 4.3, "t_grouped_s": 8.6, "steps_per_epoch": 43,
+             "device": "cuda", "gpu": "G"}
+    now = tables.Bench({"resnet32_cifar": ("results/bench/epoch_cuda_cifar100_lt_resnet32.json", epoch)},
+                       bench.gpu_steps, bench.cpu_steps)
+    for name in ("table1_cifar100", "table1_cifar10"):
+        p = tables.project(grid.GRIDS[name], "bcl+gkp+gsa", 50, now)
+        assert (p.method_ms, p.basis) == (200.0, "EM")
+    assert tables.project(grid.GRIDS["groups_cifar100"], "bcl+gkp+gsa#G8", 100, now).basis == "ER"
+    assert tables.project(grid.GRIDS["table1_cifar100"], "ce+gkp+gsa", 100, now).basis == "ER"
+    assert tables.project(grid.GRIDS["table1_cifar100"], "bcl", 100, now).basis == "E"
+    old = tables.Bench({"resnet32_cifar": ("results/history/v1/bench/epoch.json", epoch)}, bench.gpu_steps,
+                       bench.cpu_steps)
+    assert tables.project(grid.GRIDS["table1_cifar100"], "bcl+gkp+gsa", 100, old).basis == "ER"
+
+
 def test_committed_reproduce_page_is_generated() -> None:
     assert load_tool("paper_tables").main(["--check"]) == 0
 

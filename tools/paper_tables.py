@@ -57,6 +57,8 @@ BASIS = {"E": "the plain step from an epoch measured on the GPU (tools/bench_epo
               "and views; data loading not included",
          "R": "the method's step over the plain step from the CPU step benchmark (ResNet-32, the benchmark's G), "
               "carried to the GPU and scaled linearly in G",
+         "M": "the method's step from an epoch of the current code measured on the GPU (tools/bench_epoch.py, the "
+              "same recipe keys)",
          "X": "no GPU step benchmark of this model: ResNet-50's stands in"}
 
 
@@ -117,6 +119,20 @@ def _recipe(name: str, keys: tuple[str, ...]) -> Recipe:
     return load_recipe(name, keys)
 
 
+def same_step_measured(recipe: Recipe, bench: Bench) -> bool:
+    """Whether a GPU epoch benchmark of the current code (not under results/history/) timed this run's own step: its
+    recipe's method with the same model, batch, views, loss, grouping and step keys."""
+    if recipe.model.name not in bench.epochs or recipe.method == "none":
+        return False
+    path, epoch = bench.epochs[recipe.model.name]
+    if path.startswith(os.path.join("results", "history")) or "t_grouped_s" not in epoch:
+        return False
+    timed = _recipe(epoch["recipe"], ())
+    return all(getattr(recipe, k) == getattr(timed, k) for k in ("method", "model", "loss", "groups", "gkp", "gsa")) \
+        and (recipe.data.batch_size, recipe.data.contrastive_views) == (timed.data.batch_size,
+                                                                        timed.data.contrastive_views)
+
+
 def project(grid: Grid, label: str, ratio: int | None, bench: Bench) -> Projection:
     """Hours of one seed of `label` on one GPU: plain steps before the method starts, the method's steps after."""
     recipe = _recipe(grid.recipe, tuple(overrides(label, ratio, 0, grid.bases)))
@@ -135,7 +151,11 @@ def project(grid: Grid, label: str, ratio: int | None, bench: Bench) -> Projecti
         plain_ms, basis = compute_ms, "S" + basis
     modules = parse(label)[1]
     method_ms, start = plain_ms, recipe.epochs
-    if STEP_KIND[modules] != "none":
+    if same_step_measured(recipe, bench):
+        _, epoch = bench.epochs[recipe.model.name]
+        method_ms, start, basis = 1000 * epoch["t_grouped_s"] / epoch["steps_per_epoch"], recipe.groups.start_epoch, \
+            basis + "M"
+    elif STEP_KIND[modules] != "none":
         _, cpu = bench.cpu_steps
         over_plain = cpu[f"{STEP_KIND[modules]}_ms"] / cpu["none_ms"] - 1.0
         method_ms = plain_ms + compute_ms * over_plain * recipe.groups.num_groups / cpu["groups"]

@@ -16,7 +16,8 @@ by default (the CPU machines have two cores).
     python tools/run_grid.py --grid fmnist64 --list          # what is done and what is left
     python tools/run_grid.py --grid peers                    # the sharpness-aware peers on the same bases
     python tools/run_grid.py --grid fmnist200 --workers 4    # a GPU: the paper's CIFAR protocol at 28 px
-    python tools/run_grid.py --grid table1 --shard 1/2       # a GPU: the paper's Table 1, half of it (docs/reproduce.md)
+    python tools/run_grid.py --grid table1 --gpus 0,1,2,3     # GPUs: the paper's Table 1, four jobs at once
+    python tools/run_grid.py --grid table1 --shard 1/2       # machine 1 of 2 (docs/reproduce.md)
 
 The paper's tables (PAPER_GRIDS; docs/reproduce.md) run on the CIFAR-10/100-LT, ImageNet-LT and iNaturalist recipes:
 `--grid` takes a grid, a set of grids (GRID_SETS: table1, paper) or a comma-separated list; runs shared by two grids
