@@ -120,7 +120,6 @@ class Grid:
 # baseline of the long-tail literature, 38.3-38.4 on CIFAR-100-LT r=100).
 PAPER_BASES = {"bcl": [], "ce": ["loss.name=ce", "data.contrastive_views=0", "model.proj_head=null",
                                   "model.classifier=linear", "data.augment=basic"]}
-# a ratio of None: a list-file dataset, whose long tail is its list files' own (no data.imbalance_ratio)
 _TABLE1 = ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]
 _ABLATION = ["ce", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "bcl", "bcl+gkp", "bcl+gsa", "bcl+gkp+gsa"]
 PAPER_GRIDS = {
@@ -137,6 +136,7 @@ PAPER_GRIDS = {
     # the group number G on BCL, CIFAR-100-LT r=100 (4: the recipe's)
     "groups_cifar100": Grid("cifar100_lt_resnet32", "cifar100", {100: [
         "bcl", "bcl+gkp+gsa#G2", "bcl+gkp+gsa", "bcl+gkp+gsa#G6", "bcl+gkp+gsa#G8"]}, bases=PAPER_BASES),
+    # the list-file datasets at their lists' own long tail (a ratio of None: no data.imbalance_ratio)
     "imagenet_lt_resnet50": Grid("imagenet_lt_resnet50", "imagenet_lt_resnet50", {None: ["bcl", "bcl+gkp+gsa"]},
                                  bases=PAPER_BASES),
     "imagenet_lt_resnext50": Grid("imagenet_lt_resnext50", "imagenet_lt_resnext50", {None: ["bcl", "bcl+gkp+gsa"]},
