@@ -147,3 +147,11 @@ def test_list_file_dataset_rows_collect_without_a_ratio(tmp_path: Path) -> None:
     paper = load_tool("paper_tables").build_block(str(results))
     assert _row(paper, "ImageNet-LT, ResNet-50", "bcl+gkp+gsa", "—")[2:6] == ["57.9 (ImageNet-LT table)", "56.50",
                                                                                "-1.40", "1"]
+
+
+def test_a_step_kind_the_benchmark_lacks_is_named() -> None:
+    tables, grid = load_tool("paper_tables"), load_tool("run_grid")
+    bench = _bench(tables)
+    renamed = tables.Bench(bench.epochs, bench.gpu_steps, ("c.json", {"none_ms": 100.0, "groups": 4}))
+    with pytest.raises(tables.AnalysisError, match="c.json has no step kind 'gkp_gsa_masked'"):
+        tables.project(grid.GRIDS["table1_cifar100"], "bcl+gkp+gsa", 100, renamed)

@@ -156,7 +156,10 @@ def project(grid: Grid, label: str, ratio: int | None, bench: Bench) -> Projecti
         method_ms, start, basis = 1000 * epoch["t_grouped_s"] / epoch["steps_per_epoch"], recipe.groups.start_epoch, \
             basis + "M"
     elif STEP_KIND[modules] != "none":
-        _, cpu = bench.cpu_steps
+        path, cpu = bench.cpu_steps
+        if f"{STEP_KIND[modules]}_ms" not in cpu:
+            raise AnalysisError(f"{path} has no step kind {STEP_KIND[modules]!r} (the time of `{label}`'s step): "
+                                "update paper_tables.STEP_KIND to the kinds tools/bench_step.py records")
         over_plain = cpu[f"{STEP_KIND[modules]}_ms"] / cpu["none_ms"] - 1.0
         method_ms = plain_ms + compute_ms * over_plain * recipe.groups.num_groups / cpu["groups"]
         start, basis = recipe.groups.start_epoch, basis + "R"
