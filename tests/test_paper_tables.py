@@ -44,7 +44,8 @@ def test_paper_row_end_to_end_on_cifar_files(tmp_path: Path, write_cifar, capsys
     doc.write_text("text\n<!-- paper:begin -->\nold\n<!-- paper:end -->\nmore\n")
     args = ["--results", str(results), "--doc", str(doc)]
     assert tables.main(args + ["--check"]) == 1 and tables.main(args) == 0 and tables.main(args + ["--check"]) == 0
-    assert doc.read_text().startswith("text\n<!-- paper:begin -->") and doc.read_text().endswith("<!-- paper:end -->\nmore\n")
+    text = doc.read_text()
+    assert text.startswith("text\n<!-- paper:begin -->") and text.endswith("<!-- paper:end -->\nmore\n")
 
 
 def _bench(tables) -> object:
@@ -143,7 +144,8 @@ def test_list_file_dataset_rows_collect_without_a_ratio(tmp_path: Path) -> None:
     collect = load_tool("collect_results")
     block = collect.build_block(str(results), str(tmp_path / "README.md"), str(tmp_path), write_plots=False)
     assert "### imagenet_lt, 90 epochs" in block
-    assert "| imagenet_lt, 90 ep | `bcl` | 55.00 (30.00) | 56.50 (30.00) | +1.50 |" in collect.headline_block(str(results))
+    headline = collect.headline_block(str(results))
+    assert "| imagenet_lt, 90 ep | `bcl` | 55.00 (30.00) | 56.50 (30.00) | +1.50 |" in headline
     paper = load_tool("paper_tables").build_block(str(results))
     assert _row(paper, "ImageNet-LT, ResNet-50", "bcl+gkp+gsa", "—")[2:6] == ["57.9 (ImageNet-LT table)", "56.50",
                                                                                "-1.40", "1"]

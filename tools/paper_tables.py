@@ -210,9 +210,11 @@ NOTES = {"groups_cifar100": "The paper reports its best G as 4 on CIFAR-LT (the 
                                     "at r=50 and 10.",
          "table4": "results/paper.yaml holds no CE+GSA figure."}
 TITLES = {"table1_cifar100": "Table 1, CIFAR-100-LT (ResNet-32)", "table1_cifar10": "Table 1, CIFAR-10-LT (ResNet-32)",
-          "table4": "Table 4, components (CIFAR-100-LT r=100)", "table5": "Table 5, GSA's direction (CIFAR-100-LT r=100)",
-          "groups_cifar100": "Number of groups G (CIFAR-100-LT r=100)", "imagenet_lt_resnet50": "ImageNet-LT, ResNet-50",
-          "imagenet_lt_resnext50": "ImageNet-LT, ResNeXt-50 (32x4d)", "inat2018": "iNaturalist 2018, ResNet-50"}
+          "table4": "Table 4, components (CIFAR-100-LT r=100)",
+          "table5": "Table 5, GSA's direction (CIFAR-100-LT r=100)",
+          "groups_cifar100": "Number of groups G (CIFAR-100-LT r=100)",
+          "imagenet_lt_resnet50": "ImageNet-LT, ResNet-50", "imagenet_lt_resnext50": "ImageNet-LT, ResNeXt-50 (32x4d)",
+          "inat2018": "iNaturalist 2018, ResNet-50"}
 
 
 def cost_table(hours: dict[str, float], bench: Bench, paper: dict[str, list[dict[str, Any]]]) -> list[str]:

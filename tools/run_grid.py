@@ -292,7 +292,8 @@ def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argpars
             json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)
     outcome = "stopped (diverged)" if diverged else "done"
     if args.commit:
-        message = f"results: {grid.folder}{'' if ratio is None else f' r={ratio}'} {label} seed {seed}" + (" stopped: diverged" if diverged else "")
+        where = grid.folder if ratio is None else f"{grid.folder} r={ratio}"
+        message = f"results: {where} {label} seed {seed}" + (" stopped: diverged" if diverged else "")
         commit(dest, message, tables=not args.no_tables)
     return f"{outcome} {job_name(label, ratio, seed)} in {time.time() - t0:.0f}s"
 
