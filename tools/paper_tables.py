@@ -51,8 +51,9 @@ STAND_IN = {"resnext50_32x4d": "resnet50"}
 # the CPU step benchmark's kind for a label's method modules (GKP alone adds one fused pass over the parameters to
 # the plain step: the plain step's time)
 STEP_KIND = {"": "none", "gkp": "none", "gsa": "gsa_masked", "gkp+gsa": "gkp_gsa_masked"}
-BASIS = {"E": "the plain step from an epoch measured on the GPU (tools/bench_epoch.py, this model and batch, BCL's "
-              "three views, data loading included)",
+BASIS = {"E": "the plain step from an epoch measured on the GPU (tools/bench_epoch.py, this model, data loading "
+              "included; with S, a row of another batch or view count adds the difference of the plain step's "
+              "compute)",
          "S": "the plain step from the GPU step benchmark (tools/bench_step.py) scaled linearly to the recipe's batch "
               "and views; data loading not included",
          "R": "the method's step over the plain step from the CPU step benchmark (ResNet-32, the benchmark's G), "
@@ -147,6 +148,10 @@ def project(grid: Grid, label: str, ratio: int | None, bench: Bench) -> Projecti
     if recipe.model.name in bench.epochs:
         _, epoch = bench.epochs[recipe.model.name]
         plain_ms, basis = 1000 * epoch["t_base_s"] / epoch["steps_per_epoch"], "E" + basis
+        timed = _recipe(epoch["recipe"], ())
+        timed_images = timed.data.batch_size * (1 + timed.data.contrastive_views)
+        if timed_images != batch * views:  # another batch or view count: the plain step's compute differs by this
+            plain_ms, basis = plain_ms + compute_ms - step["sgd_ms"] * timed_images / step["batch"], basis + "S"
     else:
         plain_ms, basis = compute_ms, "S" + basis
     modules = parse(label)[1]
