@@ -49,6 +49,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "device_check.sh": ("tests/test_tool_smoke.py::test_device_check_smoke", "DEVICE_CHECK_SMOKE=1, on the CPU"),
     "landscape.py": ("tests/test_analysis.py::test_landscape_writes_plots_and_json", ""),
     "main.sh": ("tests/test_tool_smoke.py::test_main_sh", ""),
+    "paper_tables.py": ("tests/test_paper_tables.py::test_paper_row_end_to_end_on_cifar_files", ""),
     "plot_run.py": ("tests/test_analysis.py::test_plot_run_writes_pngs", ""),
     "record_bench.sh": ("tests/test_tool_smoke.py::test_record_bench_smoke", "SMOKE=1"),
     "run_grid.py": ("tests/test_tool_smoke.py::test_run_grid_job", ""),

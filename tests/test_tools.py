@@ -36,7 +36,7 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
     for name, g in grid.GRIDS.items():
         ratios = sorted(g.cells)
         for label, ratio, seed in grid.jobs_of(name, ratios, [2]):
-            cfg = load_config(g.recipe, grid.overrides(label, ratio, seed))
+            cfg = load_config(g.recipe, grid.overrides(label, ratio, seed, g.bases))
             assert method_label(Recipe.from_dict(cfg)) == label.partition("#")[0], label
             assert cfg["data"]["imbalance_ratio"] == ratio and cfg["seed"] == 2
     cfg = load_config("fmnist_lt_resnet8_long", grid.overrides("bcl+gkp+gsa@sam#G2", 100, 0))
@@ -47,6 +47,50 @@ def test_every_grid_run_is_a_valid_recipe_with_its_label():
     assert cfg["groups"]["num_groups"] == 6 and cfg["gsa"]["direction"] == "gsa_proj"
     assert cfg["gsa"]["rho_clamp"] == [0.0002, 0.0003]
     assert load_config("fmnist_lt_resnet8", grid.overrides("la#cosine", 10, 0))["model"]["classifier"] == "cosine"
+
+
+def grid_list(grid, argv: list[str], capsys) -> list[str]:
+    """The lines of run_grid --list."""
+    assert grid.main(argv + ["--list"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_paper_grids_run_the_paper_rows_on_its_recipes(tmp_path, capsys):
+    """The paper's grids: Table 1's four labels at r = 100/50/10 on both CIFAR recipes, CE rows as plain CE (no
+    contrastive views, projection head or cosine classifier), BCL rows the recipe itself, the list-file datasets at
+    their own long tail, and `--grid table1` / `paper` naming the grids they stand for."""
+    grid = load_tool("run_grid")
+    for name in ("table1_cifar100", "table1_cifar10"):
+        g = grid.GRIDS[name]
+        assert {r: set(labels) for r, labels in g.cells.items()} == {
+            r: {"ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"} for r in (100, 50, 10)}
+    ce = load_config("cifar100_lt_resnet32", grid.overrides("ce+gkp+gsa", 50, 1, grid.PAPER_BASES))
+    assert (ce["loss"]["name"], ce["data"]["contrastive_views"], ce["model"]["proj_head"], ce["model"]["classifier"],
+            ce["data"]["augment"], ce["method"]) == ("ce", 0, None, "linear", "basic", "gkp_gsa")
+    bcl = load_config("cifar100_lt_resnet32", grid.overrides("bcl", 100, 0, grid.PAPER_BASES))
+    recipe = load_config("cifar100_lt_resnet32")
+    assert {k: v for k, v in bcl.items() if k != "method"} == {k: v for k, v in recipe.items() if k != "method"}
+    assert bcl["method"] == "none"
+    assert load_config("imagenet_lt_resnet50", grid.overrides("bcl", None, 0, grid.PAPER_BASES))["data"][
+        "imbalance_ratio"] is None
+    assert grid.grid_names("table1") == ["table1_cifar100", "table1_cifar10"]
+    assert grid.grid_names("paper") == list(grid.PAPER_GRIDS)
+    # a run two grids share trains once: bcl r=100 is in Tables 1, 4 and 5 and the G sweep
+    jobs = grid.select_jobs(grid.grid_names("paper"), None, [0, 1])
+    shared = [j for j in jobs if j[1:] == ("bcl", 100, 0) and grid.GRIDS[j[0]].folder == "cifar100"]
+    assert shared == [("table1_cifar100", "bcl", 100, 0)]
+    assert [j[3] for j in jobs] == sorted(j[3] for j in jobs)  # seed 0 of every grid first
+    assert ("imagenet_lt_resnext50", "bcl+gkp+gsa", None, 1) in jobs
+    # shards split the one list: disjoint, and together the whole list, whichever machine lists them
+    everything = grid_list(grid, ["--grid", "paper", "--seeds", "0,1", "--results", str(tmp_path)], capsys)
+    parts = [grid_list(grid, ["--grid", "paper", "--seeds", "0,1", "--results", str(tmp_path), "--shard", f"{k}/3"],
+                       capsys) for k in (1, 2, 3)]
+    assert len(everything) == len(jobs) and all(parts) and sorted(sum(parts, [])) == sorted(everything)
+    assert grid.shard_of("2/3") == (2, 3)
+    with pytest.raises(SystemExit, match="k/n"):
+        grid.shard_of("3/2")
+    with pytest.raises(SystemExit, match="no grid or set named 'tabel1'"):
+        grid.grid_names("tabel1")
 
 
 def _resolved(cfg: dict) -> dict:

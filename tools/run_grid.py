@@ -16,6 +16,14 @@ by default (the CPU machines have two cores).
     python tools/run_grid.py --grid fmnist64 --list          # what is done and what is left
     python tools/run_grid.py --grid peers                    # the sharpness-aware peers on the same bases
     python tools/run_grid.py --grid fmnist200 --workers 4    # a GPU: the paper's CIFAR protocol at 28 px
+    python tools/run_grid.py --grid table1 --gpus 0,1,2,3     # GPUs: the paper's Table 1, four jobs at once
+    python tools/run_grid.py --grid table1 --shard 1/2       # machine 1 of 2 (docs/reproduce.md)
+
+The paper's tables (PAPER_GRIDS; docs/reproduce.md) run on the CIFAR-10/100-LT, ImageNet-LT and iNaturalist recipes:
+`--grid` takes a grid, a set of grids (GRID_SETS: table1, paper) or a comma-separated list; runs shared by two grids
+(CIFAR-100-LT r=100 `bcl` is in Tables 1, 4 and 5) train once. The grid's state is the results/ tree: a job whose
+results.json exists is skipped wherever it was trained, so machines that commit their results (`--commit`) and pull
+each other's continue one grid, and `--shard k/n` gives machine k of n every n-th job of the same list.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ import argparse
 import fcntl
 import json
 import os
+import queue
+import shlex
 import shutil
 import subprocess
 import sys
@@ -87,6 +97,8 @@ VARIANTS = {
     "classes": ["gkp.norm=per_classes"], "ps_classes": ["gkp.fisher=per_sample", "gkp.norm=per_classes"],
     # SAM + re-weighting (Rangwani et al. 2022): plain SAM at its CIFAR-100-LT radius for LDAM+DRW / CE+DRW
     "drw": ["sam.rho=0.8"],
+    # the paper's group-number sweep on its recipes (G = 4, its best on CIFAR-LT, is the recipe's own)
+    "G8": ["groups.num_groups=8"],
 }
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
 
@@ -98,8 +110,39 @@ class Grid:
 
     recipe: str
     folder: str
-    cells: dict[int, list[str]] = field(default_factory=dict)
-    sweeps: dict[int, list[str]] = field(default_factory=dict)
+    cells: dict[int | None, list[str]] = field(default_factory=dict)
+    sweeps: dict[int | None, list[str]] = field(default_factory=dict)
+    bases: dict[str, list[str]] = field(default_factory=lambda: BASES)  # the recipe keys of each label's base
+
+
+# The paper's recipes are BCL recipes (BCL is the paper's base): the BCL rows take the recipe as it is; the CE rows
+# drop BCL's extra views, projection head and cosine classifier, and train with crop and flip (the plain CE
+# baseline of the long-tail literature, 38.3-38.4 on CIFAR-100-LT r=100).
+PAPER_BASES = {"bcl": [], "ce": ["loss.name=ce", "data.contrastive_views=0", "model.proj_head=null",
+                                  "model.classifier=linear", "data.augment=basic"]}
+_TABLE1 = ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]
+_ABLATION = ["ce", "ce+gkp", "ce+gsa", "ce+gkp+gsa", "bcl", "bcl+gkp", "bcl+gsa", "bcl+gkp+gsa"]
+PAPER_GRIDS = {
+    # Table 1: BCL and CE, with and without GKP+GSA, at r = 100, 50, 10
+    "table1_cifar100": Grid("cifar100_lt_resnet32", "cifar100", {100: _TABLE1, 50: _TABLE1, 10: _TABLE1},
+                            bases=PAPER_BASES),
+    "table1_cifar10": Grid("cifar10_lt_resnet32", "cifar10", {100: _TABLE1, 50: _TABLE1, 10: _TABLE1},
+                           bases=PAPER_BASES),
+    # Table 4: the components on BCL and CE, CIFAR-100-LT r=100
+    "table4": Grid("cifar100_lt_resnet32", "cifar100", {100: _ABLATION}, bases=PAPER_BASES),
+    # Table 5: GSA's ascent direction (SAM's global g, the removed component, h_g), BCL, CIFAR-100-LT r=100
+    "table5": Grid("cifar100_lt_resnet32", "cifar100", {100: [
+        "bcl", "bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj", "bcl+gkp+gsa"]}, bases=PAPER_BASES),
+    # the group number G on BCL, CIFAR-100-LT r=100 (4: the recipe's)
+    "groups_cifar100": Grid("cifar100_lt_resnet32", "cifar100", {100: [
+        "bcl", "bcl+gkp+gsa#G2", "bcl+gkp+gsa", "bcl+gkp+gsa#G6", "bcl+gkp+gsa#G8"]}, bases=PAPER_BASES),
+    # the list-file datasets at their lists' own long tail (a ratio of None: no data.imbalance_ratio)
+    "imagenet_lt_resnet50": Grid("imagenet_lt_resnet50", "imagenet_lt_resnet50", {None: ["bcl", "bcl+gkp+gsa"]},
+                                 bases=PAPER_BASES),
+    "imagenet_lt_resnext50": Grid("imagenet_lt_resnext50", "imagenet_lt_resnext50", {None: ["bcl", "bcl+gkp+gsa"]},
+                                  bases=PAPER_BASES),
+    "inat2018": Grid("inat2018_resnet50", "inat2018_resnet50", {None: ["bcl", "bcl+gkp+gsa"]}, bases=PAPER_BASES),
+}
 
 
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
@@ -143,7 +186,10 @@ GRIDS = {
         "ce+imbsam", "ldam_drw+sam#drw", "ce", "la", "bcl", "ldam_drw"]}),
     # for a GPU: the paper's CIFAR protocol (ResNet-32, 200 epochs, batch 256) on the full 28-px Fashion-MNIST-LT
     "fmnist200": Grid("fmnist_lt_resnet32", "fmnist200", {100: ["la", "la+gkp+gsa"]}),
+    **PAPER_GRIDS,
 }
+# names that stand for several grids (`--grid table1`)
+GRID_SETS = {"table1": ["table1_cifar100", "table1_cifar10"], "paper": list(PAPER_GRIDS)}
 # extras: the paper's group-number ablation on the full method (G = 4 is the grid's own cell), and investigations
 EXTRAS = {"fmnist64": {100: [f"bcl+gkp+gsa#{DEFAULT_VARIANT}_G2", f"bcl+gkp+gsa#{DEFAULT_VARIANT}_G6"]},
           # the paper's per-group perturbed pass (the first v2 default), and a smaller radius with it
@@ -160,17 +206,29 @@ def parse(label: str) -> tuple[str, str, str, str]:
     return base, mods, direction, variant
 
 
-def overrides(label: str, ratio: int, seed: int) -> list[str]:
-    """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2`."""
+def overrides(label: str, ratio: int | None, seed: int, bases: dict[str, list[str]] = BASES) -> list[str]:
+    """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2` (`bases`: the grid's base keys;
+    a ratio of None leaves a list-file dataset's own long tail)."""
     base, mods, direction, variant = parse(label)
-    out = BASES[base] + [f"method={METHOD_OF_MODULES[mods]}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
+    out = bases[base] + [f"method={METHOD_OF_MODULES[mods]}"]
+    out += ([] if ratio is None else [f"data.imbalance_ratio={ratio}"]) + [f"seed={seed}"]
     out += VARIANTS[variant] if variant else []
     # the direction after the variant: a variant's `reading=...` presets the direction, a key set after it wins
     return out + ([f"gsa.direction={direction}"] if direction else [])
 
 
-def result_dir(results: str, grid: Grid, label: str, ratio: int, seed: int) -> str:
-    return os.path.join(results, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
+def folder_of(grid: Grid, ratio: int | None) -> str:
+    """The results folder of a grid's ratio: `<folder>_r<ratio>`, or `<folder>` for a list-file dataset's own tail."""
+    return grid.folder if ratio is None else f"{grid.folder}_r{ratio}"
+
+
+def result_dir(results: str, grid: Grid, label: str, ratio: int | None, seed: int) -> str:
+    return os.path.join(results, folder_of(grid, ratio), label, f"seed{seed}")
+
+
+def job_name(label: str, ratio: int | None, seed: int) -> str:
+    """`la+gkp+gsa r=100 seed=0` (a list-file dataset: `bcl seed=0`), as the runner prints it."""
+    return f"{label}{'' if ratio is None else f' r={ratio}'} seed={seed}"
 
 
 def jobs_of(name: str, ratios: list[int], seeds: list[int]) -> list[tuple[str, int, int]]:
@@ -185,35 +243,44 @@ def run_job(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namesp
     """Train one run and copy its files; skip it when its results exist."""
     dest = result_dir(args.results, grid, label, ratio, seed)
     if os.path.exists(os.path.join(dest, "results.json")):
-        return f"skip {label} r={ratio} seed={seed}"
+        return f"skip {job_name(label, ratio, seed)}"
     if os.path.exists(os.path.join(dest, "train.log")):  # a run that stopped (diverged): its log is its result
-        return f"skip {label} r={ratio} seed={seed} (stopped; its train.log is committed)"
-    scratch = os.path.join(args.scratch, f"{grid.folder}_r{ratio}", label, f"seed{seed}")
+        return f"skip {job_name(label, ratio, seed)} (stopped; its train.log is committed)"
+    scratch = os.path.join(args.scratch, folder_of(grid, ratio), label, f"seed{seed}")
     os.makedirs(scratch, exist_ok=True)
     with open(os.path.join(scratch, "running.lock"), "w") as lock:
         try:  # another runner (two grids share labels) trains this job now; the lock dies with its process
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f"busy {label} r={ratio} seed={seed} (another runner trains it)"
+            return f"busy {job_name(label, ratio, seed)} (another runner trains it)"
         if os.path.exists(os.path.join(dest, "results.json")):  # finished by that runner while this one waited
-            return f"skip {label} r={ratio} seed={seed}"
+            return f"skip {job_name(label, ratio, seed)}"
         return _train_and_copy(grid, label, ratio, seed, args, dest, scratch)
 
 
 def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argparse.Namespace, dest: str,
                     scratch: str) -> str:
-    cmd = [sys.executable, os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
-    for o in overrides(label, ratio, seed) + args.overrides:
+    launcher = shlex.split(args.launch) if args.launch else [sys.executable]
+    cmd = launcher + [os.path.join(args.code, "train.py"), "--recipe", grid.recipe, "--output", scratch]
+    for o in overrides(label, ratio, seed, grid.bases) + args.overrides:
         cmd += ["--set", o]
     if os.path.exists(os.path.join(scratch, "checkpoint.pt")):
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    slots = getattr(args, "gpu_slots", None)
+    gpus = slots.get() if slots is not None else None  # this job's GPUs, back to the pool when it ends
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     t0 = time.time()
-    with open(os.path.join(scratch, "train.log"), "a") as log:
-        proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with open(os.path.join(scratch, "train.log"), "a") as log:
+            proc = subprocess.run(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        if gpus is not None:
+            slots.put(gpus)
     diverged = proc.returncode != 0 and _diverged(os.path.join(scratch, "train.log"))
     if proc.returncode != 0 and not diverged:
-        return f"FAILED {label} r={ratio} seed={seed} (see {scratch}/train.log)"
+        return f"FAILED {job_name(label, ratio, seed)} (see {scratch}/train.log)"
     os.makedirs(dest, exist_ok=True)
     # a diverged run is a result too: its train.log (with the error) is committed in place of results.json
     for name in ["args.yaml", "train.log"] if diverged else COPY:
@@ -225,9 +292,10 @@ def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argpars
             json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)
     outcome = "stopped (diverged)" if diverged else "done"
     if args.commit:
-        message = f"results: {grid.folder} r={ratio} {label} seed {seed}" + (" stopped: diverged" if diverged else "")
+        where = grid.folder if ratio is None else f"{grid.folder} r={ratio}"
+        message = f"results: {where} {label} seed {seed}" + (" stopped: diverged" if diverged else "")
         commit(dest, message, tables=not args.no_tables)
-    return f"{outcome} {label} r={ratio} seed={seed} in {time.time() - t0:.0f}s"
+    return f"{outcome} {job_name(label, ratio, seed)} in {time.time() - t0:.0f}s"
 
 
 def _diverged(log_path: str) -> bool:
@@ -238,14 +306,17 @@ def _diverged(log_path: str) -> bool:
 
 
 TABLES = ["docs/results.md", "README.md", "docs/per_class_*.png"]  # what tools/collect_results.py writes
+PAPER_TABLES = ["docs/reproduce.md"]  # what tools/paper_tables.py writes
 
 
 def commit(path: str, message: str, tables: bool = True, tries: int = 5) -> None:
     """git commit of `path`, with the result tables regenerated from it (unless `tables` is off) so that committed
     tables match the committed runs; retried while another git command holds the index lock."""
-    regen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "collect_results.py")], cwd=ROOT,
-                           capture_output=True, text=True) if tables else None
-    paths = [path] + (TABLES if regen is not None and regen.returncode == 0 else [])
+    paths = [path]
+    for tool, written in (("collect_results.py", TABLES), ("paper_tables.py", PAPER_TABLES)) if tables else ():
+        regen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)], cwd=ROOT, capture_output=True,
+                               text=True)
+        paths += written if regen.returncode == 0 else []
     for attempt in range(tries):
         add = subprocess.run(["git", "add", *paths], cwd=ROOT, capture_output=True, text=True)
         done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=ROOT,
@@ -256,15 +327,61 @@ def commit(path: str, message: str, tables: bool = True, tries: int = 5) -> None
     print(f"could not commit {path}; commit it by hand", file=sys.stderr, flush=True)
 
 
+def grid_names(spec: str) -> list[str]:
+    """The grids of `--grid`: a grid, a set of GRID_SETS, or a comma-separated list of either, in order, once each."""
+    names = []
+    for name in spec.split(","):
+        if name not in GRIDS and name not in GRID_SETS:
+            raise SystemExit(f"--grid: no grid or set named {name!r}; grids: {', '.join(sorted(GRIDS))}; "
+                             f"sets: {', '.join(GRID_SETS)}")
+        names += GRID_SETS.get(name, [name])
+    return list(dict.fromkeys(names))
+
+
+def select_jobs(names: list[str], ratios: list[int] | None, seeds: list[int]) -> list[tuple[str, str, int | None, int]]:
+    """(grid, label, ratio, seed) of the grids in run order: seed by seed, each grid's jobs of that seed in its own
+    order; a run two grids share (same folder, label, ratio, seed) appears once, under the first. `ratios` None: every
+    ratio of each grid (a list-file dataset's None among them); else those of each grid that are listed."""
+    jobs, seen = [], set()
+    for name in names:
+        grid = GRIDS[name]
+        own = sorted(grid.cells, key=lambda r: -1 if r is None else r, reverse=True)
+        for label, ratio, seed in jobs_of(name, [r for r in own if ratios is None or r in ratios], seeds):
+            key = (folder_of(grid, ratio), label, seed)
+            if key not in seen:
+                seen.add(key)
+                jobs.append((name, label, ratio, seed))
+    return sorted(jobs, key=lambda j: seeds.index(j[3]))  # stable: within a seed, the grids' order
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    """`--shard k/n` -> (k, n), 1 <= k <= n."""
+    k, _, n = spec.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise SystemExit(f"--shard {spec}: expected k/n with 1 <= k <= n (machine k of n), e.g. --shard 1/2")
+    return int(k), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="fmnist16")
+    ap.add_argument("--grid", default="fmnist16",
+                    help=f"a grid ({', '.join(sorted(GRIDS))}), a set ({', '.join(GRID_SETS)}) or a comma-separated "
+                         "list")
     ap.add_argument("--ratios", default=None, help="comma-separated ratios (default: every ratio of the grid)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default=None, help="comma-separated run labels to run (default: all of the grid)")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="run every N-th job of the list, starting at the K-th (machine K of N; the machines split "
+                         "the same list, and each skips what the committed results/ already hold)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every job (e.g. data.root=/elsewhere/fashion-mnist)")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None, help="jobs at once (default: one, or one per --gpus entry)")
+    ap.add_argument("--gpus", default=None, metavar="LIST",
+                    help="the GPUs of each concurrent job, comma-separated, '+' joining a multi-GPU job's: 0,1,2,3 "
+                         "(four one-GPU jobs) or 0+1+2+3,4+5+6+7 (with --launch for the processes)")
+    ap.add_argument("--launch", default=None, metavar="COMMAND",
+                    help="the launcher each job's train.py runs under (default: this Python), e.g. \"accelerate launch "
+                         "--multi_gpu --num_processes 4 --mixed_precision bf16\" or \"torchrun --nproc_per_node 4\"")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"))
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "grid"))
@@ -278,25 +395,37 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --commit, commit the run files only (regenerate the tables with collect_results.py)")
     ap.add_argument("--list", action="store_true", help="print each job as done or todo, run nothing")
     args = ap.parse_args(argv)
-    grid = GRIDS[args.grid]
-    ratios = [int(r) for r in args.ratios.split(",")] if args.ratios else sorted(grid.cells, reverse=True)
-    jobs = jobs_of(args.grid, ratios, [int(s) for s in args.seeds.split(",")])
+    names = grid_names(args.grid)
+    ratios = [int(r) for r in args.ratios.split(",")] if args.ratios else None
+    jobs = select_jobs(names, ratios, [int(s) for s in args.seeds.split(",")])
     if args.only:
         only = args.only.split(",")
-        unknown = sorted(set(only) - {label for label, _, _ in jobs})
+        unknown = sorted(set(only) - {label for _, label, _, _ in jobs})
         if unknown:
             raise SystemExit(f"--only: grid {args.grid} has no run labelled {', '.join(unknown)}")
-        jobs = [j for j in jobs if j[0] in only]
+        jobs = [j for j in jobs if j[1] in only]
+    if args.shard:
+        k, n = shard_of(args.shard)
+        jobs = jobs[k - 1::n]
+    several = len({GRIDS[name].folder for name, *_ in jobs}) > 1  # then each line names its grid's folder
+
+    def where(name: str) -> str:
+        return f"{GRIDS[name].folder}: " if several else ""
     if args.list:
-        for label, ratio, seed in jobs:
-            dest = result_dir(args.results, grid, label, ratio, seed)
+        for name, label, ratio, seed in jobs:
+            dest = result_dir(args.results, GRIDS[name], label, ratio, seed)
             state = ("done" if os.path.exists(os.path.join(dest, "results.json"))
                      else "stopped" if os.path.exists(os.path.join(dest, "train.log")) else "todo")
-            print(f"{state} {label} r={ratio} seed={seed}")
+            print(f"{state} {where(name)}{job_name(label, ratio, seed)}")
         return 0
-    with ThreadPoolExecutor(args.workers) as pool:
-        for msg in pool.map(lambda j: run_job(grid, *j, args), jobs):
-            print(msg, flush=True)
+    if args.gpus:
+        args.gpu_slots = queue.Queue()
+        for entry in args.gpus.split(","):
+            args.gpu_slots.put(entry.replace("+", ","))
+    workers = args.workers or (len(args.gpus.split(",")) if args.gpus else 1)
+    with ThreadPoolExecutor(workers) as pool:
+        for (name, *_), msg in zip(jobs, pool.map(lambda j: run_job(GRIDS[j[0]], *j[1:], args), jobs)):
+            print(f"{where(name)}{msg}", flush=True)
     return 0
 
 
