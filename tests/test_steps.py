@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch.func import functional_call
 
+import oracles
 from lt_recipes.config import SCHEMA, defaults
 from lt_recipes.steps import (ASAM, CCSAM, GBG, SAM, FocalSAM, FriendlySAM, ImbSAM, PlainStep, create_step,
                               list_methods, list_steps, step_class, step_info)
@@ -146,6 +147,34 @@ def test_imbsam_equals_its_oracle(kind):
     tail = torch.tensor([n < 100 for n in COUNTS], dtype=torch.float64)
     _close(_run(ImbSAM, model, x, y, class_counts=COUNTS, rho=0.05, eta=100)[0],
            _split_oracle(model, x, y, 1 - tail, 2 * tail, 0.05))
+
+
+def _exact(got, want, name=""):
+    """Agreement to float64 rounding: a rule changed by 1e-10 relative fails here."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("perturbed_bn", ["frozen", "update"])
+def test_imbsam_equals_the_authors_step_with_either_bn_behaviour(perturbed_bn):
+    """Two steps of `imbsam.perturbed_bn` frozen (ours) and update (the authors' third pass, a train-mode forward at
+    theta + eps, moves the running statistics) against the float64 oracle of Imbalanced_SAM's forbackward
+    (tests/oracles.py): parameters and every BatchNorm buffer. The running statistics of the two options differ."""
+    model, (x1, y1) = _model("bn"), _data("bn")
+    x2, y2 = _data("bn", seed=2)
+    want = copy.deepcopy(model)
+    got = copy.deepcopy(model)
+    step = ImbSAM(got, torch.optim.SGD(got.parameters(), lr=LR), class_counts=COUNTS, rho=0.05,
+                  perturbed_bn=perturbed_bn)
+    for x, y in ((x1, y1), (x2, y2)):
+        oracles.imbsam_step(want, x, y, step.tail_classes, 0.05, LR, perturbed_bn)
+        step.step(_loss_fn(got, x, y), y)
+    for (name, w), g in zip(want.state_dict().items(), got.state_dict().values()):
+        _exact(g, w, name)
+    other = copy.deepcopy(model)
+    for x, y in ((x1, y1), (x2, y2)):
+        oracles.imbsam_step(other, x, y, step.tail_classes, 0.05, LR, "update" if perturbed_bn == "frozen" else "frozen")
+    _exact(_flat(other), _flat(got))  # train-mode forwards normalise by the batch: the parameters do not see it
+    assert not torch.allclose(other.encoder[1].running_mean, got.encoder[1].running_mean, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["bn", "plain"])
