@@ -266,7 +266,8 @@ def test_cc_sam_equals_its_oracle(kind):
 
 def _gbg_oracle(model, x, y, group_of_class):
     """GBG: u_g = g_g / (L_g ||g_g||) over the encoder (not the classifier), alpha = argmin_{simplex} ||sum alpha_g
-    u_g||^2 by SLSQP, update -lr sum_g alpha_g g_g (whole-parameter group gradients)."""
+    u_g||^2 by SLSQP, polished to float64 rounding by the KKT system on the support SLSQP found, update -lr sum_g
+    alpha_g g_g (whole-parameter group gradients)."""
     m = copy.deepcopy(model)
     params = _params(m)
     enc = [i for i, (n, p) in enumerate(m.named_parameters()) if not n.startswith("classifier.")]
@@ -282,10 +283,17 @@ def _gbg_oracle(model, x, y, group_of_class):
     k = len(units)
     res = minimize(lambda a: float((a @ U) @ (a @ U)), np.full(k, 1 / k), method="SLSQP", bounds=[(0, 1)] * k,
                    constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1}], options={"ftol": 1e-14, "maxiter": 500})
+    # on the support S, the minimiser with sum alpha = 1 solves [[2 M_S, 1], [1^T, 0]] [alpha_S; mu] = [0; 1]
+    M, S = U @ U.T, np.flatnonzero(res.x > 1e-6)
+    kkt = np.block([[2 * M[np.ix_(S, S)], np.ones((len(S), 1))], [np.ones((1, len(S))), np.zeros((1, 1))]])
+    alpha = np.zeros(k)
+    alpha[S] = np.linalg.solve(kkt, np.r_[np.zeros(len(S)), 1.0])[:-1]
+    assert (alpha >= 0).all() and np.abs(alpha - res.x).max() < 1e-5
+    assert (2 * M @ alpha >= 2 * alpha @ M @ alpha - 1e-12).all()  # no group off the support lowers the norm
     with torch.no_grad():
         for i, p in enumerate(params):
-            p.sub_(LR * sum(float(a) * gr[i] for a, gr in zip(res.x, grads)))
-    return _flat(m), res.x
+            p.sub_(LR * sum(float(a) * gr[i] for a, gr in zip(alpha, grads)))
+    return _flat(m), alpha
 
 
 @pytest.mark.parametrize("kind", ["bn", "plain"])
@@ -297,8 +305,8 @@ def test_gbg_equals_its_oracle(kind):
     step.set_groups(groups, [700, 85, 17])
     step.step(_loss_fn(m, x, y), y)
     want, alpha = _gbg_oracle(model, x, y, groups)
-    assert step.last_weights == pytest.approx(alpha.tolist(), abs=1e-6)
-    torch.testing.assert_close(_flat(m), want, rtol=1e-7, atol=1e-9)
+    assert step.last_weights == pytest.approx(alpha.tolist(), abs=1e-12)
+    _exact(_flat(m), want)
 
 
 def test_sharpness_aware_peers_raise_their_perturbed_loss():
