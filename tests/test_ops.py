@@ -263,6 +263,20 @@ def test_float64_on_a_float32_only_kernel_goes_to_the_reference(monkeypatch):
         ops.gkp_penalty(grads[0], grads, grads.abs(), weights, backend="fused")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_kernels_refuse_float64_and_auto_takes_the_reference():
+    lt = torch.ops.lt_recipes
+    g, w = torch.randn(2, 40, dtype=torch.float64, device="cuda"), torch.rand(2, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match=r"gsa_project: the CUDA kernel takes float32 only"):
+        lt.gsa_project(g, w, torch.empty(40, dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match=r"gkp_penalty: the CUDA kernel takes float32 only"):
+        lt.gkp_penalty(g[0], g, g.abs(), w)
+    grad = torch.zeros(40, dtype=torch.float64, device="cuda")
+    value = ops.gkp_penalty(g[0], g, g.abs(), w, grad_out=grad)
+    want = ops.gkp_penalty(g[0].cpu(), g.cpu(), g.abs().cpu(), w.cpu(), backend="fused")
+    assert value.dtype == torch.float64 and float(value) == pytest.approx(float(want), rel=1e-13)
+
+
 def test_more_groups_than_the_kernels_take_use_the_reference():
     grads, weights = torch.randn(ops.MAX_FUSED_GROUPS + 1, 50), torch.rand(ops.MAX_FUSED_GROUPS + 1)
     auto = ops.gsa_project(grads, weights)
