@@ -369,7 +369,7 @@ def run_two_steps(name: str, rank: int = 0, world: int = 1) -> torch.Tensor:
 def test_gkp_rides_on_a_peer():
     """GKP + ImbSAM: the task update weighted alpha plus the gradient of (1 - alpha) sum_j (sum_{g != j} w_g)
     s_j sum_i F_ji (theta_i - a_ji)^2 over the encoder, w_g the batch share of GKP's group g (float64 oracle; the
-    step in float32, the type of GKP's fused op)."""
+    step in float64 through the fused op's float64 path, to float64 rounding)."""
     model, (x, y) = _model("bn"), _data("bn")
     group_of_class, alpha = [0, 0, 1, 1, 2, 2], 0.6
     enc = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
@@ -378,10 +378,10 @@ def test_gkp_rides_on_a_peer():
     anchors = torch.randn(3, n_enc, generator=g, dtype=torch.float64) * 0.1
     fisher = torch.rand(3, n_enc, generator=g, dtype=torch.float64)
     strength = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
-    m = copy.deepcopy(model).float()
-    step = ImbSAM(m, torch.optim.SGD(m.parameters(), lr=LR), class_counts=COUNTS, rho=0.05)
-    step.set_gkp(anchors.float(), fisher.float(), strength.float(), group_of_class)
-    step.step(_loss_fn(m, x.float(), y), y, alpha=alpha)
+    m = copy.deepcopy(model)
+    step = ImbSAM(m, torch.optim.SGD(m.parameters(), lr=LR), class_counts=COUNTS, rho=0.05, backend="fused")
+    step.set_gkp(anchors, fisher, strength, group_of_class)
+    step.step(_loss_fn(m, x, y), y, alpha=alpha)
 
     tail = torch.tensor([n < 20 for n in COUNTS], dtype=torch.float64)
     task = _split_oracle(model, x, y, 1 - tail, 2 * tail, 0.05)  # theta - lr * task gradient
@@ -399,7 +399,7 @@ def test_gkp_rides_on_a_peer():
     want = theta0 + alpha * (task - theta0)
     want[:n_enc] -= LR * gkp_grad
     assert len(enc_ids) == len(enc)
-    torch.testing.assert_close(_flat(m).double(), want, rtol=2e-5, atol=2e-6)
+    _exact(_flat(m), want)
 
 
 @pytest.mark.parametrize("name", ["none", "sam", "imbsam", "cc_sam", "gbg"])
