@@ -66,7 +66,8 @@ def fused_available() -> bool:
     return _EXT_LOADED
 
 
-def _use_fused(op: str, backend: str, device: torch.device, groups: int, dtype: torch.dtype) -> bool:
+def _use_fused(op: str, backend: str, device: torch.device, groups: int,
+               dtype: torch.dtype = torch.float32) -> bool:
     """Resolve `backend` for one call; raises for an unknown backend or a "fused" request that cannot run here.
 
     More groups than the kernels take is left to the kernel's own check under "fused" and sent to the reference
