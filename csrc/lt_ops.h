@@ -17,9 +17,16 @@ void check_gsa_project(const at::Tensor& grads, const at::Tensor& weights, const
 void check_gkp(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher, const at::Tensor& coef,
                const at::Tensor* grad_out);
 
-// Calls fn(T{}) with T the C++ type of the anchors / Fisher storage dtype (float32, bfloat16 or float16).
-template <typename Fn>
+// Calls fn(T{}) with T the C++ type of the anchors / Fisher storage dtype (float32, bfloat16 or float16; also
+// float64 with kWithDouble, the float64 path's).
+template <bool kWithDouble = false, typename Fn>
 void dispatch_stored(at::ScalarType t, Fn&& fn) {
+  if constexpr (kWithDouble) {
+    if (t == at::kDouble) {
+      fn(double{});
+      return;
+    }
+  }
   switch (t) {
     case at::kFloat:
       fn(float{});
@@ -31,7 +38,8 @@ void dispatch_stored(at::ScalarType t, Fn&& fn) {
       fn(c10::Half{});
       return;
     default:
-      TORCH_CHECK(false, "gkp_penalty: anchors and fisher must be float32, bfloat16 or float16, got ", t);
+      TORCH_CHECK(false, "gkp_penalty: anchors and fisher must be ", kWithDouble ? "float64, " : "",
+                  "float32, bfloat16 or float16, got ", t);
   }
 }
 

@@ -1,4 +1,4 @@
-// CPU kernels of the lt_recipes ops.
+// CPU kernels of the lt_recipes ops, for float32 and (the float64 path: tests against float64 oracles) float64.
 //
 // d is cut into fixed chunks of kChunk elements that at::parallel_for hands to threads; every reduction keeps one
 // partial per chunk and the partials are added in chunk order, so results are identical for any thread count.
@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -55,7 +56,8 @@ LT_INLINE double sum8(double4 a, double4 b) {
 }
 
 // dot += sum_i x_i y_i and sq += sum_i x_i^2, in double (fp32 products are exact in double).
-LT_INLINE void dot_sq(const float* x, const double* y, int64_t n, double& dot, double& sq) {
+template <typename T>
+LT_INLINE void dot_sq(const T* x, const double* y, int64_t n, double& dot, double& sq) {
   double4 d0 = {}, d1 = {}, s0 = {}, s1 = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -76,9 +78,10 @@ LT_INLINE void dot_sq(const float* x, const double* y, int64_t n, double& dot, d
 }
 
 // One chunk [begin, end) of gsa_project: writes global_grad there and adds, to partial (2G + 1 doubles),
-// <grads_g, global> at g, ||grads_g||^2 at G + g and ||global||^2 at 2G.
-LT_SIMD_CLONES void gsa_project_chunk(const float* grads, const float* weights, float* global, int64_t G,
-                                      int64_t d, int64_t begin, int64_t end, double* partial) {
+// <grads_g, global> at g, ||grads_g||^2 at G + g and ||global||^2 at 2G. T is float32 or float64 (the inputs').
+template <typename T>
+LT_SIMD_CLONES void gsa_project_chunk(const T* grads, const T* weights, T* global, int64_t G, int64_t d,
+                                      int64_t begin, int64_t end, double* partial) {
   double acc[kBlock];
   double gl[kBlock];
   double unused = 0.0;
@@ -87,12 +90,12 @@ LT_SIMD_CLONES void gsa_project_chunk(const float* grads, const float* weights, 
     std::fill(acc, acc + n, 0.0);
     for (int64_t g = 0; g < G; ++g) {
       const double w = weights[g];
-      const float* row = grads + g * d + b;
+      const T* row = grads + g * d + b;
       for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<double>(row[i]);
     }
-    float* out = global + b;
+    T* out = global + b;
     for (int64_t i = 0; i < n; ++i) {
-      out[i] = static_cast<float>(acc[i]);
+      out[i] = static_cast<T>(acc[i]);
       gl[i] = static_cast<double>(out[i]);
     }
     dot_sq(out, gl, n, partial[2 * G], unused);
@@ -100,17 +103,17 @@ LT_SIMD_CLONES void gsa_project_chunk(const float* grads, const float* weights, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> gsa_project_cpu(const at::Tensor& grads, const at::Tensor& weights,
-                                                    const at::Tensor& global) {
-  check_gsa_project(grads, weights, global);
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> gsa_project_typed(const at::Tensor& grads, const at::Tensor& weights,
+                                                     const at::Tensor& global) {
   const int64_t G = grads.size(0);
   const int64_t d = grads.size(1);
   const int64_t k = 2 * G + 1;
   const int64_t chunks = num_chunks(d);
   std::vector<double> partials(chunks * k, 0.0);
-  const float* g_ptr = grads.const_data_ptr<float>();
-  const float* w_ptr = weights.const_data_ptr<float>();
-  float* out_ptr = global.mutable_data_ptr<float>();
+  const T* g_ptr = grads.const_data_ptr<T>();
+  const T* w_ptr = weights.const_data_ptr<T>();
+  T* out_ptr = global.mutable_data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       gsa_project_chunk(g_ptr, w_ptr, out_ptr, G, d, c * kChunk, std::min(d, (c + 1) * kChunk), &partials[c * k]);
@@ -122,46 +125,53 @@ std::tuple<at::Tensor, at::Tensor> gsa_project_cpu(const at::Tensor& grads, cons
   }
   at::Tensor coef = at::empty({G}, weights.options());
   at::Tensor residual = at::empty({G}, weights.options());
-  float* coef_ptr = coef.mutable_data_ptr<float>();
-  float* res_ptr = residual.mutable_data_ptr<float>();
+  T* coef_ptr = coef.mutable_data_ptr<T>();
+  T* res_ptr = residual.mutable_data_ptr<T>();
   const double gg = total[2 * G];
   for (int64_t g = 0; g < G; ++g) {
     const double c = gg > 0.0 ? total[g] / gg : 0.0;
-    coef_ptr[g] = static_cast<float>(c);
-    res_ptr[g] = static_cast<float>(std::sqrt(std::max(0.0, total[G + g] - c * total[g])));
+    coef_ptr[g] = static_cast<T>(c);
+    res_ptr[g] = static_cast<T>(std::sqrt(std::max(0.0, total[G + g] - c * total[g])));
   }
   return {coef, residual};
 }
 
+std::tuple<at::Tensor, at::Tensor> gsa_project_cpu(const at::Tensor& grads, const at::Tensor& weights,
+                                                    const at::Tensor& global) {
+  check_gsa_project(grads, weights, global);
+  return grads.scalar_type() == at::kDouble ? gsa_project_typed<double>(grads, weights, global)
+                                            : gsa_project_typed<float>(grads, weights, global);
+}
+
 // One chunk of gkp_penalty: returns sum_i sum_j coef_j F_ji (theta_i - a_ji)^2 over the chunk and, when grad is
-// given, adds 2 sum_j coef_j F_ji (theta_i - a_ji) to it. Per element the G terms add in fp32, across elements in
-// double.
-template <typename TA, typename TF>
-LT_SIMD_CLONES double gkp_chunk(const float* theta, const TA* anchors, const TF* fisher, const float* coef,
-                                float* grad, int64_t G, int64_t d, int64_t begin, int64_t end) {
-  float gacc[kBlock];
-  float vacc[kBlock];
+// given, adds 2 sum_j coef_j F_ji (theta_i - a_ji) to it. Per element the G terms add in T (theta's dtype, float32
+// or float64), across elements in double.
+template <typename T, typename TA, typename TF>
+LT_SIMD_CLONES double gkp_chunk(const T* theta, const TA* anchors, const TF* fisher, const T* coef, T* grad,
+                                int64_t G, int64_t d, int64_t begin, int64_t end) {
+  T gacc[kBlock];
+  T vacc[kBlock];
   double4 v0 = {}, v1 = {};
   double tail = 0.0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
-    const float* th = theta + b;
-    std::fill(gacc, gacc + n, 0.0f);
-    std::fill(vacc, vacc + n, 0.0f);
+    const T* th = theta + b;
+    std::fill(gacc, gacc + n, T(0));
+    std::fill(vacc, vacc + n, T(0));
     for (int64_t j = 0; j < G; ++j) {
-      const float c = coef[j];
+      const T c = coef[j];
       const TA* a = anchors + j * d + b;
       const TF* f = fisher + j * d + b;
       for (int64_t i = 0; i < n; ++i) {
-        const float diff = th[i] - static_cast<float>(a[i]);
-        const float cfd = c * static_cast<float>(f[i]) * diff;
+        const T diff = th[i] - static_cast<T>(a[i]);
+        const T cfd = c * static_cast<T>(f[i]) * diff;
         gacc[i] += cfd;
         vacc[i] += cfd * diff;
       }
     }
     if (grad != nullptr) {
-      float* out = grad + b;
-      for (int64_t i = 0; i < n; ++i) out[i] += 2.0f * gacc[i];
+      T* out = grad + b;
+      for (int64_t i = 0; i < n; ++i) out[i] += T(2) * gacc[i];
     }
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -173,19 +183,20 @@ LT_SIMD_CLONES double gkp_chunk(const float* theta, const TA* anchors, const TF*
   return sum8(v0, v1) + tail;
 }
 
-at::Tensor gkp_cpu(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher,
-                   const at::Tensor& coef, const at::Tensor* grad_out) {
-  check_gkp(theta, anchors, fisher, coef, grad_out);
+template <typename T>
+at::Tensor gkp_typed(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher,
+                     const at::Tensor& coef, const at::Tensor* grad_out) {
+  constexpr bool kWide = std::is_same_v<T, double>;
   const int64_t G = anchors.size(0);
   const int64_t d = theta.size(0);
   const int64_t chunks = num_chunks(d);
   std::vector<double> partials(chunks, 0.0);
-  const float* th = theta.const_data_ptr<float>();
-  const float* c = coef.const_data_ptr<float>();
-  float* grad = grad_out != nullptr ? grad_out->mutable_data_ptr<float>() : nullptr;
-  dispatch_stored(anchors.scalar_type(), [&](auto a_tag) {
+  const T* th = theta.const_data_ptr<T>();
+  const T* c = coef.const_data_ptr<T>();
+  T* grad = grad_out != nullptr ? grad_out->mutable_data_ptr<T>() : nullptr;
+  dispatch_stored<kWide>(anchors.scalar_type(), [&](auto a_tag) {
     using TA = decltype(a_tag);
-    dispatch_stored(fisher.scalar_type(), [&](auto f_tag) {
+    dispatch_stored<kWide>(fisher.scalar_type(), [&](auto f_tag) {
       using TF = decltype(f_tag);
       const TA* a = anchors.const_data_ptr<TA>();
       const TF* f = fisher.const_data_ptr<TF>();
@@ -199,8 +210,15 @@ at::Tensor gkp_cpu(const at::Tensor& theta, const at::Tensor& anchors, const at:
   double total = 0.0;
   for (double p : partials) total += p;
   at::Tensor value = at::empty({}, theta.options());
-  *value.mutable_data_ptr<float>() = static_cast<float>(total);
+  *value.mutable_data_ptr<T>() = static_cast<T>(total);
   return value;
+}
+
+at::Tensor gkp_cpu(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher,
+                   const at::Tensor& coef, const at::Tensor* grad_out) {
+  check_gkp(theta, anchors, fisher, coef, grad_out);
+  return theta.scalar_type() == at::kDouble ? gkp_typed<double>(theta, anchors, fisher, coef, grad_out)
+                                            : gkp_typed<float>(theta, anchors, fisher, coef, grad_out);
 }
 
 at::Tensor gkp_penalty_cpu(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher,

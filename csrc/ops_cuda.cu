@@ -1,4 +1,4 @@
-// CUDA kernels of the lt_recipes ops.
+// CUDA kernels of the lt_recipes ops (float32 only: float64 inputs are refused, the float64 path is the CPU's).
 //
 // Each op is one grid-stride kernel that reads every input once, reduces its per-thread float64 partials with warp
 // shuffles and a shared-memory pass into one partial per block, and a one-block kernel that adds the block
@@ -144,6 +144,8 @@ void launch_gsa_project(const float* grads, const float* weights, float* global,
 std::tuple<at::Tensor, at::Tensor> gsa_project_cuda(const at::Tensor& grads, const at::Tensor& weights,
                                                      const at::Tensor& global) {
   check_gsa_project(grads, weights, global);
+  TORCH_CHECK_VALUE(grads.scalar_type() == at::kFloat, "gsa_project: the CUDA kernel takes float32 only, got grads of ",
+                    "dtype ", grads.scalar_type(), " (the float64 path runs on the CPU or with backend='reference')");
   const c10::cuda::CUDAGuard guard(grads.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int G = static_cast<int>(grads.size(0));
@@ -219,6 +221,8 @@ __global__ void __launch_bounds__(kThreads)
 at::Tensor gkp_cuda(const at::Tensor& theta, const at::Tensor& anchors, const at::Tensor& fisher,
                     const at::Tensor& coef, const at::Tensor* grad_out) {
   check_gkp(theta, anchors, fisher, coef, grad_out);
+  TORCH_CHECK_VALUE(theta.scalar_type() == at::kFloat, "gkp_penalty: the CUDA kernel takes float32 only, got theta of ",
+                    "dtype ", theta.scalar_type(), " (the float64 path runs on the CPU or with backend='reference')");
   const c10::cuda::CUDAGuard guard(theta.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int G = static_cast<int>(anchors.size(0));

@@ -46,3 +46,6 @@ GROUPED_STEPS = ("grouped", "released")
 READINGS = ("paper", "released")
 WEIGHTINGS = ("samples", "sum", "mean")  # w_g of Eq. 16
 BACKENDS = ("auto", "fused", "reference")
+# BatchNorm running statistics in the perturbed pass of a SAM-style peer: left alone (the usual SAM practice), or moved
+# by that train-mode forward at theta + eps (ImbSAM's own code)
+PERTURBED_BN = ("frozen", "update")

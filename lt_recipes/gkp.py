@@ -25,9 +25,10 @@ _logger = logging.getLogger(__name__)
 def gkp_strength(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """(lambda / 2) / |G_j| of Eq. 6, |G_j| the group's training samples ("per_samples", the released code) or
-    classes ("per_classes"); on `device` (the model's, for the fused GKP op; None: the CPU)."""
+    classes ("per_classes"); on `device` (the model's, for the fused GKP op; None: the CPU). float64: a step casts the
+    coefficients it forms to its parameters' dtype."""
     sizes = group_samples if norm == "per_samples" else group_classes
-    return torch.tensor([lam / 2 / max(int(s), 1) for s in sizes], dtype=torch.float32, device=device)
+    return torch.tensor([lam / 2 / max(int(s), 1) for s in sizes], dtype=torch.float64, device=device)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DI
                       CONTRASTIVE_VIEWS, DATASETS,
                       DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
-                      PERTURBATIONS, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
+                      PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
 from .steps.registry import list_methods
 
@@ -415,6 +415,9 @@ class ImbSAMConfig(Section):
     rho: float = key(0.05, FLOAT, _at_least(0.0))
     # null: the few-shot boundary of the Many/Medium/Few split (20 images)
     eta: float | None = key(None, FLOAT, _positive, nullable=True)
+    # BatchNorm running statistics in the pass at theta + eps: frozen (ours, usual SAM practice) or update (the authors'
+    # code, whose third pass is a train-mode forward there)
+    perturbed_bn: str = key("frozen", STR, choices=PERTURBED_BN)
 
 
 @dataclass(frozen=True)

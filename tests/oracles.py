@@ -1,6 +1,6 @@
 """Plain float64 versions of the paper's equations that only the tests use: the oracles the fast paths are checked
-against (grouping.MemoryBank, gkp.estimate_fisher, the fused GKP op). Written the slow, literal way and independent
-of lt_recipes."""
+against (grouping.MemoryBank, gkp.estimate_fisher, the fused GKP op, the ImbSAM step as its authors run it). Written
+the slow, literal way and independent of lt_recipes."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def feature_quality(features: torch.Tensor, labels: torch.Tensor, num_classes: int, beta: float = 0.5,
@@ -81,3 +82,36 @@ def total_objective(gsa_losses: Sequence[torch.Tensor], gkp_losses: Sequence[tor
     """Eq. 16: L = sum_g w_g [alpha L_gsa^g + (1 - alpha) L_gkp^g], w_g = 1 as printed or the given weights."""
     weights = [1.0] * len(gsa_losses) if weights is None else weights
     return sum(w * (alpha * a + (1 - alpha) * b) for w, a, b in zip(weights, gsa_losses, gkp_losses))
+
+
+def imbsam_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tail_classes: Sequence[int], rho: float,
+                lr: float, perturbed_bn: str) -> None:
+    """One ImbSAM step on `model` in place (parameters and BatchNorm buffers), the way cool-xuan/Imbalanced_SAM's
+    `forbackward` and `ImbSAM` run it with plain SGD, float64, cross-entropy, training mode:
+
+    1. a whole-batch forward at theta (BatchNorm running statistics move); g_H = grad of sum_{i in H} l_i / B;
+    2. eps = rho g_T / (||g_T|| + 1e-16), g_T = grad of 2 sum_{i in T} l_i / B (T: samples of tail classes);
+    3. a whole-batch forward at theta + eps, g_T' = grad of 2 sum_{i in T} l_i / B there; with `perturbed_bn`
+       "update" this forward moves the running statistics as the authors' does, with "frozen" they are put back;
+    4. theta <- theta - lr (g_H + g_T').
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    B = len(y)
+    tail = (y[:, None] == torch.as_tensor(list(tail_classes))[None, :]).any(1)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    g_head = torch.autograd.grad(losses[~tail].sum() / B, params, retain_graph=True)
+    g_tail = torch.autograd.grad(losses[tail].sum() / B * 2, params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g_tail)) + 1e-16
+    eps = [rho * g / norm for g in g_tail]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    buffers = [b.clone() for b in model.buffers()]
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    g_perturbed = torch.autograd.grad(losses[tail].sum() / B * 2, params)
+    with torch.no_grad():
+        if perturbed_bn == "frozen":
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        for p, e, gh, gt in zip(params, eps, g_head, g_perturbed):
+            p.sub_(e).sub_(lr * (gh + gt))

@@ -32,6 +32,7 @@ OPTION_KEYS = {
     "gsa.direction": choices.DIRECTIONS, "gsa.scale": choices.SCALES, "gsa.group_grads": choices.GROUP_GRADS,
     "gsa.perturbation": choices.PERTURBATIONS, "gsa.group_weighting": choices.WEIGHTINGS,
     "gsa.backend": choices.BACKENDS, "gsa.step": choices.GROUPED_STEPS, "reading": choices.READINGS,
+    "imbsam.perturbed_bn": choices.PERTURBED_BN,
 }
 
 

@@ -19,13 +19,15 @@ from oracles import fisher_diagonal, gkp_group_loss, total_objective
 @pytest.mark.parametrize("norm", ["per_classes", "per_samples"])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("weighting", ["samples", "sum"])
-def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend, weighting):
-    """The fused penalty with c_j = (1 - alpha) (sum_{g != j} w_g) strength_j is Eq. 16's weighted sum of Eq. 6."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend, weighting, dtype):
+    """The fused penalty with c_j = (1 - alpha) (sum_{g != j} w_g) strength_j is Eq. 16's weighted sum of Eq. 6: to
+    float32 rounding, and on the float64 path to float64 rounding (a coefficient off by 1e-10 fails)."""
     g = torch.Generator().manual_seed(0)
     G, d, lam, alpha = 4, 301, 100.0, 0.7
     batch_counts = [20, 7, 0, 5]
-    theta = torch.randn(d, generator=g)
-    anchors, fisher = torch.randn(G, d, generator=g), torch.rand(G, d, generator=g)
+    theta = torch.randn(d, generator=g).to(dtype)
+    anchors, fisher = torch.randn(G, d, generator=g).to(dtype), torch.rand(G, d, generator=g).to(dtype)
     classes, samples = [3, 2, 4, 1], [500, 120, 60, 7]
     sizes = torch.tensor(classes if norm == "per_classes" else samples, dtype=torch.float64)
     t = theta.double().requires_grad_(True)
@@ -33,11 +35,12 @@ def test_gkp_value_and_gradient_equal_autograd_of_eq6(norm, backend, weighting):
     want = total_objective([torch.zeros(())] * G, [gkp_group_loss(t, anchors.double(), fisher.double(), sizes, k, lam)
                                                    for k in range(G)], alpha, w)
     want_grad, = torch.autograd.grad(want, t)
-    coef = (1 - alpha) * gkp_strength(classes, samples, lam, norm) * torch.tensor(gkp_weights(w))
-    grad = torch.zeros(d)
+    coef = ((1 - alpha) * gkp_strength(classes, samples, lam, norm) * torch.tensor(gkp_weights(w))).to(dtype)
+    grad = torch.zeros(d, dtype=dtype)
     value = ops.gkp_penalty(theta, anchors, fisher, coef, grad_out=grad, backend=backend)
-    assert float(value) == pytest.approx(float(want), rel=1e-5)
-    assert torch.allclose(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-14)
+    assert value.dtype == dtype and float(value) == pytest.approx(float(want), rel=rtol)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=atol)
 
 
 def test_strength_and_weights_by_hand():

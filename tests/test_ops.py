@@ -38,11 +38,11 @@ def _t(a: np.ndarray, device: str, dtype: torch.dtype = torch.float32) -> torch.
 # ---- float64 NumPy references (independent of ops.py) -----------------------------------------------------------
 
 
-def np_project(grads: np.ndarray, weights: np.ndarray):
-    """global in float64 rounded to float32 (what the op returns), then everything about it in float64 with the
-    residual formed explicitly."""
+def np_project(grads: np.ndarray, weights: np.ndarray, rounding: type = np.float32):
+    """global in float64 rounded to `rounding` (what the op returns: its inputs' dtype), then everything about it in
+    float64 with the residual formed explicitly."""
     g = grads.astype(np.float64)
-    glob = (weights.astype(np.float64)[:, None] * g).sum(0).astype(np.float32).astype(np.float64)
+    glob = (weights.astype(np.float64)[:, None] * g).sum(0).astype(rounding).astype(np.float64)
     gg = glob @ glob
     coef = g @ glob / gg if gg > 0 else np.zeros(len(g))
     residual = np.linalg.norm(g - coef[:, None] * glob, axis=1)
@@ -214,6 +214,69 @@ def test_gkp_penalty_at_the_anchor_is_zero(device):
     assert value.item() == 0.0 and torch.count_nonzero(grad_out) == 0
 
 
+# ---- the float64 path: what lets the steps' float64 oracles run GKP and GSA through the ops ------------------------
+
+
+@pytest.mark.parametrize("stored", [torch.float64, *STORED])
+def test_gkp_penalty_float64_path_matches_float64(stored):
+    """theta, coef and grad_out float64, anchors and Fisher stored in float64 or narrower, across chunk and block
+    edges: value and gradient to float64 rounding on both backends (1e-13, where a float32 step is 1e-7 off)."""
+    rng = np.random.default_rng(11)
+    groups, d = 3, 2 * CHUNK + 5
+    theta = rng.standard_normal(d)
+    anchors = _t(theta[None, :] + 0.1 * rng.standard_normal((groups, d)), "cpu", stored)
+    fisher = _t(np.abs(rng.standard_normal((groups, d))), "cpu", stored)
+    coef = rng.random(groups)
+    value, grad, bound = np_gkp(theta, anchors.double().numpy(), fisher.double().numpy(), coef)
+    start = rng.standard_normal(d)
+    for backend in ("fused", "reference"):
+        grad_out = torch.from_numpy(start.copy())
+        got = ops.gkp_penalty(torch.from_numpy(theta), anchors, fisher, torch.from_numpy(coef), grad_out=grad_out,
+                              backend=backend)
+        assert got.shape == () and got.dtype == torch.float64
+        np.testing.assert_allclose(got.item(), value, rtol=1e-13, atol=0)
+        err = np.abs(grad_out.numpy() - (start + grad))
+        assert (err <= 1e-14 * (bound + np.abs(start))).all(), f"{backend}: max error {err.max()}"
+
+
+def test_gsa_project_float64_path_matches_float64():
+    rng = np.random.default_rng(12)
+    grads, weights = rng.standard_normal((4, 2 * CHUNK + 5)), rng.random(4)
+    ref_glob, ref_coef, ref_res = np_project(grads, weights, np.float64)
+    row_norm = np.linalg.norm(grads, axis=1)
+    for backend in ("fused", "reference"):
+        out = ops.gsa_project(torch.from_numpy(grads), torch.from_numpy(weights), backend=backend)
+        assert all(t.dtype == torch.float64 for t in out)
+        glob, coef, residual = (t.numpy() for t in out)
+        np.testing.assert_allclose(glob, ref_glob, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(coef, ref_coef, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(residual, ref_res, rtol=0, atol=1e-12 * row_norm.max())
+
+
+def test_float64_on_a_float32_only_kernel_goes_to_the_reference(monkeypatch):
+    """The CUDA kernels take float32 only: "auto" sends float64 there to the reference, "fused" refuses it."""
+    monkeypatch.setattr(ops, "_FLOAT64_DEVICES", frozenset())
+    grads, weights = torch.randn(2, 40, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    for a, b in zip(ops.gsa_project(grads, weights), ops.gsa_project(grads, weights, backend="reference")):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"gkp_penalty: backend='fused' has no float64 kernel for cpu tensors"):
+        ops.gkp_penalty(grads[0], grads, grads.abs(), weights, backend="fused")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_kernels_refuse_float64_and_auto_takes_the_reference():
+    lt = torch.ops.lt_recipes
+    g, w = torch.randn(2, 40, dtype=torch.float64, device="cuda"), torch.rand(2, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match=r"gsa_project: the CUDA kernel takes float32 only"):
+        lt.gsa_project(g, w, torch.empty(40, dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match=r"gkp_penalty: the CUDA kernel takes float32 only"):
+        lt.gkp_penalty(g[0], g, g.abs(), w)
+    grad = torch.zeros(40, dtype=torch.float64, device="cuda")
+    value = ops.gkp_penalty(g[0], g, g.abs(), w, grad_out=grad)
+    want = ops.gkp_penalty(g[0].cpu(), g.cpu(), g.abs().cpu(), w.cpu(), backend="fused")
+    assert value.dtype == torch.float64 and float(value) == pytest.approx(float(want), rel=1e-13)
+
+
 def test_more_groups_than_the_kernels_take_use_the_reference():
     grads, weights = torch.randn(ops.MAX_FUSED_GROUPS + 1, 50), torch.rand(ops.MAX_FUSED_GROUPS + 1)
     auto = ops.gsa_project(grads, weights)
@@ -252,8 +315,10 @@ def _bad_calls():
     th, a, f, c = torch.randn(10), torch.randn(2, 10), torch.rand(2, 10), torch.rand(2)
     return [
         (lambda b: ops.gsa_project(g[0], w, backend=b),
-         r"grads must be a 2-D float32 tensor \[G, d\], got shape \[10\]"),
-        (lambda b: ops.gsa_project(g.double(), w, backend=b), r"grads must be a 2-D float32 .* dtype torch.float64"),
+         r"grads must be a 2-D float32 or float64 tensor \[G, d\], got shape \[10\]"),
+        (lambda b: ops.gsa_project(g.long(), w, backend=b),
+         r"grads must be a 2-D float32 or float64 .* dtype torch.int64"),
+        (lambda b: ops.gsa_project(g.double(), w, backend=b), r"weights must be a 1-D float64 tensor \[G\]"),
         (lambda b: ops.gsa_project(torch.randn(10, 3).t(), w, backend=b), r"grads must be contiguous"),
         (lambda b: ops.gsa_project(g, w[:2], backend=b), r"weights must have length 3 \(G, the rows of grads\)"),
         (lambda b: ops.gsa_project(g, w.to(meta), backend=b), r"weights must be on cpu like the first argument"),
@@ -268,6 +333,12 @@ def _bad_calls():
         (lambda b: ops.gkp_penalty(th, a, f.to(meta), c, backend=b), r"fisher must be on cpu"),
         (lambda b: ops.gkp_penalty(th, a, f, c, grad_out=th.double(), backend=b), r"grad_out must be a 1-D float32"),
         (lambda b: ops.gkp_penalty(torch.randn(20)[::2], a, f, c, backend=b), r"theta must be contiguous"),
+        (lambda b: ops.gkp_penalty(th.half(), a, f, c, backend=b), r"theta must be a 1-D float32 or float64 tensor"),
+        (lambda b: ops.gkp_penalty(th.double(), a, f, c, backend=b), r"coef must be a 1-D float64 tensor \[G\]"),
+        (lambda b: ops.gkp_penalty(th, a.double(), f, c, backend=b),
+         r"anchors must be a 2-D float32, bfloat16 or float16 tensor \[G, d\], got .* torch.float64"),
+        (lambda b: ops.gkp_penalty(th.double(), a.double(), f.long(), c.double(), backend=b),
+         r"fisher must be a 2-D float64, float32, bfloat16 or float16 tensor \[G, d\]"),
     ]
 
 
@@ -292,8 +363,10 @@ def _bad_op_calls():
     th, a, f, c = torch.randn(10), torch.randn(2, 10), torch.rand(2, 10), torch.rand(2)
     return [
         (lambda: lt.gsa_project(g[0], w, out),
-         r"gsa_project: grads must be a 2-D float32 tensor \[G, d\], got shape \[10\]"),
-        (lambda: lt.gsa_project(g.double(), w, out), r"gsa_project: grads must be a 2-D float32 tensor"),
+         r"gsa_project: grads must be a 2-D float32 or float64 tensor \[G, d\], got shape \[10\]"),
+        (lambda: lt.gsa_project(g.long(), w, out), r"gsa_project: grads must be a 2-D float32 or float64 tensor"),
+        (lambda: lt.gsa_project(g.double(), w, out), r"gsa_project: weights must be a 1-D float64 tensor \[G\]"),
+        (lambda: lt.gsa_project(g.double(), w.double(), out), r"gsa_project: out must be a 1-D float64 tensor \[d\]"),
         (lambda: lt.gsa_project(torch.randn(10, 3).t(), w, out), r"gsa_project: grads must be contiguous"),
         (lambda: lt.gsa_project(g[:0], w[:0], out), r"gsa_project: grads must have at least one row \(group\)"),
         (lambda: lt.gsa_project(g, w[:2], out), r"gsa_project: weights must have length 3 \(G, the rows of grads\)"),
@@ -308,6 +381,11 @@ def _bad_op_calls():
         (lambda: lt.gkp_penalty(torch.randn(20)[::2], a, f, c), r"gkp_penalty: theta must be contiguous"),
         (lambda: lt.gkp_penalty_accumulate(th, a, f, c, out[:9]), r"gkp_penalty: grad_out must have length 10"),
         (lambda: lt.gkp_penalty_accumulate(th, a, f, c, out.double()), r"gkp_penalty: grad_out must be a 1-D float32"),
+        (lambda: lt.gkp_penalty(th.double(), a, f, c), r"gkp_penalty: coef must be a 1-D float64 tensor \[G\]"),
+        (lambda: lt.gkp_penalty(th, a.double(), f, c),
+         r"gkp_penalty: anchors must be a 2-D float32, bfloat16 or float16 tensor \[G, d\]"),
+        (lambda: lt.gkp_penalty_accumulate(th.double(), a, f, c.double(), out),
+         r"gkp_penalty: grad_out must be a 1-D float64 tensor \[d\]"),
     ]
 
 
@@ -373,6 +451,16 @@ def _op_samples(device: str):
     return [(lt.gsa_project.default, (g, w, torch.empty(1001, device=device))),
             (lt.gkp_penalty.default, (d[0], a, f, w)),
             (lt.gkp_penalty_accumulate.default, (d[0], a, f, w, d[1]))]
+
+
+def test_opcheck_float64_path():
+    lt = torch.ops.lt_recipes
+    g, w = torch.randn(3, 1001, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    d = [torch.randn(1001, dtype=torch.float64) for _ in range(2)]
+    for op, args in [(lt.gsa_project.default, (g, w, torch.empty(1001, dtype=torch.float64))),
+                     (lt.gkp_penalty.default, (d[0], g, g.abs(), w)),
+                     (lt.gkp_penalty_accumulate.default, (d[0], g.float(), g.abs().bfloat16(), w, d[1]))]:
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,5 @@
-"""The released script's step (reading `released`) against a float64 oracle written from that script's equations.
+"""The released script's step (reading `released`) against a float64 oracle written from that script's equations,
+with the step in float32 and in float64.
 
 The oracle follows ChenShengHan100/gkp-gsa's `cifar_OneBackward.py` and `sam.GSA` line by line, per parameter tensor:
 one whole-batch training forward per group present (BatchNorm momentum 0.1 each), one backward of the sum of the
@@ -9,6 +10,7 @@ perturbed forward at BatchNorm momentum 0 with GKP at the perturbed weights, pla
 import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -79,25 +81,30 @@ def released_oracle(model, x, y, alpha, lr, gkp, momenta, C=0.1, clamp=(0.002, 0
             p -= lr * g
 
 
-def test_released_step_equals_its_float64_oracle_with_batchnorm():
-    """Two steps (the momenta enter in the second) with three groups, GKP, alpha 0.85, on a CNN with BatchNorm2d and
-    BatchNorm1d: weights and running statistics (which move K times a step, at momentum 0.1)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_released_step_equals_its_float64_oracle_with_batchnorm(dtype):
+    """Three steps (the momenta enter in the second, their EMA in the third) with three groups, GKP, alpha 0.85, on a CNN with BatchNorm2d and
+    BatchNorm1d: weights and running statistics (which move K times a step, at momentum 0.1). In float64 the step
+    runs in the parameters' precision throughout (GKP through the fused op's float64 path) and agrees to float64
+    rounding, so a rule changed by 1e-10 fails; in float32 to float32 rounding."""
     torch.manual_seed(0)
-    model = SmallCNN(norm="bn")
+    model = SmallCNN(norm="bn").to(dtype)
     x, y = _batch(n=30, image=True)
     n_cov = sum(p.numel() for p in _covered(model.named_parameters()))
     g = torch.Generator().manual_seed(4)
     anchors, fisher, gamma = torch.randn(3, n_cov, generator=g) * 0.3, torch.rand(3, n_cov, generator=g), 50.0
     oracle = copy.deepcopy(model).double()
-    step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.05), backend="fused")
     step.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
-    step.set_gkp(anchors, fisher, torch.tensor([gamma / 2 / n for n in GROUP_SIZES]))
+    step.set_gkp(anchors.to(dtype), fisher.to(dtype), torch.tensor([gamma / 2 / n for n in GROUP_SIZES], dtype=dtype))
     momenta = {}
-    for _ in range(2):
-        stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y, alpha=0.85)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    for _ in range(3):
+        stats = step.step(lambda idx: F.cross_entropy(model(x[idx].to(dtype)), y[idx], reduction="none"), y,
+                          alpha=0.85)
         released_oracle(oracle, x.double(), y, 0.85, 0.05, (anchors.double(), fisher.double(), gamma), momenta)
         assert not stats.skipped and stats.gkp > 0 and all(0.002 <= r <= 0.003 for r in stats.rho)
         for (name, want), got in zip(oracle.state_dict().items(), model.state_dict().values()):
             if name.endswith("num_batches_tracked"):  # the script counts K + 1 forwards a step; it reads it nowhere
                 continue
-            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(got.double(), want.double(), **tol, msg=lambda m: f"{name}: {m}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch.func import functional_call
 
+import oracles
 from lt_recipes.config import SCHEMA, defaults
 from lt_recipes.steps import (ASAM, CCSAM, GBG, SAM, FocalSAM, FriendlySAM, ImbSAM, PlainStep, create_step,
                               list_methods, list_steps, step_class, step_info)
@@ -148,6 +149,34 @@ def test_imbsam_equals_its_oracle(kind):
            _split_oracle(model, x, y, 1 - tail, 2 * tail, 0.05))
 
 
+def _exact(got, want, name=""):
+    """Agreement to float64 rounding: a rule changed by 1e-10 relative fails here."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("perturbed_bn", ["frozen", "update"])
+def test_imbsam_equals_the_authors_step_with_either_bn_behaviour(perturbed_bn):
+    """Two steps of `imbsam.perturbed_bn` frozen (ours) and update (the authors' third pass, a train-mode forward at
+    theta + eps, moves the running statistics) against the float64 oracle of Imbalanced_SAM's forbackward
+    (tests/oracles.py): parameters and every BatchNorm buffer. The running statistics of the two options differ."""
+    model, (x1, y1) = _model("bn"), _data("bn")
+    x2, y2 = _data("bn", seed=2)
+    want = copy.deepcopy(model)
+    got = copy.deepcopy(model)
+    step = ImbSAM(got, torch.optim.SGD(got.parameters(), lr=LR), class_counts=COUNTS, rho=0.05,
+                  perturbed_bn=perturbed_bn)
+    for x, y in ((x1, y1), (x2, y2)):
+        oracles.imbsam_step(want, x, y, step.tail_classes, 0.05, LR, perturbed_bn)
+        step.step(_loss_fn(got, x, y), y)
+    for (name, w), g in zip(want.state_dict().items(), got.state_dict().values()):
+        _exact(g, w, name)
+    other = copy.deepcopy(model)
+    for x, y in ((x1, y1), (x2, y2)):
+        oracles.imbsam_step(other, x, y, step.tail_classes, 0.05, LR, "update" if perturbed_bn == "frozen" else "frozen")
+    _exact(_flat(other), _flat(got))  # train-mode forwards normalise by the batch: the parameters do not see it
+    assert not torch.allclose(other.encoder[1].running_mean, got.encoder[1].running_mean, rtol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["bn", "plain"])
 def test_focal_sam_equals_its_oracle(kind):
     """Focal-SAM: omega_c = lam (1 - n_c / N)^gamma at theta + eps, 1 - omega_c at theta."""
@@ -237,7 +266,8 @@ def test_cc_sam_equals_its_oracle(kind):
 
 def _gbg_oracle(model, x, y, group_of_class):
     """GBG: u_g = g_g / (L_g ||g_g||) over the encoder (not the classifier), alpha = argmin_{simplex} ||sum alpha_g
-    u_g||^2 by SLSQP, update -lr sum_g alpha_g g_g (whole-parameter group gradients)."""
+    u_g||^2 by SLSQP, polished to float64 rounding by the KKT system on the support SLSQP found, update -lr sum_g
+    alpha_g g_g (whole-parameter group gradients)."""
     m = copy.deepcopy(model)
     params = _params(m)
     enc = [i for i, (n, p) in enumerate(m.named_parameters()) if not n.startswith("classifier.")]
@@ -253,10 +283,17 @@ def _gbg_oracle(model, x, y, group_of_class):
     k = len(units)
     res = minimize(lambda a: float((a @ U) @ (a @ U)), np.full(k, 1 / k), method="SLSQP", bounds=[(0, 1)] * k,
                    constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1}], options={"ftol": 1e-14, "maxiter": 500})
+    # on the support S, the minimiser with sum alpha = 1 solves [[2 M_S, 1], [1^T, 0]] [alpha_S; mu] = [0; 1]
+    M, S = U @ U.T, np.flatnonzero(res.x > 1e-6)
+    kkt = np.block([[2 * M[np.ix_(S, S)], np.ones((len(S), 1))], [np.ones((1, len(S))), np.zeros((1, 1))]])
+    alpha = np.zeros(k)
+    alpha[S] = np.linalg.solve(kkt, np.r_[np.zeros(len(S)), 1.0])[:-1]
+    assert (alpha >= 0).all() and np.abs(alpha - res.x).max() < 1e-5
+    assert (2 * M @ alpha >= 2 * alpha @ M @ alpha - 1e-12).all()  # no group off the support lowers the norm
     with torch.no_grad():
         for i, p in enumerate(params):
-            p.sub_(LR * sum(float(a) * gr[i] for a, gr in zip(res.x, grads)))
-    return _flat(m), res.x
+            p.sub_(LR * sum(float(a) * gr[i] for a, gr in zip(alpha, grads)))
+    return _flat(m), alpha
 
 
 @pytest.mark.parametrize("kind", ["bn", "plain"])
@@ -268,8 +305,8 @@ def test_gbg_equals_its_oracle(kind):
     step.set_groups(groups, [700, 85, 17])
     step.step(_loss_fn(m, x, y), y)
     want, alpha = _gbg_oracle(model, x, y, groups)
-    assert step.last_weights == pytest.approx(alpha.tolist(), abs=1e-6)
-    torch.testing.assert_close(_flat(m), want, rtol=1e-7, atol=1e-9)
+    assert step.last_weights == pytest.approx(alpha.tolist(), abs=1e-12)
+    _exact(_flat(m), want)
 
 
 def test_sharpness_aware_peers_raise_their_perturbed_loss():
@@ -332,7 +369,7 @@ def run_two_steps(name: str, rank: int = 0, world: int = 1) -> torch.Tensor:
 def test_gkp_rides_on_a_peer():
     """GKP + ImbSAM: the task update weighted alpha plus the gradient of (1 - alpha) sum_j (sum_{g != j} w_g)
     s_j sum_i F_ji (theta_i - a_ji)^2 over the encoder, w_g the batch share of GKP's group g (float64 oracle; the
-    step in float32, the type of GKP's fused op)."""
+    step in float64 through the fused op's float64 path, to float64 rounding)."""
     model, (x, y) = _model("bn"), _data("bn")
     group_of_class, alpha = [0, 0, 1, 1, 2, 2], 0.6
     enc = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
@@ -341,10 +378,10 @@ def test_gkp_rides_on_a_peer():
     anchors = torch.randn(3, n_enc, generator=g, dtype=torch.float64) * 0.1
     fisher = torch.rand(3, n_enc, generator=g, dtype=torch.float64)
     strength = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
-    m = copy.deepcopy(model).float()
-    step = ImbSAM(m, torch.optim.SGD(m.parameters(), lr=LR), class_counts=COUNTS, rho=0.05)
-    step.set_gkp(anchors.float(), fisher.float(), strength.float(), group_of_class)
-    step.step(_loss_fn(m, x.float(), y), y, alpha=alpha)
+    m = copy.deepcopy(model)
+    step = ImbSAM(m, torch.optim.SGD(m.parameters(), lr=LR), class_counts=COUNTS, rho=0.05, backend="fused")
+    step.set_gkp(anchors, fisher, strength, group_of_class)
+    step.step(_loss_fn(m, x, y), y, alpha=alpha)
 
     tail = torch.tensor([n < 20 for n in COUNTS], dtype=torch.float64)
     task = _split_oracle(model, x, y, 1 - tail, 2 * tail, 0.05)  # theta - lr * task gradient
@@ -362,7 +399,7 @@ def test_gkp_rides_on_a_peer():
     want = theta0 + alpha * (task - theta0)
     want[:n_enc] -= LR * gkp_grad
     assert len(enc_ids) == len(enc)
-    torch.testing.assert_close(_flat(m).double(), want, rtol=2e-5, atol=2e-6)
+    _exact(_flat(m), want)
 
 
 @pytest.mark.parametrize("name", ["none", "sam", "imbsam", "cc_sam", "gbg"])

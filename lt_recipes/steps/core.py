@@ -197,6 +197,7 @@ class StepCore:
         if self.gkp_grad is None:
             self.gkp_grad = torch.zeros(n, dtype=self.flat.grad.dtype, device=self.flat.grad.device)
         self.gkp_grad.zero_()
+        coef = coef.to(self.flat.data.dtype)  # the op computes in theta's dtype (float64 for a float64 model)
         return float(ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
                                      backend=self.backend))
 

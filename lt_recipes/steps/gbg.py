@@ -72,7 +72,7 @@ def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Ten
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
             with autocast():
-                losses = classification_losses(model(x), y).float()
+                losses = upcast(classification_losses(model(x), y))
             for c in torch.unique(y).tolist():
                 g = torch.autograd.grad(losses[y == c].sum(), covered, retain_graph=True, allow_unused=True)
                 sums[c] += torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).double().cpu()

@@ -35,7 +35,7 @@ from .. import equations, ops
 from ..batchnorm import frozen_bn_stats
 from ..sections import GSAConfig
 from ..segments import Layout, group_offsets, offset_modules
-from .core import LossFn, StepCore, StepStats, all_reduce_, world_size
+from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, world_size
 from .registry import register_step
 
 _logger = logging.getLogger(__name__)
@@ -122,10 +122,10 @@ class GroupedSAM(StepCore):
         super().set_groups(group_of_class, group_sizes)
         self._offsets()
         if self.direction == "friendly":
-            self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
+            self.momentum = torch.zeros_like(self.flat.rows)
             self.momentum_set = [False] * self.num_groups
         if self.group_grad_ema > 0:
-            self.grad_ema = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
+            self.grad_ema = torch.zeros_like(self.flat.rows)
             self.grad_ema_set = [False] * self.num_groups
 
     def track_fisher(self, decay: float) -> torch.Tensor:
@@ -163,7 +163,7 @@ class GroupedSAM(StepCore):
         weights = equations.group_weights(self.group_weighting, counts)
         # per-sample weights of the task term sum_g w_g L_g, L_g the mean loss over D_g
         per_sample = torch.tensor([w / c if c > 0 else 0.0 for w, c in zip(weights, counts)],
-                                  device=targets.device)[gid]
+                                  dtype=self.flat.data.dtype, device=targets.device)[gid]
         self._begin()
         self._group_gradients(loss_fn, gid, local, counts, stats)
         if not bool(torch.isfinite(flat.rows).all()):
@@ -180,7 +180,7 @@ class GroupedSAM(StepCore):
         """Pass 1, masked: one whole-batch forward; row g = gradient of sum_{i in D_g} loss_i / |D_g|."""
         flat = self.flat
         with self.autocast():
-            losses = loss_fn(everyone).float()
+            losses = upcast(loss_fn(everyone))
         stats.group_loss, stats.loss = self._group_means(losses, gid, counts, self.sync)
         self._group_rows(losses, gid, counts)
         if self.sync:
@@ -194,7 +194,7 @@ class GroupedSAM(StepCore):
         order = torch.argsort(gid, stable=True)
         with group_offsets(self.seg_modules, Layout(local), self.zero_offsets, share=True):
             with self.autocast():
-                losses = loss_fn(order).float()
+                losses = upcast(loss_fn(order))
             self._backward(losses.sum() / total, 1.0)
         stats.group_loss, stats.loss = self._group_means(losses, gid[order], counts, self.sync)
         if self.sync:
@@ -260,11 +260,11 @@ class GroupedSAM(StepCore):
         everyone = torch.arange(len(gid), device=gid.device)
         with frozen_bn_stats(self.model, self.bn_scratch):
             if self.perturbation == "per_group_exact":
-                perturbed = torch.zeros(len(gid), device=gid.device)
+                perturbed = torch.zeros(len(gid), dtype=self.flat.data.dtype, device=gid.device)
                 for g in [g for g, c in enumerate(counts) if c > 0]:
                     flat.data.copy_(self.base).add_(rows[g])
                     with self.autocast():
-                        losses = loss_fn(everyone).float()
+                        losses = upcast(loss_fn(everyone))
                     mine = gid == g
                     self._backward((losses * per_sample * mine).sum(), 1.0)
                     perturbed = torch.where(mine, losses.detach(), perturbed)
@@ -275,14 +275,14 @@ class GroupedSAM(StepCore):
                 if self.perturbation == "averaged":
                     order = everyone
                     with self.autocast():
-                        perturbed = loss_fn(order).float()
+                        perturbed = upcast(loss_fn(order))
                     self._backward((perturbed * per_sample).sum(), 1.0)
                 else:
                     rows.sub_(eps_bar)  # offsets eps_g - eps_bar on top of theta + eps_bar: group g sees theta + eps_g
                     order = torch.argsort(gid, stable=True)
                     with group_offsets(self.seg_modules, Layout(local), self.row_views, share=False):
                         with self.autocast():
-                            perturbed = loss_fn(order).float()
+                            perturbed = upcast(loss_fn(order))
                         self._backward((perturbed * per_sample[order]).sum(), 1.0)
         means, _ = self._group_means(perturbed, gid[order], counts, self.sync)
         stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]

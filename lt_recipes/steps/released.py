@@ -19,7 +19,9 @@ w_k = |D_k| / |D| and P_j = (lambda / 2) / n_j sum_i F_ji (theta_i - theta*_ji)^
 
 One departure, for BCL with more than one group: the script's group loss runs BCL's contrastive term over the
 group's samples alone, while here a group's loss is its masked share of the batch loss (the same for every other
-base, and for BCL with one group, as the script's README runs it).
+base, and for BCL with one group, as the script's README runs it). The arithmetic runs in the parameters' precision
+(at least float32); the script forms D and n_k - 1 as float32 tensors, so in float64 the two agree to float32
+rounding of the radius only (docs/method.md, "Departures from the authors' code").
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch import nn
 from .. import equations
 from ..batchnorm import batchnorms, frozen_bn_stats
 from ..sections import GSAConfig
-from .core import LossFn, StepCore, StepStats, all_reduce_
+from .core import LossFn, StepCore, StepStats, all_reduce_, upcast
 
 _logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class ReleasedGSA(StepCore):
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id per class and training samples n_k per group; the momenta start afresh."""
         super().set_groups(group_of_class, group_sizes)
-        self.momentum = torch.zeros(self.num_groups, self.d, device=self.flat.data.device)
+        self.momentum = torch.zeros(self.num_groups, self.d, dtype=self.flat.data.dtype, device=self.flat.data.device)
         self.momentum_set = [False] * self.num_groups
 
     def _gkp_coef(self, alpha: float, weights: list[float], present: list[int]) -> torch.Tensor:
@@ -105,10 +107,11 @@ class ReleasedGSA(StepCore):
         self._begin()
 
         # 1. sum_k [alpha L_k + (1 - alpha) sum_{j != k} P_j] at theta, each group's mean loss weighted 1
-        per_group_mean = torch.tensor([1.0 / c if c > 0 else 0.0 for c in counts], device=gid.device)[gid]
         with repeated_bn_updates(self.model, len(present)):
             with self.autocast():
-                losses = loss_fn(everyone).float()
+                losses = upcast(loss_fn(everyone))
+        per_group_mean = torch.tensor([1.0 / c if c > 0 else 0.0 for c in counts], dtype=losses.dtype,
+                                      device=gid.device)[gid]
         stats.group_loss, stats.loss = self._group_means(losses, gid, counts, True)
         self._backward((losses * per_group_mean).sum(), alpha)
         grad = all_reduce_(flat.grad)
@@ -146,7 +149,7 @@ class ReleasedGSA(StepCore):
         flat.data.add_(self.eps)
         with frozen_bn_stats(self.model, self.bn_scratch):
             with self.autocast():
-                perturbed = loss_fn(everyone).float()
+                perturbed = upcast(loss_fn(everyone))
             self._backward(perturbed.sum() / total, alpha)
         means, _ = self._group_means(perturbed, gid, counts, True)
         stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]

@@ -14,11 +14,13 @@ perturbed weights b_c, L_a = (1/B) sum_i a_{y_i} l_i and L_b = (1/B) sum_i b_{y_
   authors' code's), 0 elsewhere. 2 forward + 3 backward passes.
 - Focal-SAM (Li et al. 2025): a_c = 1 - omega_c, b_c = omega_c = lam (1 - n_c / N)^gamma. 2F + 3B.
 
-BatchNorm's running statistics move in the pass at theta only. Under DDP the ascent direction is the global batch's
+BatchNorm's running statistics move in the pass at theta only (ImbSAM with `perturbed_bn="update"`: in the pass at
+theta + eps too, as its authors' code does). Under DDP the ascent direction is the global batch's
 (one all-reduce), so every rank takes the same eps and a step equals the one-process step on the global batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -41,6 +43,7 @@ class SAM(StepCore):
     """
 
     adaptive = False
+    perturbed_bn = "frozen"  # BatchNorm running statistics in the pass at theta + eps (choices.PERTURBED_BN)
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = SAMConfig.rho,
                  **kw: Any) -> None:
@@ -90,7 +93,8 @@ class SAM(StepCore):
     def second_step(self, loss_fn: LossFn, targets: torch.Tensor, stats: StepStats, before: float,
                     alpha: float) -> StepStats:
         """The perturbed part's gradient at theta + eps plus the clean part's at theta; theta restored; the step."""
-        with frozen_bn_stats(self.model, self.bn_scratch):
+        frozen = self.perturbed_bn == "frozen"
+        with frozen_bn_stats(self.model, self.bn_scratch) if frozen else contextlib.nullcontext():
             with self.autocast():
                 losses = upcast(loss_fn(torch.arange(len(targets), device=targets.device)))
             perturbed = self._split(losses, targets, self.perturbed_weights)
@@ -157,13 +161,17 @@ class ImbSAM(SAM):
     """ImbSAM: SAM on the tail classes' loss (times 2, as the authors' code), the head classes' loss at theta.
 
     The tail is {c : n_c < eta}; `eta` None takes the benchmark's few-shot boundary (fewer than 20 training images,
-    the paper's eta = 20 on CIFAR-100-LT: its 30 Few classes).
+    the paper's eta = 20 on CIFAR-100-LT: its 30 Few classes). `perturbed_bn` "update" lets the pass at theta + eps
+    move BatchNorm running statistics, as the authors' third pass (a train-mode forward there) does; "frozen" leaves
+    them alone, as SAM does.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, class_counts: Sequence[int],
-                 rho: float = ImbSAMConfig.rho, eta: float | None = ImbSAMConfig.eta, **kw: Any) -> None:
-        ImbSAMConfig(rho=rho, eta=eta)
+                 rho: float = ImbSAMConfig.rho, eta: float | None = ImbSAMConfig.eta,
+                 perturbed_bn: str = ImbSAMConfig.perturbed_bn, **kw: Any) -> None:
+        ImbSAMConfig(rho=rho, eta=eta, perturbed_bn=perturbed_bn)
         super().__init__(model, base_optimizer, rho=rho, **kw)
+        self.perturbed_bn = perturbed_bn
         self.eta = float(FEW_SHOT if eta is None else eta)
         tail = [n < self.eta for n in class_counts]
         self.tail_classes = [c for c, t in enumerate(tail) if t]
