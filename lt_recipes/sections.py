@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
-                      CONTRASTIVE_VIEWS, DATASETS,
+                      COMPILE_BACKENDS, CONTRASTIVE_VIEWS, DATASETS,
                       DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
@@ -207,6 +207,11 @@ class ModelConfig(Section):
     proj_head: tuple[int, int] | None = key(None, LIST, _dims, nullable=True)
     drop_rate: float = key(0.0, FLOAT, _between(0.0, 1.0))
     norm_layer: str | None = key(None, STR, nullable=True)
+    # timm's --torchcompile: the training steps' forward compiled with this backend (null: eager); refused for the
+    # steps it cannot run exactly (lt_recipes.method.compile_forward)
+    compile: str | None = key(None, STR, nullable=True, choices=COMPILE_BACKENDS)
+    # timm's --channels-last: the model's 4-D weights in NHWC memory order, set before the step flattens them
+    channels_last: bool = key(False, BOOL)
 
 
 @dataclass(frozen=True)
