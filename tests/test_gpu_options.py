@@ -5,7 +5,7 @@ or refused for it with a message naming the step).
 The compile equality tests run inductor on the smallest BatchNorm net for 3 steps; inductor compiles take seconds
 to tens of seconds on a CPU, so they compile the fewest graphs that show the property.
 """
-import copy
+import shutil
 
 import pytest
 import torch
@@ -64,21 +64,130 @@ def test_channels_last_is_set_before_flattening_and_refused_after():
         step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
 
 
-@pytest.mark.usefixtures("single_thread")
-def test_channels_last_gkp_run_equals_a_contiguous_one(tmp_path):
-    """The digits recipe with GKP (bank anchors, batch-mean Fisher, the GKP gradient) strong enough to steer the
-    weights: NHWC weights train to the contiguous run's weights, so Fisher rows, anchors and theta share one order."""
+# The digits recipe with GKP (bank anchors, batch-mean Fisher, the GKP gradient) strong enough to steer the weights
+# (regrouped in epochs 1 and 2; with 2 epochs a Fisher in the logical order of the NHWC weights went unnoticed)
+GKP_RUN = ["epochs=3", "method=gkp", "groups.start_epoch=1", "groups.interval=1", "gkp.lam=1.0e5", "alpha.start=0.5",
+           "alpha.end=0.5", "data.val_per_class=5", "data.test_per_class=5"]
+
+
+def _gkp_run(out, *sets):
+    """The model weights at the end of a GKP_RUN with `sets` (one torch thread, as the other in-process runs)."""
     from lt_recipes.config import load_config
     from lt_recipes.engine import run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config("digits_lt", GKP_RUN + list(sets)), str(out))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
 
-    sets = ["epochs=3", "method=gkp", "groups.start_epoch=1", "groups.interval=1", "gkp.lam=1.0e5",
-            "alpha.start=0.5", "alpha.end=0.5", "data.val_per_class=5", "data.test_per_class=5"]
-    states = {}
-    for channels_last in (False, True):
-        out = tmp_path / str(channels_last)
-        run(load_config("digits_lt", sets + [f"model.channels_last={str(channels_last).lower()}"]), str(out))
-        states[channels_last] = torch.load(out / "checkpoint.pt", weights_only=False)
-    want, got = states[False]["model"], states[True]["model"]
-    assert got["encoder.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+@pytest.fixture(scope="module")
+def eager_gkp_run(tmp_path_factory):
+    return _gkp_run(tmp_path_factory.mktemp("eager"))
+
+
+def _same_weights(got, want):
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_channels_last_gkp_run_equals_a_contiguous_one(eager_gkp_run, tmp_path):
+    """NHWC weights train to the contiguous run's weights: Fisher rows, anchors and theta share one order."""
+    got = _gkp_run(tmp_path, "model.channels_last=true")
+    assert got["encoder.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+    _same_weights(got, eager_gkp_run)
+
+
+# ---- compile ---------------------------------------------------------------------------------------------------
+RETAINED = "differentiates one forward pass more than once"
+RECOMPILES = "recompiles on every batch"
+RECOMPILES_PER_COUNT = "recompiles for every count"
+
+
+@pytest.mark.parametrize("method,gsa,refusals", [
+    # the steps with one backward per forward compile with every backend
+    *[(m, {}, {}) for m in ("none", "sam", "asam", "fsam", "cc_sam", "gkp", "gkp_sam")],
+    # a second backward through one forward: exact with the tracing backends, wrong under inductor
+    *[(m, {}, {"inductor": RETAINED}) for m in ("imbsam", "focal_sam", "gbg", "gsa", "gkp_gsa", "gkp_imbsam")],
+    ("gsa", {"group_grads": "share"}, dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES)),
+    ("gsa", {"perturbation": "per_group"}, dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES)),
+    ("gsa", {"step": "released", "direction": "friendly", "perturbation": "averaged"},
+     dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES_PER_COUNT)),
+])
+def test_compile_is_refused_with_the_step_and_why(method, gsa, refusals):
+    from lt_recipes.method import create_grouped_step
+    from lt_recipes.steps import split_method
+    for backend in choices.COMPILE_BACKENDS:
+        recipe = _recipe(method, backend, **gsa)
+        model = Tiny(bn=True)
+        step_name = split_method(method)[0]
+        step = create_grouped_step(recipe.gsa, model, torch.optim.SGD(model.parameters(), lr=0.1)) \
+            if step_name == "gsa" else _step(step_name, model)
+        if backend not in refusals:
+            assert compile_forward(recipe, model, step) is not model
+            continue
+        with pytest.raises(ConfigError, match=rf"model.compile={backend} is refused for method {method} "
+                                              rf"\({type(step).__name__}\): .*{refusals[backend]}") as e:
+            compile_forward(recipe, model, step)
+        exact = [b for b in choices.COMPILE_BACKENDS if b not in refusals]
+        assert str(e.value).endswith(f"set model.compile=null" + (f" or {' / '.join(exact)}" if exact else ""))
+    assert compile_forward(_recipe(method, None, **gsa), model, step) is model
+
+
+def test_compile_backends_are_torch_backends():
+    assert set(choices.COMPILE_BACKENDS) <= set(torch._dynamo.list_backends(exclude_tags=()))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_default_recipe_refuses_inductor_before_training(tmp_path):
+    from lt_recipes.config import load_config
+    from lt_recipes.engine import run
+    with pytest.raises(ConfigError, match="model.compile=inductor is refused for method gkp_gsa \\(GroupedSAM\\)"):
+        run(load_config("digits_lt", ["model.compile=inductor"]), str(tmp_path))
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_compiled_gkp_run_equals_eager(eager_gkp_run, tmp_path):
+    """model.compile through the engine: the steps forward the compiled model (dynamo traced it), while the Fisher
+    estimate's copy and evaluation run eagerly; the weights are the eager run's."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    _same_weights(_gkp_run(tmp_path, "model.compile=eager"), eager_gkp_run)
+    assert counters["frames"]["ok"] > 0
+
+
+def _three_steps(name, backend, **kw):
+    """The weights after 3 steps on 3 batches of a BatchNorm net, its forward compiled with `backend` (None: eager),
+    and the last step's group-gradient rows."""
+    torch.manual_seed(0)
+    model = Tiny(bn=True)
+    step = _step(name, model, **kw)
+    forward = model if backend is None else torch.compile(model, backend=backend)
+    for seed in range(3):
+        x, y = _batch(n=24, seed=seed + 1)
+        step.step(lambda idx: F.cross_entropy(forward(x[idx]), y[idx], reduction="none"), y)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), step.flat.rows.clone()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None, reason="no C++ compiler")
+def test_inductor_plain_and_sam_steps_equal_eager():
+    """The steps model.compile=inductor accepts: float32 tolerance over 3 steps (2 graphs each: training, and
+    SAM's perturbed pass with BatchNorm's momentum 0)."""
+    torch._dynamo.reset()
+    for name in ("none", "sam"):
+        want, _ = _three_steps(name, None)
+        got, _ = _three_steps(name, "inductor")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_aot_eager_grouped_step_equals_eager():
+    """The grouped step's masked group gradients (one backward per group through one forward) under aot_eager, the
+    backend model.compile accepts for it: rows and weights as eager."""
+    torch._dynamo.reset()
+    want, want_rows = _three_steps("gsa", None, scale="euclidean", z=0.5)
+    got, got_rows = _three_steps("gsa", "aot_eager", scale="euclidean", z=0.5)
+    torch.testing.assert_close(got_rows, want_rows, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
