@@ -95,6 +95,8 @@ class FlatParams:
                     self._view(self.grad, i).copy_(p.grad)
             for view, p in zip(views, self.params):
                 p.data = view
+        size = self.data.element_size()
+        self._pointers = [self.data.data_ptr() + off * size for off in self.offsets]
         self.rows = self.grad.new_zeros(0, total)
         self.resize_rows(num_rows)
         _logger.debug("flattened %d parameters (%d elements, %s on %s), %d gradient rows", len(self.params), total,
@@ -113,6 +115,10 @@ class FlatParams:
         to another memory format, dtype or device): their updates would never reach the model."""
         base, size = self.data.data_ptr(), self.data.element_size()
         return [i for i, (p, off) in enumerate(zip(self.params, self.offsets)) if p.data_ptr() != base + off * size]
+
+    def attached(self) -> bool:
+        """Whether every parameter still lives in `data` (the per-step check: one pointer per parameter)."""
+        return [p.data_ptr() for p in self.params] == self._pointers
 
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter i's slice of a 1-D buffer (or buffer row), shaped and strided like the parameter."""

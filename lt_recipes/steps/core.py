@@ -230,8 +230,8 @@ class StepCore:
         """Remember theta and the BatchNorm statistics, to restore after a perturbed pass or a skipped step; refuse a
         model whose parameters were re-allocated after the step was built (the step would update its flat buffer,
         not them)."""
-        detached = self.flat.detached()
-        if detached:
+        if not self.flat.attached():
+            detached = self.flat.detached()
             shapes = ", ".join(str(list(self.flat.params[i].shape)) for i in detached[:4])
             raise ModelError(f"{type(self).__name__}: {len(detached)} parameters (shapes {shapes}"
                              f"{' ...' if len(detached) > 4 else ''}) no longer live in the step's flat buffer: the "
