@@ -20,6 +20,9 @@ from lt_recipes.steps import PlainStep, create_step
 from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, SmallCNN, Tiny, _batch
 
 COUNTS = [500, 200, 60, 25, 12, 5]
+# the compile equality tests also run on a GPU where there is one (tools/device_check.sh: -k cuda)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+TOLERANCE = {"cpu": {"rtol": 1e-5, "atol": 1e-6}, "cuda": {"rtol": 1e-4, "atol": 1e-5}}
 
 
 def _recipe(method, backend, **gsa):
@@ -159,35 +162,37 @@ def test_compiled_gkp_run_equals_eager(eager_gkp_run, tmp_path):
     assert counters["frames"]["ok"] > 0
 
 
-def _three_steps(name, backend, **kw):
+def _three_steps(name, backend, device, **kw):
     """The weights after 3 steps on 3 batches of a BatchNorm net, its forward compiled with `backend` (None: eager),
     and the last step's group-gradient rows."""
     torch.manual_seed(0)
-    model = Tiny(bn=True)
+    model = Tiny(bn=True).to(device)
     step = _step(name, model, **kw)
     forward = model if backend is None else torch.compile(model, backend=backend)
     for seed in range(3):
-        x, y = _batch(n=24, seed=seed + 1)
+        x, y = (t.to(device) for t in _batch(n=24, seed=seed + 1))
         step.step(lambda idx: F.cross_entropy(forward(x[idx]), y[idx], reduction="none"), y)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), step.flat.rows.clone()
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None, reason="no C++ compiler")
-def test_inductor_plain_and_sam_steps_equal_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_plain_and_sam_steps_equal_eager(device):
     """The steps model.compile=inductor accepts: float32 tolerance over 3 steps (2 graphs each: training, and
     SAM's perturbed pass with BatchNorm's momentum 0)."""
     torch._dynamo.reset()
     for name in ("none", "sam"):
-        want, _ = _three_steps(name, None)
-        got, _ = _three_steps(name, "inductor")
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        want, _ = _three_steps(name, None, device)
+        got, _ = _three_steps(name, "inductor", device)
+        torch.testing.assert_close(got, want, **TOLERANCE[device], msg=name)
 
 
-def test_aot_eager_grouped_step_equals_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_aot_eager_grouped_step_equals_eager(device):
     """The grouped step's masked group gradients (one backward per group through one forward) under aot_eager, the
     backend model.compile accepts for it: rows and weights as eager."""
     torch._dynamo.reset()
-    want, want_rows = _three_steps("gsa", None, scale="euclidean", z=0.5)
-    got, got_rows = _three_steps("gsa", "aot_eager", scale="euclidean", z=0.5)
-    torch.testing.assert_close(got_rows, want_rows, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want, want_rows = _three_steps("gsa", None, device, scale="euclidean", z=0.5)
+    got, got_rows = _three_steps("gsa", "aot_eager", device, scale="euclidean", z=0.5)
+    torch.testing.assert_close(got_rows, want_rows, **TOLERANCE[device])
+    torch.testing.assert_close(got, want, **TOLERANCE[device])
