@@ -18,6 +18,9 @@ SAMPLERS = ("random", "class_balanced")
 
 # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------------
 CLASSIFIERS = ("linear", "cosine")
+# model.compile: torch.compile backends of the steps' forward (null: eager); inductor generates kernels, aot_eager and
+# eager trace the same graphs and run them with ATen's own ops (torch.compile's debugging backends)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 LOSSES = ("ce", "la", "bs", "ldam_drw", "bcl")
 LR_BASE_SCALES = ("linear", "sqrt")
 SCHEDULERS = ("cosine", "step", "multistep", "none")  # timm's schedulers by name; none keeps optim.lr

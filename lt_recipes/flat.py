@@ -34,6 +34,26 @@ def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     return t.stride()
 
 
+def flat_view(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 1-D `vec` (like.numel() elements, stride 1) viewed with `like`'s shape and strides: `vec` read in `like`'s
+    memory order, the order a FlatParams buffer holds a parameter (NHWC for a channels_last weight, not the logical
+    order of `reshape(-1)`)."""
+    return vec.as_strided(like.shape, _dense_strides(like), vec.storage_offset())
+
+
+def pack(tensors: Sequence[torch.Tensor | None], likes: Sequence[torch.Tensor],
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One vector of `tensors` (None: zeros), each laid out in the memory order of its `like`, so that a vector of
+    per-parameter values (a Fisher row, a gradient) lines up with a FlatParams buffer of those parameters."""
+    out = torch.zeros(sum(p.numel() for p in likes), dtype=dtype or likes[0].dtype, device=likes[0].device)
+    offset = 0
+    for t, like in zip(tensors, likes):
+        if t is not None:
+            flat_view(out[offset:offset + like.numel()], like).copy_(t)
+        offset += like.numel()
+    return out
+
+
 class FlatParams:
     """Make params (one dtype, one device) views into one contiguous buffer; grads views into another; plus
     optional [G, d] group-grad rows.
@@ -75,6 +95,8 @@ class FlatParams:
                     self._view(self.grad, i).copy_(p.grad)
             for view, p in zip(views, self.params):
                 p.data = view
+        size = self.data.element_size()
+        self._pointers = [self.data.data_ptr() + off * size for off in self.offsets]
         self.rows = self.grad.new_zeros(0, total)
         self.resize_rows(num_rows)
         _logger.debug("flattened %d parameters (%d elements, %s on %s), %d gradient rows", len(self.params), total,
@@ -87,6 +109,16 @@ class FlatParams:
         for (s0, _, e0, i0), (s1, b1, _, i1) in zip(spans, spans[1:]):
             if s0 == s1 and b1 < e0:
                 raise ValueError(f"FlatParams: params[{i0}] and params[{i1}] share memory; flattening would split them")
+
+    def detached(self) -> list[int]:
+        """The parameters that no longer live in `data` (re-allocated by `module.to(...)` after flattening, e.g.
+        to another memory format, dtype or device): their updates would never reach the model."""
+        base, size = self.data.data_ptr(), self.data.element_size()
+        return [i for i, (p, off) in enumerate(zip(self.params, self.offsets)) if p.data_ptr() != base + off * size]
+
+    def attached(self) -> bool:
+        """Whether every parameter still lives in `data` (the per-step check: one pointer per parameter)."""
+        return [p.data_ptr() for p in self.params] == self._pointers
 
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter i's slice of a 1-D buffer (or buffer row), shaped and strided like the parameter."""

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
+from .flat import flat_view, pack
 from .models import ordered_parameters
 
 _logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def gkp_strength(group_classes: Sequence[int], group_samples: Sequence[int], lam
 def _set_vector(params: Sequence[torch.Tensor], vec: torch.Tensor) -> None:
     offset = 0
     for p in params:
-        p.copy_(vec[offset:offset + p.numel()].view_as(p))
+        p.copy_(flat_view(vec[offset:offset + p.numel()], p))
         offset += p.numel()
 
 
@@ -76,9 +77,7 @@ def _squared_gradients(model: nn.Module, classification_losses: Callable, x: tor
     if estimate == "batch_mean":
         with autocast():
             loss = classification_losses(model(x), y).float().mean()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for g, p in zip(grads, params)])
+        flat = pack(torch.autograd.grad(loss, params, allow_unused=True), params, torch.float32)
         return flat * flat
     state = {**dict(model.named_buffers()), **_batch_statistics(model, x)}
     state.update({n: p.detach() for n, p in model.named_parameters()})
@@ -97,7 +96,7 @@ def _squared_gradients(model: nn.Module, classification_losses: Callable, x: tor
     finally:
         for m in bns:
             m.train()
-    return torch.cat([(grads[n].float() ** 2).sum(0).reshape(-1) for n in names])
+    return pack([(grads[n].float() ** 2).sum(0) for n in names], params, torch.float32)
 
 
 def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -113,7 +112,9 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
     per-sample gradient near a minimum. `per_sample` (EWC's): F_j = sum over images of (grad of that image's loss)^2
     / N_j, the per-sample gradients taken `chunk` at a time (0: as many as 2^26 numbers allow). Under DDP each rank
     takes every world-th of the batches one process forms and the sums are all-reduced: the same batches (and cap
-    `max_batches`) for any process count, so every rank gets one process's Fisher up to summation order. BatchNorm
+    `max_batches`) for any process count, so every rank gets one process's Fisher up to summation order. Anchors
+    are read and Fisher rows written in the order of a step's flat buffer (each parameter in its memory order,
+    lt_recipes.flat.pack), the order of theta under `model.channels_last` too. BatchNorm
     layers normalise with batch statistics: the anchor is a mean of parameter snapshots with no running statistics of
     its own, and the current model's running statistics do not fit it (with them the Fisher reached 577 on
     Fashion-MNIST-LT and the GKP step diverged).

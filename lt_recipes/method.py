@@ -27,10 +27,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import equations, faults
+from .choices import COMPILE_BACKENDS
 from .data import LTData
 from .distributed import broadcast_groups, format_per_process, gather_counts
 from .equations import feature_quality
-from .errors import NonFiniteError
+from .errors import ConfigError, NonFiniteError
 from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups
 from .models import is_classifier, ordered_parameters
@@ -62,6 +63,25 @@ def build_step(recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimize
     options = recipe.step_options(info.section) if info.grouping != "gradient" else {}
     run = {"class_counts": list(data.train_counts), "head_losses": criterion.classification_losses}
     return create_step(name, model, optimizer, **options, **{k: run[k] for k in info.uses}, **kw)
+
+
+def compile_forward(recipe: Recipe, model: nn.Module, step: StepCore) -> nn.Module:
+    """timm's --torchcompile for the steps (recipe key model.compile): `model` under torch.compile with that backend,
+    the module every pass of `step` forwards, or `model` itself when the key is null. Compiled after the step is
+    built, so the graphs read the parameters as views into its flat buffer; the parameters stay `model`'s, and
+    evaluation, the memory bank, the Fisher estimate and GBG's grouping run `model` eagerly (a deep copy of a
+    compiled module would still call the original). Refused with ConfigError for a step it cannot run exactly."""
+    backend = recipe.model.compile
+    if backend is None:
+        return model
+    why = step.compile_refusal(backend)
+    if why:
+        exact = [b for b in COMPILE_BACKENDS if step.compile_refusal(b) is None]
+        raise ConfigError(f"model.compile={backend} is refused for method {recipe.method} ({type(step).__name__}): "
+                          f"{why}; set model.compile=null" + (f" or {' / '.join(exact)}" if exact else ""))
+    _logger.info("the %s step forwards the model compiled with torch.compile(backend=%s)", type(step).__name__,
+                 backend)
+    return torch.compile(model, backend=backend)
 
 
 def method_label(recipe: Recipe) -> str:
@@ -137,6 +157,7 @@ class Method:
                                   autocast=accelerator.autocast,
                                   scaler=LossScaler(accelerator.mixed_precision == "fp16"),
                                   clip_grad=recipe.optim.clip_grad)
+        self.forward_model = compile_forward(recipe, model, self.step_fn)  # what the steps' passes forward
 
     def _realised(self, groups: Groups, asked: int, where: str) -> Groups:
         """`groups`, said once per run in the log when it has fewer groups than asked."""
@@ -184,7 +205,7 @@ class Method:
 
     def _loss_fn(self, inputs: Any, targets: torch.Tensor):
         """Per-sample losses of the batch rows idx (the steps' loss function)."""
-        return lambda idx: self.criterion.per_sample(self.model, index_inputs(inputs, idx), targets[idx])
+        return lambda idx: self.criterion.per_sample(self.forward_model, index_inputs(inputs, idx), targets[idx])
 
     def _finish(self, stats: StepStats, epoch: int, step: int) -> float | None:
         if stats.skipped:

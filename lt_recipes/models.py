@@ -341,7 +341,8 @@ def create_lt_model(model_cfg: ModelConfig, num_classes: int, in_chans: int) -> 
     """Build the recipe's model: timm backbone `model_cfg.name` without classifier, plus our classifier and heads.
 
     `norm_layer` None keeps the backbone's own (timm gets it otherwise). Never downloads: timm gets pretrained=False,
-    weights come only from `pretrained_path`.
+    weights come only from `pretrained_path`. `channels_last` puts the 4-D weights in NHWC memory order (timm's
+    --channels-last), here, before any step flattens them.
     """
     name = model_cfg.name
     if not timm.is_model(name):
@@ -360,6 +361,8 @@ def create_lt_model(model_cfg: ModelConfig, num_classes: int, in_chans: int) -> 
                     cosine_scale=float(model_cfg.cosine_scale), proj_dims=tuple(proj) if proj else None)
     if model_cfg.pretrained_path:
         load_pretrained(model, model_cfg.pretrained_path, in_chans)
+    if model_cfg.channels_last:  # before a step flattens the parameters, which keeps their memory order
+        model.to(memory_format=torch.channels_last)
     _logger.info("model %s: %d features, %d classes, %s classifier, %.3fM parameters", name, num_features,
                  num_classes, model_cfg.classifier, sum(p.numel() for p in model.parameters()) / 1e6)
     return model

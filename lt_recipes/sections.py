@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
-                      CONTRASTIVE_VIEWS, DATASETS,
+                      COMPILE_BACKENDS, CONTRASTIVE_VIEWS, DATASETS,
                       DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
@@ -207,6 +207,15 @@ class ModelConfig(Section):
     proj_head: tuple[int, int] | None = key(None, LIST, _dims, nullable=True)
     drop_rate: float = key(0.0, FLOAT, _between(0.0, 1.0))
     norm_layer: str | None = key(None, STR, nullable=True)
+    # timm's --torchcompile: the training steps' forward compiled with this backend (null: eager). Exact for the steps
+    # with one backward per forward (none, sam, asam, fsam, cc_sam, with or without GKP); refused, naming the step,
+    # where it is not (lt_recipes.method.compile_forward): inductor for imbsam, focal_sam, gbg and gsa's masked group
+    # gradients (a second backward through one compiled graph), every backend for gsa's one-pass modes and the
+    # released step (a new graph per batch); docs/usage.md, "Compile and channels_last"
+    compile: str | None = key(None, STR, nullable=True, choices=COMPILE_BACKENDS)
+    # timm's --channels-last: the model's 4-D weights in NHWC memory order, set when the model is built (before a step
+    # flattens them); theta, anchors, Fisher rows and GKP then share the flat buffer's memory order. Every step.
+    channels_last: bool = key(False, BOOL)
 
 
 @dataclass(frozen=True)

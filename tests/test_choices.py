@@ -26,7 +26,8 @@ from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
 OPTION_KEYS = {
     "method": list_methods(), "data.dataset": choices.DATASETS, "data.augment": choices.AUGMENTS,
     "data.contrastive_views": choices.CONTRASTIVE_VIEWS, "data.sampler": choices.SAMPLERS,
-    "model.classifier": choices.CLASSIFIERS, "loss.name": choices.LOSSES, "optim.lr_base_scale": choices.LR_BASE_SCALES,
+    "model.classifier": choices.CLASSIFIERS, "model.compile": choices.COMPILE_BACKENDS, "loss.name": choices.LOSSES,
+    "optim.lr_base_scale": choices.LR_BASE_SCALES,
     "sched.sched": choices.SCHEDULERS, "groups.affinity": choices.AFFINITIES, "groups.bank_dtype": choices.BANK_DTYPES,
     "gkp.norm": choices.GKP_NORMS, "gkp.fisher": choices.FISHER_ESTIMATES, "gkp.state_dtype": choices.STATE_DTYPES,
     "gsa.direction": choices.DIRECTIONS, "gsa.scale": choices.SCALES, "gsa.group_grads": choices.GROUP_GRADS,

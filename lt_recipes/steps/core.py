@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import equations, ops
 from ..batchnorm import BNState
+from ..errors import ModelError
 from ..flat import FlatParams
 from ..models import is_classifier, ordered_parameters
 from ..sections import GSAConfig
@@ -38,6 +39,13 @@ from ..sections import GSAConfig
 _logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+# torch.compile backends that run the traced graphs with ATen's own ops: a second backward through one of their
+# graphs (retain_graph) is exact. Inductor's is not: it stops on its donated buffers or, with those off, returns wrong
+# gradients from the second backward on (measured on the CPU: relative error 0.5 to 2 in the group-gradient rows).
+RETAIN_SAFE_BACKENDS = ("aot_eager", "eager")
+RETAINED_GRAPH = ("it differentiates one forward pass more than once (retain_graph), and a second backward through an "
+                  "inductor-compiled graph returns wrong gradients (or stops on its donated buffers)")
 
 
 class LossScaler:
@@ -118,6 +126,7 @@ class StepCore:
     """
 
     rows_per_group = False
+    retains_graph = False  # some pass differentiates one forward more than once (compile_refusal)
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int = 0,
                  is_excluded: Callable[[str], bool] = is_classifier,
@@ -141,6 +150,12 @@ class StepCore:
         self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.gkp_groups: torch.Tensor | None = None
         self.gkp_grad: torch.Tensor | None = None
+
+    def compile_refusal(self, backend: str) -> str | None:
+        """Why this step cannot run on a model whose forward torch.compile compiled with `backend` (recipe key
+        model.compile): a pass it cannot make exact, or a forward that recompiles on every batch; None when it
+        runs exactly."""
+        return RETAINED_GRAPH if self.retains_graph and backend not in RETAIN_SAFE_BACKENDS else None
 
     @property
     def d(self) -> int:
@@ -214,7 +229,17 @@ class StepCore:
 
     # ---- passes ----------------------------------------------------------------------------------------------
     def _begin(self) -> None:
-        """Remember theta and the BatchNorm statistics, to restore after a perturbed pass or a skipped step."""
+        """Remember theta and the BatchNorm statistics, to restore after a perturbed pass or a skipped step; refuse a
+        model whose parameters were re-allocated after the step was built (the step would update its flat buffer,
+        not them)."""
+        if not self.flat.attached():
+            detached = self.flat.detached()
+            shapes = ", ".join(str(list(self.flat.params[i].shape)) for i in detached[:4])
+            raise ModelError(f"{type(self).__name__}: {len(detached)} parameters (shapes {shapes}"
+                             f"{' ...' if len(detached) > 4 else ''}) no longer live in the step's flat buffer: the "
+                             "model was converted after the step was built (model.to(memory_format=...), to another "
+                             "dtype or device), so the step's updates would not reach them; convert it first "
+                             "(recipe key model.channels_last does so before the step is built)")
         self.base.copy_(self.flat.data)
         self.bn_at_start.save()
 

@@ -116,6 +116,21 @@ class GroupedSAM(StepCore):
             zero.grad = view
             self.zero_offsets[id(p)] = zero
 
+    @property
+    def retains_graph(self) -> bool:
+        """`masked` group gradients: one backward per group through the one forward."""
+        return self.group_grads == "masked"
+
+    def compile_refusal(self, backend: str) -> str | None:
+        """The one-pass modes (`share`, `per_group`) recompile on every batch: the compiled forward is specialised to
+        the batch's group segments, which change from batch to batch."""
+        one_pass = [f"gsa.{k}={v}" for k, v in (("group_grads", self.group_grads),
+                                                 ("perturbation", self.perturbation)) if v in ("share", "per_group")]
+        if one_pass:
+            return (f"with {' and '.join(one_pass)} its one-pass forward is specialised to each batch's group "
+                    "segments and recompiles on every batch")
+        return super().compile_refusal(backend)
+
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id of every class and the number of training samples n_g of every group.
         FriendlySAM momenta and the group-gradient EMA start afresh (a new grouping names new groups)."""

@@ -84,6 +84,12 @@ class ReleasedGSA(StepCore):
         self.direction = torch.empty_like(self.flat.data)
         self.eps = torch.empty_like(self.flat.data)
 
+    def compile_refusal(self, backend: str) -> str | None:
+        """Its pass at theta sets BatchNorm's momentum from the number of groups in the batch, a constant the compiled
+        forward is specialised to: one compilation per count, past torch's recompile limit the forward runs eager."""
+        return ("its pass at theta sets BatchNorm's momentum from the number of groups in each batch, and the compiled "
+                "forward recompiles for every count")
+
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id per class and training samples n_k per group; the momenta start afresh."""
         super().set_groups(group_of_class, group_sizes)

@@ -54,6 +54,11 @@ class SAM(StepCore):
         self.clean_weights: torch.Tensor | None = None
         self.perturbed_weights: torch.Tensor | None = None
 
+    @property
+    def retains_graph(self) -> bool:
+        """With clean weights (ImbSAM, Focal-SAM) the pass at theta is differentiated twice: clean and perturbed."""
+        return self.clean_weights is not None
+
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The ascent direction d from the (reduced, unscaled) gradient of L_b at theta."""
         return grad
