@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 from tqdm import tqdm
@@ -44,10 +44,11 @@ from .optim import create_optimizer, scaled_lr
 
 _logger = logging.getLogger(__name__)
 
-# Recipe keys that may differ when a run is resumed: where things are and how they are logged, not what is trained.
-# (data.num_workers changes the augmentation's random streams, data.eval_batch_size the Fisher's batches: both stay.)
-RESUMABLE_CHANGES = frozenset({"data.root", "log_interval", "log_with", "checkpoint_interval", "groups.bank_spill_dir",
-                               "gsa.backend", "model.pretrained_path"})
+# Recipe keys that may differ when a run is resumed: where things are, how fast and how they are logged, not what is
+# trained (data.num_workers changes nothing but speed: each draw is augmented from its own seed, lt_recipes.data.loader;
+# data.eval_batch_size stays: it is the Fisher's batch unless gkp.fisher_batch_size is set).
+RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "log_interval", "log_with", "checkpoint_interval",
+                               "groups.bank_spill_dir", "gsa.backend", "model.pretrained_path"})
 # The parts of the launch (`_launch`) a resumed run must keep: they change the numbers a run computes.
 LAUNCH_IDENTITY = ("mixed_precision", "num_processes")
 
@@ -154,6 +155,12 @@ def launch_warning(env: Mapping[str, str]) -> str | None:
             "global batch is data.batch_size.")
 
 
+def loader_config() -> DataLoaderConfiguration:
+    """How Accelerate's prepared loaders move batches: with non-blocking copies (from the pinned memory the loaders use
+    on a GPU), which its default (non_blocking=False) would make blocking whatever the engine asks."""
+    return DataLoaderConfiguration(non_blocking=True)
+
+
 def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
     """The Accelerator of a train.py / validate.py process: gloo DDP on the CPU under torchrun, and a loud warning
     when a multi-process launch came up as one process."""
@@ -161,6 +168,7 @@ def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
     # Accelerate picks gloo on the CPU only when asked to: without this, torchrun on a machine without a GPU
     # would start independent single-process runs that overwrite each other's files.
     cpu = world > 1 and not torch.cuda.is_available()
+    kw = {"dataloader_config": loader_config(), **kw}
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kw) if mixed_precision \
         else Accelerator(cpu=cpu, **kw)
     if accelerator.num_processes != world:
@@ -196,8 +204,10 @@ class Trainer:
     def __init__(self, cfg: dict[str, Any], output_dir: str, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.output_dir = output_dir
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or Accelerator(dataloader_config=loader_config())
         acc = self.accelerator
+        if acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every recipe's images have one size: tune the convolutions once
         self.recipe = r = Recipe.from_dict(cfg)
         set_seed(r.seed)
         _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", r.seed,
@@ -209,7 +219,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=r.ema.decay, use_warmup=r.ema.warmup) \
             if r.ema.decay is not None else None
         self.criterion = create_loss(r.loss, self.data.train_counts, r.epochs).to(acc.device)
-        train_loader, val_loader, test_loader = build_loaders(self.data, r.data, r.seed)
+        train_loader, val_loader, test_loader = build_loaders(self.data, r.data, r.seed, acc.device)
         self.global_batch_size = r.data.batch_size * acc.num_processes
         self.lr = scaled_lr(r.optim, self.global_batch_size)
         optimizer = create_optimizer(self.model, r.optim, self.global_batch_size)
@@ -455,7 +465,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, output_dir: str,
     if state["identity"].get("recipe", r.name) != r.name:
         _logger.warning("%s was trained with recipe %s and is evaluated with recipe %s (the same dataset, image size, "
                         "classes and model)", checkpoint, state["identity"]["recipe"], r.name)
-    test_loader = acc.prepare(build_loaders(data, r.data, r.seed)[2])
+    test_loader = acc.prepare(build_loaders(data, r.data, r.seed, acc.device)[2])
     models = {}
     for key in ("model", "ema"):
         if state.get(key) is None:

@@ -183,3 +183,18 @@ def test_tensorboard_tracker_gets_every_epoch_row(tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert got == [(i, pytest.approx(float(r[key]), rel=1e-6)) for i, r in enumerate(rows)], key
     assert events.Scalars("test_top1")[0].value == pytest.approx(res["top1"])
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_worker_count_changes_nothing_but_speed(tmp_path):
+    """A digits run with random crops, the grouped step and GKP's Fisher (read through the run's loaders) trains to
+    the same results with the loaders on the main process and with `auto` workers (2 on this machine)."""
+    from lt_recipes.config import load_config
+    from lt_recipes.data import resolve_num_workers
+    from lt_recipes.engine import run
+
+    sets = ["epochs=2", "groups.start_epoch=1", "data.augment=basic", "data.max_per_class=60"]
+    assert resolve_num_workers("auto") > 0
+    main = run(load_config("digits_lt", [*sets, "data.num_workers=0"]), str(tmp_path / "main"))
+    workers = run(load_config("digits_lt", sets), str(tmp_path / "auto"))
+    assert workers == main

@@ -22,6 +22,7 @@ from ..sections import DataConfig
 from .constants import FMNIST_ROOT, NUM_CLASSES
 from .image_lists import ImageListDataset, Record, check_images, read_entries
 from .in_memory import TensorImageDataset, read_cifar, read_digits, read_fmnist
+from .loader import resolve_num_workers
 from .profile import balanced_pick, hold_out_val, long_tail_indices
 from .transforms import build_transforms
 
@@ -156,7 +157,8 @@ def _build_from_files(d: DataConfig, seed: int) -> LTData:
     splits, skipped = {}, {}
     for name, split in entries.items():
         records = [Record(os.path.join(root, rel), label, where) for rel, label, where in split]
-        splits[name], skipped[name] = check_images(records, d.skip_bad_images, d.img_size, d.num_workers)
+        splits[name], skipped[name] = check_images(records, d.skip_bad_images, d.img_size,
+                                                    resolve_num_workers(d.num_workers))
     if sum(skipped.values()):
         _logger.warning("skipped %d unreadable or missing images (%s)", sum(skipped.values()),
                         ", ".join(f"{k} {v}" for k, v in skipped.items()))
