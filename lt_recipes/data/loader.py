@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..errors import DataError
 from ..sections import DataConfig
@@ -85,17 +85,20 @@ class SeededEpochSampler(EpochSampler):
 @contextlib.contextmanager
 def sample_rng(seed: int) -> Iterator[None]:
     """Python's, NumPy's and torch's CPU generators seeded from `seed` inside (the transforms of torchvision and timm
-    draw from them), and restored after."""
-    states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    draw from them), and restored after in the main process; a loader worker's own streams serve nothing else, and
+    saving NumPy's costs more than most transforms."""
+    main = get_worker_info() is None
+    states = (random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()) if main else None
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.random.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.default_generator.set_state(states[2])
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.default_generator.set_state(states[2])
 
 
 class SeededSamples(Dataset):
