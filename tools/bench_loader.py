@@ -12,9 +12,9 @@ of `--workers`, timed from the end of the first round of batches (worker start-u
 
 Workers needed: the committed GPU step figures (the newest `step_cuda_<model>.json` under results/bench/, else under
 results/history/*/bench/) give a step's time per image for the plain step (`sgd`) and the grouped step with GKP; the
-images per second a step consumes over the one-worker rate measured here, rounded up, is the workers a machine with
-this CPU's cores would need (the rates assumed to add up over workers; a 16-core machine has 15 to spare besides the
-training process). CIFAR-size recipes take the ResNet-32 figures, image-file recipes the ResNet-50 ones.
+pipeline's CPU time per image (measured with 0 workers, so it does not depend on what else the machine runs) over the
+step's time per image, rounded up, is the workers a machine with this CPU's cores would need (one core per worker;
+a 16-core machine has 15 to spare besides the training process). CIFAR-size recipes take the ResNet-32 figures, image-file recipes the ResNet-50 ones.
 
     python tools/bench_loader.py --json > results/bench/loader_cpu.json
 """
@@ -103,19 +103,22 @@ def synthetic_overrides(recipe: str, tmp: str, needed: int) -> list[str]:
     return _write_files(tmp, dataset, images=16, lines=needed)
 
 
-def measure(data: Any, recipe: Recipe, workers: int, rounds: int, batch_size: int) -> float:
-    """Images per second of the recipe's training pipeline with `workers` loader workers: batches arrive in rounds
-    of max(1, workers) (each worker makes whole batches), so the rate is taken between the end of the first round
-    (worker start-up) and the end of `rounds` more, while this process takes each batch as it comes."""
+def measure(data: Any, recipe: Recipe, workers: int, rounds: int, batch_size: int) -> tuple[float, float]:
+    """(images per second, CPU ms per image of this process) of the recipe's training pipeline with `workers` loader
+    workers: batches arrive in rounds of max(1, workers) (each worker makes whole batches), so both are taken between
+    the end of the first round (worker start-up) and the end of `rounds` more, while this process takes each batch as
+    it comes. With 0 workers the CPU time is the pipeline's own cost, whatever else the machine runs."""
     d = recipe.data
     per_round = max(1, workers)
     total = per_round * (1 + rounds)
     opts = {**loader_options(d, recipe.seed, "cpu"), "num_workers": workers, "persistent_workers": workers > 0}
     sampler = SeededEpochSampler(data.train_targets, "random", recipe.seed, num_samples=total * batch_size)
     loader = DataLoader(SeededSamples(data.train), batch_size=batch_size, sampler=sampler, **opts)
-    arrivals = [time.perf_counter() for _ in loader]
+    arrivals = [(time.perf_counter(), time.process_time()) for _ in loader]
     del loader
-    return (total - per_round) * batch_size / (arrivals[-1] - arrivals[per_round - 1])
+    images = (total - per_round) * batch_size
+    (wall0, cpu0), (wall1, cpu1) = arrivals[per_round - 1], arrivals[-1]
+    return images / (wall1 - wall0), 1000 * (cpu1 - cpu0) / images
 
 
 def gpu_steps(root: str) -> dict[str, dict[str, Any]]:
@@ -136,9 +139,10 @@ def gpu_steps(root: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def workers_needed(rate_one_worker: float, ms_per_image: float) -> int:
-    """Loader workers at `rate_one_worker` images/s each that feed a step taking `ms_per_image` per image."""
-    return math.ceil(1000.0 / ms_per_image / rate_one_worker)
+def workers_needed(cpu_ms_per_image: float, step_ms_per_image: float) -> int:
+    """Loader workers, each a core spending `cpu_ms_per_image` on an image, that feed a step taking
+    `step_ms_per_image` per image."""
+    return math.ceil(cpu_ms_per_image / step_ms_per_image)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     recipes = args.recipes or sorted(os.path.splitext(os.path.basename(p))[0]
                                      for p in glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
-    if 1 not in args.workers:
-        ap.error("--workers must include 1 (the per-worker rate the needed workers come from)")
+    if 0 not in args.workers:
+        ap.error("--workers must include 0 (the pipeline's CPU cost per image, which the needed workers come from)")
     most = max(1, *args.workers) * (1 + args.rounds)  # batches of the longest measurement
     torch.set_num_threads(1)  # the loader's own work only; workers run single-threaded as well
     steps = gpu_steps(ROOT)
@@ -165,15 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             recipe = Recipe.from_dict(load_config(name, synthetic_overrides(name, tmp, most * batch)))
             data = build_data(recipe.data, recipe.seed)
-            rates = {str(w): measure(data, recipe, w, args.rounds, batch) for w in args.workers}
+            runs = {str(w): measure(data, recipe, w, args.rounds, batch) for w in args.workers}
+        rates = {w: rate for w, (rate, _) in runs.items()}
+        cpu_ms = runs["0"][1]
         d = recipe.data
         row: dict[str, Any] = {"dataset": d.dataset, "img_size": d.img_size,
                                "augment": d.auto_augment or d.augment, "views": 1 + d.contrastive_views,
-                               "batch_size": batch, "images_per_s": rates}
+                               "batch_size": batch, "images_per_s": rates, "cpu_ms_per_image": cpu_ms}
         family = "cifar" if d.dataset in CIFAR_LAYOUT or d.dataset in ("digits", "fmnist") else "files"
         if family in steps:
             row["gpu_step"] = family
-            row["workers_needed"] = {kind: workers_needed(rates["1"], ms)
+            row["workers_needed"] = {kind: workers_needed(cpu_ms, ms)
                                      for kind, ms in steps[family]["ms_per_image"].items()}
         out["recipes"][name] = row
         if not args.json:

@@ -115,22 +115,24 @@ def loader_tables(files: list[tuple[str, dict]]) -> list[str]:
         steps = r["gpu_steps"]
         lines += [f"Input pipelines, `{path}`: each recipe's training transforms and loader on synthetic data of its "
                   f"format, {r['machine']} ({r['cores']} cores, load average {r['load_average']:.1f}), images per "
-                  f"second per loader worker count after the workers' first batches. Workers to feed a step: the "
-                  f"step's images per second over the one-worker rate here, rounded up (a 16-core machine has "
-                  f"{r['spare_cores']} to spare); step times per image from "
+                  f"second per loader worker count after the workers' first batches, and the pipeline's CPU time per "
+                  f"image (0 workers; independent of the load). Workers to feed a step: that CPU time over the "
+                  f"step's time per image, rounded up (a 16-core machine has {r['spare_cores']} to spare); step "
+                  f"times per image from "
                   + "; ".join(f"`{s['file']}` ({s['model']}, batch {s['batch']}, {s['device_name']}, amp {s['amp']}: "
                               + ", ".join(f"{k} {v:.3f} ms" for k, v in s["ms_per_image"].items()) + ")"
                               for s in steps.values()) + ".", "",
                   "| recipe | pipeline | batch | " + " | ".join(f"img/s, {w} workers" for w in workers)
-                  + " | workers for the plain step | for the grouped step with GKP |",
-                  "|---|---|---:|" + "---:|" * len(workers) + "---:|---:|"]
+                  + " | CPU ms per image | workers for the plain step | for the grouped step with GKP |",
+                  "|---|---|---:|" + "---:|" * len(workers) + "---:|---:|---:|"]
         for name, row in r["recipes"].items():
             need = row.get("workers_needed", {})
             pipeline = f"{row['dataset']} {row['img_size']} px, {row['augment']}, {row['views']} view" \
                 + ("s" if row["views"] > 1 else "")
             lines.append(f"| {name} | {pipeline} | {row['batch_size']} | "
                          + " | ".join(f"{row['images_per_s'][w]:.0f}" for w in workers)
-                         + f" | {need.get('plain', 'n/a')} | {need.get('grouped', 'n/a')} |")
+                         + f" | {row['cpu_ms_per_image']:.2f} | {need.get('plain', 'n/a')} | "
+                         f"{need.get('grouped', 'n/a')} |")
         lines.append("")
     return lines
 
