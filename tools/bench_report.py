@@ -116,7 +116,7 @@ def loader_tables(files: list[tuple[str, dict]]) -> list[str]:
         lines += [f"Input pipelines, `{path}`: each recipe's training transforms and loader on synthetic data of its "
                   f"format, {r['machine']} ({r['cores']} cores, load average {r['load_average']:.1f}), images per "
                   f"second per loader worker count after the workers' first batches, and the pipeline's CPU time per "
-                  f"image (0 workers; independent of the load). Workers to feed a step: that CPU time over the "
+                  f"image (0 workers; CPU time, less sensitive to the load than the rates). Workers to feed a step: that CPU time over the "
                   f"step's time per image, rounded up (a 16-core machine has {r['spare_cores']} to spare); step "
                   f"times per image from "
                   + "; ".join(f"`{s['file']}` ({s['model']}, batch {s['batch']}, {s['device_name']}, amp {s['amp']}: "
