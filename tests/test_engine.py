@@ -186,15 +186,28 @@ def test_tensorboard_tracker_gets_every_epoch_row(tmp_path):
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_the_worker_count_changes_nothing_but_speed(tmp_path):
-    """A digits run with random crops, the grouped step and GKP's Fisher (read through the run's loaders) trains to
-    the same results with the loaders on the main process and with `auto` workers (2 on this machine)."""
+def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
+    """A digits run with random crops, the grouped step and GKP's Fisher (read through the run's loaders, in batches
+    of gkp.fisher_batch_size) trains to the same results with the loaders on the main process and with `auto` workers
+    (2 on this machine)."""
+    from lt_recipes import method
     from lt_recipes.config import load_config
     from lt_recipes.data import resolve_num_workers
     from lt_recipes.engine import run
 
-    sets = ["epochs=2", "groups.start_epoch=1", "data.augment=basic", "data.max_per_class=60"]
-    assert resolve_num_workers("auto") > 0
+    fisher_calls = []
+
+    def estimate_fisher(*args, **kw):
+        fisher_calls.append((args[7], kw["loader_kw"]["num_workers"]))  # the Fisher's batch size, its workers
+        return real_estimate(*args, **kw)
+
+    real_estimate = method.estimate_fisher
+    monkeypatch.setattr(method, "estimate_fisher", estimate_fisher)
+    sets = ["epochs=2", "groups.start_epoch=1", "data.augment=basic", "data.max_per_class=60",
+            "gkp.fisher_batch_size=16"]
+    auto = resolve_num_workers("auto")
+    assert auto > 0
     main = run(load_config("digits_lt", [*sets, "data.num_workers=0"]), str(tmp_path / "main"))
     workers = run(load_config("digits_lt", sets), str(tmp_path / "auto"))
     assert workers == main
+    assert fisher_calls == [(16, 0), (16, auto)]
