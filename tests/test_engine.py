@@ -211,3 +211,16 @@ def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
     workers = run(load_config("digits_lt", sets), str(tmp_path / "auto"))
     assert workers == main
     assert fisher_calls == [(16, 0), (16, auto)]
+
+
+def test_prepared_loaders_copy_batches_without_blocking():
+    """Accelerate's prepared loaders move batches with non_blocking=False unless configured: the run's are configured,
+    so the pinned batches of a GPU run are copied asynchronously."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lt_recipes.engine import _accelerator
+
+    acc = _accelerator(None)
+    loader = acc.prepare(DataLoader(TensorDataset(torch.arange(4)), batch_size=2))
+    assert acc.non_blocking and loader._non_blocking
