@@ -6,7 +6,8 @@ For every recipe (default: all of recipes/), synthetic data in the recipe's form
 (nothing is downloaded): CIFAR pickles and Fashion-MNIST idx files of random pixels, scikit-learn's bundled digits, and
 for the image-file datasets JPEGs of a typical size for the dataset (smooth random content) named by text list files
 in the official `path label` layout. The recipe's own data section builds the datasets and transforms
-(lt_recipes.data: augmentation, contrastive views, normalisation), and a loader with the run's options
+(lt_recipes.data: augmentation, contrastive views) as a GPU run has them (uint8 batches, normalised on the device),
+and a loader with the run's options
 (`loader_options`: seeded draws, collation, workers) yields batches of the recipe's batch size for each worker count
 of `--workers`, timed from the end of the first round of batches (worker start-up) over `--rounds` more.
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch_size or load_config(name)["data"]["batch_size"]
         with tempfile.TemporaryDirectory() as tmp:
             recipe = Recipe.from_dict(load_config(name, synthetic_overrides(name, tmp, most * batch)))
-            data = build_data(recipe.data, recipe.seed)
+            data = build_data(recipe.data, recipe.seed, uint8_train=True)  # as a GPU run reads them
             runs = {str(w): measure(data, recipe, w, args.rounds, batch) for w in args.workers}
         rates = {w: rate for w, (rate, _) in runs.items()}
         cpu_ms = runs["0"][1]

@@ -17,8 +17,8 @@ from .constants import NUM_CLASSES
 from .in_memory import CIFAR_LAYOUT
 from .loader import EpochSampler, build_loaders, loader_options, resolve_num_workers
 from .profile import long_tail_counts, long_tail_indices
-from .transforms import Cutout, build_transforms, dataset_in_chans, eval_data_config
+from .transforms import Cutout, build_transforms, dataset_in_chans, eval_data_config, normalize_uint8
 
 __all__ = ["CIFAR_LAYOUT", "Cutout", "DataError", "DataNotFoundError", "EpochSampler", "LTData", "NUM_CLASSES",
            "build_data", "build_loaders", "build_transforms", "dataset_in_chans", "eval_data_config",
-           "loader_options", "long_tail_counts", "long_tail_indices", "resolve_num_workers"]
+           "loader_options", "long_tail_counts", "long_tail_indices", "normalize_uint8", "resolve_num_workers"]
