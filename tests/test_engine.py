@@ -210,6 +210,7 @@ def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
     main = run(load_config("digits_lt", [*sets, "data.num_workers=0"]), str(tmp_path / "main"))
     workers = run(load_config("digits_lt", sets), str(tmp_path / "auto"))
     assert workers == main
+    assert summary_without_time(tmp_path / "auto") == summary_without_time(tmp_path / "main")  # losses, groups
     assert fisher_calls == [(16, 0), (16, auto)]
 
 
@@ -224,3 +225,18 @@ def test_prepared_loaders_copy_batches_without_blocking():
     acc = _accelerator(None)
     loader = acc.prepare(DataLoader(TensorDataset(torch.arange(4)), batch_size=2))
     assert acc.non_blocking and loader._non_blocking
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_uint8_training_batches_train_as_the_float_ones(tmp_path, monkeypatch):
+    """The engine's GPU input path on the CPU: training images kept uint8 by the workers and normalised by the engine
+    train to the very results of the float pipeline."""
+    from lt_recipes import engine
+    from lt_recipes.config import load_config
+
+    sets = ["epochs=1", "method=sam", "data.augment=basic", "data.max_per_class=60"]
+    want = engine.run(load_config("digits_lt", sets), str(tmp_path / "floats"))
+    real_build = engine.build_data
+    monkeypatch.setattr(engine, "build_data", lambda d, seed, uint8_train=False: real_build(d, seed, uint8_train=True))
+    assert engine.run(load_config("digits_lt", sets), str(tmp_path / "uint8")) == want
+    assert summary_without_time(tmp_path / "uint8") == summary_without_time(tmp_path / "floats")  # the train loss
