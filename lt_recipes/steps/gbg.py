@@ -58,8 +58,17 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     return best
 
 
-# The most gradient numbers (float64) the grouping holds at once: 2^27, 1 GiB, whatever the classes and parameters.
+# The most gradient numbers (float64) the grouping holds at once on the CPU: 2^27, 1 GiB, whatever the classes and
+# parameters; on a GPU, half its free memory (fewer blocks: each block costs a pass over the later classes' images).
 GROUPING_BLOCK_NUMBERS = 2 ** 27
+
+
+def block_numbers(device: torch.device) -> int:
+    """The gradient numbers the grouping may hold at once on `device` (GROUPING_BLOCK_NUMBERS on the CPU)."""
+    if device.type != "cuda":
+        return GROUPING_BLOCK_NUMBERS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(GROUPING_BLOCK_NUMBERS, free // 2 // 8)
 
 
 def class_gradient_sums(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -94,20 +103,20 @@ def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Ten
                     dataset: Dataset, targets: np.ndarray, num_classes: int, num_groups: int, covered: list[nn.Parameter],
                     batch_size: int, device: torch.device, autocast: Callable[[], ContextManager],
                     seed: int = 0, loader_kw: Mapping[str, Any] | None = None,
-                    max_numbers: int = GROUPING_BLOCK_NUMBERS) -> np.ndarray:
+                    max_numbers: int | None = None) -> np.ndarray:
     """GBG's grouping: group id per class (head first) from the cosine affinity of the classes' mean per-sample
     gradients over the covered parameters, computed on `dataset` in evaluation mode (so a sample's gradient does not
     depend on its batch).
 
     The cosines need only the Gram matrix of the classes' gradient sums, accumulated on `device` a block of classes
     at a time: a block's vectors are held (at most `max_numbers` numbers), their Gram entries with every later class
-    taken from one streamed pass over those classes; memory is bounded by the block, not classes x parameters (one
-    pass when all classes fit, as on digits)."""
+    taken from one streamed pass over those classes; memory is bounded by the block (`max_numbers`, None:
+    `block_numbers(device)`), not classes x parameters (one pass when all classes fit, as on digits)."""
     was = model.training
     model.eval()
     targets = np.asarray(targets)
     n = sum(p.numel() for p in covered)
-    per_block = max(1, max_numbers // max(n, 1))
+    per_block = max(1, (max_numbers or block_numbers(device)) // max(n, 1))
     gram = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     args = (model, classification_losses, dataset, targets)
     rest = (covered, batch_size, device, autocast, loader_kw)
