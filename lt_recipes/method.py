@@ -27,7 +27,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import equations, faults
-from .data import LTData, loader_options
+from .data import LTData
+from .data.loader import loader_options
 from .distributed import broadcast_groups, format_per_process, gather_counts
 from .equations import feature_quality
 from .errors import NonFiniteError

@@ -92,7 +92,7 @@ def class_gradient_sums(model: nn.Module, classification_losses: Callable[[torch
             total = torch.zeros(sum(p.numel() for p in covered), dtype=torch.float64, device=device)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            loss = classification_losses(model(x), y).float().sum()
+            loss = upcast(classification_losses(model(x), y)).sum()
         g = torch.autograd.grad(loss, covered, allow_unused=True)
         total += torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).double() for t, p in zip(g, covered)])
     if current is not None:
