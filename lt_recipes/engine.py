@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 from tqdm import tqdm
@@ -33,7 +33,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_wr
                          previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .sections import Recipe
-from .data import LTData, build_data, build_loaders
+from .data import LTData, build_data, build_loaders, normalize_uint8
 from .distributed import check_data_root, check_same_resume
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .losses import create_loss
@@ -44,10 +44,11 @@ from .optim import create_optimizer, scaled_lr
 
 _logger = logging.getLogger(__name__)
 
-# Recipe keys that may differ when a run is resumed: where things are and how they are logged, not what is trained.
-# (data.num_workers changes the augmentation's random streams, data.eval_batch_size the Fisher's batches: both stay.)
-RESUMABLE_CHANGES = frozenset({"data.root", "log_interval", "log_with", "checkpoint_interval", "groups.bank_spill_dir",
-                               "gsa.backend", "model.pretrained_path"})
+# Recipe keys that may differ when a run is resumed: where things are, how fast and how they are logged, not what is
+# trained (data.num_workers changes nothing but speed: each draw is augmented from its own seed, lt_recipes.data.loader;
+# data.eval_batch_size stays: it is the Fisher's batch unless gkp.fisher_batch_size is set).
+RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "log_interval", "log_with", "checkpoint_interval",
+                               "groups.bank_spill_dir", "gsa.backend", "model.pretrained_path"})
 # The parts of the launch (`_launch`) a resumed run must keep: they change the numbers a run computes.
 LAUNCH_IDENTITY = ("mixed_precision", "num_processes")
 
@@ -154,6 +155,12 @@ def launch_warning(env: Mapping[str, str]) -> str | None:
             "global batch is data.batch_size.")
 
 
+def loader_config() -> DataLoaderConfiguration:
+    """How Accelerate's prepared loaders move batches: with non-blocking copies (from the pinned memory the loaders use
+    on a GPU), which its default (non_blocking=False) would make blocking whatever the engine asks."""
+    return DataLoaderConfiguration(non_blocking=True)
+
+
 def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
     """The Accelerator of a train.py / validate.py process: gloo DDP on the CPU under torchrun, and a loud warning
     when a multi-process launch came up as one process."""
@@ -161,6 +168,7 @@ def _accelerator(mixed_precision: str | None, **kw: Any) -> Accelerator:
     # Accelerate picks gloo on the CPU only when asked to: without this, torchrun on a machine without a GPU
     # would start independent single-process runs that overwrite each other's files.
     cpu = world > 1 and not torch.cuda.is_available()
+    kw = {"dataloader_config": loader_config(), **kw}
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kw) if mixed_precision \
         else Accelerator(cpu=cpu, **kw)
     if accelerator.num_processes != world:
@@ -196,20 +204,23 @@ class Trainer:
     def __init__(self, cfg: dict[str, Any], output_dir: str, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.output_dir = output_dir
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or Accelerator(dataloader_config=loader_config())
         acc = self.accelerator
+        if acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every recipe's images have one size: tune the convolutions once
         self.recipe = r = Recipe.from_dict(cfg)
         set_seed(r.seed)
         _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", r.seed,
                      ", ".join(f"{k} {v}" for k, v in _launch(acc).items()))
         check_data_root(r.data)  # on every process: a node without the data is named, not waited for
-        self.data = build_data(r.data, r.seed)
+        # on a GPU the training batches travel as uint8 and are normalised there (a quarter of the bytes to copy)
+        self.data = build_data(r.data, r.seed, uint8_train=acc.device.type == "cuda")
         self.model = create_lt_model(r.model, self.data.num_classes, self.data.in_chans).to(acc.device)
         # timm's EMA copies the model before DDP wraps it and before a step flattens its parameters
         self.ema = ModelEmaV3(self.model, decay=r.ema.decay, use_warmup=r.ema.warmup) \
             if r.ema.decay is not None else None
         self.criterion = create_loss(r.loss, self.data.train_counts, r.epochs).to(acc.device)
-        train_loader, val_loader, test_loader = build_loaders(self.data, r.data, r.seed)
+        train_loader, val_loader, test_loader = build_loaders(self.data, r.data, r.seed, acc.device)
         self.global_batch_size = r.data.batch_size * acc.num_processes
         self.lr = scaled_lr(r.optim, self.global_batch_size)
         optimizer = create_optimizer(self.model, r.optim, self.global_batch_size)
@@ -315,7 +326,10 @@ class Trainer:
         t0 = time.time()
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             for step, (inputs, targets) in enumerate(bar):
-                loss = self.method.train_step(_to_device(inputs, acc.device), targets.to(acc.device), epoch, step)
+                inputs = _to_device(inputs, acc.device)
+                if self.data.train_normalize is not None:
+                    inputs = normalize_uint8(inputs, *self.data.train_normalize)
+                loss = self.method.train_step(inputs, targets.to(acc.device), epoch, step)
                 faults.hit("step")
                 seen += len(targets)
                 if loss is not None:
@@ -455,7 +469,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, output_dir: str,
     if state["identity"].get("recipe", r.name) != r.name:
         _logger.warning("%s was trained with recipe %s and is evaluated with recipe %s (the same dataset, image size, "
                         "classes and model)", checkpoint, state["identity"]["recipe"], r.name)
-    test_loader = acc.prepare(build_loaders(data, r.data, r.seed)[2])
+    test_loader = acc.prepare(build_loaders(data, r.data, r.seed, acc.device)[2])
     models = {}
     for key in ("model", "ema"):
         if state.get(key) is None:

@@ -48,6 +48,15 @@ def class_affinity(class_vectors: torch.Tensor) -> np.ndarray:
     return ((cos.clamp(-1, 1) + 1) / 2).numpy()
 
 
+def gram_affinity(gram: torch.Tensor) -> np.ndarray:
+    """`class_affinity` of the vectors behind a Gram matrix [C, C]: the cosines need only its entries and the norms
+    on its diagonal, so the vectors themselves need never be held together."""
+    g = gram.double()
+    n = g.diagonal().clamp_min(0).sqrt().clamp_min(1e-300)
+    cos = g / (n[:, None] * n[None, :])
+    return ((cos.clamp(-1, 1) + 1) / 2).cpu().numpy()
+
+
 def spectral_groups(affinity: np.ndarray, num_groups: int, seed: int = 0) -> np.ndarray:
     """Eq. 2: normalized-cut spectral clustering of the class affinity graph into `num_groups` groups."""
     from sklearn.cluster import SpectralClustering  # imported here: scikit-learn costs every process 2 s to import

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -103,11 +103,13 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
                     dataset: Dataset, targets: np.ndarray, group_of_class: np.ndarray, anchors: torch.Tensor,
                     is_excluded: Callable[[str], bool], batch_size: int, device: torch.device,
                     autocast: Callable[[], ContextManager], max_batches: int = 0, estimate: str = "batch_mean",
-                    chunk: int = 0) -> torch.Tensor:
+                    chunk: int = 0, loader_kw: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Diagonal Fisher F_j of every group at its anchor, over the covered (non-classifier) parameters (docs/method.md).
 
     For group j: theta*_j loaded into a copy of the model (classifier kept), group j's training images with the
-    test-time transform in batches of `batch_size`, N_j of them in all. `batch_mean` (the released code):
+    test-time transform in batches of `batch_size` (`gkp.fisher_batch_size`, which bounds the memory of a backward),
+    N_j of them in all, read by one loader with the run's settings (`loader_kw`: workers, pinned memory) and computed
+    on `device` under the run's `autocast`. `batch_mean` (the released code):
     F_j = sum over batches of (grad of the batch-mean classification loss)^2 / N_j, about 1/B of the squared
     per-sample gradient near a minimum. `per_sample` (EWC's): F_j = sum over images of (grad of that image's loss)^2
     / N_j, the per-sample gradients taken `chunk` at a time (0: as many as 2^26 numbers allow). Under DDP each rank
@@ -134,17 +136,22 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
     fisher = torch.zeros(G, n_cov, dtype=torch.float32, device=device)
     counts = torch.zeros(G, dtype=torch.float64, device=device)
     group_of_sample = group_of_class[targets]
+    batches, owner = [], []  # every group's batches in one loader: its workers start once
     for j in range(G):
-        _set_vector(cov_params, anchors[j].to(device=device, dtype=torch.float32))
         idx = np.flatnonzero(group_of_sample == j)
-        batches = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
-        if max_batches:
-            batches = batches[:max_batches]
-        for x, y in DataLoader(dataset, batch_sampler=batches[rank::world]):
-            x, y = x.to(device), y.to(device)
-            fisher[j] += _squared_gradients(work, classification_losses, x, y, cov_names, cov_params, estimate, chunk,
-                                            autocast)
-            counts[j] += len(y)
+        mine = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+        mine = mine[:max_batches] if max_batches else mine
+        batches += mine[rank::world]
+        owner += [j] * len(mine[rank::world])
+    current = None
+    for (x, y), j in zip(DataLoader(dataset, batch_sampler=batches, **(loader_kw or {})), owner):
+        if j != current:
+            _set_vector(cov_params, anchors[j].to(device=device, dtype=torch.float32))
+            current = j
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        fisher[j] += _squared_gradients(work, classification_losses, x, y, cov_names, cov_params, estimate, chunk,
+                                        autocast)
+        counts[j] += len(y)
     if world > 1:
         dist.all_reduce(fisher)
         dist.all_reduce(counts)

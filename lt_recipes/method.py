@@ -29,6 +29,7 @@ from torch import nn
 from . import equations, faults
 from .choices import COMPILE_BACKENDS
 from .data import LTData
+from .data.loader import loader_options
 from .distributed import broadcast_groups, format_per_process, gather_counts
 from .equations import feature_quality
 from .errors import ConfigError, NonFiniteError
@@ -187,11 +188,16 @@ class Method:
             labels = gradient_groups(
                 self.model, self.criterion.classification_losses, self.data.train_eval,
                 np.asarray(self.data.train_targets), self.data.num_classes, asked, covered,
-                self.recipe.data.eval_batch_size, self.acc.device, self.acc.autocast, self.recipe.seed)
+                self.recipe.data.eval_batch_size, self.acc.device, self.acc.autocast, self.recipe.seed,
+                loader_kw=self._loader_kw())
         self.groups = self._realised(Groups.from_labels(labels, self.data.train_counts), asked,
                                      f"{self.step_name}'s gradient grouping")
         self.step_fn.set_groups(self.groups.of_class, self.groups.samples)
         _logger.info("%s groups from the initial weights' class gradients: %s", self.step_name, self.groups.members())
+
+    def _loader_kw(self) -> dict[str, Any]:
+        """The run's loader settings (workers, pinned memory) for the passes that read the training images."""
+        return loader_options(self.recipe.data, self.recipe.seed, self.acc.device)
 
     def _own_rng(self):
         """Random numbers drawn inside (grouping, bank, Fisher) leave the training stream untouched."""
@@ -335,9 +341,9 @@ class GroupedMethod(Method):
             if k.fisher != "ema":
                 self.fisher = estimate_fisher(
                     self.model, self.criterion.classification_losses, self.data.train_eval, self.data.train_targets,
-                    self.memory_groups.of_class, self.anchors, is_classifier, self.recipe.data.eval_batch_size,
-                    self.acc.device, self.acc.autocast, k.fisher_batches, estimate=k.fisher,
-                    chunk=k.fisher_chunk).to(dtype)
+                    self.memory_groups.of_class, self.anchors, is_classifier,
+                    k.fisher_batch_size or self.recipe.data.eval_batch_size, self.acc.device, self.acc.autocast,
+                    k.fisher_batches, estimate=k.fisher, chunk=k.fisher_chunk, loader_kw=self._loader_kw()).to(dtype)
             else:
                 self.fisher = self.step_fn.track_fisher(k.fisher_ema)
             self._install_gkp()

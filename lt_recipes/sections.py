@@ -90,6 +90,12 @@ def _pair_of_increasing(v: Any) -> str | None:
     return None
 
 
+def _workers(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v == "auto" else "must be auto or a number of worker processes >= 0"
+    return _at_least(0)(v)
+
+
 def _clamp(v: Any) -> str | None:
     if isinstance(v, str):
         return None if v == "auto" else "must be auto, null or [low, high]"
@@ -170,7 +176,8 @@ class DataConfig(Section):
     contrastive_views: int = key(0, INT, choices=CONTRASTIVE_VIEWS)
     batch_size: int = key(128, INT, _at_least(1))
     eval_batch_size: int = key(256, INT, _at_least(1))
-    num_workers: int = key(0, INT, _at_least(0))
+    # loader worker processes; auto: this process's share of the CPU cores (lt_recipes.data.loader), at most 8
+    num_workers: int | str = key("auto", INT + STR, _workers)
     sampler: str = key("random", STR, choices=SAMPLERS)
     skip_bad_images: bool = key(False, BOOL)
     mean: tuple[float, ...] | None = key(None, LIST, _numbers, nullable=True)
@@ -311,6 +318,9 @@ class GKPConfig(Section):
     fisher_batches: int = key(0, INT, _at_least(0))
     # per_sample: most per-sample gradients held at once (chunks of the evaluation batch); 0 = by memory
     fisher_chunk: int = key(0, INT, _at_least(0))
+    # images per backward of the Fisher estimate, which bounds its memory; null: data.eval_batch_size. batch_mean's
+    # estimate is about 1/B of the per-sample one, so a smaller batch raises it (docs/method.md)
+    fisher_batch_size: int | None = key(None, INT, _at_least(1), nullable=True)
     state_dtype: str = key("fp32", STR, choices=STATE_DTYPES)
 
 

@@ -3,10 +3,12 @@
 References are independent of lt_recipes.data: published LT sizes, Cao et al.'s global-seed shuffle procedure,
 float64 normalisation, hand-written idx/pickle/list/json files.
 """
+import itertools
 import json
 import logging
 import os
 import pickle
+import random
 import runpy
 import struct
 from collections import Counter
@@ -23,7 +25,7 @@ from conftest import LIST_COLOURS, LIST_COUNTS, write_idx
 from lt_recipes.errors import ConfigError
 from lt_recipes.sections import DataConfig
 from lt_recipes.data import (Cutout, DataError, DataNotFoundError, EpochSampler, LTData, build_data, build_loaders,
-                             long_tail_counts, long_tail_indices)
+                             long_tail_counts, long_tail_indices, normalize_uint8, resolve_num_workers)
 from lt_recipes.metrics import class_splits
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -590,6 +592,74 @@ def test_build_loaders_digits():
     assert x.shape == (32, 1, 8, 8) and y.dtype == torch.int64
     assert torch.cat([y for _, y in val]).tolist() == data.val.targets.tolist()
     assert sum(len(y) for _, y in test) == len(data.test) == 500
+
+
+def _rng_states():
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+def test_batches_do_not_depend_on_the_worker_count(cifar10_root):
+    """The same bits with 0 and 2 workers (AutoAugment + Cutout + two contrastive views over random images), other
+    augmentations in another epoch, and the main process's random streams untouched by the loader."""
+    root, _ = cifar10_root
+    cfg = dict(dataset="cifar10", root=str(root), imbalance_ratio=2.0, augment="autoaugment", contrastive_views=2,
+               batch_size=6)
+    data = build_data(*make_cfg(**cfg))
+    data.train.images = torch.randint(0, 256, data.train.images.shape, dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(0))
+    batches = {}
+    for workers, epoch in ((0, 1), (2, 1), (0, 2)):
+        train = build_loaders(data, *make_cfg(num_workers=workers, **cfg))[0]
+        train.sampler.set_epoch(epoch)
+        before = _rng_states()
+        batches[workers, epoch] = list(itertools.islice(train, 3))
+        assert _rng_states() == before
+    for (views, y), (views2, y2), (views3, y3) in zip(batches[0, 1], batches[2, 1], batches[0, 2]):
+        assert len(views) == 3 and torch.equal(y, y2)
+        for a, b in zip(views, views2):
+            assert torch.equal(a, b)
+        assert not torch.equal(views[0], views3[0])
+
+
+def _first_batch(data, cfg):
+    train = build_loaders(data, *make_cfg(num_workers=0, **cfg))[0]
+    return next(iter(train))
+
+
+def test_uint8_training_batches_normalised_on_the_device_equal_the_float_pipeline(cifar10_root, image_list_root):
+    """A GPU run's training batches travel as uint8 and are normalised where they land: the same batch, bit for bit
+    for torchvision's in-memory pipeline (AutoAugment, Cutout, two views) and to float rounding for timm's image-file
+    one (RandAugment; timm's float path divides by 255 where the device multiplies by 1/255)."""
+    root, _ = cifar10_root
+    cases = [(dict(dataset="cifar10", root=str(root), imbalance_ratio=2.0, augment="autoaugment", contrastive_views=2,
+                   batch_size=6), 0.0),
+             (dict(dataset="imagenet_lt", root=str(image_list_root), imbalance_ratio=None, train_list="train.txt",
+                   val_list="val.txt", test_list="test.txt", img_size=24, auto_augment="rand-n2-m10",
+                   batch_size=4), 1e-6)]
+    for cfg, atol in cases:
+        floats, raw = (build_data(*make_cfg(**cfg), uint8_train=u) for u in (False, True))
+        if cfg["dataset"] == "cifar10":
+            for data in (floats, raw):
+                data.train.images = torch.randint(0, 256, data.train.images.shape, dtype=torch.uint8,
+                                                  generator=torch.Generator().manual_seed(0))
+        assert floats.train_normalize is None and raw.train_normalize is not None
+        (want, y), (got, y2) = _first_batch(floats, cfg), _first_batch(raw, cfg)
+        assert torch.equal(y, y2)
+        want, got = (w if isinstance(w, list) else [w] for w in (want, got))
+        assert all(g.dtype == torch.uint8 for g in got)
+        for w, g in zip(want, normalize_uint8(got, *raw.train_normalize)):
+            torch.testing.assert_close(g, w, rtol=0, atol=atol)
+
+
+def test_auto_workers_are_the_process_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_num_workers("auto", {}) == 8  # at most MAX_AUTO_WORKERS
+    assert resolve_num_workers("auto", {"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert resolve_num_workers("auto", {"LOCAL_WORLD_SIZE": "32"}) == 1
+    assert resolve_num_workers(3, {"LOCAL_WORLD_SIZE": "4"}) == 3
+    assert DataConfig(imbalance_ratio=10.0).num_workers == "auto"
+    with pytest.raises(ConfigError, match="'data.num_workers' = 'many': must be auto"):
+        DataConfig(imbalance_ratio=10.0, num_workers="many")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -183,3 +183,60 @@ def test_tensorboard_tracker_gets_every_epoch_row(tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert got == [(i, pytest.approx(float(r[key]), rel=1e-6)) for i, r in enumerate(rows)], key
     assert events.Scalars("test_top1")[0].value == pytest.approx(res["top1"])
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
+    """A digits run with random crops, the grouped step and GKP's Fisher (read through the run's loaders, in batches
+    of gkp.fisher_batch_size) trains to the same results with the loaders on the main process and with `auto` workers
+    (2 on this machine)."""
+    from lt_recipes import method
+    from lt_recipes.config import load_config
+    from lt_recipes.data import resolve_num_workers
+    from lt_recipes.engine import run
+
+    fisher_calls = []
+
+    def estimate_fisher(*args, **kw):
+        fisher_calls.append((args[7], kw["loader_kw"]["num_workers"]))  # the Fisher's batch size, its workers
+        return real_estimate(*args, **kw)
+
+    real_estimate = method.estimate_fisher
+    monkeypatch.setattr(method, "estimate_fisher", estimate_fisher)
+    sets = ["epochs=2", "groups.start_epoch=1", "data.augment=basic", "data.max_per_class=60",
+            "gkp.fisher_batch_size=16"]
+    auto = resolve_num_workers("auto")
+    assert auto > 0
+    main = run(load_config("digits_lt", [*sets, "data.num_workers=0"]), str(tmp_path / "main"))
+    workers = run(load_config("digits_lt", sets), str(tmp_path / "auto"))
+    assert workers == main
+    assert summary_without_time(tmp_path / "auto") == summary_without_time(tmp_path / "main")  # losses, groups
+    assert fisher_calls == [(16, 0), (16, auto)]
+
+
+def test_prepared_loaders_copy_batches_without_blocking():
+    """Accelerate's prepared loaders move batches with non_blocking=False unless configured: the run's are configured,
+    so the pinned batches of a GPU run are copied asynchronously."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lt_recipes.engine import _accelerator
+
+    acc = _accelerator(None)
+    loader = acc.prepare(DataLoader(TensorDataset(torch.arange(4)), batch_size=2))
+    assert acc.non_blocking and loader._non_blocking
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_uint8_training_batches_train_as_the_float_ones(tmp_path, monkeypatch):
+    """The engine's GPU input path on the CPU: training images kept uint8 by the workers and normalised by the engine
+    train to the very results of the float pipeline."""
+    from lt_recipes import engine
+    from lt_recipes.config import load_config
+
+    sets = ["epochs=1", "method=sam", "data.augment=basic", "data.max_per_class=60"]
+    want = engine.run(load_config("digits_lt", sets), str(tmp_path / "floats"))
+    real_build = engine.build_data
+    monkeypatch.setattr(engine, "build_data", lambda d, seed, uint8_train=False: real_build(d, seed, uint8_train=True))
+    assert engine.run(load_config("digits_lt", sets), str(tmp_path / "uint8")) == want
+    assert summary_without_time(tmp_path / "uint8") == summary_without_time(tmp_path / "floats")  # the train loss

@@ -74,10 +74,11 @@ def short_run(tmp_path_factory):
 
 
 # ---- resume refuses what changes the results; the launch is recorded ----------------------------------------------
-def test_resume_refuses_changed_workers_and_precision_naming_them(short_run):
+def test_resume_refuses_changed_batches_and_precision_naming_them(short_run):
     out, _ = short_run
-    proc = launch(out, "epochs=3", "groups.num_groups=50", "data.num_workers=2", extra=["--resume"])
-    assert proc.returncode == 2 and "data.num_workers=0" in proc.stderr and "data.num_workers=2" in proc.stderr
+    proc = launch(out, "epochs=3", "groups.num_groups=50", "data.eval_batch_size=128", extra=["--resume"])
+    assert proc.returncode == 2 and "data.eval_batch_size=256" in proc.stderr \
+        and "data.eval_batch_size=128" in proc.stderr
     proc = launch(out, "epochs=3", "groups.num_groups=50", extra=["--resume", "--mixed-precision", "bf16"])
     assert proc.returncode == 2 and "mixed_precision='no'" in proc.stderr and "mixed_precision='bf16'" in proc.stderr
 

@@ -33,6 +33,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench_epoch.py": ("tests/test_tool_smoke.py::test_device_check_smoke",
                        "device_check.sh's epoch step runs it on synthetic CIFAR-100; its JSON is checked there"),
     "bench_kernels.py": ("tests/test_tool_smoke.py::test_bench_kernels", ""),
+    "bench_loader.py": ("tests/test_tool_smoke.py::test_bench_loader", ""),
     "bench_memory.py": ("tests/test_tool_smoke.py::test_bench_memory", ""),
     "bench_report.py": ("tests/test_tool_smoke.py::test_record_bench_smoke",
                         "record_bench.sh writes the tables of freshly recorded files; tests/test_readme.py runs "
@@ -126,6 +127,25 @@ def test_bench_memory(capsys: pytest.CaptureFixture) -> None:
     assert 0 < out["encoder_params"] < out["params"]
     assert out["naive_bank_bytes_fp32"] == 10 * out["encoder_params"] * 4 and out["bank_reduction"] == 1.0
     assert out["gsa_buffers_bytes"] == (4 + 2) * out["params"] * 4
+
+
+def test_bench_loader(capsys: pytest.CaptureFixture) -> None:
+    """Digits, synthetic CIFAR pickles, Fashion-MNIST idx files and ImageNet-LT JPEGs through each recipe's pipeline
+    with 0 and 1 workers; the needed workers come from the committed GPU step figures; the report renders a row per
+    recipe."""
+    recipes = ["digits_lt", "cifar10_lt_resnet32", "fmnist_lt_resnet8", "imagenet_lt_resnet50"]
+    load_tool("bench_loader").main(["--recipes", *recipes, "--workers", "0", "1", "--rounds", "1", "--batch-size", "4",
+                                    "--json"])
+    out = _last_json(capsys.readouterr().out)
+    assert list(out["recipes"]) == recipes and set(out["gpu_steps"]) == {"cifar", "files"}
+    for name, row in out["recipes"].items():
+        assert set(row["images_per_s"]) == {"0", "1"} and min(row["images_per_s"].values()) > 0, name
+        step = out["gpu_steps"][row["gpu_step"]]
+        need = row["cpu_ms_per_image"] / step["ms_per_image"]["grouped"]
+        assert row["cpu_ms_per_image"] > 0 and row["workers_needed"]["grouped"] == math.ceil(need) >= 1, name
+    assert out["recipes"]["imagenet_lt_resnet50"]["views"] == 3
+    table = load_tool("bench_report").loader_tables([("results/bench/loader_cpu.json", out)])
+    assert sum(line.startswith(tuple(f"| {r} |" for r in recipes)) for line in table) == len(recipes)
 
 
 def test_checkpoint_size(capsys: pytest.CaptureFixture) -> None:

@@ -22,8 +22,9 @@ from ..sections import DataConfig
 from .constants import FMNIST_ROOT, NUM_CLASSES
 from .image_lists import ImageListDataset, Record, check_images, read_entries
 from .in_memory import TensorImageDataset, read_cifar, read_digits, read_fmnist
+from .loader import resolve_num_workers
 from .profile import balanced_pick, hold_out_val, long_tail_indices
-from .transforms import build_transforms
+from .transforms import build_transforms, eval_data_config
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class LTData:
     train_counts: list[int]
     lt_counts: list[int]
     num_val_from_train: int
+    # (mean, std) when the training images are uint8, to be normalised on the device (`normalize_uint8`); else None
+    train_normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def _data_root(data_cfg: DataConfig) -> str:
@@ -58,7 +61,7 @@ def _data_root(data_cfg: DataConfig) -> str:
     return root
 
 
-def _build_in_memory(d: DataConfig, seed: int) -> LTData:
+def _build_in_memory(d: DataConfig, seed: int, uint8_train: bool) -> LTData:
     dataset = d.dataset
     num_classes = NUM_CLASSES[dataset]
     if dataset == "digits":
@@ -79,7 +82,7 @@ def _build_in_memory(d: DataConfig, seed: int) -> LTData:
     train_idx, val_idx = hold_out_val(targets, kept, num_classes, d.val_per_class,
                                       np.random.default_rng(seed))
     in_chans, native = images.shape[1], images.shape[-1]
-    train_tf, eval_tf = build_transforms(dataset, d, in_chans, native)
+    train_tf, eval_tf = build_transforms(dataset, d, in_chans, native, uint8_train)
     train_images = torch.from_numpy(np.ascontiguousarray(images[train_idx]))
     train_targets = targets[train_idx]
     return LTData(
@@ -120,7 +123,7 @@ def _class_count(recipe_count: int | None, label_of: dict[int, int] | None, trai
         f"the labels of {' and '.join(evaluation)}; set data.num_classes when they do not hold every class")
 
 
-def _build_from_files(d: DataConfig, seed: int) -> LTData:
+def _build_from_files(d: DataConfig, seed: int, uint8_train: bool) -> LTData:
     dataset = d.dataset
     root = _data_root(d)
     train_path = _list_path(root, d, "train_list")
@@ -156,7 +159,8 @@ def _build_from_files(d: DataConfig, seed: int) -> LTData:
     splits, skipped = {}, {}
     for name, split in entries.items():
         records = [Record(os.path.join(root, rel), label, where) for rel, label, where in split]
-        splits[name], skipped[name] = check_images(records, d.skip_bad_images, d.img_size, d.num_workers)
+        splits[name], skipped[name] = check_images(records, d.skip_bad_images, d.img_size,
+                                                    resolve_num_workers(d.num_workers))
     if sum(skipped.values()):
         _logger.warning("skipped %d unreadable or missing images (%s)", sum(skipped.values()),
                         ", ".join(f"{k} {v}" for k, v in skipped.items()))
@@ -172,7 +176,7 @@ def _build_from_files(d: DataConfig, seed: int) -> LTData:
         splits["val"] = [splits["train"][i] for i in val_idx]
         splits["train"] = [splits["train"][i] for i in train_idx]
         num_val_from_train = len(val_idx)
-    train_tf, eval_tf = build_transforms(dataset, d, 3, None)
+    train_tf, eval_tf = build_transforms(dataset, d, 3, None, uint8_train)
     targets = np.array([r.label for r in splits["train"]], dtype=np.int64)
     val = ImageListDataset(splits["val"], eval_tf)
     return LTData(
@@ -188,11 +192,15 @@ def _build_from_files(d: DataConfig, seed: int) -> LTData:
     )
 
 
-def build_data(data_cfg: DataConfig, seed: int) -> LTData:
+def build_data(data_cfg: DataConfig, seed: int, uint8_train: bool = False) -> LTData:
     """Build train / train-eval / val / test datasets from the recipe's `data` section; `seed` draws the held-out
-    validation images."""
+    validation images. With `uint8_train` the training split yields uint8 images (a GPU run normalises them on the
+    device, `train_normalize`); the other splits are always normalised floats."""
     dataset = data_cfg.dataset
-    data = (_build_in_memory if dataset in IN_MEMORY_DATASETS else _build_from_files)(data_cfg, seed)
+    data = (_build_in_memory if dataset in IN_MEMORY_DATASETS else _build_from_files)(data_cfg, seed, uint8_train)
+    if uint8_train:
+        norm = eval_data_config(dataset, data_cfg, data.in_chans)
+        data.train_normalize = (norm["mean"], norm["std"])
     splits = class_splits(data.train_counts)
     _logger.info("%s: %d classes, %d train images (LT cut %d), %d val (%d from the training pool), %d test; "
                  "many/medium/few classes %d/%d/%d", dataset, data.num_classes, len(data.train), sum(data.lt_counts),

@@ -1,15 +1,26 @@
-"""The training order (`EpochSampler`, a pure function of seed and epoch) and the train / val / test loaders."""
+"""The training order (`EpochSampler`, a pure function of seed and epoch), each draw's augmentation seed, and the
+loaders of a run (`build_loaders`, `loader_options`): the worker count changes nothing but speed.
+
+Every training draw carries its own seed, a function of (seed, epoch, draw), and its transform runs with Python's,
+NumPy's and torch's CPU generators seeded from it (`sample_rng`): a sample is augmented the same in the main process
+or in any worker, and the main process's own random streams are left as they were.
+"""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import contextlib
+import os
+import random
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..errors import DataError
 from ..sections import DataConfig
-from .build import LTData
+
+if TYPE_CHECKING:  # build imports resolve_num_workers from here
+    from .build import LTData
 
 
 class EpochSampler(Sampler[int]):
@@ -54,11 +65,86 @@ class EpochSampler(Sampler[int]):
         return iter(idx.tolist())
 
 
-def build_loaders(data: LTData, d: DataConfig, seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (EpochSampler drawing from `seed`), val and test loaders, not yet prepared by Accelerate."""
-    common = {"num_workers": d.num_workers, "pin_memory": torch.cuda.is_available()}
-    train = DataLoader(data.train, batch_size=d.batch_size, drop_last=False,
-                       sampler=EpochSampler(data.train_targets, d.sampler, seed), **common)
-    val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **common)
-    test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **common)
+# The most loader workers `auto` gives a process (timm's train.py default is 4-8 per GPU).
+MAX_AUTO_WORKERS = 8
+# The entropy word that keeps the augmentation seeds' stream apart from the training order's ([seed, epoch]).
+_AUGMENT_STREAM = 1
+
+
+class SeededEpochSampler(EpochSampler):
+    """EpochSampler's draws as (index, augmentation seed) pairs, the seed a function of (seed, epoch, draw), so two
+    draws of one image (class-balanced sampling) are augmented independently, and every process of a DDP run draws
+    the seeds its shard of the batches carries."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        idx = list(super().__iter__())
+        seeds = np.random.default_rng([self.seed, self.epoch, _AUGMENT_STREAM]).integers(0, 2**63 - 1, len(idx))
+        return iter(zip(idx, seeds.tolist()))
+
+
+@contextlib.contextmanager
+def sample_rng(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded from `seed` inside (the transforms of torchvision and timm
+    draw from them), and restored after in the main process; a loader worker's own streams serve nothing else, and
+    saving NumPy's costs more than most transforms."""
+    main = get_worker_info() is None
+    states = (random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()) if main else None
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.default_generator.set_state(states[2])
+
+
+class SeededSamples(Dataset):
+    """A dataset read with (index, seed) pairs (`SeededEpochSampler`): sample `index`, transformed under
+    `sample_rng(seed)`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with sample_rng(seed):
+            return self.dataset[index]
+
+
+def resolve_num_workers(num_workers: int | str, env: Mapping[str, str] | None = None) -> int:
+    """`data.num_workers` as a count: `auto` is this process's share of the CPU cores it may run on (the cores of
+    os.sched_getaffinity over the processes of this node, LOCAL_WORLD_SIZE), at most MAX_AUTO_WORKERS."""
+    if num_workers != "auto":
+        return int(num_workers)
+    env = os.environ if env is None else env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_AUTO_WORKERS, cores // local))
+
+
+def loader_options(d: DataConfig, seed: int, device: torch.device | str | None = None) -> dict[str, Any]:
+    """The DataLoader options every loader of a run shares: the resolved workers, kept alive across epochs; pinned
+    memory when batches go to a GPU; a generator of the loader's own (its worker seeds are then not drawn from the
+    training stream, which stays the same for any worker count)."""
+    workers = resolve_num_workers(d.num_workers)
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cuda,
+            "generator": torch.Generator().manual_seed(seed)}
+
+
+def build_loaders(data: LTData, d: DataConfig, seed: int,
+                  device: torch.device | str | None = None) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (SeededEpochSampler drawing from `seed`), val and test loaders for batches bound to `device` (None: a
+    GPU when there is one), not yet prepared by Accelerate."""
+    train = DataLoader(SeededSamples(data.train), batch_size=d.batch_size, drop_last=False,
+                       sampler=SeededEpochSampler(data.train_targets, d.sampler, seed),
+                       **loader_options(d, seed, device))
+    val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **loader_options(d, seed, device))
+    test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **loader_options(d, seed, device))
     return train, val, test

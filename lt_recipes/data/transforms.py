@@ -84,22 +84,37 @@ def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _timm_transforms(data_cfg: DataConfig, eval_cfg: dict[str, Any]) -> tuple[Callable, Callable, Callable]:
+def normalize_uint8(inputs: torch.Tensor | list[torch.Tensor], mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> torch.Tensor | list[torch.Tensor]:
+    """A uint8 batch (or every view of one) as the float pipeline gives it, computed where it lies (on the GPU, after
+    a quarter of the float batch's bytes were copied): scaled by 1/255 and normalised (timm's prefetcher idea)."""
+    if isinstance(inputs, (list, tuple)):
+        return [normalize_uint8(x, mean, std) for x in inputs]
+    m = torch.as_tensor(mean, dtype=torch.float32, device=inputs.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=inputs.device).view(-1, 1, 1)
+    return inputs.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
+
+
+def _timm_transforms(data_cfg: DataConfig, eval_cfg: dict[str, Any],
+                     uint8_train: bool = False) -> tuple[Callable, Callable, Callable]:
     """(train, eval, contrastive view) transforms of image files from `timm.data.create_transform`: train is
     RandomResizedCrop + flip + `data.auto_augment` (e.g. rand-n2-m10), eval is `eval_cfg` (resize to size / crop_pct,
     centre crop), the view is SimCLR's (crop scale 0.2-1, flip, colour jitter with p 0.8, grey-scale with p 0.2)."""
-    size, common = data_cfg.img_size, {"mean": eval_cfg["mean"], "std": eval_cfg["std"]}
+    size = data_cfg.img_size
+    common = {"mean": eval_cfg["mean"], "std": eval_cfg["std"], "use_prefetcher": uint8_train}
     eval_tf = create_transform(**eval_cfg, is_training=False)
-    train_tf = eval_tf if data_cfg.augment == "none" else create_transform(
-        size, is_training=True, auto_augment=data_cfg.auto_augment, color_jitter=None, **common)
+    train_tf = create_transform(**eval_cfg, is_training=False, use_prefetcher=uint8_train) \
+        if data_cfg.augment == "none" else create_transform(
+            size, is_training=True, auto_augment=data_cfg.auto_augment, color_jitter=None, **common)
     view_tf = create_transform(size, is_training=True, scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
                                color_jitter_prob=0.8, grayscale_prob=0.2, **common)
     return train_tf, eval_tf, view_tf
 
 
-def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int,
-                     native_size: int | None) -> tuple[Callable, Callable]:
-    """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files.
+def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int, native_size: int | None,
+                     uint8_train: bool = False) -> tuple[Callable, Callable]:
+    """(train, eval) transforms; ``native_size`` is the image side of in-memory datasets, None for image files. With
+    ``uint8_train`` the training images (and views) stay uint8, to be normalised on the device (`normalize_uint8`).
 
     Image files (PIL) get timm's transforms (`_timm_transforms`). In-memory datasets (uint8 tensors, which timm's
     PIL-based transforms do not take) keep torchvision v2: pad-and-crop, flip (never for digits), the CIFAR or
@@ -110,13 +125,14 @@ def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int,
     mean, std = eval_cfg["mean"], eval_cfg["std"]
     views = data_cfg.contrastive_views
     if native_size is None:
-        train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, eval_cfg)
+        train_tf, eval_tf, view_tf = _timm_transforms(data_cfg, eval_cfg, uint8_train)
         return (MultiViewTransform(train_tf, view_tf, views) if views else train_tf), eval_tf
     resize = [] if size == native_size else [v2.Resize(size, interpolation=v2.InterpolationMode(EVAL_INTERPOLATION))]
     eval_tf = v2.Compose([*resize, *_finish(mean, std)])
+    finish = [v2.ToImage(), v2.ToPureTensor()] if uint8_train else _finish(mean, std)
     flip = [] if dataset == "digits" else [v2.RandomHorizontalFlip()]
     if augment == "none":
-        train_tf = eval_tf
+        train_tf = v2.Compose([*resize, *finish])
     else:
         pad = max(1, round(size / 8))
         policy: list[Any] = []
@@ -124,10 +140,10 @@ def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int,
             policy = [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), Cutout(size // 2)]
         elif augment == "randaugment":
             policy = [v2.RandAugment(num_ops=2, magnitude=10)]
-        train_tf = v2.Compose([*resize, v2.RandomCrop(size, padding=pad), *flip, *policy, *_finish(mean, std)])
+        train_tf = v2.Compose([*resize, v2.RandomCrop(size, padding=pad), *flip, *policy, *finish])
     if views:
         colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
         view_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), *flip,
-                              *(colour if in_chans == 3 else []), *_finish(mean, std)])
+                              *(colour if in_chans == 3 else []), *finish])
         train_tf = MultiViewTransform(train_tf, view_tf, views)
     return train_tf, eval_tf

@@ -2,8 +2,8 @@
 
 Grouping, once from the initial weights: every class's mean per-sample gradient of the classification loss over its
 training images (evaluation mode, the covered parameters: the encoder and its heads, not the classifier), cosine
-affinity, normalised-cut spectral clustering into G groups (the grouping's own affinity and clustering,
-lt_recipes.equations). Each step:
+affinity (from the Gram matrix of the class gradients, accumulated a block of classes at a time in bounded memory),
+normalised-cut spectral clustering into G groups (the grouping's own affinity and clustering, lt_recipes.equations). Each step:
 
 1. one forward; the gradient g_g of each present group's mean loss L_g (one backward per group into the rows of
    the flat buffer, summed over ranks);
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,32 +58,85 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     return best
 
 
+# The most gradient numbers (float64) the grouping holds at once on the CPU: 2^27, 1 GiB, whatever the classes and
+# parameters; on a GPU, half its free memory (fewer blocks: each block costs a pass over the later classes' images).
+GROUPING_BLOCK_NUMBERS = 2 ** 27
+
+
+def block_numbers(device: torch.device) -> int:
+    """The gradient numbers the grouping may hold at once on `device` (GROUPING_BLOCK_NUMBERS on the CPU)."""
+    if device.type != "cuda":
+        return GROUPING_BLOCK_NUMBERS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(GROUPING_BLOCK_NUMBERS, free // 2 // 8)
+
+
+def class_gradient_sums(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        dataset: Dataset, targets: np.ndarray, classes: Sequence[int], covered: list[nn.Parameter],
+                        batch_size: int, device: torch.device, autocast: Callable[[], ContextManager],
+                        loader_kw: Mapping[str, Any] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(class, the sum over its images of their loss gradients over `covered`, float64 on `device`) for each of
+    `classes` with images, in order: one loader (`loader_kw`: the run's workers and pinned memory) over batches of one
+    class each, so a class costs one backward per `batch_size` of its images and one vector is held at a time."""
+    batches, owner = [], []
+    for c in classes:
+        idx = np.flatnonzero(targets == c)
+        batches += [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+        owner += [c] * -(-len(idx) // batch_size)
+    current, total = None, None
+    for (x, y), c in zip(DataLoader(dataset, batch_sampler=batches, **(loader_kw or {})), owner):
+        if c != current:
+            if current is not None:
+                yield current, total
+            current = c
+            total = torch.zeros(sum(p.numel() for p in covered), dtype=torch.float64, device=device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = upcast(classification_losses(model(x), y)).sum()
+        g = torch.autograd.grad(loss, covered, allow_unused=True)
+        total += torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).double() for t, p in zip(g, covered)])
+    if current is not None:
+        yield current, total
+
+
 def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     dataset: Dataset, targets: np.ndarray, num_classes: int, num_groups: int, covered: list[nn.Parameter],
                     batch_size: int, device: torch.device, autocast: Callable[[], ContextManager],
-                    seed: int = 0) -> np.ndarray:
+                    seed: int = 0, loader_kw: Mapping[str, Any] | None = None,
+                    max_numbers: int | None = None) -> np.ndarray:
     """GBG's grouping: group id per class (head first) from the cosine affinity of the classes' mean per-sample
-    gradients over the covered parameters, computed on `dataset` in evaluation mode."""
+    gradients over the covered parameters, computed on `dataset` in evaluation mode (so a sample's gradient does not
+    depend on its batch).
+
+    The cosines need only the Gram matrix of the classes' gradient sums, accumulated on `device` a block of classes
+    at a time: a block's vectors are held (at most `max_numbers` numbers), their Gram entries with every later class
+    taken from one streamed pass over those classes; memory is bounded by the block (`max_numbers`, None:
+    `block_numbers(device)`), not classes x parameters (one pass when all classes fit, as on digits)."""
     was = model.training
     model.eval()
-    sums = torch.zeros(num_classes, sum(p.numel() for p in covered), dtype=torch.float64)
-    counts = np.bincount(targets, minlength=num_classes)
+    targets = np.asarray(targets)
+    n = sum(p.numel() for p in covered)
+    per_block = max(1, (max_numbers or block_numbers(device)) // max(n, 1))
+    gram = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    args = (model, classification_losses, dataset, targets)
+    rest = (covered, batch_size, device, autocast, loader_kw)
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            x, y = x.to(device), y.to(device)
-            with autocast():
-                losses = upcast(classification_losses(model(x), y))
-            for c in torch.unique(y).tolist():
-                g = torch.autograd.grad(losses[y == c].sum(), covered, retain_graph=True, allow_unused=True)
-                sums[c] += torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).double().cpu()
-                                      for t, p in zip(g, covered)])
+        for start in range(0, num_classes, per_block):
+            stop = min(num_classes, start + per_block)
+            block = torch.zeros(stop - start, n, dtype=torch.float64, device=device)
+            for c, g in class_gradient_sums(*args, range(start, stop), *rest):
+                block[c - start] = g
+            gram[start:stop, start:stop] = block @ block.T
+            for c, g in class_gradient_sums(*args, range(stop, num_classes), *rest):
+                gram[start:stop, c] = gram[c, start:stop] = block @ g
+            del block
     finally:
         model.train(was)
-    means = sums / torch.from_numpy(np.maximum(counts, 1)).double()[:, None]
+    counts = np.bincount(targets, minlength=num_classes)
     if num_groups >= num_classes:
         labels = np.arange(num_classes)
     else:
-        labels = equations.spectral_groups(equations.class_affinity(means), num_groups, seed)
+        labels = equations.spectral_groups(equations.gram_affinity(gram), num_groups, seed)
     return order_head_first(labels, counts.tolist())
 
 
@@ -97,7 +150,6 @@ class GBG(StepCore):
     """
 
     rows_per_group = True
-    retains_graph = True  # one backward per group through the one forward
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, **kw: Any) -> None:
         super().__init__(model, base_optimizer, **kw)
