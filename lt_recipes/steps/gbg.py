@@ -150,6 +150,7 @@ class GBG(StepCore):
     """
 
     rows_per_group = True
+    retains_graph = True  # one backward per group through the one forward
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, **kw: Any) -> None:
         super().__init__(model, base_optimizer, **kw)
