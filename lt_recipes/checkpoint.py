@@ -152,6 +152,12 @@ def previous_path(path: str) -> str:
     return f"{root}.prev{ext}"
 
 
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume from (the latest or the previous one kept beside it)."""
+    path = os.path.join(run_dir, CHECKPOINT_NAME)
+    return os.path.exists(path) or os.path.exists(previous_path(path))
+
+
 def save_checkpoint(path: str, state: dict[str, Any], keep_previous: bool = True, point: str = "checkpoint") -> int:
     """torch.save into a temporary file, then rename; with `keep_previous` the file it replaces is first renamed to
     `previous_path(path)`. A kill at any moment leaves a readable checkpoint. Returns the size in bytes."""

@@ -29,8 +29,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_text,
-                         check_identity, check_output_dir, evaluation_identity, load_checkpoint, load_resumable,
-                         previous_path, save_checkpoint, size_report)
+                         check_identity, check_output_dir, evaluation_identity, has_checkpoint, load_checkpoint,
+                         load_resumable, previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .sections import Recipe
 from .data import LTData, build_data, build_loaders
@@ -251,10 +251,10 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the checkpoint in the output directory (the previous one when the latest is unreadable;
-        a fresh start when there is none yet)."""
+        nothing to load when there is none yet: `run` decides whether that is an error)."""
         state = load_resumable(self.checkpoint_path, expect=self.identity)
         if state is None:
-            _logger.info("no checkpoint in %s yet: starting from scratch", self.output_dir)
+            _logger.info("no checkpoint in %s yet: starting the run there", self.output_dir)
             return
         try:
             self.model.load_state_dict(state["model"])
@@ -419,19 +419,31 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31)
 
 
-def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precision: str | None = None) -> dict[str, Any]:
-    """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there."""
+def _no_checkpoint(output_dir: str) -> CheckpointError:
+    return CheckpointError(f"--resume: {output_dir} holds no checkpoint ({CHECKPOINT_NAME}) to continue: check the "
+                           "--output path (--resume-or-start starts the run there when it has none)")
+
+
+def run(cfg: dict[str, Any], output_dir: str, resume: bool | str = False,
+        mixed_precision: str | None = None) -> dict[str, Any]:
+    """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there (an error when there is none;
+    `resume="or_start"`: start from scratch then)."""
     accelerator = _accelerator(mixed_precision, log_with=cfg["log_with"], project_dir=output_dir)
     ckpt = os.path.join(output_dir, CHECKPOINT_NAME)
-    if not resume and (os.path.exists(ckpt) or os.path.exists(previous_path(ckpt))):
+    found = has_checkpoint(output_dir)
+    if not resume and found:
         raise CheckpointError(f"{output_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
                               "or choose another --output")
+    if resume is True and not found and accelerator.num_processes == 1:
+        raise _no_checkpoint(output_dir)  # before a mistyped folder is created and the data is built
     if accelerator.is_main_process:
         check_output_dir(output_dir)  # before the data and model are built
     trainer = Trainer(cfg, output_dir, accelerator)
     if resume:
         trainer.resume()
-        check_same_resume(trainer.start_epoch, trainer.checkpoint_path)
+        check_same_resume(trainer.start_epoch, trainer.checkpoint_path)  # every process found the same one
+        if resume is True and trainer.start_epoch == 0:
+            raise _no_checkpoint(output_dir)
     try:
         return trainer.fit()
     except KeyboardInterrupt:
