@@ -60,8 +60,8 @@ def build_step(recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimize
         return create_grouped_step(recipe.gsa, model, optimizer, **kw)
     info = step_info(name)
     options = recipe.step_options(info.section) if info.grouping != "gradient" else {}
-    run = {"class_counts": list(data.train_counts), "head_losses": criterion.classification_losses}
-    return create_step(name, model, optimizer, **options, **{k: run[k] for k in info.uses}, **kw)
+    return create_step(name, model, optimizer, class_counts=list(data.train_counts),
+                       head_losses=criterion.classification_losses, **options, **kw)
 
 
 def method_label(recipe: Recipe) -> str:
@@ -282,7 +282,7 @@ class GroupedMethod(Method):
         feats, labels = self._val_features()
         if self.bank is not None:
             q = feature_quality(feats, labels, self.data.num_classes, self.recipe.groups.quality_beta)
-            improved = self.bank.update(q, self.step_fn.flat.data[:self.step_fn.num_covered])
+            improved = self.bank.update(q, self.step_fn.covered)
             self.quality["epochs"].append(epoch)
             self.quality["q"].append([float(v) for v in q.tolist()])
         held = gather_counts([0, 0] if self.bank is None else [self.bank.host_nbytes, len(self.bank.uids)],
@@ -313,10 +313,11 @@ class GroupedMethod(Method):
             k = self.recipe.gkp
             if k.fisher != "ema":
                 self.fisher = estimate_fisher(
-                    self.model, self.criterion.classification_losses, self.data.train_eval, self.data.train_targets,
-                    self.memory_groups.of_class, self.anchors, is_classifier, self.recipe.data.eval_batch_size,
-                    self.acc.device, self.acc.autocast, k.fisher_batches, estimate=k.fisher,
-                    chunk=k.fisher_chunk).to(dtype)
+                    self.model, dataset=self.data.train_eval, targets=self.data.train_targets,
+                    group_of_class=self.memory_groups.of_class, anchors=self.anchors,
+                    classification_losses=self.criterion.classification_losses, is_excluded=is_classifier,
+                    batch_size=self.recipe.data.eval_batch_size, device=self.acc.device, autocast=self.acc.autocast,
+                    max_batches=k.fisher_batches, estimate=k.fisher, chunk=k.fisher_chunk).to(dtype)
             else:
                 self.fisher = self.step_fn.track_fisher(k.fisher_ema)
             self._install_gkp()

@@ -276,7 +276,8 @@ def test_device_check_smoke(tmp_path: Path) -> None:
                 BENCH_DIR=str(tmp_path))
     assert proc.stdout.rstrip().endswith("device check passed")
     assert "build the CUDA extension: skipped" in proc.stdout and "FAILED" not in proc.stdout
-    assert len(re.findall(r"^---- .*: ok in \d+s$", proc.stdout, re.M)) == 7
+    assert len(re.findall(r"^---- .*: ok in \d+s$", proc.stdout, re.M)) == 8
+    assert re.search(r"^---- own-loop example: ok in", proc.stdout, re.M)
     assert (tmp_path / "device_check.log").read_text().rstrip().endswith("device check passed")
     _check_kernels_json(json.loads((tmp_path / "kernels_cuda.json").read_text()), 4096)
     for name in ("step_cuda_resnet32.json", "step_cuda_resnet50.json"):

@@ -3,7 +3,8 @@
 #   1. builds the CUDA extension in place for sm_90 (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0),
 #   2. runs the CUDA tests (fused CUDA kernels against float64 NumPy and the reference backend on the GPU),
 #   3. runs the kernel benchmark and the training-step benchmarks (ResNet-32 b256, ResNet-50 b64, bf16), with --json,
-#   4. times whole epochs of the cifar100_lt_resnet32 recipe on synthetic CIFAR-100 and projects its 200 epochs.
+#   4. times whole epochs of the cifar100_lt_resnet32 recipe on synthetic CIFAR-100 and projects its 200 epochs,
+#   5. runs the own-loop example (examples/own_loop.py) on the GPU.
 # Each benchmark's JSON line is also saved under $BENCH_DIR (default: $OUT where set, else results/bench), named as
 # results/bench/ expects (kernels_cuda.json, step_cuda_*.json, epoch_cuda_*.json), with the whole log beside it.
 # Each step has its own time limit (together under 10 minutes); a failing step does not stop the later ones, and the
@@ -87,6 +88,9 @@ bench "step benchmark, ResNet-50 batch 64 bf16" 100 step_cuda_resnet50.json "$PY
   "${tiny_step[@]}"
 bench "epoch timing, cifar100_lt_resnet32 on synthetic CIFAR-100" 150 epoch_cuda_cifar100_lt_resnet32.json \
   "$PY" tools/bench_epoch.py --recipe cifar100_lt_resnet32 --paper-hours 1.67 --json "${tiny_epoch[@]}"
+# shellcheck disable=SC2046  # the options are words
+step "own-loop example" 90 "$PY" examples/own_loop.py $([ "$smoke" = True ] && echo --device cpu --epochs 2 \
+  --group-epoch 1 || echo --device cuda)
 
 echo
 if [ "${#failed[@]}" -gt 0 ]; then
