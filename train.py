@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue from the checkpoint in --output (an error when there is none)")
     resume.add_argument("--resume-or-start", action="store_true",
                         help="continue from the checkpoint in --output, or start the run there when there is none")
+    p.add_argument("--tiny", action="store_true",
+                   help="a minutes-long CPU try-out of the recipe: 2 epochs, 32 px, small batches and splits, G<=2, "
+                        "bf16 GKP state (docs/usage.md, 'Trying a big recipe small'; --set still overrides)")
     p.add_argument("--list", action="store_true", help="list the recipes with their descriptions, then exit")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved recipe (after --set, epoch fractions as epochs) as YAML; exit, no training")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             return None  # nothing to resume (an error): a mistyped --output is not created for a log
         return os.path.join(output(cfg), "train.log")
 
-    return run_recipe(recipe, args.overrides, train, log_path=log_path)
+    return run_recipe(recipe, args.overrides, train, log_path=log_path, tiny=args.tiny)
 
 
 if __name__ == "__main__":

@@ -95,13 +95,13 @@ def _exit_code(fn: Callable[[], int]) -> int:
 
 
 def run_recipe(recipe: str, overrides: list[str], body: Callable[[dict[str, Any]], int],
-               log_path: Callable[[dict[str, Any]], str | None] | None = None) -> int:
-    """Load and validate the recipe, then `body(cfg)`, logging to the file `log_path(cfg)` names as well; exit code 2
-    for bad input, 130 for Ctrl-C (`_exit_code`)."""
+               log_path: Callable[[dict[str, Any]], str | None] | None = None, tiny: bool = False) -> int:
+    """Load and validate the recipe (`tiny`: its --tiny form), then `body(cfg)`, logging to the file `log_path(cfg)`
+    names as well; exit code 2 for bad input, 130 for Ctrl-C (`_exit_code`)."""
     from .config import load_config
 
     def start() -> int:
-        cfg = load_config(recipe, overrides)
+        cfg = load_config(recipe, overrides, tiny=tiny)
         with log_file(log_path(cfg) if log_path is not None else None):
             return _exit_code(lambda: body(cfg))
 

@@ -47,6 +47,30 @@ RELEASED: dict[str, Any] = {
 # Keys a recipe sets for its data (the paper's G and grouping epochs per benchmark): `paper` leaves them to the recipe.
 RECIPE_DEPENDENT = ("groups.num_groups", "groups.start_epoch", "groups.interval")
 
+# train.py --tiny: any recipe as a minutes-long CPU try-out of its whole path (warm-up, grouping, Fisher, GKP+GSA,
+# checkpoint, test) with its own model, base and method (docs/usage.md, "Trying a big recipe small"). The numbers
+# are caps, a recipe's smaller value stays (null counts as no limit); the other keys are set as given; --set wins.
+TINY_CAPS: dict[str, int | float] = {
+    "epochs": 2, "data.img_size": 32, "data.batch_size": 16, "data.eval_batch_size": 64,
+    "data.max_per_class": 50, "data.imbalance_ratio": 10.0, "data.val_per_class": 2, "data.test_per_class": 10,
+    "groups.num_groups": 2, "gkp.fisher_batches": 1}
+TINY_SET: dict[str, Any] = {"data.num_workers": 0, "groups.bank_dtype": "bf16", "gkp.state_dtype": "bf16"}
+# a cap on these applies to a null value too (null: no limit), not to a list dataset's unset imbalance ratio
+_NULL_IS_UNLIMITED = ("data.max_per_class",)
+
+
+def tiny_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys --tiny sets on `cfg` (TINY_CAPS, TINY_SET); gkp.fisher_batches 0 means every batch, so it is capped."""
+    flat, out = flatten(cfg), dict(TINY_SET)
+    for key, cap in TINY_CAPS.items():
+        value = flat[key]
+        if value is None:
+            if key in _NULL_IS_UNLIMITED:
+                out[key] = cap
+        elif value > cap or (key == "gkp.fisher_batches" and value == 0):
+            out[key] = cap
+    return out
+
 
 def reading_preset(name: str) -> dict[str, Any]:
     """The recipe keys a reading sets: `released` its script's values; `paper` the schema defaults (the paper's
@@ -290,11 +314,11 @@ def _retire(raw: dict[str, Any]) -> None:
             raw["asam"] = {"rho": sam.pop("rho", SCHEMA["sam"]["rho"].default)}
 
 
-def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
 
     A `reading` sets its preset of keys where it appears: in a recipe file before the file's other keys, in the
-    overrides at its position. Keys, types, ranges and combinations are checked before timm or torch is imported;
+    overrides at its position. `tiny` applies `tiny_overrides` after the file, before the overrides. Keys, types, ranges and combinations are checked before timm or torch is imported;
     `check_registries` last.
     """
     path = recipe_path(recipe)
@@ -315,6 +339,9 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     _merge(cfg, raw, "", path)
     if not cfg["name"]:
         cfg["name"] = os.path.splitext(os.path.basename(path))[0]
+    if tiny:
+        for key, value in tiny_overrides(cfg).items():
+            _merge(cfg, _nest(key, value), "", "--tiny")
     for text in overrides:
         key, value = parse_override(text)
         if key == "reading":

@@ -157,3 +157,32 @@ def test_ctrl_c_ends_with_one_line_and_a_resumable_checkpoint(tmp_path):
     assert (tmp_path / "train.log").read_text().strip().splitlines()[-1] == last
     resumed = launch(tmp_path, "epochs=200", "method=none", extra=["--resume"], failpoint="step:1")
     assert "resumed from epoch" in resumed.stderr, resumed.stderr[-3000:]
+
+
+# ---- trying a big recipe small: --tiny ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", RECIPES)
+def test_tiny_turns_every_recipe_into_a_short_cpu_run(name):
+    """--tiny keeps the recipe's model, base and method and caps what makes it long: epochs, image size, batches,
+    images per class, groups, the Fisher's batches; the GKP state and the bank in bf16 (half the checkpoint)."""
+    from lt_recipes.config import TINY_CAPS, flatten
+
+    full, cfg = flatten(load_config(name)), flatten(load_config(name, tiny=True))
+    assert (cfg["model.name"], cfg["loss.name"], cfg["method"]) == (full["model.name"], full["loss.name"],
+                                                                    full["method"])
+    assert cfg["epochs"] == 2 and cfg["data.img_size"] <= 32 and cfg["data.batch_size"] <= 16
+    assert cfg["data.max_per_class"] <= 50 and cfg["groups.num_groups"] <= 2 and 1 <= cfg["gkp.fisher_batches"] <= 1
+    assert (cfg["gkp.state_dtype"], cfg["groups.bank_dtype"], cfg["data.num_workers"]) == ("bf16", "bf16", 0)
+    assert all(cfg[k] is None or cfg[k] <= cap for k, cap in TINY_CAPS.items())
+    assert cfg["groups.start_epoch"] < cfg["epochs"]  # the grouping, Fisher and GKP+GSA run in the try-out
+    assert load_config(name, ["epochs=3"], tiny=True)["epochs"] == 3  # --set wins
+
+
+def test_a_tiny_run_keeps_the_gkp_state_in_bf16(tmp_path):
+    """The digits recipe with --tiny end to end; its checkpoint holds the anchors, Fisher and bank in bf16."""
+    import torch
+
+    proc = launch(tmp_path, extra=["--tiny"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    method = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["method"]
+    assert method["anchors"].dtype == method["fisher"].dtype == torch.bfloat16
+    assert {v.dtype for v in method["bank"]["snapshots"].values()} == {torch.bfloat16}
