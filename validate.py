@@ -5,7 +5,8 @@ P is a run's checkpoint.pt or model_best.pt; the recipe is the run's own args.ya
 another: its dataset, image size, classes and model must match the checkpoint's). Prints Top-1, Top-5 (with 5 or
 more classes) and Many / Medium / Few for the weights, and for the EMA weights when the checkpoint holds them, and
 writes results.json as the end of training does (default folder: validate-<checkpoint name> beside the checkpoint).
-Runs under `accelerate launch` / `torchrun` too. Exit code 2 for bad input (recipe key, data, a checkpoint that is unreadable or of another model).
+Runs under `accelerate launch` / `torchrun` too. Exit code 2 for bad input (recipe key, data, a checkpoint that is
+unreadable or of another model).
 """
 from __future__ import annotations
 

@@ -248,6 +248,12 @@ def _recorded(identity: dict[str, Any], key: str) -> Any:
     return (identity.get("config") or {}).get(key)
 
 
+# What --resume with another `epochs` says: the schedule is a function of epochs, so a run is not extended in place.
+EXTEND_RUN = ("; epochs shapes the whole schedule (learning rate, warm-up, grouping epochs), so a run resumes with "
+              "its own: to train longer, start a new --output with --set epochs=N --set model.pretrained_path=<this "
+              "checkpoint> (its weights; the optimizer, memory bank and groups start afresh)")
+
+
 def check_identity(path: str, identity: dict[str, Any], expect: dict[str, Any]) -> None:
     """An error naming every key of `expect` (plain values; dotted keys are recipe keys) whose value in the
     checkpoint's identity differs, with both values."""
@@ -255,7 +261,8 @@ def check_identity(path: str, identity: dict[str, Any], expect: dict[str, Any]) 
     if differ:
         raise CheckpointError(f"checkpoint {path} was made with "
                               + ", ".join(f"{k}={_recorded(identity, k)!r}" for k in differ)
-                              + "; this run has " + ", ".join(f"{k}={expect[k]!r}" for k in differ))
+                              + "; this run has " + ", ".join(f"{k}={expect[k]!r}" for k in differ)
+                              + (EXTEND_RUN if "epochs" in differ else ""))
 
 
 def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -88,11 +88,17 @@ def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
 
 
+def _did_you_mean(key: str) -> str:
+    """' (did you mean a.b?)' with the closest recipe keys to `key` (difflib), or ''."""
+    close = difflib.get_close_matches(key, list(flatten(SCHEMA)), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def _field(key: str) -> Field:
     node: Any = SCHEMA
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown recipe key '{key}'")
+            raise ConfigError(f"unknown recipe key '{key}'{_did_you_mean(key)}")
         node = node[part]
     if isinstance(node, dict):
         raise ConfigError(f"recipe key '{key}' is a section; set one of its keys: {sorted(node)}")
@@ -122,7 +128,7 @@ def _merge(cfg: dict[str, Any], update: dict[str, Any], prefix: str, source: str
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             if not isinstance(cfg.get(k), dict):
-                raise ConfigError(f"{source}: unknown recipe key '{key}'" if k not in cfg
+                raise ConfigError(f"{source}: unknown recipe key '{key}'{_did_you_mean(key)}" if k not in cfg
                                   else f"{source}: recipe key '{key}' is a value, not a section")
             _merge(cfg[k], v, key + ".", source)
         else:
@@ -172,7 +178,8 @@ def recipe_description(name: str, width: int = 120) -> str:
             if not line.startswith("#"):
                 break
             lines.append(line.lstrip("#").strip())
-    return textwrap.shorten(re.split(r"(?<=\.)\s", " ".join(lines), maxsplit=1)[0], width, placeholder=" ...")
+    return textwrap.shorten(re.split(r"(?<=\.)\s", " ".join(lines), maxsplit=1)[0], width, placeholder=" ...",
+                            break_on_hyphens=False)  # whole words only: "long-tailed", not "long- ..."
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -318,8 +325,8 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
 
     A `reading` sets its preset of keys where it appears: in a recipe file before the file's other keys, in the
-    overrides at its position. `tiny` applies `tiny_overrides` after the file, before the overrides. Keys, types, ranges and combinations are checked before timm or torch is imported;
-    `check_registries` last.
+    overrides at its position. `tiny` applies `tiny_overrides` after the file, before the overrides. Keys, types,
+    ranges and combinations are checked before timm or torch is imported; `check_registries` last.
     """
     path = recipe_path(recipe)
     try:

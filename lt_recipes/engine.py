@@ -14,8 +14,10 @@ import datetime
 import logging
 import math
 import os
+import re
 import sys
 import time
+from collections import defaultdict
 from typing import Any, Mapping
 
 import torch
@@ -83,14 +85,15 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator,
-            k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator, k: int = 5,
+            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k predicted labels [N, min(k, C)], best first, and true labels [N] of every sample in `loader`, gathered
-    over processes, each sample exactly once."""
+    over processes, each sample exactly once; with a `progress` title, a tqdm bar on the main process's terminal."""
     was_training = model.training
     model.eval()
     preds, targets = [], []
-    for inputs, target in loader:
+    show = accelerator.is_main_process and sys.stderr.isatty() and progress is not None
+    for inputs, target in tqdm(loader, desc=progress, leave=False, disable=not show):
         with accelerator.autocast():
             logits = model(_to_device(inputs, accelerator.device))
         top = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -110,10 +113,10 @@ class Evaluator:
         self.accelerator = accelerator
         self.train_counts = train_counts
 
-    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, split: str, progress: str | None = None) -> dict[str, Any]:
         """Top-1, Top-5 (None with fewer than 5 classes), Many / Medium / Few, per-class accuracy and the sample count
-        of `model` on `split` (a name of the loaders)."""
-        preds, targets = predict(model, self.loaders[split], self.accelerator)
+        of `model` on `split` (a name of the loaders); `progress` titles a tqdm bar (`predict`)."""
+        preds, targets = predict(model, self.loaders[split], self.accelerator, progress=progress)
         rep = split_report(preds[:, 0], targets, self.train_counts)
         return {"top1": rep["top1"], "top5": topk_accuracy(preds, targets, 5), "many": rep["many"],
                 "medium": rep["medium"], "few": rep["few"], "per_class": rep["per_class"],
@@ -122,9 +125,13 @@ class Evaluator:
     def report(self, split: str, model: torch.nn.Module, ema: torch.nn.Module | None, title: str) -> dict[str, Any]:
         """The results of `model` on `split` with `train_counts`, and under "ema" those of its EMA weights when
         there are; the main process logs each table under `title`."""
-        results = {**self.evaluate(model, split), "train_counts": self.train_counts}
+        loader = self.loaders[split]
+        if self.accelerator.is_main_process:
+            _logger.info("%s: evaluating %d images in %d batches%s", title, len(loader.dataset), len(loader),
+                         " (and again with the EMA weights)" if ema is not None else "")
+        results = {**self.evaluate(model, split, progress=title), "train_counts": self.train_counts}
         if ema is not None:
-            results["ema"] = self.evaluate(ema, split)
+            results["ema"] = self.evaluate(ema, split, progress=f"{title}, EMA")
         if self.accelerator.is_main_process:
             _log_report(title, results)
             if ema is not None:
@@ -200,6 +207,8 @@ class Trainer:
         acc = self.accelerator
         self.recipe = r = Recipe.from_dict(cfg)
         set_seed(r.seed)
+        _logger.info("recipe %s: method %s (method=%s, loss.name=%s), model %s, %d epochs", r.name, method_label(r),
+                     r.method, r.loss.name, r.model.name, r.epochs)
         _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", r.seed,
                      ", ".join(f"{k} {v}" for k, v in _launch(acc).items()))
         check_data_root(r.data)  # on every process: a node without the data is named, not waited for
@@ -285,8 +294,9 @@ class Trainer:
         if due:
             state = self.state_dict(epoch)
             nbytes = save_checkpoint(self.checkpoint_path, state)
-            _logger.info("checkpoint of epoch %d: %s (previous kept as %s)", epoch, size_report(state, nbytes),
-                         os.path.basename(previous_path(self.checkpoint_path)))
+            prev = previous_path(self.checkpoint_path)
+            _logger.info("checkpoint of epoch %d: %s%s", epoch, size_report(state, nbytes),
+                         f" (previous kept as {os.path.basename(prev)})" if os.path.exists(prev) else "")
 
     # ---- training -------------------------------------------------------------------------------------------
     def _log_progress(self, epoch: int, step: int, steps: int, loss: float | None, mean_loss: float, seen: int,
@@ -358,8 +368,7 @@ class Trainer:
             row.update(self.method.epoch_end(epoch))
             row["time"] = time.time() - t0
             self.rows.append(row)
-            _logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in row.items()))
+            _logger.info("epoch %d: %s", epoch, _epoch_line(row))
             if self.recipe.log_with:
                 acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             improved = row["val_top1"] > (self.best["val_top1"] if self.best["val_top1"] is not None else -math.inf)
@@ -407,6 +416,25 @@ class Trainer:
             acc.end_training()
         acc.wait_for_everyone()
         return results
+
+
+# summary.csv's per-group columns (loss_g0, rho_g0, cos_g0, ascent_g0, ...): the epoch log line keeps the groups'
+# loss and ascent as one short list each (g0 first, 3 significant digits); the rest is in summary.csv only
+_PER_GROUP = re.compile(r"(.+)_g(\d+)$")
+_LOGGED_PER_GROUP = ("loss", "ascent")
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    """The epoch's summary row for the log: numbers at 4 significant digits, the per-group columns as
+    `loss_g=[...]` and `ascent_g=[...]`, so the line stays short at any G."""
+    plain, groups = [], defaultdict(list)
+    for k, v in row.items():
+        m = _PER_GROUP.match(k)
+        if m and m.group(1) in _LOGGED_PER_GROUP:
+            groups[m.group(1)].append(f"{v:.3g}")
+        elif not m and k != "epoch":
+            plain.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(plain + [f"{k}_g=[{' '.join(vs)}]" for k, vs in groups.items()])
 
 
 def _readable(row: dict[str, Any]) -> dict[str, Any]:

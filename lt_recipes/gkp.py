@@ -181,6 +181,8 @@ def estimate_fisher(model: nn.Module, *, dataset: Dataset, targets: Sequence[int
         batches = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
         if max_batches:
             batches = batches[:max_batches]
+        _logger.info("fisher: group %d/%d at its anchor, %d images in %d batches", j + 1, G,
+                     sum(len(b) for b in batches), len(batches))
         for x, y in DataLoader(dataset, batch_sampler=batches[rank::world]):
             x, y = x.to(device), y.to(device)
             fisher[j] += _squared_gradients(work, classification_losses, x, y, cov_names, cov_params, estimate, chunk,

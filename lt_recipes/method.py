@@ -139,8 +139,8 @@ class Method:
                                   clip_grad=recipe.optim.clip_grad)
 
     def _realised(self, groups: Groups, asked: int, where: str) -> Groups:
-        """`groups`, said once per run in the log when it has fewer groups than asked."""
-        if groups.count < asked and not self._fewer_groups_said:
+        """`groups`, said once per run in the log (by the main process) when it has fewer groups than asked."""
+        if groups.count < asked and not self._fewer_groups_said and self.acc.is_main_process:
             _logger.warning("%s gave %d groups of the %d asked (%d classes%s); the run uses the %d it has", where,
                             groups.count, asked, self.data.num_classes,
                             "" if self.bank_snapshots is None else f", {self.bank_snapshots} distinct bank snapshots",
