@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .choices import GKP_NORMS
 from .models import head_rule, ordered_parameters
+from .sections import DataConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _squared_gradients(model: nn.Module, classification_losses: Callable, x: tor
 def estimate_fisher(model: nn.Module, *, dataset: Dataset, targets: Sequence[int] | np.ndarray,
                     group_of_class: Sequence[int] | np.ndarray, anchors: torch.Tensor,
                     classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = 128,
+                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = DataConfig.eval_batch_size,
                     device: torch.device | None = None, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                     max_batches: int = 0, estimate: str = "batch_mean", chunk: int = 0) -> torch.Tensor:
     """Diagonal Fisher F_j [G, d_covered] float32 of every group at its anchor, over the covered (non-head)
