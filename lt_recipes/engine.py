@@ -127,7 +127,7 @@ class Evaluator:
         there are; the main process logs each table under `title`."""
         loader = self.loaders[split]
         if self.accelerator.is_main_process:
-            _logger.info("%s: evaluating %d images in %d batches%s", title, len(loader.dataset), len(loader),
+            _logger.info("evaluating %d images in %d batches for the %s%s", len(loader.dataset), len(loader), title,
                          " (and again with the EMA weights)" if ema is not None else "")
         results = {**self.evaluate(model, split, progress=title), "train_counts": self.train_counts}
         if ema is not None:

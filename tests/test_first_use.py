@@ -153,7 +153,7 @@ def test_seed_log_file_and_last_line_name_the_weights(short_run):
     assert "recipe digits_lt: method ce+gkp+gsa (method=gkp_gsa, loss.name=ce)" in log  # the log names the method
     # the slow parts say how far they are: the Fisher per group, the test evaluation's size
     assert "fisher: group 1/10 at its anchor" in log and "fisher: group 10/10 at its anchor" in log
-    assert "test results: evaluating 500 images in 2 batches" in log
+    assert "evaluating 500 images in 2 batches for the test results" in log
     saves = re.findall(r"checkpoint of epoch (\d): .*", log)
     assert "previous kept" not in saves[0] and "(previous kept as checkpoint.prev.pt)" in \
         re.search(r"checkpoint of epoch 1: .*", log).group(0)
