@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint on a recipe's test split: `python validate.py --recipe R --checkpoint P [--set KEY=VALUE]`.
+"""Evaluate a checkpoint on its run's test split: `python validate.py --checkpoint P [--recipe R] [--set KEY=VALUE]`.
 
-P is a run's checkpoint.pt or model_best.pt. Prints Top-1, Top-5 (with 5 or more classes) and Many / Medium / Few
-for the weights, and for the EMA weights when the checkpoint holds them, and writes results.json as the end of
-training does (default folder: validate-<checkpoint name> beside the checkpoint). Runs under `accelerate launch` /
-`torchrun` too. Exit code 2 for bad input (recipe key, data, a checkpoint that is unreadable or of another model).
+P is a run's checkpoint.pt or model_best.pt; the recipe is the run's own args.yaml beside it (`--recipe` to use
+another: its dataset, image size, classes and model must match the checkpoint's). Prints Top-1, Top-5 (with 5 or
+more classes) and Many / Medium / Few for the weights, and for the EMA weights when the checkpoint holds them, and
+writes results.json as the end of training does (default folder: validate-<checkpoint name> beside the checkpoint).
+Runs under `accelerate launch` / `torchrun` too. Exit code 2 for bad input (recipe key, data, a checkpoint that is
+unreadable or of another model).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import argparse
 import os
 import sys
 
-from lt_recipes.cli import add_recipe_args, process_rank, run_recipe, setup_logging
+from lt_recipes.cli import add_recipe_args, process_rank, run_recipe, run_recipe_path, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {output}/results.json  top1={res['top1']:.2f}{top5}")
         return 0
 
-    return run_recipe(args.recipe, args.overrides, evaluate)
+    recipe = run_recipe_path(args.recipe, os.path.dirname(os.path.abspath(args.checkpoint)))
+    return run_recipe(recipe, args.overrides, evaluate)
 
 
 if __name__ == "__main__":

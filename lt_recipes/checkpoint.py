@@ -152,6 +152,12 @@ def previous_path(path: str) -> str:
     return f"{root}.prev{ext}"
 
 
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume from (the latest or the previous one kept beside it)."""
+    path = os.path.join(run_dir, CHECKPOINT_NAME)
+    return os.path.exists(path) or os.path.exists(previous_path(path))
+
+
 def save_checkpoint(path: str, state: dict[str, Any], keep_previous: bool = True, point: str = "checkpoint") -> int:
     """torch.save into a temporary file, then rename; with `keep_previous` the file it replaces is first renamed to
     `previous_path(path)`. A kill at any moment leaves a readable checkpoint. Returns the size in bytes."""
@@ -242,6 +248,12 @@ def _recorded(identity: dict[str, Any], key: str) -> Any:
     return (identity.get("config") or {}).get(key)
 
 
+# What --resume with another `epochs` says: the schedule is a function of epochs, so a run is not extended in place.
+EXTEND_RUN = ("; epochs shapes the whole schedule (learning rate, warm-up, grouping epochs), so a run resumes with "
+              "its own: to train longer, start a new --output with --set epochs=N --set model.pretrained_path=<this "
+              "checkpoint> (its weights; the optimizer, memory bank and groups start afresh)")
+
+
 def check_identity(path: str, identity: dict[str, Any], expect: dict[str, Any]) -> None:
     """An error naming every key of `expect` (plain values; dotted keys are recipe keys) whose value in the
     checkpoint's identity differs, with both values."""
@@ -249,7 +261,8 @@ def check_identity(path: str, identity: dict[str, Any], expect: dict[str, Any]) 
     if differ:
         raise CheckpointError(f"checkpoint {path} was made with "
                               + ", ".join(f"{k}={_recorded(identity, k)!r}" for k in differ)
-                              + "; this run has " + ", ".join(f"{k}={expect[k]!r}" for k in differ))
+                              + "; this run has " + ", ".join(f"{k}={expect[k]!r}" for k in differ)
+                              + (EXTEND_RUN if "epochs" in differ else ""))
 
 
 def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,14 +15,31 @@ _logger = logging.getLogger("lt_recipes")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+DEFAULT_RECIPE = "digits_lt"
+RUN_RECIPE = "args.yaml"  # the recipe a run wrote into its directory, as it trained it
+
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """--recipe, --set KEY=VALUE (repeatable) and --mixed-precision."""
-    parser.add_argument("--recipe", default="digits_lt", help="recipe name in recipes/ or a path to a YAML file")
+    parser.add_argument("--recipe", default=None,
+                        help="recipe name in recipes/ or a path to a YAML file (default: the run's own args.yaml "
+                             f"where the command reads a run, else {DEFAULT_RECIPE})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set epochs=5 --set data.root=/data (repeatable)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                         help="mixed precision when not set by `accelerate launch`")
+
+
+def run_recipe_path(recipe: str | None, run_dir: str | None) -> str:
+    """The recipe a command on an existing run loads: `recipe` when given (it overrides; the checkpoint's identity is
+    still checked against it), else the run's own args.yaml in `run_dir` when there is one, else DEFAULT_RECIPE."""
+    if recipe is not None:
+        return recipe
+    if run_dir is not None and os.path.isfile(os.path.join(run_dir, RUN_RECIPE)):
+        path = os.path.join(run_dir, RUN_RECIPE)
+        _logger.info("recipe: %s (the run's own; --recipe to use another)", path)
+        return path
+    return DEFAULT_RECIPE
 
 
 def process_rank() -> int:
@@ -78,13 +95,13 @@ def _exit_code(fn: Callable[[], int]) -> int:
 
 
 def run_recipe(recipe: str, overrides: list[str], body: Callable[[dict[str, Any]], int],
-               log_path: Callable[[dict[str, Any]], str | None] | None = None) -> int:
-    """Load and validate the recipe, then `body(cfg)`, logging to the file `log_path(cfg)` names as well; exit code 2
-    for bad input, 130 for Ctrl-C (`_exit_code`)."""
+               log_path: Callable[[dict[str, Any]], str | None] | None = None, tiny: bool = False) -> int:
+    """Load and validate the recipe (`tiny`: its --tiny form), then `body(cfg)`, logging to the file `log_path(cfg)`
+    names as well; exit code 2 for bad input, 130 for Ctrl-C (`_exit_code`)."""
     from .config import load_config
 
     def start() -> int:
-        cfg = load_config(recipe, overrides)
+        cfg = load_config(recipe, overrides, tiny=tiny)
         with log_file(log_path(cfg) if log_path is not None else None):
             return _exit_code(lambda: body(cfg))
 

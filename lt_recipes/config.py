@@ -47,6 +47,30 @@ RELEASED: dict[str, Any] = {
 # Keys a recipe sets for its data (the paper's G and grouping epochs per benchmark): `paper` leaves them to the recipe.
 RECIPE_DEPENDENT = ("groups.num_groups", "groups.start_epoch", "groups.interval")
 
+# train.py --tiny: any recipe as a minutes-long CPU try-out of its whole path (warm-up, grouping, Fisher, GKP+GSA,
+# checkpoint, test) with its own model, base and method (docs/usage.md, "Trying a big recipe small"). The numbers
+# are caps, a recipe's smaller value stays (null counts as no limit); the other keys are set as given; --set wins.
+TINY_CAPS: dict[str, int | float] = {
+    "epochs": 2, "data.img_size": 32, "data.batch_size": 16, "data.eval_batch_size": 64,
+    "data.max_per_class": 50, "data.imbalance_ratio": 10.0, "data.val_per_class": 2, "data.test_per_class": 10,
+    "groups.num_groups": 2, "gkp.fisher_batches": 1}
+TINY_SET: dict[str, Any] = {"data.num_workers": 0, "groups.bank_dtype": "bf16", "gkp.state_dtype": "bf16"}
+# a cap on these applies to a null value too (null: no limit), not to a list dataset's unset imbalance ratio
+_NULL_IS_UNLIMITED = ("data.max_per_class",)
+
+
+def tiny_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys --tiny sets on `cfg` (TINY_CAPS, TINY_SET); gkp.fisher_batches 0 means every batch, so it is capped."""
+    flat, out = flatten(cfg), dict(TINY_SET)
+    for key, cap in TINY_CAPS.items():
+        value = flat[key]
+        if value is None:
+            if key in _NULL_IS_UNLIMITED:
+                out[key] = cap
+        elif value > cap or (key == "gkp.fisher_batches" and value == 0):
+            out[key] = cap
+    return out
+
 
 def reading_preset(name: str) -> dict[str, Any]:
     """The recipe keys a reading sets: `released` its script's values; `paper` the schema defaults (the paper's
@@ -64,11 +88,17 @@ def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
 
 
+def _did_you_mean(key: str) -> str:
+    """' (did you mean a.b?)' with the closest recipe keys to `key` (difflib), or ''."""
+    close = difflib.get_close_matches(key, list(flatten(SCHEMA)), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def _field(key: str) -> Field:
     node: Any = SCHEMA
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown recipe key '{key}'")
+            raise ConfigError(f"unknown recipe key '{key}'{_did_you_mean(key)}")
         node = node[part]
     if isinstance(node, dict):
         raise ConfigError(f"recipe key '{key}' is a section; set one of its keys: {sorted(node)}")
@@ -98,7 +128,7 @@ def _merge(cfg: dict[str, Any], update: dict[str, Any], prefix: str, source: str
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             if not isinstance(cfg.get(k), dict):
-                raise ConfigError(f"{source}: unknown recipe key '{key}'" if k not in cfg
+                raise ConfigError(f"{source}: unknown recipe key '{key}'{_did_you_mean(key)}" if k not in cfg
                                   else f"{source}: recipe key '{key}' is a value, not a section")
             _merge(cfg[k], v, key + ".", source)
         else:
@@ -148,7 +178,8 @@ def recipe_description(name: str, width: int = 120) -> str:
             if not line.startswith("#"):
                 break
             lines.append(line.lstrip("#").strip())
-    return textwrap.shorten(re.split(r"(?<=\.)\s", " ".join(lines), maxsplit=1)[0], width, placeholder=" ...")
+    return textwrap.shorten(re.split(r"(?<=\.)\s", " ".join(lines), maxsplit=1)[0], width, placeholder=" ...",
+                            break_on_hyphens=False)  # whole words only: "long-tailed", not "long- ..."
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -290,12 +321,12 @@ def _retire(raw: dict[str, Any]) -> None:
             raw["asam"] = {"rho": sam.pop("rho", SCHEMA["sam"]["rho"].default)}
 
 
-def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
 
     A `reading` sets its preset of keys where it appears: in a recipe file before the file's other keys, in the
-    overrides at its position. Keys, types, ranges and combinations are checked before timm or torch is imported;
-    `check_registries` last.
+    overrides at its position. `tiny` applies `tiny_overrides` after the file, before the overrides. Keys, types,
+    ranges and combinations are checked before timm or torch is imported; `check_registries` last.
     """
     path = recipe_path(recipe)
     try:
@@ -315,6 +346,9 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     _merge(cfg, raw, "", path)
     if not cfg["name"]:
         cfg["name"] = os.path.splitext(os.path.basename(path))[0]
+    if tiny:
+        for key, value in tiny_overrides(cfg).items():
+            _merge(cfg, _nest(key, value), "", "--tiny")
     for text in overrides:
         key, value = parse_override(text)
         if key == "reading":

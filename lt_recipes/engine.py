@@ -14,8 +14,10 @@ import datetime
 import logging
 import math
 import os
+import re
 import sys
 import time
+from collections import defaultdict
 from typing import Any, Mapping
 
 import torch
@@ -29,8 +31,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import faults
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_csv, atomic_write_json, atomic_write_text,
-                         check_identity, check_output_dir, evaluation_identity, load_checkpoint, load_resumable,
-                         previous_path, save_checkpoint, size_report)
+                         check_identity, check_output_dir, evaluation_identity, has_checkpoint, load_checkpoint,
+                         load_resumable, previous_path, save_checkpoint, size_report)
 from .config import flatten
 from .sections import Recipe
 from .data import LTData, build_data, build_loaders, normalize_uint8
@@ -84,14 +86,15 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator,
-            k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: torch.nn.Module, loader: Any, accelerator: Accelerator, k: int = 5,
+            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k predicted labels [N, min(k, C)], best first, and true labels [N] of every sample in `loader`, gathered
-    over processes, each sample exactly once."""
+    over processes, each sample exactly once; with a `progress` title, a tqdm bar on the main process's terminal."""
     was_training = model.training
     model.eval()
     preds, targets = [], []
-    for inputs, target in loader:
+    show = accelerator.is_main_process and sys.stderr.isatty() and progress is not None
+    for inputs, target in tqdm(loader, desc=progress, leave=False, disable=not show):
         with accelerator.autocast():
             logits = model(_to_device(inputs, accelerator.device))
         top = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -111,10 +114,10 @@ class Evaluator:
         self.accelerator = accelerator
         self.train_counts = train_counts
 
-    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, split: str, progress: str | None = None) -> dict[str, Any]:
         """Top-1, Top-5 (None with fewer than 5 classes), Many / Medium / Few, per-class accuracy and the sample count
-        of `model` on `split` (a name of the loaders)."""
-        preds, targets = predict(model, self.loaders[split], self.accelerator)
+        of `model` on `split` (a name of the loaders); `progress` titles a tqdm bar (`predict`)."""
+        preds, targets = predict(model, self.loaders[split], self.accelerator, progress=progress)
         rep = split_report(preds[:, 0], targets, self.train_counts)
         return {"top1": rep["top1"], "top5": topk_accuracy(preds, targets, 5), "many": rep["many"],
                 "medium": rep["medium"], "few": rep["few"], "per_class": rep["per_class"],
@@ -123,9 +126,13 @@ class Evaluator:
     def report(self, split: str, model: torch.nn.Module, ema: torch.nn.Module | None, title: str) -> dict[str, Any]:
         """The results of `model` on `split` with `train_counts`, and under "ema" those of its EMA weights when
         there are; the main process logs each table under `title`."""
-        results = {**self.evaluate(model, split), "train_counts": self.train_counts}
+        loader = self.loaders[split]
+        if self.accelerator.is_main_process:
+            _logger.info("evaluating %d images in %d batches for the %s%s", len(loader.dataset), len(loader), title,
+                         " (and again with the EMA weights)" if ema is not None else "")
+        results = {**self.evaluate(model, split, progress=title), "train_counts": self.train_counts}
         if ema is not None:
-            results["ema"] = self.evaluate(ema, split)
+            results["ema"] = self.evaluate(ema, split, progress=f"{title}, EMA")
         if self.accelerator.is_main_process:
             _log_report(title, results)
             if ema is not None:
@@ -210,6 +217,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # every recipe's images have one size: tune the convolutions once
         self.recipe = r = Recipe.from_dict(cfg)
         set_seed(r.seed)
+        _logger.info("recipe %s: method %s (method=%s, loss.name=%s), model %s, %d epochs", r.name, method_label(r),
+                     r.method, r.loss.name, r.model.name, r.epochs)
         _logger.info("seed %d (every epoch reseeds from it, the epoch and the rank); %s", r.seed,
                      ", ".join(f"{k} {v}" for k, v in _launch(acc).items()))
         check_data_root(r.data)  # on every process: a node without the data is named, not waited for
@@ -262,10 +271,10 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the checkpoint in the output directory (the previous one when the latest is unreadable;
-        a fresh start when there is none yet)."""
+        nothing to load when there is none yet: `run` decides whether that is an error)."""
         state = load_resumable(self.checkpoint_path, expect=self.identity)
         if state is None:
-            _logger.info("no checkpoint in %s yet: starting from scratch", self.output_dir)
+            _logger.info("no checkpoint in %s yet: starting the run there", self.output_dir)
             return
         try:
             self.model.load_state_dict(state["model"])
@@ -296,8 +305,9 @@ class Trainer:
         if due:
             state = self.state_dict(epoch)
             nbytes = save_checkpoint(self.checkpoint_path, state)
-            _logger.info("checkpoint of epoch %d: %s (previous kept as %s)", epoch, size_report(state, nbytes),
-                         os.path.basename(previous_path(self.checkpoint_path)))
+            prev = previous_path(self.checkpoint_path)
+            _logger.info("checkpoint of epoch %d: %s%s", epoch, size_report(state, nbytes),
+                         f" (previous kept as {os.path.basename(prev)})" if os.path.exists(prev) else "")
 
     # ---- training -------------------------------------------------------------------------------------------
     def _log_progress(self, epoch: int, step: int, steps: int, loss: float | None, mean_loss: float, seen: int,
@@ -372,8 +382,7 @@ class Trainer:
             row.update(self.method.epoch_end(epoch))
             row["time"] = time.time() - t0
             self.rows.append(row)
-            _logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in row.items()))
+            _logger.info("epoch %d: %s", epoch, _epoch_line(row))
             if self.recipe.log_with:
                 acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             improved = row["val_top1"] > (self.best["val_top1"] if self.best["val_top1"] is not None else -math.inf)
@@ -423,6 +432,25 @@ class Trainer:
         return results
 
 
+# summary.csv's per-group columns (loss_g0, rho_g0, cos_g0, ascent_g0, ...): the epoch log line keeps the groups'
+# loss and ascent as one short list each (g0 first, 3 significant digits); the rest is in summary.csv only
+_PER_GROUP = re.compile(r"(.+)_g(\d+)$")
+_LOGGED_PER_GROUP = ("loss", "ascent")
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    """The epoch's summary row for the log: numbers at 4 significant digits, the per-group columns as
+    `loss_g=[...]` and `ascent_g=[...]`, so the line stays short at any G."""
+    plain, groups = [], defaultdict(list)
+    for k, v in row.items():
+        m = _PER_GROUP.match(k)
+        if m and m.group(1) in _LOGGED_PER_GROUP:
+            groups[m.group(1)].append(f"{v:.3g}")
+        elif not m and k != "epoch":
+            plain.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(plain + [f"{k}_g=[{' '.join(vs)}]" for k, vs in groups.items()])
+
+
 def _readable(row: dict[str, Any]) -> dict[str, Any]:
     """A summary.csv row with floats at 10 significant digits, so 28.999999999999996 reads 29 (results.json and the
     checkpoint keep full precision)."""
@@ -433,19 +461,31 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31)
 
 
-def run(cfg: dict[str, Any], output_dir: str, resume: bool = False, mixed_precision: str | None = None) -> dict[str, Any]:
-    """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there."""
+def _no_checkpoint(output_dir: str) -> CheckpointError:
+    return CheckpointError(f"--resume: {output_dir} holds no checkpoint ({CHECKPOINT_NAME}) to continue: check the "
+                           "--output path (--resume-or-start starts the run there when it has none)")
+
+
+def run(cfg: dict[str, Any], output_dir: str, resume: bool | str = False,
+        mixed_precision: str | None = None) -> dict[str, Any]:
+    """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there (an error when there is none;
+    `resume="or_start"`: start from scratch then)."""
     accelerator = _accelerator(mixed_precision, log_with=cfg["log_with"], project_dir=output_dir)
     ckpt = os.path.join(output_dir, CHECKPOINT_NAME)
-    if not resume and (os.path.exists(ckpt) or os.path.exists(previous_path(ckpt))):
+    found = has_checkpoint(output_dir)
+    if not resume and found:
         raise CheckpointError(f"{output_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
                               "or choose another --output")
+    if resume is True and not found and accelerator.num_processes == 1:
+        raise _no_checkpoint(output_dir)  # before a mistyped folder is created and the data is built
     if accelerator.is_main_process:
         check_output_dir(output_dir)  # before the data and model are built
     trainer = Trainer(cfg, output_dir, accelerator)
     if resume:
         trainer.resume()
-        check_same_resume(trainer.start_epoch, trainer.checkpoint_path)
+        check_same_resume(trainer.start_epoch, trainer.checkpoint_path)  # every process found the same one
+        if resume is True and trainer.start_epoch == 0:
+            raise _no_checkpoint(output_dir)
     try:
         return trainer.fit()
     except KeyboardInterrupt:

@@ -6,19 +6,24 @@ its gradient in one pass over theta, the anchors and the Fisher rows (`GroupedSA
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
+from .choices import GKP_NORMS
 from .flat import flat_view, pack
-from .models import ordered_parameters
+from .models import head_rule, ordered_parameters
+from .sections import DataConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -26,10 +31,40 @@ _logger = logging.getLogger(__name__)
 def gkp_strength(group_classes: Sequence[int], group_samples: Sequence[int], lam: float, norm: str,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """(lambda / 2) / |G_j| of Eq. 6, |G_j| the group's training samples ("per_samples", the released code) or
-    classes ("per_classes"); on `device` (the model's, for the fused GKP op; None: the CPU). float64: a step casts the
-    coefficients it forms to its parameters' dtype."""
+    classes ("per_classes"): a float64 [G] for `set_gkp` (a step casts the coefficients it forms to its parameters'
+    dtype), on `device` (the model's, for the fused GKP op; None: the CPU)."""
+    if norm not in GKP_NORMS:
+        raise ValueError(f"gkp_strength: norm must be one of {', '.join(GKP_NORMS)}, got {norm!r}")
+    if len(group_classes) != len(group_samples):
+        raise ValueError(f"gkp_strength: {len(group_classes)} groups of classes but {len(group_samples)} sample counts")
     sizes = group_samples if norm == "per_samples" else group_classes
     return torch.tensor([lam / 2 / max(int(s), 1) for s in sizes], dtype=torch.float64, device=device)
+
+
+# The float types GKP's anchors and Fisher rows may be kept in (gkp.state_dtype); the penalty is formed in float32.
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_gkp_state(anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor, num_covered: int,
+                    covered_dtype: torch.dtype) -> None:
+    """A ValueError naming the expected shape or type when GKP's state does not fit a step: anchors and fisher
+    [G, num_covered] (one row per group over the covered parameters, flattened in `named_parameters` order), each in
+    the parameters' dtype or a STATE_DTYPES type; strength [G] floating (`gkp_strength`)."""
+    for name, t in (("anchors", anchors), ("fisher", fisher), ("strength", strength)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"set_gkp: {name} must be a tensor, got {type(t).__name__}")
+    G = anchors.shape[0] if anchors.dim() == 2 else None
+    want = f"[G, {num_covered}] (a row per group over the {num_covered} covered parameter values, flattened in " \
+           "named_parameters order: StepCore.covered is the current one)"
+    for name, t in (("anchors", anchors), ("fisher", fisher)):
+        if t.dim() != 2 or t.shape[1] != num_covered or t.shape[0] != (G or t.shape[0]):
+            raise ValueError(f"set_gkp: {name} must be {want}, got {list(t.shape)}")
+        if t.dtype not in (covered_dtype, *STATE_DTYPES):
+            raise ValueError(f"set_gkp: {name} must be {covered_dtype} or one of {STATE_DTYPES} (gkp.state_dtype), "
+                             f"got {t.dtype}")
+    if strength.shape != (G,) or not strength.is_floating_point():
+        raise ValueError(f"set_gkp: strength must be a floating [G] = [{G}] tensor (gkp_strength), got "
+                         f"{strength.dtype} {list(strength.shape)}")
 
 
 @torch.no_grad()
@@ -99,12 +134,19 @@ def _squared_gradients(model: nn.Module, classification_losses: Callable, x: tor
     return pack([(grads[n].float() ** 2).sum(0) for n in names], params, torch.float32)
 
 
-def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    dataset: Dataset, targets: np.ndarray, group_of_class: np.ndarray, anchors: torch.Tensor,
-                    is_excluded: Callable[[str], bool], batch_size: int, device: torch.device,
-                    autocast: Callable[[], ContextManager], max_batches: int = 0, estimate: str = "batch_mean",
-                    chunk: int = 0, loader_kw: Mapping[str, Any] | None = None) -> torch.Tensor:
-    """Diagonal Fisher F_j of every group at its anchor, over the covered (non-classifier) parameters (docs/method.md).
+def estimate_fisher(model: nn.Module, *, dataset: Dataset, targets: Sequence[int] | np.ndarray,
+                    group_of_class: Sequence[int] | np.ndarray, anchors: torch.Tensor,
+                    classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = DataConfig.eval_batch_size,
+                    device: torch.device | None = None, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                    max_batches: int = 0, estimate: str = "batch_mean", chunk: int = 0,
+                    loader_kw: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Diagonal Fisher F_j [G, d_covered] float32 of every group at its anchor, over the covered (non-head)
+    parameters (docs/method.md). Keyword arguments: `dataset` yields (image, label) with the test-time transform and
+    `targets` is its label per sample; `group_of_class` the group id per class; `anchors` [G, d_covered] (e.g.
+    `MemoryBank.anchors`); `classification_losses(logits, y)` the per-sample loss (default: cross-entropy);
+    `is_excluded` the head rule (default: `models.head_rule(model)`, as the steps use); `device` (default: the
+    parameters').
 
     For group j: theta*_j loaded into a copy of the model (classifier kept), group j's training images with the
     test-time transform in batches of `batch_size` (`gkp.fisher_batch_size`, which bounds the memory of a backward),
@@ -123,6 +165,10 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
     """
     if estimate not in ("batch_mean", "per_sample"):
         raise ValueError(f"estimate must be batch_mean or per_sample, got {estimate!r}")
+    classification_losses = classification_losses or functools.partial(F.cross_entropy, reduction="none")
+    is_excluded = is_excluded or head_rule(model)
+    device = device if device is not None else next(model.parameters()).device
+    targets, group_of_class = np.asarray(targets), np.asarray(group_of_class)
     G, n_cov = anchors.shape
     work = copy.deepcopy(model).to(device).eval()
     for m in work.modules():  # the anchor has no running statistics of its own: normalise with batch statistics
@@ -136,16 +182,18 @@ def estimate_fisher(model: nn.Module, classification_losses: Callable[[torch.Ten
     fisher = torch.zeros(G, n_cov, dtype=torch.float32, device=device)
     counts = torch.zeros(G, dtype=torch.float64, device=device)
     group_of_sample = group_of_class[targets]
-    batches, owner = [], []  # every group's batches in one loader: its workers start once
+    batches, owner, sizes = [], [], []  # every group's batches in one loader: its workers start once
     for j in range(G):
         idx = np.flatnonzero(group_of_sample == j)
         mine = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
         mine = mine[:max_batches] if max_batches else mine
+        sizes.append((sum(len(b) for b in mine), len(mine)))
         batches += mine[rank::world]
         owner += [j] * len(mine[rank::world])
     current = None
     for (x, y), j in zip(DataLoader(dataset, batch_sampler=batches, **(loader_kw or {})), owner):
         if j != current:
+            _logger.info("fisher: group %d/%d at its anchor, %d images in %d batches", j + 1, G, *sizes[j])
             _set_vector(cov_params, anchors[j].to(device=device, dtype=torch.float32))
             current = j
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -62,8 +62,8 @@ def build_step(recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimize
         return create_grouped_step(recipe.gsa, model, optimizer, **kw)
     info = step_info(name)
     options = recipe.step_options(info.section) if info.grouping != "gradient" else {}
-    run = {"class_counts": list(data.train_counts), "head_losses": criterion.classification_losses}
-    return create_step(name, model, optimizer, **options, **{k: run[k] for k in info.uses}, **kw)
+    return create_step(name, model, optimizer, class_counts=list(data.train_counts),
+                       head_losses=criterion.classification_losses, **options, **kw)
 
 
 def compile_forward(recipe: Recipe, model: nn.Module, step: StepCore) -> nn.Module:
@@ -161,8 +161,8 @@ class Method:
         self.forward_model = compile_forward(recipe, model, self.step_fn)  # what the steps' passes forward
 
     def _realised(self, groups: Groups, asked: int, where: str) -> Groups:
-        """`groups`, said once per run in the log when it has fewer groups than asked."""
-        if groups.count < asked and not self._fewer_groups_said:
+        """`groups`, said once per run in the log (by the main process) when it has fewer groups than asked."""
+        if groups.count < asked and not self._fewer_groups_said and self.acc.is_main_process:
             _logger.warning("%s gave %d groups of the %d asked (%d classes%s); the run uses the %d it has", where,
                             groups.count, asked, self.data.num_classes,
                             "" if self.bank_snapshots is None else f", {self.bank_snapshots} distinct bank snapshots",
@@ -309,7 +309,7 @@ class GroupedMethod(Method):
         feats, labels = self._val_features()
         if self.bank is not None:
             q = feature_quality(feats, labels, self.data.num_classes, self.recipe.groups.quality_beta)
-            improved = self.bank.update(q, self.step_fn.flat.data[:self.step_fn.num_covered])
+            improved = self.bank.update(q, self.step_fn.covered)
             self.quality["epochs"].append(epoch)
             self.quality["q"].append([float(v) for v in q.tolist()])
         held = gather_counts([0, 0] if self.bank is None else [self.bank.host_nbytes, len(self.bank.uids)],
@@ -340,10 +340,12 @@ class GroupedMethod(Method):
             k = self.recipe.gkp
             if k.fisher != "ema":
                 self.fisher = estimate_fisher(
-                    self.model, self.criterion.classification_losses, self.data.train_eval, self.data.train_targets,
-                    self.memory_groups.of_class, self.anchors, is_classifier,
-                    k.fisher_batch_size or self.recipe.data.eval_batch_size, self.acc.device, self.acc.autocast,
-                    k.fisher_batches, estimate=k.fisher, chunk=k.fisher_chunk, loader_kw=self._loader_kw()).to(dtype)
+                    self.model, dataset=self.data.train_eval, targets=self.data.train_targets,
+                    group_of_class=self.memory_groups.of_class, anchors=self.anchors,
+                    classification_losses=self.criterion.classification_losses, is_excluded=is_classifier,
+                    batch_size=k.fisher_batch_size or self.recipe.data.eval_batch_size, device=self.acc.device,
+                    autocast=self.acc.autocast, max_batches=k.fisher_batches, estimate=k.fisher, chunk=k.fisher_chunk,
+                    loader_kw=self._loader_kw()).to(dtype)
             else:
                 self.fisher = self.step_fn.track_fisher(k.fisher_ema)
             self._install_gkp()

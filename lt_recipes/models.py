@@ -28,7 +28,7 @@ from .segments import shared
 _logger = logging.getLogger(__name__)
 
 __all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model", "is_classifier",
-           "ordered_parameters"]
+           "head_rule", "ordered_parameters"]
 
 # LTModel's classifier: the parameters GKP leaves out and the flattened buffers put last.
 CLASSIFIER_PREFIX = "classifier."
@@ -37,6 +37,35 @@ CLASSIFIER_PREFIX = "classifier."
 def is_classifier(name: str) -> bool:
     """Whether a parameter name belongs to the classifier (`CLASSIFIER_PREFIX`), which GKP does not cover."""
     return name.startswith(CLASSIFIER_PREFIX)
+
+
+# The names timm's models (and LTModel) give their classifier, tried in this order when a model has no
+# get_classifier(): a parameter under one of them is the head.
+HEAD_NAMES = ("classifier", "fc", "head")
+
+
+def find_head(model: nn.Module) -> nn.Module | None:
+    """`model`'s head, the classifier GKP and the steps leave out: `model.get_classifier()` when the model has it
+    (timm's models), else the first of the attributes HEAD_NAMES it has (`classifier` for LTModel); None when none
+    of them holds parameters."""
+    get_classifier = getattr(model, "get_classifier", None)
+    candidates = [get_classifier()] if callable(get_classifier) else []
+    for head in [*candidates, *(getattr(model, name, None) for name in HEAD_NAMES)]:
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    return None
+
+
+def head_rule(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a parameter name belongs to `model`'s head (`find_head`); a model without one has every parameter
+    covered, which the warning says."""
+    head = find_head(model)
+    if head is None:
+        _logger.warning("%s has no get_classifier() and no parameters under %s: GKP and the steps cover all of its "
+                        "parameters (pass is_excluded to name its head)", type(model).__name__, ", ".join(HEAD_NAMES))
+        return lambda name: False
+    ids = {id(p) for p in head.parameters()}
+    return frozenset(n for n, p in model.named_parameters() if id(p) in ids).__contains__
 
 
 def ordered_parameters(model: nn.Module,

@@ -462,3 +462,27 @@ def test_collect_results_peers_table_and_headline(tmp_path: Path) -> None:
     assert _row(table, "la+gkp+gsa#paper_exact_rho_div10")[6:] == ["3.50x", "+2.00", "n/a"]
     head = tool.headline_block(str(root))
     assert "| +imbsam | 46.50 ± 0.71 (+5.50, yes) [2] |" in head and "| base alone | 41.00 ± 1.41 [2] |" in head
+
+
+def test_groups_png_tells_equal_radii_apart_and_keeps_the_legend_off_the_data() -> None:
+    """The adaptive scale's radii are often equal for every group: they used to draw one line. Each group has its own
+    marker and a sideways shift; the GKP penalty (0 before the grouping, then decades) is on a log axis; legends sit
+    beside the panels."""
+    tool = load_tool("plot_run")
+    nan = float("nan")
+    summary = {"epoch": np.arange(4.0), "alpha": np.array([nan, 0.9, 0.85, 0.8]),
+               "gkp": np.array([0.0, 1e-4, 1e-2, 1.0])}
+    for g in range(4):
+        summary[f"rho_g{g}"] = np.array([nan, 0.05, 0.05, 0.05])
+        summary[f"loss_g{g}"] = np.array([nan, 1.0, 0.9, 0.8]) + g
+    fig = tool.groups_figure(summary)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    radii = axes["GSA radius rho*_g"].get_lines()
+    assert len(radii) == 4 and len({line.get_marker() for line in radii}) == 4
+    assert len({tuple(line.get_xdata()) for line in radii}) == 4  # shifted apart along the epoch axis
+    assert axes["mean GKP penalty"].get_yscale() == "log"
+    fig.canvas.draw()
+    for ax in axes.values():
+        legend = ax.get_legend()
+        if legend is not None:
+            assert legend.get_window_extent().x0 >= ax.get_window_extent().x1

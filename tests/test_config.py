@@ -174,3 +174,12 @@ def test_a_reading_is_a_preset_applied_where_it_is_set():
 def test_readings_refuse_what_cannot_hold(sets, match):
     with pytest.raises(ConfigError, match=match):
         load_config("cifar100_lt_resnet32", sets)
+
+
+def test_an_unknown_key_gets_the_closest_names(tmp_path):
+    """As optimizer names do: a misspelled key names the keys it is closest to, in an override and in a file."""
+    with pytest.raises(ConfigError, match=r"unknown recipe key 'gkp\.lamda' \(did you mean gkp\.lam\?\)"):
+        load_config("digits_lt", ["gkp.lamda=3"])
+    (tmp_path / "r.yaml").write_text("groups:\n  num_group: 3\n")
+    with pytest.raises(ConfigError, match=r"'groups\.num_group' \(did you mean groups\.num_groups"):
+        load_config(str(tmp_path / "r.yaml"))

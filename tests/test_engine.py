@@ -67,7 +67,7 @@ def test_two_process_ddp_counts_every_sample_logs_once_and_scales_lr(tmp_path):
     os.umask(umask)
     assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {0o666 & ~umask}
     assert proc.stdout.count("results:") == 1 and proc.stderr.count("test results:") == 1
-    assert proc.stderr.count("epoch 1: epoch=1,") == 1 and proc.stderr.count("model resnet8_cifar:") == 1
+    assert proc.stderr.count("engine: epoch 1: lr=") == 1 and proc.stderr.count("model resnet8_cifar:") == 1
     # 497 training images, 64 per process per step: 4 steps per epoch each, a line every 2 steps, from rank 0 only
     assert [line.split("step ")[1].split(":")[0] for line in proc.stderr.splitlines() if " step " in line] == \
         ["2/4", "4/4"] * 2

@@ -2,6 +2,8 @@
 timm.create_model(pretrained=True, pretrained_cfg_overlay=dict(file=...)) loads; model.pretrained_path reads it."""
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -127,10 +129,24 @@ def test_cosine_classifier_and_bcl_heads_export_the_backbone_only(tmp_path, caps
 
 def _resolved(res):
     """timm's data config of the model built by the call export printed, and of the pretrained_cfg beside the file."""
-    model = eval(res["call"], {"timm": timm})  # the printed call, as a user pastes it
+    namespace = {}
+    exec(res["call"], namespace)  # the printed code, as a user pastes it
+    model = namespace["model"]
     stored = json.loads(open(res["config"]).read())["pretrained_cfg"]
     return [{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()} for cfg in
             (timm.data.resolve_data_config(model=model), timm.data.resolve_data_config(pretrained_cfg=stored))]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_printed_load_code_works_in_a_fresh_interpreter(run_dir, tmp_path, capsys):
+    """What export prints after "load it with:" is pasted into a new Python process: it must import what registers
+    the CIFAR ResNets itself."""
+    assert load_tool("export").main([str(run_dir), "--out", str(tmp_path / "w.safetensors")]) == 0
+    code = capsys.readouterr().out.split("load it with:\n", 1)[1]
+    proc = subprocess.run([sys.executable, "-c", code + "\nprint(sum(p.numel() for p in model.parameters()))"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) == sum(p.numel() for p in _trained(run_dir)[0].parameters())
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -197,6 +213,29 @@ def test_validate_and_export_refuse_a_checkpoint_of_other_data_naming_both_value
     caplog.clear()
     assert load_tool("export").main([str(run)]) == 2
     assert "data.img_size=8; this run has data.img_size=16" in caplog.text
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_validate_and_export_read_the_runs_own_recipe(tmp_path, caplog):
+    """The line a run ends with, `validate.py --checkpoint RUN/model_best.pt`, evaluates a run of any recipe: the
+    run's args.yaml beside the checkpoint is the recipe (it was digits_lt's defaults, exit 2 for any other run); a
+    --recipe still overrides it, checked against the checkpoint."""
+    cfg = load_config("digits_lt", SETS + ["data.img_size=16", "name=sixteen"])
+    run = tmp_path / "run"
+    atomic_write_yaml(str(run / "args.yaml"), cfg)
+    model = create_lt_model(Recipe.from_dict(cfg).model, 10, 1)
+    save_checkpoint(str(run / "model_best.pt"), {"identity": _identity(cfg, 10), "epoch": 0,
+                                                 "model": model.state_dict()})
+    main = _validate_main()
+    assert main(["--checkpoint", str(run / "model_best.pt")]) == 0, caplog.text
+    assert json.loads((run / "validate-model_best" / "results.json").read_text())["recipe"] == "sixteen"
+    assert main(["--checkpoint", str(run / "model_best.pt"), "--recipe", "digits_lt",
+                 "--output", str(tmp_path / "v")]) == 2
+    assert "data.img_size=16; this run has data.img_size=8" in caplog.text
+    caplog.clear()
+    assert load_tool("export").main([str(run), "--best", "--recipe", "digits_lt"]) == 2
+    assert "data.img_size=16; this run has data.img_size=8" in caplog.text
+    assert load_tool("export").main([str(run), "--best", "--out", str(tmp_path / "w.pth")]) == 0
 
 
 @pytest.mark.usefixtures("single_thread")

@@ -100,6 +100,25 @@ def test_resume_of_a_finished_run_only_reevaluates(uninterrupted):
     assert proc.returncode == 0 and (uninterrupted / "summary.csv").read_text() == before
 
 
+def test_resume_reads_the_runs_own_recipe(uninterrupted):
+    """--resume without --recipe continues the run with its args.yaml (the default recipe differs from it)."""
+    before = (uninterrupted / "summary.csv").read_text()
+    proc = train(uninterrupted, "--resume", args=[])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"recipe: {uninterrupted / 'args.yaml'}" in proc.stderr
+    assert (uninterrupted / "summary.csv").read_text() == before
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_an_error_naming_it(tmp_path):
+    """A mistyped --output used to train a new run from scratch with exit 0; it is named now, and not created."""
+    typo = tmp_path / "typo"
+    proc = train(typo, "--resume")
+    assert proc.returncode == 2 and f"--resume: {typo} holds no checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert "--resume-or-start" in proc.stderr and not typo.exists()
+    proc = train(typo, "--resume", "--resume-or-start")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
 def test_existing_run_needs_resume(uninterrupted):
     proc = train(uninterrupted)
     assert proc.returncode == 2 and "pass --resume" in proc.stderr

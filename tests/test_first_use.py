@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lt_recipes.config import RECIPE_DIR, ConfigError, load_config
+from lt_recipes.config import RECIPE_DIR, ConfigError, load_config, recipe_description
 from test_engine import ROOT, launch
 
 RECIPES = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
@@ -92,6 +92,13 @@ def test_precision_processes_and_device_are_recorded(short_run):
     assert load_config(str(out / "args.yaml"))["groups"]["start_epoch"] == 1  # still a loadable recipe
 
 
+def test_resume_with_other_epochs_says_how_to_extend_a_run(short_run):
+    out, _ = short_run
+    proc = launch(out, "epochs=5", "groups.num_groups=50", extra=["--resume"])
+    assert proc.returncode == 2 and "epochs=3; this run has epochs=5" in proc.stderr
+    assert "to train longer, start a new --output with --set epochs=N --set model.pretrained_path=" in proc.stderr
+
+
 def test_fp16_on_the_cpu_is_refused(tmp_path):
     proc = launch(tmp_path, "epochs=1", "method=none", extra=["--mixed-precision", "fp16"])
     assert proc.returncode == 2 and "fp16 needs a CUDA GPU" in proc.stderr and "bf16" in proc.stderr
@@ -110,10 +117,14 @@ def test_group_columns_only_for_realised_groups_and_readable_numbers(short_run):
     assert sorted(groups) == sorted(f"{k}_g{g}" for k in ("loss", "rho", "cos", "ascent") for g in range(10))
     assert all(rows[0][c] == "" for c in groups) and all(rows[1][c] != "" for c in groups)  # epoch 0: no groups yet
     lines = {e: next(ln for ln in proc.stderr.splitlines() if f"engine: epoch {e}: " in ln) for e in range(3)}
-    assert "_g0=" not in lines[0] and "loss_g9=" in lines[1] and "_g10=" not in lines[1]
+    # the log line: the groups' loss and ascent as one short list each (the rest per group in summary.csv only)
+    assert "_g=" not in lines[0] and "_g0" not in lines[1] and "rho" not in lines[1]
+    groups = dict(re.findall(r"(\w+)_g=\[([^\]]*)\]", lines[1]))
+    assert set(groups) == {"loss", "ascent"} and all(len(v.split()) == 10 for v in groups.values())
+    assert len(lines[2]) < 420  # it was 518 characters at G = 4, some 1400 at G = 10
     # the log at 4 significant digits, summary.csv at 10 (28.999999999999996 reads 29), the checkpoint in full
-    values = re.findall(r"=(-?[\d.]+)(?:e[-+]\d+)?(?=,|$)", lines[2].split(": ", 2)[2])
-    assert len(values) > 40 and all(len(v.replace("-", "").replace(".", "").lstrip("0")) <= 4 for v in values)
+    values = re.findall(r"[=\[ ](-?[\d.]+)(?:e[-+]\d+)?(?=[, \]]|$)", lines[2].split(": ", 2)[2])
+    assert len(values) > 25 and all(len(v.replace("-", "").replace(".", "").lstrip("0")) <= 4 for v in values)
     full = torch.load(out / "checkpoint.pt", weights_only=True)["rows"]
     for row, raw in zip(rows, full):
         assert all(row[k] == (f"{v:.10g}" if isinstance(v, float) else str(v)) for k, v in raw.items())
@@ -125,6 +136,10 @@ def test_list_and_print_config(tmp_path):
     proc = subprocess.run(train + ["--list"], capture_output=True, text=True)
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == len(RECIPES)
     assert re.search(r"^digits_lt +The default recipe: scikit-learn's bundled 8x8 digits", proc.stdout, re.M)
+    for line in proc.stdout.splitlines():  # a shortened description ends at a whole word, never "long- ..."
+        name, text = line.split(maxsplit=1)
+        words = text.removesuffix(" ...").split()
+        assert recipe_description(name, width=10_000).split()[:len(words)] == words, line
     proc = subprocess.run(train + ["--print-config", "--set", "epochs=4", "--output", str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and not (tmp_path / "run").exists()
@@ -136,6 +151,13 @@ def test_seed_log_file_and_last_line_name_the_weights(short_run):
     out, proc = short_run
     log = (out / "train.log").read_text()
     assert "seed 0 " in log and "engine: epoch 2: " in log
+    assert "recipe digits_lt: method ce+gkp+gsa (method=gkp_gsa, loss.name=ce)" in log  # the log names the method
+    # the slow parts say how far they are: the Fisher per group, the test evaluation's size
+    assert "fisher: group 1/10 at its anchor" in log and "fisher: group 10/10 at its anchor" in log
+    assert "evaluating 500 images in 2 batches for the test results" in log
+    saves = re.findall(r"checkpoint of epoch (\d): .*", log)
+    assert "previous kept" not in saves[0] and "(previous kept as checkpoint.prev.pt)" in \
+        re.search(r"checkpoint of epoch 1: .*", log).group(0)
     last = proc.stderr.strip().splitlines()[-1]  # (resumes in other tests of this run append to train.log)
     assert "the test results are for the weights of the last epoch (2)" in last
     assert f"{out / 'model_best.pt'} holds epoch" in last and last in log
@@ -158,3 +180,48 @@ def test_ctrl_c_ends_with_one_line_and_a_resumable_checkpoint(tmp_path):
     assert (tmp_path / "train.log").read_text().strip().splitlines()[-1] == last
     resumed = launch(tmp_path, "epochs=200", "method=none", extra=["--resume"], failpoint="step:1")
     assert "resumed from epoch" in resumed.stderr, resumed.stderr[-3000:]
+
+
+# ---- trying a big recipe small: --tiny ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", RECIPES)
+def test_tiny_turns_every_recipe_into_a_short_cpu_run(name):
+    """--tiny keeps the recipe's model, base and method and caps what makes it long: epochs, image size, batches,
+    images per class, groups, the Fisher's batches; the GKP state and the bank in bf16 (half the checkpoint)."""
+    from lt_recipes.config import TINY_CAPS, flatten
+
+    full, cfg = flatten(load_config(name)), flatten(load_config(name, tiny=True))
+    assert (cfg["model.name"], cfg["loss.name"], cfg["method"]) == (full["model.name"], full["loss.name"],
+                                                                    full["method"])
+    assert cfg["epochs"] == 2 and cfg["data.img_size"] <= 32 and cfg["data.batch_size"] <= 16
+    assert cfg["data.max_per_class"] <= 50 and cfg["groups.num_groups"] <= 2 and 1 <= cfg["gkp.fisher_batches"] <= 1
+    assert (cfg["gkp.state_dtype"], cfg["groups.bank_dtype"], cfg["data.num_workers"]) == ("bf16", "bf16", 0)
+    assert all(cfg[k] is None or cfg[k] <= cap for k, cap in TINY_CAPS.items())
+    assert cfg["groups.start_epoch"] < cfg["epochs"]  # the grouping, Fisher and GKP+GSA run in the try-out
+    assert load_config(name, ["epochs=3"], tiny=True)["epochs"] == 3  # --set wins
+
+
+def test_a_tiny_run_keeps_the_gkp_state_in_bf16(tmp_path):
+    """The digits recipe with --tiny end to end; its checkpoint holds the anchors, Fisher and bank in bf16."""
+    import torch
+
+    proc = launch(tmp_path, extra=["--tiny"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    method = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["method"]
+    assert method["anchors"].dtype == method["fisher"].dtype == torch.bfloat16
+    assert {v.dtype for v in method["bank"]["snapshots"].values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_the_fewer_groups_warning_is_the_main_process_s(main_process, caplog):
+    """Under two processes every rank realises the same grouping: only rank 0 says so (it printed once per rank)."""
+    from types import SimpleNamespace
+
+    from lt_recipes.method import Groups, Method
+
+    me = SimpleNamespace(_fewer_groups_said=False, acc=SimpleNamespace(is_main_process=main_process),
+                         data=SimpleNamespace(num_classes=3), bank_snapshots=2)
+    groups = Groups.from_labels([0, 1, 1], [5, 3, 2])
+    for _ in range(2):
+        assert Method._realised(me, groups, 4, "the grouping") is groups
+    said = [r for r in caplog.records if "gave 2 groups of the 4 asked" in r.getMessage()]
+    assert len(said) == (1 if main_process else 0)

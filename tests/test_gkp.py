@@ -77,8 +77,9 @@ def test_batch_mean_fisher_equals_direct_per_batch_computation():
     n_cov = sum(p.numel() for p in cov)
     anchors = torch.randn(2, n_cov)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
-    fisher = estimate_fisher(model, _losses, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
-                             is_classifier, batch_size=5, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    fisher = estimate_fisher(model, dataset=TensorDataset(x, y), targets=y.numpy(), group_of_class=group_of_class,
+                             anchors=anchors, classification_losses=_losses, is_excluded=is_classifier, batch_size=5,
+                             device=torch.device("cpu"), autocast=contextlib.nullcontext)
     for j in range(2):
         m = copy.deepcopy(model).eval()
         torch.nn.utils.vector_to_parameters(anchors[j], list(m.encoder.parameters()))
@@ -116,11 +117,11 @@ def test_per_sample_fisher_equals_a_float64_per_sample_loop(chunk):
     cov, _ = ordered_parameters(model, is_classifier)
     anchors = torch.cat([p.detach().reshape(-1) for p in cov])[None].repeat(2, 1)
     anchors[1] += 0.1 * torch.randn(anchors.shape[1])
-    kw = dict(batch_size=6, device=torch.device("cpu"), autocast=contextlib.nullcontext)
-    fisher = estimate_fisher(model, _losses, TensorDataset(x, y), y.numpy(), group_of_class, anchors, is_classifier,
-                             estimate="per_sample", chunk=chunk, **kw)
-    batch_mean = estimate_fisher(model, _losses, TensorDataset(x, y), y.numpy(), group_of_class, anchors,
-                                 is_classifier, **kw)
+    kw = dict(dataset=TensorDataset(x, y), targets=y.numpy(), group_of_class=group_of_class, anchors=anchors,
+              classification_losses=_losses, is_excluded=is_classifier, batch_size=6, device=torch.device("cpu"),
+              autocast=contextlib.nullcontext)
+    fisher = estimate_fisher(model, estimate="per_sample", chunk=chunk, **kw)
+    batch_mean = estimate_fisher(model, **kw)
     for j in range(2):
         m = copy.deepcopy(model).double().train()
         params = list(m.encoder.parameters())

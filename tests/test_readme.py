@@ -41,3 +41,26 @@ def test_the_project_cites_the_paper_not_a_private_spec():
             if "SPEC" + ".md" in f.read():
                 hits.append(name)
     assert hits == []
+
+
+def test_the_training_commands_run_as_written():
+    """Every command of README's Training block names an executable that the set-up creates (`torchrun` alone is not
+    on PATH: only .venv/bin/torchrun is), and the torchrun line starts its processes (with --help: no data here)."""
+    import shlex
+    from importlib.metadata import entry_points
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        block = f.read().split("## Training", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    scripts = {e.name for e in entry_points(group="console_scripts")}
+    lines = [shlex.split(line.split("#")[0]) for line in block.strip().splitlines()]
+    for words in lines:
+        assert words[0].startswith(".venv/bin/"), words
+        name = words[0].removeprefix(".venv/bin/")
+        assert name == "python" or name in scripts, words
+    venv = os.path.join(ROOT, ".venv", "bin", "torchrun")
+    if not os.path.exists(venv):
+        return  # a checkout tested with another interpreter (PYTHON=...): the names are checked above
+    torchrun = next(w for w in lines if w[0].endswith("torchrun"))
+    proc = subprocess.run(torchrun[:torchrun.index("train.py") + 1] + ["--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.count("usage: train.py") == 2, proc.stderr[-2000:]

@@ -125,8 +125,8 @@ def build_groups(model: torch.nn.Module, num_classes: int, counts: list[int], G:
     n = 4 * num_classes
     xs = torch.randn(n, *img, generator=gen)
     ys = torch.arange(num_classes).repeat(4)
-    fisher = estimate_fisher(model, lambda z, t: F.cross_entropy(z, t, reduction="none"), TensorDataset(xs, ys),
-                             ys.numpy(), labels, anchors, is_classifier, batch_size=64, device=device,
+    fisher = estimate_fisher(model, dataset=TensorDataset(xs, ys), targets=ys.numpy(), group_of_class=labels,
+                             anchors=anchors, is_excluded=is_classifier, batch_size=64, device=device,
                              autocast=autocast, max_batches=2)
     return labels, anchors, fisher
 

@@ -9,7 +9,7 @@
 #   3. every registered step for two steps under a one-process NCCL group (torchrun), GKP handed over on the CPU,
 #   4. the engine for two short epochs on synthetic CIFAR-100 in bf16 and in fp16, killed at its grouping and resumed,
 #      then validate.py on its checkpoint; the own-loop example (examples/own_loop.py) on the GPU; two steps with
-#      model.compile=inductor and model.channels_last=true (each skipped, with a message, while missing),
+#      model.compile=inductor and model.channels_last=true,
 #   5. the kernel benchmark and the training-step benchmarks (ResNet-32 b256, ResNet-50 b64, bf16), with --json,
 #   6. times whole epochs of the cifar100_lt_resnet32 recipe on synthetic CIFAR-100 and projects its 200 epochs.
 # Each benchmark's JSON line is also saved under $BENCH_DIR (default: $OUT where set, else results/bench), named as
@@ -113,7 +113,7 @@ step "$kernels_key kernels registered" 30 "$PY" -c "import torch, lt_recipes.ops
 assert ops.fused_available(), 'lt_recipes._C did not load'; \
 assert torch._C._dispatch_has_kernel_for_dispatch_key('lt_recipes::gsa_project', '$kernels_key'), \
 'no $kernels_key kernels'; print('fused kernels for', sorted(ops._FUSED_DEVICES))"
-step "CUDA tests" 100 bash -c '"$0" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda | tee "$1"; \
+step "CUDA tests" 100 bash -c '"$0" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_gpu_options.py -k cuda | tee "$1"; \
 [ "${PIPESTATUS[0]}" -eq 0 ] && grep -qE "$2" "$1"' "$PY" "$log" "$tested"
 step "16- and 32-group kernel variants on $device" 40 "$PY" tests/device_group_kernels.py "$device"
 
@@ -149,21 +149,14 @@ for prec in "${precisions[@]}"; do
     bash -c 'engine "$@"' engine "$prec" "${engine_sets[@]}"
 done
 [ "$smoke" = False ] || skipped "engine in fp16" "smoke run: CPU autocast has no fp16, and the engine refuses it there"
-if [ -f examples/own_loop.py ]; then
-  step "the README's own loop on $device (examples/own_loop.py)" 60 "$PY" examples/own_loop.py --device "$device"
-else
-  skipped "the README's own loop on $device" "examples/own_loop.py does not exist in this checkout yet"
-fi
-if "$PY" -c "import sys; from lt_recipes.sections import ModelConfig; \
-sys.exit(not all(hasattr(ModelConfig, k) for k in ('compile', 'channels_last')))" 2>/dev/null; then
-  # the plain step with GKP, which compiles exactly; two steps, then the fail point stops the run
-  step "two steps with model.compile=$compile_backend and model.channels_last=true" 150 bash -c \
-    'LT_RECIPES_FAILPOINT=step:2 "$0" train.py --recipe cifar100_lt_resnet32 --output "$1" "${@:2}" 2>&1 | tail -n 3; \
+# shellcheck disable=SC2046  # the smoke options are words
+step "the README's own loop on $device (examples/own_loop.py)" 90 "$PY" examples/own_loop.py --device "$device" \
+  $([ "$smoke" = True ] && echo --epochs 2 --group-epoch 1)
+# the plain step with GKP, which compiles exactly; two steps, then the fail point stops the run
+step "two steps with model.compile=$compile_backend and model.channels_last=true" 150 bash -c \
+  'LT_RECIPES_FAILPOINT=step:2 "$0" train.py --recipe cifar100_lt_resnet32 --output "$1" "${@:2}" 2>&1 | tail -n 3; \
 [ "${PIPESTATUS[0]}" -eq 137 ]' "$PY" "$work/compiled" "${engine_sets[@]}" --set method=gkp \
-    --set "model.compile=$compile_backend" --set model.channels_last=true
-else
-  skipped "two steps with model.compile and model.channels_last" "the recipe keys do not exist in this checkout yet"
-fi
+  --set "model.compile=$compile_backend" --set model.channels_last=true
 
 # ---- 5-6. benchmarks ----------------------------------------------------------------------------------------------
 bench() {  # bench NAME LIMIT_SECONDS JSON_FILE COMMAND...: a step whose last output line is saved as JSON_FILE

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Export a trained run's weights as a timm state dict.
 
-    python tools/export.py RUN_DIR [--best] [--ema] [--out FILE.safetensors|FILE.pth]
+    python tools/export.py RUN_DIR [--best] [--ema] [--out FILE.safetensors|FILE.pth] [--recipe R]
 
-Reads RUN_DIR/args.yaml and checkpoint.pt (model_best.pt with --best; the EMA weights with --ema) and writes the
-backbone under timm's own keys (our `encoder.` prefix dropped). A plain linear classifier goes under the timm model's
-classifier key (e.g. `fc` for ResNets, `head.fc` for the CIFAR ResNets), so that
+Reads RUN_DIR/args.yaml (or the recipe R) and checkpoint.pt (model_best.pt with --best; the EMA weights with --ema)
+and writes the backbone under timm's own keys (our `encoder.` prefix dropped). A plain linear classifier goes under
+the timm model's classifier key (e.g. `fc` for ResNets, `head.fc` for the CIFAR ResNets), so that
 
     timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=C), num_classes=C)
 
@@ -88,11 +88,14 @@ def check_in_timm(model: LTModel, name: str, cfg_overlay: dict[str, Any]) -> flo
     return float((timm_model(x) - want).abs().max())
 
 
-def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None = None) -> dict[str, Any]:
-    """Write the timm state dict of a run; returns what was written and how to load it."""
-    if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
-        raise CheckpointError(f"{run_dir} is not a training run directory (no args.yaml)")
-    cfg = load_config(os.path.join(run_dir, "args.yaml"))
+def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None = None,
+           recipe: str | None = None) -> dict[str, Any]:
+    """Write the timm state dict of a run; returns what was written and how to load it. The model is built from the
+    run's args.yaml, or from `recipe` when given (its data and model must match the checkpoint's)."""
+    if recipe is None and not os.path.isfile(os.path.join(run_dir, "args.yaml")):
+        raise CheckpointError(f"{run_dir} is not a training run directory (no args.yaml; --recipe names the recipe "
+                              "of a checkpoint without one)")
+    cfg = load_config(recipe or os.path.join(run_dir, "args.yaml"))
     ckpt = os.path.join(run_dir, BEST_NAME if best else CHECKPOINT_NAME)
     stem = os.path.splitext(os.path.basename(ckpt))[0] + ("_ema" if ema else "")
     path = os.path.abspath(out or os.path.join(run_dir, f"{stem}.safetensors"))
@@ -120,8 +123,11 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     atomic_write_json(config_path, {"architecture": name, "num_classes": head, "model_args": {"in_chans": in_chans},
                                     "pretrained_cfg": pretrained_cfg})
     diff = check_in_timm(model, name, cfg_overlay)
-    call = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={cfg_overlay}, num_classes={head}"
-            + (f", in_chans={in_chans})" if in_chans != 3 else ")"))
+    # the CIFAR ResNets are registered with timm by lt_recipes.models: the printed code imports it for them
+    imports = "import timm, lt_recipes.models" if type(model.encoder).__module__.startswith("lt_recipes") \
+        else "import timm"
+    call = (f"{imports}\nmodel = timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={cfg_overlay}, "
+            f"num_classes={head}" + (f", in_chans={in_chans})" if in_chans != 3 else ")"))
     return {"path": path, "config": config_path, "num_classes": head, "left_out": left_out, "max_abs_diff": diff,
             "call": call, "data_config": data_config}
 
@@ -132,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--best", action="store_true", help="export model_best.pt instead of the last checkpoint")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (runs with ema.decay set)")
     p.add_argument("--out", default=None, help="output file, .safetensors or .pth (default: in RUN_DIR)")
+    p.add_argument("--recipe", default=None, help="recipe to build the model from (default: RUN_DIR/args.yaml)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        res = export(args.run_dir, args.best, args.ema, args.out)
+        res = export(args.run_dir, args.best, args.ema, args.out, args.recipe)
     except LTRecipesError as e:
         _logger.error("%s", e)
         return 2
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"left out: {', '.join(res['left_out'])} (training-only heads)")
     print(f"checked in timm: largest difference from the run's {'logits' if res['num_classes'] else 'features'} "
           f"{res['max_abs_diff']:.3g}")
-    print(f"load it with: {res['call']}")
+    print(f"load it with:\n{res['call']}")
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up .venv, train the default recipe (digits_lt) and print its Top-1 / Many / Medium / Few table.
-# Re-running reuses .venv and the finished run (--resume on a complete run only re-evaluates it).
+# Re-running reuses .venv and the finished run (--resume-or-start on a complete run only re-evaluates it).
 # Environment (both optional; relative paths are taken from the repository root):
 #   PYTHON     an interpreter that already has the requirements and the built package: .venv is then neither set up
 #              (tools/setup_env.sh is not run) nor used. Default: .venv/bin/python after tools/setup_env.sh.
@@ -14,4 +14,4 @@ fi
 PY=${PYTHON:-.venv/bin/python}
 # one run directory per version of the recipe file: editing the recipe starts a fresh run instead of a refused resume
 out=${LT_OUTPUT:-output/digits_lt-$(sha256sum recipes/digits_lt.yaml | cut -c1-8)}
-"$PY" train.py --recipe digits_lt --output "$out" --resume "$@"
+"$PY" train.py --recipe digits_lt --output "$out" --resume-or-start "$@"

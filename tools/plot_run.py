@@ -48,8 +48,22 @@ def plot_curves(summary: dict[str, np.ndarray], path: str) -> str:
     return save_figure(fig, path)
 
 
+# one marker per group, and a small sideways shift per group, so groups with equal values (the radii of the adaptive
+# scale often are) stay visible side by side instead of drawing one line
+GROUP_MARKERS = "os^vDP*X<>"
+GROUP_SHIFT = 0.08  # epochs between neighbouring groups
+
+
 def plot_groups(summary: dict[str, np.ndarray], path: str) -> str | None:
     """Per-group method state over epochs; None when the run never grouped (no finite per-group values)."""
+    fig = groups_figure(summary)
+    return None if fig is None else save_figure(fig, path)
+
+
+def groups_figure(summary: dict[str, np.ndarray]) -> Any:
+    """The groups.png figure: a panel per quantity, the groups told apart by marker and a sideways shift, the GKP
+    penalty on a log axis (it spans decades and is 0 before the grouping, which a log axis leaves out), legends
+    beside the panels; None when the run never grouped."""
     panels: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
     if _has_data(summary.get("alpha")):
         panels.append(("alpha (GSA weight)", [("alpha", summary["alpha"])]))
@@ -62,15 +76,20 @@ def plot_groups(summary: dict[str, np.ndarray], path: str) -> str | None:
         panels.append(("mean GKP penalty", [("gkp", summary["gkp"])]))
     if not panels:
         return None
-    fig, axes = new_panels(len(panels))
+    fig, axes = new_panels(len(panels), size=(5.2, 3.2))
     for ax, (title, cols) in zip(axes, panels):
-        for name, col in cols:
-            ax.plot(summary["epoch"], col, "-o", ms=3, label=name)
+        for k, (name, col) in enumerate(cols):
+            shift = (k - (len(cols) - 1) / 2) * GROUP_SHIFT if len(cols) > 1 else 0.0
+            if title == "mean GKP penalty":
+                col = np.where(col > 0, col, np.nan)
+                ax.set_yscale("log")
+            ax.plot(summary["epoch"] + shift, col, "-", marker=GROUP_MARKERS[k % len(GROUP_MARKERS)], ms=4,
+                    label=name, alpha=0.85)
         ax.set(xlabel="epoch", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(cols) > 1:
-            ax.legend(fontsize=8, title="g0 = head" if title != "alpha (GSA weight)" else None)
-    return save_figure(fig, path)
+            ax.legend(fontsize=7, title="g0 = head", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
 
 
 def plot_quality(quality: dict[str, Any], train_counts: Sequence[int] | None, path: str) -> str | None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..models import find_head
 from ..sections import CCSAMConfig
 from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, world_size
 from .registry import register_step
@@ -53,7 +54,8 @@ def class_perturbation(grads: Sequence[torch.Tensor], theta_norm: float, d: int,
 
 @register_step("cc_sam")
 class CCSAM(StepCore):
-    """CC-SAM's stage-1 step (module docstring) on a model whose classifier is the module `model.classifier`.
+    """CC-SAM's stage-1 step (module docstring) on a model's classifier (`models.find_head`: get_classifier(), else
+    the module `classifier`, `fc` or `head`).
 
     >>> step = CCSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), class_counts=counts)
     >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
@@ -64,7 +66,10 @@ class CCSAM(StepCore):
                  **kw: Any) -> None:
         CCSAMConfig(rho=rho, beta=beta)  # the options' checks live in their recipe section
         super().__init__(model, base_optimizer, **kw)
-        self.classifier: nn.Module = model.classifier
+        self.classifier: nn.Module | None = find_head(model)
+        if self.classifier is None:
+            raise ValueError(f"CC-SAM perturbs the classifier: {type(model).__name__} has no get_classifier() and "
+                             "no classifier / fc / head module")
         self.names = [n for n, p in self.classifier.named_parameters() if p.requires_grad]
         self.params = [p for p in self.classifier.parameters() if p.requires_grad]
         self.d_cls = sum(p.numel() for p in self.params)

@@ -33,7 +33,7 @@ from .. import equations, ops
 from ..batchnorm import BNState
 from ..errors import ModelError
 from ..flat import FlatParams
-from ..models import is_classifier, ordered_parameters
+from ..models import head_rule, ordered_parameters
 from ..sections import GSAConfig
 
 _logger = logging.getLogger(__name__)
@@ -90,9 +90,10 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StepStats:
     """What one step measured: mean base loss at theta (all, per group); per group the radius, cos(g_g, g) and the
-    rise of the group's loss in the perturbed pass over its loss at theta (NaN for a group absent from the batch);
-    the GKP value and ||grad GKP|| / ||grad task|| of the update; the skip flag. Ungrouped steps report one group,
-    the whole batch."""
+    rise of the group's loss in the perturbed pass over its loss at theta; the GKP value and ||grad GKP|| /
+    ||grad task|| of the update; the skip flag. Ungrouped steps report one group, the whole batch. A per-group list
+    holds float("nan") for a group absent from the batch (no samples, so nothing measured: skip it with math.isnan;
+    summary.csv averages each group over the steps it was present in)."""
 
     loss: float = math.nan
     group_loss: list[float] = field(default_factory=list)
@@ -119,7 +120,8 @@ def sam_perturbation(grad: torch.Tensor, theta: torch.Tensor, rho: float, adapti
 
 
 class StepCore:
-    """The machinery every step shares (module docstring). Subclasses implement `step(loss_fn, targets, alpha)`.
+    """The machinery every step shares (module docstring). Subclasses implement `step(loss_fn, targets, alpha)`:
+    `alpha` in [0, 1] weighs the task gradient against GKP's (1 - alpha), Eq. 16 (1: no GKP).
 
     A step on groups learns their number from `set_groups` only (the grouping is its one owner); a step that keeps a
     gradient row per group (`rows_per_group`) sizes its rows there.
@@ -129,13 +131,16 @@ class StepCore:
     retains_graph = False  # some pass differentiates one forward more than once (compile_refusal)
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int = 0,
-                 is_excluded: Callable[[str], bool] = is_classifier,
+                 is_excluded: Callable[[str], bool] | None = None,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
                  clip_grad: float | None = None, backend: str = GSAConfig.backend) -> None:
         self.model = model
         self.base_optimizer = base_optimizer
-        covered, rest = ordered_parameters(model, is_excluded)
+        covered, rest = ordered_parameters(model, is_excluded or head_rule(model))  # the head last, not covered
         self.num_covered = sum(p.numel() for p in covered)
+        head = [n for n, p in model.named_parameters() if any(p is q for q in rest)]
+        _logger.info("%s covers %d parameter tensors (%d values) and leaves out the head: %s", type(self).__name__,
+                     len(covered), self.num_covered, ", ".join(head) or "none")
         self.flat = FlatParams(covered + rest, num_rows=num_rows)
         self.base = torch.empty_like(self.flat.data)
         self.autocast = autocast
@@ -162,6 +167,12 @@ class StepCore:
         return self.flat.numel
 
     @property
+    def covered(self) -> torch.Tensor:
+        """The covered parameters as one flat vector [num_covered] (a view, in `named_parameters` order, the head
+        left out): what `MemoryBank.update` snapshots and what GKP's anchors and Fisher rows are laid out like."""
+        return self.flat.data[:self.num_covered]
+
+    @property
     def num_groups(self) -> int:
         """The groups installed by `set_groups` (0 before)."""
         return len(self.group_sizes)
@@ -179,16 +190,31 @@ class StepCore:
                 group_of_class: Sequence[int] | torch.Tensor | None = None) -> None:
         """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
         strength_j = (lambda / 2) / |G_j| (Eq. 6); each step weighs it by (1 - alpha) sum_{g != j} w_g (Eq. 16), w_g
-        the batch share of GKP's group g (`group_of_class`; None: the step's own groups of `set_groups`)."""
-        device = self.flat.data.device  # a user's loop may hand CPU tensors to a model on a GPU
-        self.gkp_terms = (anchors.to(device), fisher.to(device), strength.to(device))
+        the batch share of GKP's group g (`group_of_class`; None: the step's own groups of `set_groups`).
+
+        anchors and fisher are [G, num_covered]: row j over the covered parameters flattened in `named_parameters`
+        order (as `covered`), float32 (or the parameters' dtype; bf16/fp16 to halve their memory); strength is [G]
+        (`gkp.gkp_strength`). Wrong shapes or dtypes are a ValueError here, naming the expected shape; the tensors
+        are moved to the parameters' device."""
+        from ..gkp import check_gkp_state
+
+        check_gkp_state(anchors, fisher, strength, self.num_covered, self.flat.data.dtype)
+        device = self.flat.data.device
+        anchors, fisher, strength = anchors.to(device), fisher.to(device), strength.to(device)
+        groups = group_of_class if group_of_class is not None else self.group_of_class
+        if groups is not None and int(torch.as_tensor(groups).max()) >= anchors.shape[0]:
+            raise ValueError(f"set_gkp: group ids up to {int(torch.as_tensor(groups).max())} but {anchors.shape[0]} "
+                             "anchor rows (one per group)")
+        self.gkp_terms = (anchors, fisher, strength)
         self.gkp_groups = None if group_of_class is None else \
             torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
 
     def group_counts(self, targets: torch.Tensor, reduce: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
         """Group of every sample, local samples per group, and samples per group over all ranks (with `reduce`)."""
         if self.group_of_class is None:
-            raise RuntimeError(f"{type(self).__name__}.step needs set_groups() first")
+            raise RuntimeError(f"{type(self).__name__}.step needs set_groups(group_of_class, group_sizes) first; until "
+                               "the classes are grouped, train with its plain_step(loss_fn, targets) (the base loss's "
+                               "own step, as the recipes' warm-up does)")
         gid = self.group_of_class[targets]
         local = torch.bincount(gid, minlength=len(self.group_sizes))
         counts = local.double()

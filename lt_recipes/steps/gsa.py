@@ -171,7 +171,10 @@ class GroupedSAM(StepCore):
         return self.flat.rows, counts
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
-        """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP (Eq. 16)."""
+        """One full training step on a batch with labels `targets`. `alpha` in [0, 1] weighs the task gradient by
+        alpha and GKP's by (1 - alpha) (Eq. 16): 1 drops GKP, lower values hold the other groups' optima more; the
+        recipes anneal it from alpha.start to alpha.end over the run (Eq. 20). Before `set_groups`, use
+        `plain_step`."""
         flat = self.flat
         stats = StepStats()
         gid, local, counts = self.group_counts(targets, self.sync)

@@ -85,10 +85,21 @@ def step_class(name: str) -> type:
     return _CLASSES[name]
 
 
-def create_step(name: str, model: Any, base_optimizer: Any, **kw: Any) -> Any:
-    """Build the step `name` on `model` around `base_optimizer` (keyword options: the step's own, and the core's
-    autocast, scaler, clip_grad, backend)."""
-    return step_class(name)(model, base_optimizer, **kw)
+# What a training run knows that some steps use (StepInfo.uses): `create_step` takes them for every step.
+RUN_FACTS = ("class_counts", "head_losses")
+
+
+def create_step(name: str, model: Any, base_optimizer: Any, *, class_counts: Any = None, head_losses: Any = None,
+                **kw: Any) -> Any:
+    """Build the step `name` on `model` around `base_optimizer`. Every step takes the same run facts, and each is
+    passed the ones it uses (StepInfo.uses): `class_counts`, the training images per class (ImbSAM, Focal-SAM,
+    CC-SAM need it: a TypeError naming it otherwise), and `head_losses(logits, y)`, the base's per-sample
+    classification loss (CC-SAM; None: cross-entropy). Other keyword options: the step's own (its recipe section),
+    and the core's autocast, scaler, clip_grad, backend, is_excluded."""
+    info, facts = step_info(name), {"class_counts": class_counts, "head_losses": head_losses}
+    if "class_counts" in info.uses and class_counts is None:
+        raise TypeError(f"create_step({name!r}) needs class_counts, the training images per class (the step uses it)")
+    return step_class(name)(model, base_optimizer, **{k: facts[k] for k in info.uses}, **kw)
 
 
 def list_methods() -> tuple[str, ...]:
