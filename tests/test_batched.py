@@ -136,14 +136,18 @@ def _steps(model, batched, gkp, **kw):
     return step
 
 
-@pytest.mark.parametrize("loss_name", ["ce", "bcl"])
-@pytest.mark.parametrize("gkp", [False, True])
-def test_batched_step_equals_the_sequential_step(gkp, loss_name):
+@pytest.mark.parametrize("loss_name,gkp,channels_last", [("ce", False, False), ("ce", True, True),
+                                                          ("bcl", False, False), ("bcl", True, False)])
+def test_batched_step_equals_the_sequential_step(loss_name, gkp, channels_last):
     """The whole grouped step as it trains (float32; its fused ops take float32) with and without GKP: two steps with
     gsa.batched on and off give the same update to float32 rounding (BCL's temperature-scaled similarities amplify it
-    to a few 1e-5 of the update), the same BatchNorm statistics and the same per-group ascent."""
+    to a few 1e-5 of the update), the same BatchNorm statistics and the same per-group ascent; also with
+    channels-last convolution weights, which the flat buffer keeps in their memory order."""
     model, loss, inputs, y, _, _, _, _ = _case("resnet8_cifar", loss_name, n=16)
     model, loss = model.float(), loss.float()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        assert not model.encoder.conv1.weight.is_contiguous()
     inputs = [v.float() for v in inputs] if isinstance(inputs, list) else inputs.float()
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     runs = []
