@@ -78,11 +78,16 @@ def _sequential(model, loss, inputs, y, theta, eps, weights, gid):
 
 
 def _batched(model, loss, inputs, y, params, theta, eps, weights, gid, chunk=None):
+    """The batched pass at the model's own weights theta: the gradient it leaves in the parameters' .grad."""
     passes = BatchedPasses(model, params, [p.stride() for p in params], chunk)
     counts = torch.bincount(gid, minlength=len(GROUP_SIZES)).double().tolist()
-    grad = torch.zeros_like(theta)
+    for p in params:
+        p.grad = None
     own = passes.backward(lambda idx: loss.per_sample(model, _index(inputs, idx), y[idx]), gid, counts, weights,
-                          theta, eps, grad, lambda t, w: (t * w).backward())
+                          eps, lambda t, w: (t * w).backward())
+    grad = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                      for p in params])
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), theta)  # the weights stay at theta
     return grad, own
 
 
@@ -176,8 +181,7 @@ def test_bn_tracking_restored_when_the_pass_fails():
         model(inputs[idx])
         raise KeyError("a loss that fails after the forward")
     with pytest.raises(KeyError):
-        passes.backward(failing, gid, [1.0, 1.0, 1.0], weights, theta, eps, torch.zeros_like(theta),
-                        lambda t, w: t.backward())
+        passes.backward(failing, gid, [1.0, 1.0, 1.0], weights, eps, lambda t, w: t.backward())
     assert all(bn.track_running_stats for bn in batchnorms(model))
     for a, b in zip(buffers, model.buffers()):
         assert torch.equal(a, b)

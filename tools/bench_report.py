@@ -72,7 +72,7 @@ def batched_tables(files: list[tuple[str, dict]]) -> list[str]:
         lines += [f"`gsa.batched` against the sequential passes, `{path}`: {r['model']}, batch {r['batch']} of "
                   f"{r['img_size']}x{r['img_size']} images, G={r['groups']}, {r['device_name']} ({r['threads']} "
                   f"threads), median of {r['repeats']} interleaved repeats. Perturbed passes: from their first "
-                  "forward to the end of the step (the optimizer step, the same in both forms, included).", "",
+                  "forward to the base optimizer's step (with GKP, its gradient included).", "",
                   "| step | sequential ms | batched ms | batched / sequential | perturbed passes, sequential ms | "
                   "batched ms | batched / sequential |", "|---|---:|---:|---:|---:|---:|---:|"]
         for seq, bat in pairs:

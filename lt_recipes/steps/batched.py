@@ -5,8 +5,8 @@ differentiates the loss masked to group g (Eq. 15-16). Those G passes differ onl
 as one `torch.func.vmap` over `torch.func.functional_call` with the G parameter sets stacked: each parameter set sees
 the whole batch, and each BatchNorm layer normalises with its own set's whole-batch statistics, exactly as in its own
 pass. The gradient with respect to theta of sum_g w_g L_g(theta + eps_g) is one backward through the vectorised pass:
-the stacked parameters are one leaf [G, d] = theta + eps_g (eps detached), whose gradient summed over the groups is
-the step's task gradient.
+every stacked parameter is p + eps_g (p the parameter itself, eps a constant view of the rows), so autograd sums
+the G sets' gradients into p's gradient, the step's flat gradient buffer.
 
 BatchNorm's running statistics take no part: vmap refuses the in-place update of a buffer shared by every parameter
 set, so for the pass each BatchNorm layer stops tracking them (it normalises by the batch, as a training forward
@@ -86,15 +86,18 @@ class BatchedPasses:
         self.shapes = [p.shape for p in params]
         self.strides = [tuple(s) for s in strides]
         self.sizes = [p.numel() for p in params]
+        self.params = list(params)
         self.model = model
         self.chunk_size = chunk_size
 
-    def losses(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, stacked: torch.Tensor,
+    def losses(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, eps: torch.Tensor,
                autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
-        """Per-sample losses [P, len(idx)] of `loss_fn(idx)` at the P parameter sets `stacked` [P, d] (rows in the
-        flat buffer's layout), differentiable with respect to `stacked`."""
-        chunks = stacked.split(self.sizes, dim=1)
-        sets = {n: _param_view(c, s, st) for n, c, s, st in zip(self.names, chunks, self.shapes, self.strides)}
+        """Per-sample losses [P, len(idx)] of `loss_fn(idx)` at the P parameter sets theta + eps_p, theta the
+        parameters' values and `eps` [P, d] in the flat buffer's layout; differentiable with respect to the
+        parameters (eps is a constant)."""
+        chunks = eps.split(self.sizes, dim=1)
+        sets = {n: p.unsqueeze(0) + _param_view(c, s, st)
+                for n, p, c, s, st in zip(self.names, self.params, chunks, self.shapes, self.strides)}
 
         def one(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.functional_call(self.call, params, (loss_fn, idx), strict=False)
@@ -103,29 +106,24 @@ class BatchedPasses:
             try:
                 out = torch.func.vmap(one, randomness="different", chunk_size=self.chunk_size)(sets)
             except RuntimeError as e:
-                if "vmap" not in str(e) and "Batching rule" not in str(e) and "batched" not in str(e):
+                if not any(s in str(e) for s in ("vmap", "Batching rule", "batched")):
                     raise
-                raise ConfigError(f"gsa.batched=true cannot run this model and loss under torch.func.vmap "
-                                  f"({type(self.model).__name__}, loss {getattr(loss_fn, '__qualname__', loss_fn)}): "
-                                  f"{str(e).splitlines()[0]}; set gsa.batched=false") from e
+                raise ConfigError(f"gsa.batched=true cannot run {type(self.model).__name__} with this loss under "
+                                  f"torch.func.vmap: {str(e).splitlines()[0]}; set gsa.batched=false") from e
         return upcast(out)
 
     def backward(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], gid: torch.Tensor, counts: Sequence[float],
-                 per_sample: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor, grad: torch.Tensor,
-                 backward: Callable[[torch.Tensor, float], None],
+                 per_sample: torch.Tensor, eps: torch.Tensor, backward: Callable[[torch.Tensor, float], None],
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
-        """The exact perturbed passes of the groups present (`counts` > 0): every sample's loss at theta + eps_g of
-        its group g (`eps` [G, d]), weighted by `per_sample` and summed, differentiated by `backward` and its
-        gradient with respect to theta added to `grad`. Returns each sample's loss at its group's perturbation."""
+        """The exact perturbed passes of the groups present (`counts` > 0), the parameters at theta: every sample's
+        loss at theta + eps_g of its group g (`eps` [G, d]), weighted by `per_sample` and summed, differentiated by
+        `backward` (its gradient with respect to theta accumulates in the parameters' gradients). Returns each
+        sample's loss at its group's perturbation."""
         present = [g for g, c in enumerate(counts) if c > 0]
-        chosen = eps if len(present) == eps.shape[0] else eps[present]
-        stacked = (theta + chosen).requires_grad_()  # theta (+) eps_g, eps detached: one leaf per parameter set
         everyone = torch.arange(len(gid), device=gid.device)
-        losses = self.losses(loss_fn, everyone, stacked, autocast)
+        losses = self.losses(loss_fn, everyone, eps if len(present) == eps.shape[0] else eps[present], autocast)
         groups = torch.tensor(present, device=gid.device)
-        mine = gid[None, :] == groups[:, None]
-        backward((losses * per_sample * mine).sum(), 1.0)
-        grad.add_(stacked.grad.sum(0))
+        backward((losses * per_sample * (gid[None, :] == groups[:, None])).sum(), 1.0)
         slot = torch.zeros(eps.shape[0], dtype=torch.long, device=gid.device)
         slot[groups] = torch.arange(len(present), device=gid.device)
         return losses.detach().gather(0, slot[gid][None]).squeeze(0)

@@ -264,8 +264,8 @@ class GroupedSAM(StepCore):
         everyone = torch.arange(len(gid), device=gid.device)
         with frozen_bn_stats(self.model, self.bn_scratch):
             if self.batched is not None:
-                perturbed = self.batched.backward(loss_fn, gid, counts, per_sample, self.base, rows, flat.grad,
-                                                  self._backward, self.autocast)
+                perturbed = self.batched.backward(loss_fn, gid, counts, per_sample, rows, self._backward,
+                                                  self.autocast)
                 order = everyone
             elif self.perturbation == "per_group_exact":
                 perturbed = torch.zeros(len(gid), device=gid.device)
