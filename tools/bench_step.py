@@ -6,8 +6,8 @@ the step core; sam, asam, fsam, imbsam, focal_sam, cc_sam, gbg over the grouping
 gradients `masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one
 pass), then the perturbed pass: the recipes' default (no suffix), `per_group` (one offset pass over the group-sorted
 batch) or `per_group_exact` (one whole-batch pass per group); `[gkp_]gsa_masked_batched`: the default grouped
-step with `gsa.batched` (its G whole-batch passes as one vmapped pass, which the pass count sees as one forward and
-no full backward: its gradient reaches theta through the stacked parameter sets), and for it and its sequential
+step with `gsa.batched` (its G whole-batch passes as one vmapped pass, which the pass count sees as one forward and one
+backward), and for it and its sequential
 form the perturbed passes alone are timed too (`perturbed_pass_times`); gkp_released: the released script's step (one pass at
 theta, one at the averaged FriendlySAM perturbation) with GKP; naive: the masked-loss oracle written the plain way
 (one whole-batch forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the
