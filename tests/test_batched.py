@@ -110,16 +110,15 @@ def test_batched_pass_equals_the_sequential_passes_in_float64(model_name, loss_n
     assert all(bn.track_running_stats for bn in batchnorms(model))
 
 
-def test_each_parameter_set_normalises_by_its_own_batch_statistics():
-    """The property behind exactness: with BatchNorm the batched pass differs from one pass over the G-fold batch
-    (one set of statistics for all), and it equals the sequential passes; chunks of 1 and 2 sets change nothing."""
+def test_chunks_and_absent_groups_change_nothing():
+    """`chunk_size` 1 and 2 (gsa.batch_chunk) give the sequential passes' gradient; a group absent from the batch is
+    not run (a NaN perturbation of it changes nothing)."""
     model, loss, inputs, y, params, theta, eps, weights = _case("resnet8_cifar", "ce", n=12)
     gid = torch.tensor(GROUP_OF_CLASS)[y]
     want, _ = _sequential(model, loss, inputs, y, theta, eps, weights, gid)
     for chunk in (1, 2):
         got, _ = _batched(model, loss, inputs, y, params, theta, eps, weights, gid, chunk=chunk)
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12 * float(want.abs().max()))
-    # an absent group is not run: its perturbation cannot change anything
     only = torch.where(gid == 2, torch.zeros_like(gid), gid)
     eps2 = eps.clone()
     eps2[2] = float("nan")

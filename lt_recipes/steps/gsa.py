@@ -64,7 +64,8 @@ class GroupedSAM(StepCore):
     directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
     group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
     perturbs from its own samples. GKP, when installed with `set_gkp`, is added by the core. The options, their
-    defaults and their checks are the recipe section `gsa` (lt_recipes.sections.GSAConfig).
+    defaults and their checks are the recipe section `gsa` (lt_recipes.sections.GSAConfig). `batched` runs the
+    per_group_exact passes as one vmapped pass, `batch_chunk` parameter sets at a time (lt_recipes.steps.batched).
     """
 
     rows_per_group = True
