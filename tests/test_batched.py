@@ -212,3 +212,31 @@ def test_refusals_name_the_combination():
     x, y = torch.randn(12, 5), torch.arange(12) % NUM_CLASSES
     with pytest.raises(ConfigError, match="DataDependent.*gsa.batched=false"):
         step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y)
+
+
+def test_overflow_in_the_batched_pass_skips_the_step_and_bf16_runs():
+    """An fp16 overflow in the batched pass skips the whole step as in the sequential one (weights, BatchNorm
+    statistics and tracking as before); under bf16 autocast the batched step runs and moves the weights."""
+    from lt_recipes.steps import LossScaler
+    model, loss, x, y, _, _, _, _ = _case("resnet8_cifar", "ce", n=12)
+    model, loss, x = model.float(), loss.float(), x.float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = GroupedSAM(model, opt, batched=True, scaler=LossScaler(enabled=True, init_scale=1024.0))
+    step.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
+    theta = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def fn(idx):
+        calls.append(1)
+        losses = loss.per_sample(model, x[idx], y[idx])
+        return losses * float("inf") if len(calls) == 2 else losses
+    buffers = [b.clone() for b in model.buffers()]
+    stats = step.step(fn, y)
+    assert stats.skipped and step.scaler.scale == 512.0
+    assert all(torch.equal(a, b) for a, b in zip(theta, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # pass 1's update undone too
+    assert all(bn.track_running_stats for bn in batchnorms(model))
+    bf16 = GroupedSAM(model, opt, batched=True, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16.set_groups(GROUP_OF_CLASS, GROUP_SIZES)
+    assert not bf16.step(lambda idx: loss.per_sample(model, x[idx], y[idx]), y).skipped
+    assert not all(torch.equal(a, b) for a, b in zip(theta, model.parameters()))
