@@ -346,6 +346,10 @@ class GSAConfig(Section):
     group_grad_ema: float = key(0.0, FLOAT, _between(0.0, 0.999))
     sync: bool = key(True, BOOL)
     backend: str = key("auto", STR, choices=BACKENDS)
+    # per_group_exact's G whole-batch passes as one vmapped pass (lt_recipes.steps.batched), in chunks of
+    # `batch_chunk` parameter sets (null: all G at once)
+    batched: bool = key(False, BOOL)
+    batch_chunk: int | None = key(None, INT, _at_least(1), nullable=True)
 
     # Z (or C) of Eq. 13 and the clamp of rho_g that belong to each perturbation scaling (docs/method.md), used where
     # gsa.z is null and gsa.rho_clamp is auto: the released code's adaptive scaling with C = 0.1 and a clamp ten times
@@ -365,6 +369,9 @@ class GSAConfig(Section):
                               "batch-share mean of the projected directions h_g is exactly zero (sum_g w_g h_g = "
                               "g - g), so the tail groups' losses fall in the perturbed pass; set "
                               "gsa.perturbation=per_group (or per_group_exact), or another gsa.direction")
+        if self.batched and (self.step != "grouped" or self.perturbation != "per_group_exact"):
+            raise ConfigError(f"gsa.batched=true batches the per_group_exact passes of gsa.step=grouped; got "
+                              f"gsa.step={self.step}, gsa.perturbation={self.perturbation} (set gsa.batched=false)")
         wrong = {k: getattr(self, k) for k, v in self.RELEASED_FIXED.items() if getattr(self, k) != v}
         if self.step == "released" and wrong:
             raise ConfigError(f"gsa.step=released is the released script's step, which fixes "

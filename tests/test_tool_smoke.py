@@ -280,7 +280,8 @@ def test_record_bench_smoke(tmp_path: Path) -> None:
         sentinel.wait()
     assert seen_stopped and not any(seen_stopped), "the smoke run paused a training process"
     assert sorted(p.name for p in bench.iterdir()) == ["kernels_cpu.json", "memory_imagenet_lt_resnext50.json",
-                                                       "step_cpu_resnet32.json"]
+                                                       "step_cpu_resnet32.json", "step_cpu_resnet32_batched_b32.json",
+                                                       "step_cpu_resnet32_batched_dispatch.json"]
     step = json.loads((bench / "step_cpu_resnet32.json").read_text())
     _check_step_json(step)
     assert step["device"] == "cpu" and step["amp"] == "none"

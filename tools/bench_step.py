@@ -5,7 +5,10 @@ Kinds: sgd (torch's own loop); every registered step by its name with its recipe
 the step core; sam, asam, fsam, imbsam, focal_sam, cc_sam, gbg over the grouping below); `[gkp_]gsa_<group grads>[_<pass>]`, the grouped step (direction h_g) without or with GKP: group
 gradients `masked` (exact: one forward, G backward passes) or `share` (Eq. 11's split of the one batch gradient: one
 pass), then the perturbed pass: the recipes' default (no suffix), `per_group` (one offset pass over the group-sorted
-batch) or `per_group_exact` (one whole-batch pass per group); gkp_released: the released script's step (one pass at
+batch) or `per_group_exact` (one whole-batch pass per group); `[gkp_]gsa_masked_batched`: the default grouped
+step with `gsa.batched` (its G whole-batch passes as one vmapped pass, which the pass count sees as one forward and one
+backward), and for it and its sequential
+form the perturbed passes alone are timed too (`perturbed_pass_times`); gkp_released: the released script's step (one pass at
 theta, one at the averaged FriendlySAM perturbation) with GKP; naive: the masked-loss oracle written the plain way
 (one whole-batch forward/backward per group for the group gradients and one per perturbed group: 2G passes). The kinds run on the
 same model, batch and groups; every repeat times each kind once in turn, so machine load affects all of them alike,
@@ -17,6 +20,7 @@ last line.
 
     python tools/bench_step.py                       # resnet32_cifar, batch 128, G=4, CPU
     python tools/bench_step.py --device cuda --amp bf16 --batch 256
+    python tools/bench_step.py --batch 8 --img-size 4 --kinds sam,gsa_masked,gsa_masked_batched   # dispatch-bound
     python tools/bench_step.py --device cuda --amp bf16 --model resnet50 --batch 64 --img-size 224 --num-classes 1000
 """
 from __future__ import annotations
@@ -55,9 +59,11 @@ _PASSES = [p for p in sorted(PERTURBATIONS, key=lambda p: p != _DEFAULT_PASS)
            if not (p == "averaged" and "gsa" in CANCELLING_DIRECTIONS)]
 GROUPED_KINDS = {f"{'gkp_' if gkp else ''}gsa_{grads}{'' if pert == _DEFAULT_PASS else '_' + pert}":
                  (gkp, grads, pert) for pert in _PASSES for grads in GROUP_GRADS for gkp in (False, True)}
+# `<kind>_batched`: the same step with gsa.batched (the per_group_exact passes as one vmapped pass)
+BATCHED_KINDS = {f"{k}_batched": v for k, v in GROUPED_KINDS.items() if v[1] == "masked" and v[2] == "per_group_exact"}
 # every registered step with its recipe defaults (the grouped step is timed in its modes below)
 REGISTERED = [s for s in list_steps() if s != "gsa"]
-KINDS = ["sgd", *REGISTERED, *GROUPED_KINDS, "gkp_released", "naive"]
+KINDS = ["sgd", *REGISTERED, *GROUPED_KINDS, *BATCHED_KINDS, "gkp_released", "naive"]
 
 
 class NaiveGSA:
@@ -187,15 +193,15 @@ def main() -> None:
             steps[kind] = lambda step=step, model=model: step.step(
                 lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y)
             state_bytes[kind] = (step.base.numel() + step.flat.rows.numel()) * 4
-        elif kind in GROUPED_KINDS or kind == "gkp_released":
-            with_gkp, group_grads, perturbation = GROUPED_KINDS.get(kind, (True, None, None))
+        elif kind in GROUPED_KINDS or kind in BATCHED_KINDS or kind == "gkp_released":
+            with_gkp, group_grads, perturbation = {**GROUPED_KINDS, **BATCHED_KINDS}.get(kind, (True, None, None))
             labels, anchors, fisher = build_groups(model, args.num_classes, counts, args.groups, device, img, autocast)
             G = int(labels.max()) + 1
             if kind == "gkp_released":
                 gsa = ReleasedGSA(model, opt, autocast=autocast)
             else:
                 gsa = GroupedSAM(model, opt, autocast=autocast, group_grads=group_grads,
-                                 perturbation=perturbation)
+                                 perturbation=perturbation, batched=kind in BATCHED_KINDS)
             sizes = [int(np.asarray(counts)[labels == g].sum()) for g in range(G)]
             gsa.set_groups(labels, sizes)
             extra = 0
@@ -203,8 +209,10 @@ def main() -> None:
                 classes = [int((labels == g).sum()) for g in range(G)]
                 gsa.set_gkp(anchors, fisher, gkp_strength(classes, sizes, 100.0, "per_samples").to(device))
                 extra = anchors.numel() * anchors.element_size() + fisher.numel() * fisher.element_size()
-            steps[kind] = lambda gsa=gsa, model=model: gsa.step(
-                lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), y, alpha=0.8)
+            opt.register_step_pre_hook(lambda *_, kind=kind: end_of_passes(kind))
+            steps[kind] = lambda gsa=gsa, model=model, kind=kind: gsa.step(
+                timed_after_first(lambda i: F.cross_entropy(model(x[i]), y[i], reduction="none"), kind), y,
+                alpha=0.8)
             state_bytes[kind] = (gsa.flat.rows.numel() + gsa.base.numel()) * 4 + extra
             if kind == "gkp_released":  # momenta per group, the cascaded direction and the perturbation
                 state_bytes[kind] += (gsa.momentum.numel() + 2 * gsa.d) * 4
@@ -222,8 +230,29 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # the perturbed passes of the masked grouped kinds: from the second call of the loss function (pass 1 calls it
+    # once) to the base optimizer's step (so GKP's gradient, added in between, is timed with them)
+    pass_start: dict[str, float] = {}
+    pass_end: dict[str, float] = {}
+
+    def end_of_passes(kind: str) -> None:
+        sync()
+        pass_end[kind] = time.perf_counter()
+
+    def timed_after_first(loss_fn: Callable, kind: str) -> Callable:
+        calls = [0]
+
+        def fn(i: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 2:
+                sync()
+                pass_start[kind] = time.perf_counter()
+            return loss_fn(i)
+        return fn
+
     passes = {k: count_passes(models[k], steps[k]) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    pass_times: dict[str, list[float]] = {k: [] for k in kinds if k in BATCHED_KINDS or f"{k}_batched" in BATCHED_KINDS}
     peak: dict[str, int] = {}
     for r in range(args.warmup + args.repeats):
         for kind in kinds:
@@ -234,14 +263,17 @@ def main() -> None:
             steps[kind]()
             sync()
             if r >= args.warmup:
-                times[kind].append((time.perf_counter() - t0) * 1e3)
+                end = time.perf_counter()
+                times[kind].append((end - t0) * 1e3)
+                if kind in pass_times:
+                    pass_times[kind].append((pass_end[kind] - pass_start[kind]) * 1e3)
             if device.type == "cuda":
                 peak[kind] = max(peak.get(kind, 0), torch.cuda.max_memory_allocated())
 
     med = {k: statistics.median(v) for k, v in times.items()}
     d = sum(p.numel() for p in models[kinds[0]].parameters())
     out = {"model": args.model, "batch": args.batch, "groups": args.groups, "device": str(device), "amp": args.amp,
-           "params": d, "repeats": args.repeats,
+           "params": d, "repeats": args.repeats, "img_size": args.img_size,
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads()}
     for k in kinds:
@@ -250,6 +282,8 @@ def main() -> None:
         out[f"{k}_passes"] = passes[k]
         if k in peak:
             out[f"{k}_peak_bytes"] = peak[k]
+    # medians of the perturbed passes (named so that no key but a kind's time ends in _ms)
+    out["perturbed_pass_times"] = {k: statistics.median(v) for k, v in pass_times.items()}
     if "sam" in med:
         for k in kinds:
             if k != "sam":
@@ -264,6 +298,15 @@ def main() -> None:
         if k in peak:
             line += f"  {peak[k] / 2**20:7.1f}"
         print(line)
+    batched = [k for k in BATCHED_KINDS if k in kinds and k[:-len("_batched")] in kinds]
+    if batched:
+        print("gsa.batched against the sequential passes (perturbed passes: from their first forward to the "
+              "optimizer's step), median ms:")
+        print(f"{'step':<25} {'step seq':>9} {'batched':>9} {'ratio':>6} {'passes seq':>11} {'batched':>9} {'ratio':>6}")
+        for k in batched:
+            seq, pp = k[:-len("_batched")], out["perturbed_pass_times"]
+            print(f"{seq:<25} {med[seq]:9.2f} {med[k]:9.2f} {med[k] / med[seq]:6.3f} {pp[seq]:11.2f} {pp[k]:9.2f} "
+                  f"{pp[k] / pp[seq]:6.3f}")
     if args.json:
         print(json.dumps(out))
 

@@ -35,6 +35,7 @@ from .. import equations, ops
 from ..batchnorm import frozen_bn_stats
 from ..sections import GSAConfig
 from ..segments import Layout, group_offsets, offset_modules
+from .batched import BatchedPasses
 from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, world_size
 from .registry import register_step
 
@@ -63,7 +64,8 @@ class GroupedSAM(StepCore):
     directions from an EMA of each group's gradients across steps (decay `group_grad_ema`). With `sync` (default)
     group gradients and counts are all-reduced so every rank takes the same perturbation; without it each replica
     perturbs from its own samples. GKP, when installed with `set_gkp`, is added by the core. The options, their
-    defaults and their checks are the recipe section `gsa` (lt_recipes.sections.GSAConfig).
+    defaults and their checks are the recipe section `gsa` (lt_recipes.sections.GSAConfig). `batched` runs the
+    per_group_exact passes as one vmapped pass, `batch_chunk` parameter sets at a time (lt_recipes.steps.batched).
     """
 
     rows_per_group = True
@@ -75,11 +77,13 @@ class GroupedSAM(StepCore):
                  group_weighting: str = GSAConfig.group_weighting, regularizer: bool = GSAConfig.regularizer,
                  friendly_sigma: float = GSAConfig.friendly_sigma,
                  friendly_momentum: float = GSAConfig.friendly_momentum,
-                 group_grad_ema: float = GSAConfig.group_grad_ema, sync: bool = GSAConfig.sync, **kw: Any) -> None:
+                 group_grad_ema: float = GSAConfig.group_grad_ema, sync: bool = GSAConfig.sync,
+                 batched: bool = GSAConfig.batched, batch_chunk: int | None = GSAConfig.batch_chunk,
+                 **kw: Any) -> None:
         GSAConfig(direction=direction, scale=scale, z=z, rho_clamp=rho_clamp, group_grads=group_grads,
                   perturbation=perturbation, group_weighting=group_weighting, regularizer=regularizer,
                   friendly_sigma=friendly_sigma, friendly_momentum=friendly_momentum, group_grad_ema=group_grad_ema,
-                  sync=sync)
+                  sync=sync, batched=batched, batch_chunk=batch_chunk)
         super().__init__(model, base_optimizer, **kw)
         self.direction = direction
         self.scale = scale
@@ -93,6 +97,7 @@ class GroupedSAM(StepCore):
         self.group_grad_ema = group_grad_ema
         self.sync = sync
         self.seg_modules, _ = offset_modules(model, self.flat.params)
+        self.batched = BatchedPasses(model, self.flat.params, self.flat.strides, batch_chunk) if batched else None
         self.momentum: torch.Tensor | None = None
         self.momentum_set: list[bool] = []
         self.grad_ema: torch.Tensor | None = None
@@ -277,7 +282,11 @@ class GroupedSAM(StepCore):
         flat, rows = self.flat, self.flat.rows
         everyone = torch.arange(len(gid), device=gid.device)
         with frozen_bn_stats(self.model, self.bn_scratch):
-            if self.perturbation == "per_group_exact":
+            if self.batched is not None:
+                perturbed = self.batched.backward(loss_fn, gid, counts, per_sample, rows, self._backward,
+                                                  self.autocast)
+                order = everyone
+            elif self.perturbation == "per_group_exact":
                 perturbed = torch.zeros(len(gid), dtype=self.flat.data.dtype, device=gid.device)
                 for g in [g for g, c in enumerate(counts) if c > 0]:
                     flat.data.copy_(self.base).add_(rows[g])
