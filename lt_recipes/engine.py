@@ -312,6 +312,7 @@ class Trainer:
     # ---- training -------------------------------------------------------------------------------------------
     def _log_progress(self, epoch: int, step: int, steps: int, loss: float | None, mean_loss: float, seen: int,
                       elapsed: float) -> None:
+        """The progress line of a log interval (the one place the loop reads the step's loss from the device)."""
         per_step = elapsed / (step + 1)
         eta_epoch = per_step * (steps - step - 1)
         eta_run = eta_epoch + per_step * steps * (self.recipe.epochs - epoch - 1)
@@ -323,7 +324,8 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch; every `log_interval` steps a progress line (a tqdm bar too when stderr is a terminal).
-        Returns the train loss averaged over every image of every process, and the image count."""
+        Returns the train loss averaged over every image of every process, and the image count. The step's loss
+        stays on the device and is summed there: the loop reads it at its log intervals only."""
         acc = self.accelerator
         self.method.epoch_start(epoch)
         self.criterion.set_epoch(epoch)
@@ -343,14 +345,17 @@ class Trainer:
                 faults.hit("step")
                 seen += len(targets)
                 if loss is not None:
-                    total += loss * len(targets)
+                    total = total + loss.detach().double() * len(targets) if isinstance(loss, torch.Tensor) \
+                        else total + loss * len(targets)
                     images += len(targets)
                     if self.ema is not None:
                         self.ema.update(self.model, step=epoch * steps + step + 1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
                 if acc.is_main_process and ((step + 1) % interval == 0 or step + 1 == steps):
-                    self._log_progress(epoch, step, steps, loss, total / max(images, 1), seen, time.time() - t0)
-        total, images = reduce_sums(acc, total, images)
+                    last = None if loss is None else float(loss)
+                    if last is not None:
+                        bar.set_postfix(loss=f"{last:.4f}")
+                    self._log_progress(epoch, step, steps, last, float(total) / max(images, 1), seen, time.time() - t0)
+        total, images = reduce_sums(acc, float(total), images)
         return {"train_loss": total / images if images else math.nan, "train_images": int(images)}
 
     def fit(self) -> dict[str, Any]:

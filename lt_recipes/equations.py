@@ -3,6 +3,8 @@
 Each reads like the paper; the step classes and the grouping call them. tests/oracles.py holds the plain float64
 versions of the rest (the naive bank, the anchors, Eq. 6, the Fisher, Eq. 16) that the fast paths are tested against.
 The recipe schema validates every option name once, so the functions here trust the names they are given.
+The GSA equations take and return tensors where the step computes them (norms, radii, weights), so a step never
+reads a value back from the device to decide on it; they accept Python floats too.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ PARALLEL_TOL = 1e-6
 
 
 def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor | None = None,
-                     sigma: float = GSAConfig.friendly_sigma, coef: float | None = None) -> torch.Tensor:
+                     sigma: float = GSAConfig.friendly_sigma, coef: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 12 and the ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g = g_g - (<g_g, g> / ||g||^2) g),
     sam (g), gsa_proj (g_g - h_g), friendly (g_g - sigma m).
 
@@ -84,75 +86,84 @@ def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentu
         return g_g.clone() if momentum is None else g_g - sigma * momentum
     if coef is None:
         gg = torch.dot(g, g)
-        coef = float(torch.dot(g_g, g) / gg) if gg > 0 else 0.0
+        coef = torch.where(gg > 0, torch.dot(g_g, g) / gg, 0.0)
     along = coef * g
     if direction == "gsa_proj":
         return along
     h = g_g - along
     # Our convention where the paper is silent: a group gradient parallel to g (always so for G = 1) has no
     # group-specific direction left, so the group ascends along g_g and GSA reduces to SAM.
-    if torch.linalg.vector_norm(h) <= PARALLEL_TOL * torch.linalg.vector_norm(g_g):
-        return g_g.clone()
-    return h
+    parallel = torch.linalg.vector_norm(h) <= PARALLEL_TOL * torch.linalg.vector_norm(g_g)
+    return torch.where(parallel, g_g, h)
 
 
-def scaled_norm(scale: str, h: torch.Tensor, theta: torch.Tensor) -> float:
+def scaled_norm(scale: str, h: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """The norm Eq. 13-14 divide by: ||h_g|| (euclidean, as printed) or ||theta * h_g|| (adaptive, released code)."""
-    return float(torch.linalg.vector_norm(theta * h if scale == "adaptive" else h))
+    return torch.linalg.vector_norm(theta * h if scale == "adaptive" else h)
 
 
-def gsa_radius(z: float, theta_norm: float, h_norm: float, d: int, n_g: int,
-               clamp: Sequence[float] | None = None) -> float:
+Scalar = torch.Tensor | float
+
+
+def gsa_radius(z: float, theta_norm: Scalar, h_norm: Scalar, d: int, n_g: int,
+               clamp: Sequence[float] | None = None) -> Scalar:
     """Eq. 13: rho*_g = Z sqrt(||theta|| / (2 ||h_g||)) d^(-1/4) (n_g - 1)^(-1/4); optional clamp of the released code.
 
     `h_norm` is `scaled_norm` of the chosen scale. n_g - 1 is floored at 1 so a one-sample group has a finite radius.
+    Tensor norms give a tensor radius (computed on their device).
     """
-    rho = z * math.sqrt(theta_norm / (2 * h_norm)) * d ** -0.25 * max(n_g - 1, 1) ** -0.25
+    rho = z * (theta_norm / (2 * h_norm)) ** 0.5 * d ** -0.25 * max(n_g - 1, 1) ** -0.25
     if clamp is not None:
-        rho = min(max(rho, clamp[0]), clamp[1])
+        rho = rho.clamp(clamp[0], clamp[1]) if isinstance(rho, torch.Tensor) else min(max(rho, clamp[0]), clamp[1])
     return rho
 
 
-def gsa_perturbation(scale: str, h: torch.Tensor, theta: torch.Tensor, rho: float) -> torch.Tensor:
+def gsa_perturbation(scale: str, h: torch.Tensor, theta: torch.Tensor, rho: Scalar,
+                     norm: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 14: eps_g = sqrt(d) rho*_g h_g / ||h_g|| (euclidean: ||eps_g|| = sqrt(d) rho*_g), or the released code's
     adaptive form eps_g = sqrt(d) rho_g theta^2 h_g / ||theta h_g|| (||eps_g / |theta| || = sqrt(d) rho_g, ASAM-style).
+    `norm`: the `scaled_norm` the caller already has (it is computed once per group).
     """
-    norm = scaled_norm(scale, h, theta)
+    norm = scaled_norm(scale, h, theta) if norm is None else norm
     if scale == "adaptive":
-        return math.sqrt(h.numel()) * rho * theta * theta * h / norm
-    return math.sqrt(h.numel()) * rho * h / norm
+        return (math.sqrt(h.numel()) * rho / norm) * theta * theta * h
+    return (math.sqrt(h.numel()) * rho / norm) * h
 
 
-def gsa_regularizer(theta_norm: float, rho: float, n_g: int) -> float:
+def gsa_regularizer(theta_norm: Scalar, rho: Scalar, n_g: int) -> Scalar:
     """The optional Eq. 15 term (1 / (2 sqrt(n_g - 1))) ||theta|| / rho*_g (left out by the released code)."""
     return theta_norm / (2 * math.sqrt(max(n_g - 1, 1)) * rho)
 
 
-def averaged_perturbation(eps: torch.Tensor, counts: Sequence[float]) -> torch.Tensor:
+def averaged_perturbation(eps: torch.Tensor, counts: torch.Tensor | Sequence[float]) -> torch.Tensor:
     """The released code's single perturbation: eps_bar = sum_g |D_g| eps_g / |D| over the groups in the batch."""
-    w = torch.tensor([float(c) for c in counts], dtype=eps.dtype, device=eps.device)
+    w = torch.as_tensor(counts, dtype=eps.dtype).to(eps.device)
     return (w[:, None] * eps).sum(0) / w.sum()
 
 
 # ---- Objective weights and schedule (Eq. 16, supplement Eq. 20) ---------------------------------------------
 
 
-def group_weights(weighting: str, counts: Sequence[float]) -> list[float]:
+def group_weights(weighting: str, counts: torch.Tensor | Sequence[float]) -> torch.Tensor | list[float]:
     """w_g of each group's terms in Eq. 16: "samples" |D_g| / |D| (the released code: the task term is the batch
-    loss), "sum" 1 (Eq. 16 as printed), "mean" 1 / (number of groups present in the batch)."""
+    loss), "sum" 1 (Eq. 16 as printed), "mean" 1 / (number of groups present in the batch). Counts on the device
+    give weights there (float64); a list gives a list."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
     if weighting == "samples":
-        total = sum(counts)
-        return [c / total if total else 0.0 for c in counts]
-    if weighting == "sum":
-        return [1.0] * len(counts)
-    present = sum(1 for c in counts if c > 0)
-    return [1.0 / present if c > 0 else 0.0 for c in counts]
+        w = n / n.sum().clamp_min(1.0)
+    elif weighting == "sum":
+        w = torch.ones_like(n)
+    else:
+        present = (n > 0).double()
+        w = present / present.sum().clamp_min(1.0)
+    return w if isinstance(counts, torch.Tensor) else w.tolist()
 
 
-def gkp_weights(weights: Sequence[float]) -> list[float]:
+def gkp_weights(weights: torch.Tensor | Sequence[float]) -> torch.Tensor | list[float]:
     """Summing Eq. 16's GKP terms over the step groups g weighs group j's penalty by sum_{g != j} w_g."""
-    total = sum(weights)
-    return [total - w for w in weights]
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    over = w.sum() - w
+    return over if isinstance(weights, torch.Tensor) else over.tolist()
 
 
 def alpha_schedule(t: float, total: float, start: float, end: float) -> float:

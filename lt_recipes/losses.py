@@ -161,7 +161,9 @@ def balanced_contrastive_loss(views: torch.Tensor, view_labels: torch.Tensor, pr
         is_self[:, :num_views] = torch.eye(num_views, dtype=torch.bool, device=sim.device)
         same = view_labels[:, None] == labels[None, :]
         # size of candidate j's class, not counting the anchor (>= 1: the class prototype is always a candidate)
-        class_size = torch.bincount(labels, minlength=num_classes).to(sim.dtype)[labels][None, :] - same.to(sim.dtype)
+        per_class = torch.zeros(num_classes, dtype=sim.dtype, device=sim.device).index_add_(
+            0, labels, torch.ones_like(labels, dtype=sim.dtype))  # torch.bincount would read its size on the host
+        class_size = per_class[labels][None, :] - same.to(sim.dtype)
         log_denominator = torch.logsumexp((sim - class_size.log()).masked_fill(is_self, -math.inf), dim=1)
         positive = same & ~is_self
         log_ratio = sim - log_denominator[:, None]

@@ -129,6 +129,45 @@ class Groups:
         return [np.flatnonzero(self.of_class == g).tolist() for g in range(self.count)]
 
 
+class EpochMeans:
+    """Per-key means over an epoch's steps of per-step statistics (a number or a vector of per-group values, NaN
+    where a group was absent), each value averaged over the steps where it was not NaN. The sums stay where the
+    steps left the values (on the device), so a step adds without waiting for it; `means` reads them all once."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, tuple[Any, Any]] = {}
+
+    def add(self, key: str, value: torch.Tensor | float | list[float]) -> None:
+        if isinstance(value, list) and not value:
+            return
+        if isinstance(value, torch.Tensor):
+            v = value.detach().double().reshape(-1)
+            seen = ~v.isnan()
+            v = torch.where(seen, v, 0.0)
+        else:
+            v = np.array(value, dtype=np.float64).reshape(-1)
+            seen = ~np.isnan(v)
+            v = np.where(seen, v, 0.0)
+        if key in self.sums:
+            total, count = self.sums[key]
+            self.sums[key] = (total + v, count + seen)
+        else:
+            self.sums[key] = (v, seen.double() if isinstance(seen, torch.Tensor) else seen.astype(np.float64))
+
+    def means(self) -> dict[str, list[float]]:
+        """Every key's per-entry means (NaN for an entry never seen), read from the device in one transfer."""
+        keys = list(self.sums)
+        parts = [torch.as_tensor(p).double().reshape(-1).cpu() for k in keys for p in self.sums[k]]
+        flat = torch.cat(parts).tolist() if parts else []
+        out, at = {}, 0
+        for k in keys:
+            n = len(self.sums[k][0])
+            total, count = flat[at:at + n], flat[at + n:at + 2 * n]
+            out[k] = [t / c if c > 0 else math.nan for t, c in zip(total, count)]
+            at += 2 * n
+        return out
+
+
 def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -213,15 +252,16 @@ class Method:
         """Per-sample losses of the batch rows idx (the steps' loss function)."""
         return lambda idx: self.criterion.per_sample(self.forward_model, index_inputs(inputs, idx), targets[idx])
 
-    def _finish(self, stats: StepStats, epoch: int, step: int) -> float | None:
+    def _finish(self, stats: StepStats, epoch: int, step: int) -> torch.Tensor | float | None:
         if stats.skipped:
             self._nonfinite(epoch, step, "the loss or gradients of the step")
             return None
         self.nonfinite_run = 0
         return stats.loss
 
-    def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
-        """One optimisation step; returns the batch loss, or None when the step was skipped."""
+    def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> torch.Tensor | float | None:
+        """One optimisation step; returns the batch loss (a 0-dim tensor on the device: the engine reads it at its
+        log interval), or None when the step was skipped."""
         return self._finish(self.step_fn.step(self._loss_fn(inputs, targets), targets), epoch, step)
 
     def epoch_end(self, epoch: int) -> dict[str, Any]:
@@ -264,9 +304,9 @@ class GroupedMethod(Method):
         self.group_epochs: list[int] = []
         self.alpha_history: list[float] = []
         self.quality: dict[str, list] = {"epochs": [], "q": []}
-        self.rho_last: list[float] = []
+        self.rho_last: torch.Tensor | list[float] = []
         self.alpha = 1.0
-        self._epoch_stats: dict[str, list[float]] = defaultdict(list)
+        self._epoch_stats = EpochMeans()
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def _grouping_due(self, epoch: int) -> bool:
@@ -287,7 +327,7 @@ class GroupedMethod(Method):
             self.alpha = equations.alpha_schedule(epoch, self.recipe.epochs, a.start, a.end) \
                 if self.use_gkp else 1.0
             self.alpha_history.append(self.alpha)
-        self._epoch_stats = defaultdict(list)
+        self._epoch_stats = EpochMeans()
 
     # ---- memory bank and grouping -------------------------------------------------------------------------
     @torch.no_grad()
@@ -367,15 +407,12 @@ class GroupedMethod(Method):
             return self._finish(stats, epoch, step)
         stats = self.step_fn.step(loss_fn, targets, alpha=self.alpha)
         if not stats.skipped:
-            for key, values in (("loss", stats.group_loss), ("rho", stats.rho), ("cos", stats.cos),
-                                ("ascent", stats.ascent)):
-                for g, v in enumerate(values):
-                    self._epoch_stats[f"{key}_g{g}"].append(v)
-            self._epoch_stats["gkp"].append(stats.gkp)
-            self._epoch_stats["gkp_grad_ratio"].append(stats.gkp_grad_ratio)
-            if len(self.rho_last) != len(stats.rho):
-                self.rho_last = [math.nan] * len(stats.rho)
-            self.rho_last = [r if not math.isnan(r) else last for r, last in zip(stats.rho, self.rho_last)]
+            for key in ("group_loss", "rho", "cos", "ascent", "gkp", "gkp_grad_ratio"):
+                self._epoch_stats.add("loss" if key == "group_loss" else key, getattr(stats, key))
+            if len(stats.rho):
+                rho = torch.as_tensor(stats.rho, dtype=torch.float64)
+                last = torch.as_tensor(self.rho_last, dtype=torch.float64).to(rho.device)
+                self.rho_last = rho if last.shape != rho.shape else torch.where(rho.isnan(), last, rho)
         return self._finish(stats, epoch, step)
 
     def epoch_end(self, epoch: int) -> dict[str, Any]:
@@ -387,14 +424,18 @@ class GroupedMethod(Method):
                                "num_groups": 0 if groups is None else groups.count,
                                "bank_snapshots": self.bank_snapshots}
         # per realised group (none before grouping), the epoch mean over the steps where the group was in the batch
+        means = self._epoch_stats.means()
         for g in range(row["num_groups"]):
-            for key in (f"loss_g{g}", f"rho_g{g}", f"cos_g{g}", f"ascent_g{g}"):
-                vals = [v for v in self._epoch_stats.get(key, []) if not math.isnan(v)]
-                row[key] = float(np.mean(vals)) if vals else math.nan
+            for key in ("loss", "rho", "cos", "ascent"):
+                values = means.get(key, [])
+                row[f"{key}_g{g}"] = values[g] if g < len(values) else math.nan
         for key in ("gkp", "gkp_grad_ratio"):
-            vals = [v for v in self._epoch_stats.get(key, []) if not math.isnan(v)]
-            row[key] = float(np.mean(vals)) if vals else math.nan
+            row[key] = means.get(key, [math.nan])[0]
         return row
+
+    def _rho_last(self) -> list[float]:
+        rho = self.rho_last
+        return rho.tolist() if isinstance(rho, torch.Tensor) else list(rho)
 
     def artifacts(self) -> dict[str, Any]:
         return {
@@ -402,7 +443,7 @@ class GroupedMethod(Method):
                 "groups": [] if self.memory_groups is None else self.memory_groups.members(),
                 "memory_bank": {"snapshots": len(self.bank.uids), "class_snapshot": list(self.bank.class_snapshot),
                                 "bytes": self.bank.nbytes},
-                "rho": [None if math.isnan(r) else r for r in self.rho_last], "alpha": self.alpha_history,
+                "rho": [None if math.isnan(r) else r for r in self._rho_last()], "alpha": self.alpha_history,
                 "group_epochs": self.group_epochs},
             "quality.json": self.quality,
         }
@@ -415,7 +456,7 @@ class GroupedMethod(Method):
                 # the EMA Fisher is the step's own state (saved there): a second copy would double it on a GPU
                 "fisher": None if self.fisher is None or self.recipe.gkp.fisher == "ema" else self.fisher.cpu(),
                 "group_epochs": list(self.group_epochs), "alpha_history": list(self.alpha_history),
-                "quality": self.quality, "rho_last": list(self.rho_last)}
+                "quality": self.quality, "rho_last": self._rho_last()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.bank is not None:

@@ -28,7 +28,8 @@ def main(out: str, sync: bool, group_grads: str) -> None:
     gathered = [torch.zeros_like(theta) for _ in range(world)]
     dist.all_gather(gathered, theta)
     if rank == 0:
-        torch.save({"theta": gathered, "group_loss": stats.group_loss, "rho": stats.rho}, out)
+        host = stats.host()
+        torch.save({"theta": gathered, "group_loss": host.group_loss, "rho": host.rho}, out)
     dist.destroy_process_group()
 
 

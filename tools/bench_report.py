@@ -44,13 +44,14 @@ def step_tables(files: list[tuple[str, dict]]) -> list[str]:
     for path, r in files:
         lines += [f"Step times, `{path}`: {r['model']}, batch {r['batch']}, G={r['groups']}, {r['device_name']} "
                   f"({r['threads']} threads), amp {r['amp']}, median of {r['repeats']} interleaved repeats.", "",
-                  "| step |" + (" passes |" if "sam_passes" in r else "") + " median ms | / SAM | extra state MB |"
-                  + (" peak MB |" if "sam_peak_bytes" in r else ""),
-                  "|---|" + ("---|" if "sam_passes" in r else "") + "---:|---:|---:|"
-                  + ("---:|" if "sam_peak_bytes" in r else "")]
+                  "| step |" + (" passes |" if "sam_passes" in r else "") + (" syncs |" if "sam_syncs" in r else "")
+                  + " median ms | / SAM | extra state MB |" + (" peak MB |" if "sam_peak_bytes" in r else ""),
+                  "|---|" + ("---|" if "sam_passes" in r else "") + ("---:|" if "sam_syncs" in r else "")
+                  + "---:|---:|---:|" + ("---:|" if "sam_peak_bytes" in r else "")]
         for k in step_kinds(r):
             ratio = r[f"{k}_ms"] / r["sam_ms"]
             passes = f" {r[f'{k}_passes']} |" if f"{k}_passes" in r else ""
+            passes += f" {r[f'{k}_syncs']} |" if f"{k}_syncs" in r else ""
             row = f"| {k} |{passes} {r[f'{k}_ms']:.1f} | {ratio:.3f} | {r[f'{k}_state_bytes'] / 2**20:.1f} |"
             if f"{k}_peak_bytes" in r:
                 row += f" {r[f'{k}_peak_bytes'] / 2**20:.0f} |"

@@ -15,8 +15,9 @@ same model, batch and groups; every repeat times each kind once in turn, so mach
 and the table reports medians and ratios to SAM. Groups, anchors and Fisher are real: a memory bank is filled with
 snapshots, cut with spectral clustering, and the Fisher is estimated with the exact estimator, before anything is
 timed. Each kind's forward and full backward passes per step are counted in one untimed step (hooks on the model and on
-its first parameter's gradient; CC-SAM's head-only passes are not full passes). `--json` prints one JSON object as the
-last line.
+its first parameter's gradient; CC-SAM's head-only passes are not full passes), and its device-to-host
+synchronisations in another (lt_recipes.host_sync: the calls that wait for a GPU, counted the same on any device).
+`--json` prints one JSON object as the last line.
 
     python tools/bench_step.py                       # resnet32_cifar, batch 128, G=4, CPU
     python tools/bench_step.py --device cuda --amp bf16 --batch 256
@@ -45,6 +46,7 @@ from lt_recipes.choices import CANCELLING_DIRECTIONS, GROUP_GRADS, PERTURBATIONS
 from lt_recipes.data import long_tail_counts
 from lt_recipes.gkp import estimate_fisher, gkp_strength
 from lt_recipes.grouping import MemoryBank, compute_groups
+from lt_recipes.host_sync import count_host_syncs
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.steps import GroupedSAM, create_step, list_steps, step_info
 from lt_recipes.models import create_lt_model
@@ -114,6 +116,13 @@ def count_passes(model: torch.nn.Module, step: Callable[[], object]) -> str:
         for h in hooks:
             h.remove()
     return f"{counts['F']}F+{counts['B']}B"
+
+
+def count_syncs(step: Callable[[], object]) -> int:
+    """Device-to-host synchronisations in one call of `step`."""
+    with count_host_syncs() as syncs:
+        step()
+    return syncs.count
 
 
 def build_groups(model: torch.nn.Module, num_classes: int, counts: list[int], G: int, device: torch.device,
@@ -251,6 +260,7 @@ def main() -> None:
         return fn
 
     passes = {k: count_passes(models[k], steps[k]) for k in kinds}
+    syncs = {k: count_syncs(steps[k]) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     pass_times: dict[str, list[float]] = {k: [] for k in kinds if k in BATCHED_KINDS or f"{k}_batched" in BATCHED_KINDS}
     peak: dict[str, int] = {}
@@ -280,6 +290,7 @@ def main() -> None:
         out[f"{k}_ms"] = med[k]
         out[f"{k}_state_bytes"] = state_bytes[k]
         out[f"{k}_passes"] = passes[k]
+        out[f"{k}_syncs"] = syncs[k]
         if k in peak:
             out[f"{k}_peak_bytes"] = peak[k]
     # medians of the perturbed passes (named so that no key but a kind's time ends in _ms)
@@ -290,11 +301,11 @@ def main() -> None:
                 out[f"{k}_over_sam"] = med[k] / med["sam"]
     print(f"{args.model} batch {args.batch} G={args.groups} on {out['device_name']} ({args.amp}), "
           f"{args.repeats} interleaved repeats, median ms:")
-    print(f"{'step':<25} {'passes':>7} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}"
+    print(f"{'step':<25} {'passes':>7} {'syncs':>5} {'median ms':>10} {'/ SAM':>7} {'extra state MB':>15}"
           + ("  peak MB" if peak else ""))
     for k in kinds:
         ratio = f"{med[k] / med['sam']:7.3f}" if "sam" in med else "      -"
-        line = f"{k:<25} {passes[k]:>7} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
+        line = f"{k:<25} {passes[k]:>7} {syncs[k]:>5} {med[k]:10.2f} {ratio} {state_bytes[k] / 2**20:15.2f}"
         if k in peak:
             line += f"  {peak[k] / 2**20:7.1f}"
         print(line)

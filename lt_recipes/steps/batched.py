@@ -121,8 +121,10 @@ class BatchedPasses:
         sample's loss at its group's perturbation."""
         present = [g for g, c in enumerate(counts) if c > 0]
         everyone = torch.arange(len(gid), device=gid.device)
-        losses = self.losses(loss_fn, everyone, eps if len(present) == eps.shape[0] else eps[present], autocast)
-        groups = torch.tensor(present, device=gid.device)
+        # the present groups' ids: a host-to-device copy that does not wait for the device
+        groups = torch.tensor(present).to(gid.device, non_blocking=True)
+        losses = self.losses(loss_fn, everyone, eps if len(present) == eps.shape[0] else eps.index_select(0, groups),
+                             autocast)
         backward((losses * per_sample * (gid[None, :] == groups[:, None])).sum(), 1.0)
         slot = torch.zeros(eps.shape[0], dtype=torch.long, device=gid.device)
         slot[groups] = torch.arange(len(present), device=gid.device)

@@ -10,7 +10,9 @@ everything the passes share:
 - DDP: the steps forward the unwrapped model, so no pass synchronises by itself; each step weighs its losses so that
   the sum over ranks is the global batch's gradient, and `_finish` all-reduces the update gradient once (a step that
   needs a synchronised ascent direction all-reduces it once too);
-- clipping of the update gradient, and skipping a step whose gradient is not finite, with one skip counter;
+- clipping of the update gradient, and skipping a step whose gradient is not finite, with one skip counter: the one
+  host synchronisation every step makes (lt_recipes.host_sync; everything else a step computes, its statistics
+  included, stays on the device);
 - GKP (Eq. 6), a term any step can carry: with groups and anchors installed, `_finish` adds its gradient at theta,
   weighted (1 - alpha) sum_{g != j} w_g as in Eq. 16, and the task gradient is weighted alpha.
 
@@ -91,18 +93,45 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 class StepStats:
     """What one step measured: mean base loss at theta (all, per group); per group the radius, cos(g_g, g) and the
     rise of the group's loss in the perturbed pass over its loss at theta; the GKP value and ||grad GKP|| /
-    ||grad task|| of the update; the skip flag. Ungrouped steps report one group, the whole batch. A per-group list
-    holds float("nan") for a group absent from the batch (no samples, so nothing measured: skip it with math.isnan;
-    summary.csv averages each group over the steps it was present in)."""
+    ||grad task|| of the update; the skip flag. Ungrouped steps report one group, the whole batch. A per-group entry
+    is NaN for a group absent from the batch (no samples, so nothing measured: skip it with math.isnan; summary.csv
+    averages each group over the steps it was present in).
 
-    loss: float = math.nan
-    group_loss: list[float] = field(default_factory=list)
-    rho: list[float] = field(default_factory=list)
-    cos: list[float] = field(default_factory=list)
-    ascent: list[float] = field(default_factory=list)
-    gkp: float = 0.0
-    gkp_grad_ratio: float = math.nan
+    A step leaves its measurements on the device (0-dim and [G] tensors; reading them would wait for the device);
+    `host()` reads them all in one transfer, for a caller that wants them now rather than at its log interval."""
+
+    loss: torch.Tensor | float = math.nan
+    group_loss: torch.Tensor | list[float] = field(default_factory=list)
+    rho: torch.Tensor | list[float] = field(default_factory=list)
+    cos: torch.Tensor | list[float] = field(default_factory=list)
+    ascent: torch.Tensor | list[float] = field(default_factory=list)
+    gkp: torch.Tensor | float = 0.0
+    gkp_grad_ratio: torch.Tensor | float = math.nan
     skipped: bool = False
+
+    FIELDS = ("loss", "group_loss", "rho", "cos", "ascent", "gkp", "gkp_grad_ratio")
+
+    def host(self) -> "StepStats":
+        """The same statistics as Python floats and lists, read from the device in one transfer."""
+        values = [getattr(self, f) for f in self.FIELDS]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors]).tolist() if tensors else []
+        out, at = {}, 0
+        for f, v in zip(self.FIELDS, values):
+            if isinstance(v, torch.Tensor):
+                n = v.numel()
+                out[f] = flat[at] if v.dim() == 0 else flat[at:at + n]
+                at += n
+            else:
+                out[f] = list(v) if isinstance(v, list) else v
+        return StepStats(**out, skipped=self.skipped)
+
+
+def sample_counts(index: torch.Tensor, size: int) -> torch.Tensor:
+    """How many entries of `index` hold each value 0..size-1, float64 on the device (a bincount that, unlike
+    torch.bincount, needs no host read to size its output)."""
+    ones = torch.ones_like(index, dtype=torch.float64)
+    return torch.zeros(size, dtype=torch.float64, device=index.device).index_add_(0, index, ones)
 
 
 def upcast(losses: torch.Tensor) -> torch.Tensor:
@@ -110,13 +139,17 @@ def upcast(losses: torch.Tensor) -> torch.Tensor:
     return losses if losses.dtype in (torch.float32, torch.float64) else losses.float()
 
 
-def sam_perturbation(grad: torch.Tensor, theta: torch.Tensor, rho: float, adaptive: bool) -> torch.Tensor | None:
-    """SAM's eps = rho g / ||g||, or ASAM's rho T^2 g / ||T g|| with T = |theta|; None when the norm is zero."""
+def usable(norm: torch.Tensor) -> torch.Tensor:
+    """Whether a norm can be divided by (positive and finite), as a device tensor: the steps decide with it on the
+    device (torch.where) instead of reading it on the host."""
+    return (norm > 0) & torch.isfinite(norm)
+
+
+def sam_perturbation(grad: torch.Tensor, theta: torch.Tensor, rho: float, adaptive: bool) -> torch.Tensor:
+    """SAM's eps = rho g / ||g||, or ASAM's rho T^2 g / ||T g|| with T = |theta|; zero when the norm is zero."""
     scaled = theta * grad if adaptive else grad
-    norm = float(torch.linalg.vector_norm(scaled))
-    if not norm > 0 or not math.isfinite(norm):
-        return None
-    return (theta * scaled if adaptive else grad) * (rho / norm)
+    norm = torch.linalg.vector_norm(scaled)
+    return (theta * scaled if adaptive else grad) * torch.where(usable(norm), rho / norm, 0.0)
 
 
 class StepCore:
@@ -152,6 +185,7 @@ class StepCore:
         self.bn_scratch = BNState(model)
         self.group_of_class: torch.Tensor | None = None
         self.group_sizes: list[int] = []
+        self.counts: torch.Tensor | None = None  # the last batch's samples per group over all ranks, on the device
         self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.gkp_groups: torch.Tensor | None = None
         self.gkp_grad: torch.Tensor | None = None
@@ -200,56 +234,62 @@ class StepCore:
 
         check_gkp_state(anchors, fisher, strength, self.num_covered, self.flat.data.dtype)
         device = self.flat.data.device
-        anchors, fisher, strength = anchors.to(device), fisher.to(device), strength.to(device)
         groups = group_of_class if group_of_class is not None else self.group_of_class
         if groups is not None and int(torch.as_tensor(groups).max()) >= anchors.shape[0]:
             raise ValueError(f"set_gkp: group ids up to {int(torch.as_tensor(groups).max())} but {anchors.shape[0]} "
                              "anchor rows (one per group)")
-        self.gkp_terms = (anchors, fisher, strength)
+        self.gkp_terms = (anchors.to(device), fisher.to(device), strength.to(device))
         self.gkp_groups = None if group_of_class is None else \
             torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
 
     def group_counts(self, targets: torch.Tensor, reduce: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
-        """Group of every sample, local samples per group, and samples per group over all ranks (with `reduce`)."""
+        """Group of every sample, local samples per group, and samples per group over all ranks (with `reduce`; the
+        device copy stays in `self.counts`). The grouped steps' one host synchronisation before their passes: the
+        counts decide which groups get a pass and how the batch is cut."""
         if self.group_of_class is None:
             raise RuntimeError(f"{type(self).__name__}.step needs set_groups(group_of_class, group_sizes) first; until "
                                "the classes are grouped, train with its plain_step(loss_fn, targets) (the base loss's "
                                "own step, as the recipes' warm-up does)")
         gid = self.group_of_class[targets]
-        local = torch.bincount(gid, minlength=len(self.group_sizes))
-        counts = local.double()
+        both = sample_counts(gid, len(self.group_sizes)).expand(2, -1).clone()
         if reduce:
-            all_reduce_(counts)
-        return gid, local.tolist(), counts.tolist()
+            all_reduce_(both[1])
+        self.counts = both[1]
+        local, counts = both.tolist()
+        return gid, [int(c) for c in local], counts
 
-    def batch_shares(self, targets: torch.Tensor) -> list[float] | None:
+    def batch_shares(self, targets: torch.Tensor) -> torch.Tensor | None:
         """The batch share |D_g| / |D| of every group over all ranks, the w_g GKP is weighted with (None without
-        GKP)."""
+        GKP), on the device."""
         if self.gkp_terms is None:
             return None
         groups = self.group_of_class if self.gkp_groups is None else self.gkp_groups
-        counts = torch.bincount(groups[targets], minlength=self.gkp_terms[0].shape[0]).double()
-        return equations.group_weights("samples", all_reduce_(counts).tolist())
+        counts = sample_counts(groups[targets], self.gkp_terms[0].shape[0])
+        return equations.group_weights("samples", all_reduce_(counts))
 
-    def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> float:
-        """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights, its gradient left in a
-        scratch buffer (the covered parameters only)."""
+    def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights (0-dim, on the device),
+        its gradient left in a scratch buffer (the covered parameters only)."""
         n = self.num_covered
         if self.gkp_grad is None:
             self.gkp_grad = torch.zeros(n, dtype=self.flat.grad.dtype, device=self.flat.grad.device)
         self.gkp_grad.zero_()
         coef = coef.to(self.flat.data.dtype)  # the op computes in theta's dtype (float64 for a float64 model)
-        return float(ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
-                                     backend=self.backend))
+        return ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
+                               backend=self.backend)
 
-    def _add_gkp(self, alpha: float, weights: Sequence[float], stats: StepStats) -> float:
+    def _gkp_ratio(self) -> torch.Tensor:
+        """||grad GKP|| / ||grad task|| before GKP's gradient is added (NaN for a zero task gradient)."""
+        task = torch.linalg.vector_norm(self.flat.grad)
+        return torch.where(task > 0, torch.linalg.vector_norm(self.gkp_grad) / task, math.nan)
+
+    def _add_gkp(self, alpha: float, weights: torch.Tensor, stats: StepStats) -> torch.Tensor:
         """Add the GKP gradient, weighted (1 - alpha) sum_{g != j} w_g, to the reduced task gradient; record
         ||grad GKP|| / ||grad task||; return GKP's value."""
         anchors, fisher, strength = self.gkp_terms
-        over = torch.tensor(equations.gkp_weights(weights), dtype=strength.dtype, device=strength.device)
+        over = equations.gkp_weights(weights).to(strength.dtype)
         value = self._gkp_gradient(anchors, fisher, (1 - alpha) * strength * over)
-        task = float(torch.linalg.vector_norm(self.flat.grad))
-        stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan
+        stats.gkp_grad_ratio = self._gkp_ratio()
         self.flat.grad[:self.num_covered].add_(self.gkp_grad)
         return value
 
@@ -279,8 +319,8 @@ class StepCore:
             grad.div_(self.scaler.scale)
         return bool(torch.isfinite(grad).all())
 
-    def _finish(self, stats: StepStats, alpha: float = 1.0, gkp_weights: Sequence[float] | None = None,
-                reduced: bool = False, extra: Callable[[], float] | None = None) -> StepStats:
+    def _finish(self, stats: StepStats, alpha: float = 1.0, gkp_weights: torch.Tensor | None = None,
+                reduced: bool = False, extra: Callable[[], torch.Tensor] | None = None) -> StepStats:
         """Restore theta, reduce and unscale the update gradient (unless `reduced`: the step did both), skip on
         inf/NaN, weigh it by
         `alpha`, add GKP (with the group weights `gkp_weights`) and `extra` terms, clip, step."""
@@ -307,7 +347,6 @@ class StepCore:
         dropped, loss scale halved, the one skip counter raised."""
         self.flat.data.copy_(self.base)
         self.bn_at_start.restore()
-        self.flat.grads_to_main()
         self.flat.grad.zero_()
         self.scaler.update(True)
         self.skipped_steps += 1
@@ -322,30 +361,31 @@ class StepCore:
         with self.autocast():
             loss = upcast(loss_fn(torch.arange(len(targets), device=targets.device))).mean()
         self._backward(loss, 1.0 / world_size())
-        stats.loss = float(loss.detach())
+        stats.loss = loss.detach()
         return self._finish(stats, alpha, self.batch_shares(targets))
 
-    def _group_rows(self, losses: torch.Tensor, gid: torch.Tensor, counts: list[float]) -> None:
-        """Row g of the (zeroed) rows += the gradient of sum_{i in D_g} l_i / |D_g|: one backward per group present
-        in this rank's batch through the one graph of `losses`, |D_g| the group's count over all ranks."""
+    def _group_rows(self, losses: torch.Tensor, gid: torch.Tensor, local: list[int], counts: torch.Tensor) -> None:
+        """Row g of the rows = the gradient of sum_{i in D_g} l_i / |D_g| (the masked share of the losses): one
+        backward per group present in this rank's batch through the one graph of `losses`, |D_g| the group's count
+        over all ranks (`counts`, on the device). Each backward lands in the (zero) gradient buffer, which is moved
+        to its row: the parameters' `.grad` keep pointing at the one buffer."""
         flat = self.flat
-        mine = [(g, torch.nonzero(gid == g).squeeze(1)) for g in range(flat.rows.shape[0])]
-        mine = [(g, idx) for g, idx in mine if len(idx)]
-        for k, (g, idx) in enumerate(mine):
-            flat.grads_to_row(g)
-            self._backward(losses[idx].sum() / counts[g], 1.0, retain_graph=k + 1 < len(mine))
-        flat.grads_to_main()
+        mine = [g for g, n in enumerate(local) if n > 0]
+        for k, g in enumerate(mine):
+            self._backward((losses * (gid == g)).sum() / counts[g], 1.0, retain_graph=k + 1 < len(mine))
+            flat.rows[g].copy_(flat.grad)
+            flat.grad.zero_()
 
-    def _group_means(self, losses: torch.Tensor, gid: torch.Tensor, counts: list[float],
-                     sync: bool) -> tuple[list[float], float]:
+    def _group_means(self, losses: torch.Tensor, gid: torch.Tensor, counts: torch.Tensor,
+                     sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean of per-sample `losses` per group (NaN for an absent group) and over the batch, over all ranks with
-        `sync`."""
+        `sync`, on the device (float64); `counts` the groups' samples over all ranks."""
         sums = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
         sums.index_add_(0, gid, losses.detach().double())
         if sync:
             all_reduce_(sums)
-        sums_l = sums.tolist()
-        return [s / c if c > 0 else math.nan for s, c in zip(sums_l, counts)], sum(sums_l) / max(sum(counts), 1.0)
+        means = torch.where(counts > 0, sums / counts, math.nan)
+        return means, sums.sum() / counts.sum().clamp_min(1.0)
 
     # ---- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,10 @@ normalised-cut spectral clustering into G groups (the grouping's own affinity an
    iterate towards it);
 3. the update gradient sum_g alpha_g g_g, the gradient of sum_g alpha_g L_g.
 
+A step waits for the device three times (lt_recipes.host_sync): for the batch's group counts (which groups get a
+backward), for the Gram matrix MGDA solves on the host together with the group gradients' non-finite check, and for
+the update's check.
+
 L_g is the base's per-sample loss averaged over the group (the authors pair CE groups with BCL's contrastive term
 outside the MGDA weights; here BCL's whole per-sample loss is grouped, as for every other base).
 """
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import equations
 from ..grouping import order_head_first
+from ..host_sync import on_host
 from .core import LossFn, StepCore, StepStats, all_reduce_, upcast
 from .registry import register_step
 
@@ -159,24 +164,30 @@ class GBG(StepCore):
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One step on a batch with labels `targets`; `alpha` weighs the task gradient against GKP (Eq. 16)."""
         flat, stats = self.flat, StepStats()
-        gid, _, counts = self.group_counts(targets)
+        gid, local, counts = self.group_counts(targets)
         self._begin()
         with self.autocast():
             losses = upcast(loss_fn(torch.arange(len(targets), device=targets.device)))
-        stats.group_loss, stats.loss = self._group_means(losses, gid, counts, True)
+        stats.group_loss, stats.loss = self._group_means(losses, gid, self.counts, True)
         flat.rows.zero_()
-        self._group_rows(losses, gid, counts)
+        self._group_rows(losses, gid, local, self.counts)
         rows = all_reduce_(flat.rows)
-        if not self._unscale(rows):
-            return self._skip(stats)
+        if self.scaler.scale != 1.0:
+            rows.div_(self.scaler.scale)
         present = [g for g, c in enumerate(counts) if c > 0]
-        cov = rows[present, :self.num_covered]
-        norms = torch.linalg.vector_norm(cov, dim=1).double()
-        scale = torch.tensor([stats.group_loss[g] for g in present], dtype=torch.float64) * norms.cpu()
-        unit = cov.double() / scale.clamp_min(1e-300).to(cov.device)[:, None]
-        weights = min_norm_weights((unit @ unit.T).cpu())
+        cov = rows[:, :self.num_covered]
+        scale = torch.where(self.counts > 0, stats.group_loss, 1.0) * torch.linalg.vector_norm(cov, dim=1).double()
+        unit = cov.double() / scale.clamp_min(1e-300)[:, None]
+        # one transfer: the Gram matrix, and whether the group gradients are finite
+        host = torch.cat([(unit @ unit.T).reshape(-1), torch.isfinite(rows).all().double().reshape(1)]).cpu()
+        with on_host():
+            if not host[-1] > 0:
+                return self._skip(stats)
+            G = self.num_groups
+            weights = min_norm_weights(host[:-1].view(G, G)[present][:, present]).tolist()
         self.last_weights = [math.nan] * self.num_groups
-        for w, g in zip(weights.tolist(), present):
-            self.last_weights[g] = w
-            flat.grad.add_(rows[g], alpha=w)
+        full = [0.0] * self.num_groups
+        for w, g in zip(weights, present):
+            self.last_weights[g] = full[g] = w
+        flat.grad.addmv_(rows.T, torch.tensor(full, dtype=rows.dtype).to(rows.device, non_blocking=True))
         return self._finish(stats, alpha, self.batch_shares(targets), reduced=True)

@@ -21,6 +21,11 @@ Group gradients land in rows of a [G, d] buffer of the core's flat parameters. O
 
 Every step records, per group, the rise of its loss in the perturbed pass over its loss at theta (`ascent`): the
 defining property of a sharpness-aware step is that it is positive for every group.
+
+A step waits for the device three times (lt_recipes.host_sync): for the batch's group counts (which groups get a
+backward and a perturbed pass, and how a share or offset pass cuts the sorted batch), for the group gradients'
+non-finite check (a non-finite row would perturb every parameter with NaN), and for the update's (the core's). The
+directions, radii and perturbations, GKP and the statistics stay on the device.
 """
 from __future__ import annotations
 
@@ -36,16 +41,17 @@ from ..batchnorm import frozen_bn_stats
 from ..sections import GSAConfig
 from ..segments import Layout, group_offsets, offset_modules
 from .batched import BatchedPasses
-from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, world_size
+from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, usable, world_size
 from .registry import register_step
 
 _logger = logging.getLogger(__name__)
 
-def _cosine(coef: float, res_norm: float, glob_norm: float) -> float:
-    """cos(g_g, g) from the projection coefficient and residual: ||g_g||^2 = res^2 + coef^2 ||g||^2."""
+
+def _cosine(coef: torch.Tensor, res_norm: torch.Tensor, glob_norm: torch.Tensor) -> torch.Tensor:
+    """cos(g_g, g) of every group from the projection coefficients and residuals: ||g_g||^2 = res^2 + coef^2 ||g||^2."""
     along = coef * glob_norm
-    norm = math.sqrt(res_norm ** 2 + along ** 2)
-    return along / norm if norm > 0 else 0.0
+    norm = (res_norm ** 2 + along ** 2).sqrt()
+    return torch.where(norm > 0, along / norm, 0.0)
 
 
 @register_step("gsa")
@@ -142,17 +148,17 @@ class GroupedSAM(StepCore):
         super().set_groups(group_of_class, group_sizes)
         self._offsets()
         if self.direction == "friendly":
-            self.momentum = torch.zeros_like(self.flat.rows)
+            self.momentum = self.flat.data.new_zeros(self.num_groups, self.d)
             self.momentum_set = [False] * self.num_groups
         if self.group_grad_ema > 0:
-            self.grad_ema = torch.zeros_like(self.flat.rows)
+            self.grad_ema = self.flat.data.new_zeros(self.num_groups, self.d)
             self.grad_ema_set = [False] * self.num_groups
 
     def track_fisher(self, decay: float) -> torch.Tensor:
         """Keep an EMA of squared per-group gradients (the cheap Fisher option) over the covered parameters."""
         self.fisher_ema_decay = decay
         if self.fisher_ema is None or self.fisher_ema.shape[0] != self.num_groups:
-            self.fisher_ema = torch.zeros(self.num_groups, self.num_covered, device=self.flat.data.device)
+            self.fisher_ema = self.flat.data.new_zeros(self.num_groups, self.num_covered)
         return self.fisher_ema
 
     # ---- the step --------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ class GroupedSAM(StepCore):
         everyone = torch.arange(len(gid), device=gid.device)
         self.flat.rows.zero_()
         if self.group_grads == "masked":
-            self._masked_group_grads(loss_fn, gid, everyone, counts, stats)
+            self._masked_group_grads(loss_fn, gid, everyone, local, stats)
         else:
             self._shared_group_grads(loss_fn, gid, local, counts, stats)
         if self.scaler.scale != 1.0:
@@ -183,10 +189,10 @@ class GroupedSAM(StepCore):
         flat = self.flat
         stats = StepStats()
         gid, local, counts = self.group_counts(targets, self.sync)
-        weights = equations.group_weights(self.group_weighting, counts)
+        n = self.counts
+        weights = equations.group_weights(self.group_weighting, n)
         # per-sample weights of the task term sum_g w_g L_g, L_g the mean loss over D_g
-        per_sample = torch.tensor([w / c if c > 0 else 0.0 for w, c in zip(weights, counts)],
-                                  dtype=self.flat.data.dtype, device=targets.device)[gid]
+        per_sample = torch.where(n > 0, weights / n, 0.0).to(flat.grad.dtype)[gid]
         self._begin()
         self._group_gradients(loss_fn, gid, local, counts, stats)
         if not bool(torch.isfinite(flat.rows).all()):
@@ -198,14 +204,14 @@ class GroupedSAM(StepCore):
         extra = (lambda: self._regularizer(alpha, weights, counts, stats)) if self.regularizer else None
         return self._finish(stats, alpha, weights, extra=extra)
 
-    def _masked_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, everyone: torch.Tensor, counts: list[float],
+    def _masked_group_grads(self, loss_fn: LossFn, gid: torch.Tensor, everyone: torch.Tensor, local: list[int],
                             stats: StepStats) -> None:
         """Pass 1, masked: one whole-batch forward; row g = gradient of sum_{i in D_g} loss_i / |D_g|."""
         flat = self.flat
         with self.autocast():
             losses = upcast(loss_fn(everyone))
-        stats.group_loss, stats.loss = self._group_means(losses, gid, counts, self.sync)
-        self._group_rows(losses, gid, counts)
+        stats.group_loss, stats.loss = self._group_means(losses, gid, self.counts, self.sync)
+        self._group_rows(losses, gid, local, self.counts)
         if self.sync:
             all_reduce_(flat.rows)
 
@@ -219,7 +225,7 @@ class GroupedSAM(StepCore):
             with self.autocast():
                 losses = upcast(loss_fn(order))
             self._backward(losses.sum() / total, 1.0)
-        stats.group_loss, stats.loss = self._group_means(losses, gid[order], counts, self.sync)
+        stats.group_loss, stats.loss = self._group_means(losses, gid[order], self.counts, self.sync)
         if self.sync:
             all_reduce_(flat.rows)
             all_reduce_(flat.grad)
@@ -244,36 +250,32 @@ class GroupedSAM(StepCore):
         return self.grad_ema
 
     def _perturb(self, counts: list[float], stats: StepStats) -> None:
-        """Directions, radii and perturbations (Eq. 12-14) of the groups in the batch, written over their rows."""
-        rows = self.flat.rows
-        total = sum(counts)
+        """Directions, radii and perturbations (Eq. 12-14) of the groups in the batch, written over their rows; the
+        radii and cosines recorded (on the device, NaN for an absent group)."""
+        rows, n = self.flat.rows, self.counts
         present = [g for g, c in enumerate(counts) if c > 0]
         if self.fisher_ema is not None:
-            n, decay = self.num_covered, self.fisher_ema_decay
+            m, decay = self.num_covered, self.fisher_ema_decay
             for g in present:
-                self.fisher_ema[g].mul_(decay).addcmul_(rows[g, :n], rows[g, :n], value=1 - decay)
+                self.fisher_ema[g].mul_(decay).addcmul_(rows[g, :m], rows[g, :m], value=1 - decay)
         src = self._direction_rows(present)
-        shares = torch.tensor([c / total for c in counts], dtype=rows.dtype, device=rows.device)
+        shares = (n / n.sum()).to(rows.dtype)
         glob, coef, res_norm = ops.gsa_project(src, shares, backend=self.backend, out=self.glob)
-        coef_l, res_l = coef.tolist(), res_norm.tolist()
-        glob_norm = float(torch.linalg.vector_norm(glob))
-        theta_norm = float(torch.linalg.vector_norm(self.base))
-        stats.rho = [math.nan] * self.num_groups
-        stats.cos = [_cosine(coef_l[g], res_l[g], glob_norm) if g in present else math.nan
-                     for g in range(self.num_groups)]
+        glob_norm = torch.linalg.vector_norm(glob)
+        theta_norm = torch.linalg.vector_norm(self.base).double()
+        stats.cos = torch.where(n > 0, _cosine(coef.double(), res_norm.double(), glob_norm.double()), math.nan)
+        stats.rho = torch.full_like(n, math.nan)
         for g in present:
             momentum = self.momentum[g] if self.direction == "friendly" and self.momentum_set[g] else None
-            h = equations.ascent_direction(self.direction, src[g], glob, momentum, self.friendly_sigma, coef_l[g])
+            h = equations.ascent_direction(self.direction, src[g], glob, momentum, self.friendly_sigma, coef[g])
             if self.direction == "friendly":
                 self._update_momentum(g)
             norm = equations.scaled_norm(self.scale, h, self.base)
-            if norm > 0 and math.isfinite(norm):
-                rho = equations.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[g], self.rho_clamp)
-                rows[g].copy_(equations.gsa_perturbation(self.scale, h, self.base, rho))
-                stats.rho[g] = rho
-            else:
-                rows[g].zero_()
-                stats.rho[g] = 0.0
+            ok = usable(norm)  # a zero direction takes no perturbation
+            rho = torch.where(ok, equations.gsa_radius(self.z, theta_norm, norm.double(), self.d,
+                                                       self.group_sizes[g], self.rho_clamp), 0.0)
+            rows[g].copy_(equations.gsa_perturbation(self.scale, h, self.base, rho, torch.where(ok, norm, 1.0)))
+            stats.rho[g] = rho
 
     def _perturbed_pass(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
                         per_sample: torch.Tensor, stats: StepStats) -> None:
@@ -287,7 +289,7 @@ class GroupedSAM(StepCore):
                                                   self.autocast)
                 order = everyone
             elif self.perturbation == "per_group_exact":
-                perturbed = torch.zeros(len(gid), dtype=self.flat.data.dtype, device=gid.device)
+                perturbed = torch.zeros(len(gid), dtype=per_sample.dtype, device=gid.device)
                 for g in [g for g, c in enumerate(counts) if c > 0]:
                     flat.data.copy_(self.base).add_(rows[g])
                     with self.autocast():
@@ -297,7 +299,7 @@ class GroupedSAM(StepCore):
                     perturbed = torch.where(mine, losses.detach(), perturbed)
                 order = everyone
             else:
-                eps_bar = equations.averaged_perturbation(rows, counts)
+                eps_bar = equations.averaged_perturbation(rows, self.counts)
                 flat.data.copy_(self.base).add_(eps_bar)
                 if self.perturbation == "averaged":
                     order = everyone
@@ -311,8 +313,8 @@ class GroupedSAM(StepCore):
                         with self.autocast():
                             perturbed = upcast(loss_fn(order))
                         self._backward((perturbed * per_sample[order]).sum(), 1.0)
-        means, _ = self._group_means(perturbed, gid[order], counts, self.sync)
-        stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]
+        means, _ = self._group_means(perturbed, gid[order], self.counts, self.sync)
+        stats.ascent = means - stats.group_loss
 
     def _update_momentum(self, g: int) -> None:
         """FriendlySAM's m_g <- lam m_g + (1 - lam) g_g (the first group gradient initialises it)."""
@@ -322,15 +324,18 @@ class GroupedSAM(StepCore):
             self.momentum[g].copy_(self.flat.rows[g])
             self.momentum_set[g] = True
 
-    def _regularizer(self, alpha: float, weights: list[float], counts: list[float], stats: StepStats) -> float:
+    def _regularizer(self, alpha: float, weights: torch.Tensor, counts: list[float],
+                     stats: StepStats) -> torch.Tensor:
         """The optional Eq. 15 regulariser: its value, its gradient added at theta to the reduced task gradient."""
-        flat, value = self.flat, 0.0
-        theta_norm = float(torch.linalg.vector_norm(flat.data))
-        for g, rho in enumerate(stats.rho):
-            if counts[g] > 0 and rho > 0:
-                term = alpha * weights[g] * equations.gsa_regularizer(theta_norm, rho, self.group_sizes[g])
-                value += term
-                flat.grad.add_(flat.data, alpha=term / theta_norm ** 2)  # the term is linear in ||theta||
+        flat = self.flat
+        theta_norm = torch.linalg.vector_norm(flat.data).double()
+        value = torch.zeros((), dtype=torch.float64, device=flat.data.device)
+        for g, c in enumerate(counts):
+            if c > 0:  # a group without a perturbation (rho 0) has no term
+                rho = stats.rho[g]
+                term = equations.gsa_regularizer(theta_norm, torch.where(rho > 0, rho, 1.0), self.group_sizes[g])
+                value = value + torch.where(rho > 0, alpha * weights[g] * term, 0.0)
+        flat.grad.add_(flat.data * (value / theta_norm ** 2).to(flat.data.dtype))  # each term is linear in ||theta||
         return value
 
     def state_dict(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from torch import nn
 from .. import equations
 from ..batchnorm import batchnorms, frozen_bn_stats
 from ..sections import GSAConfig
-from .core import LossFn, StepCore, StepStats, all_reduce_, upcast
+from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, usable
 
 _logger = logging.getLogger(__name__)
 
@@ -93,19 +93,20 @@ class ReleasedGSA(StepCore):
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id per class and training samples n_k per group; the momenta start afresh."""
         super().set_groups(group_of_class, group_sizes)
-        self.momentum = torch.zeros(self.num_groups, self.d, dtype=self.flat.data.dtype, device=self.flat.data.device)
+        self.momentum = self.flat.data.new_zeros(self.num_groups, self.d)
         self.momentum_set = [False] * self.num_groups
 
-    def _gkp_coef(self, alpha: float, weights: list[float], present: list[int]) -> torch.Tensor:
-        """(1 - alpha) strength_j sum_{k in K, k != j} w_k: the weight of P_j in a pass whose group k has weight w_k."""
+    def _gkp_coef(self, alpha: float, weights: torch.Tensor) -> torch.Tensor:
+        """(1 - alpha) strength_j sum_{k in K, k != j} w_k: the weight of P_j in a pass whose group k has weight w_k
+        (`weights` zero for the groups absent from the batch)."""
         _, _, strength = self.gkp_terms
-        over = [sum(weights[k] for k in present if k != j) for j in range(self.num_groups)]
-        return (1 - alpha) * strength * torch.tensor(over, dtype=strength.dtype, device=strength.device)
+        return (1 - alpha) * strength * equations.gkp_weights(weights).to(strength.dtype)
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP."""
         flat, stats = self.flat, StepStats()
         gid, _, counts = self.group_counts(targets)
+        n = self.counts
         total = sum(counts)
         present = [k for k, c in enumerate(counts) if c > 0]
         shares = [c / total for c in counts]
@@ -113,26 +114,25 @@ class ReleasedGSA(StepCore):
         self._begin()
 
         # 1. sum_k [alpha L_k + (1 - alpha) sum_{j != k} P_j] at theta, each group's mean loss weighted 1
+        per_group_mean = torch.where(n > 0, 1.0 / n, 0.0).to(flat.grad.dtype)[gid]
         with repeated_bn_updates(self.model, len(present)):
             with self.autocast():
                 losses = upcast(loss_fn(everyone))
-        per_group_mean = torch.tensor([1.0 / c if c > 0 else 0.0 for c in counts], dtype=losses.dtype,
-                                      device=gid.device)[gid]
-        stats.group_loss, stats.loss = self._group_means(losses, gid, counts, True)
+        stats.group_loss, stats.loss = self._group_means(losses, gid, n, True)
         self._backward((losses * per_group_mean).sum(), alpha)
         grad = all_reduce_(flat.grad)
         if not self._unscale(grad):
             return self._skip(stats)
         if self.gkp_terms is not None:
             anchors, fisher, _ = self.gkp_terms
-            self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, [1.0] * self.num_groups, present))
+            self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, (n > 0).double()))
             grad[:self.num_covered].add_(self.gkp_grad)
 
         # 2-3. cascaded FriendlySAM directions, ASAM radius with the clamp, the batch-share mean perturbation
         self.direction.copy_(grad)
         self.eps.zero_()
-        theta_norm = float(torch.linalg.vector_norm(self.base))
-        stats.rho = [math.nan] * self.num_groups
+        theta_norm = torch.linalg.vector_norm(self.base).double()
+        stats.rho = torch.full_like(n, math.nan)
         for k in present:
             if self.momentum_set[k]:
                 before = self.direction.clone()
@@ -142,12 +142,12 @@ class ReleasedGSA(StepCore):
                 self.momentum[k].copy_(self.direction)
                 self.momentum_set[k] = True
             norm = equations.scaled_norm(self.scale, self.direction, self.base)
-            if norm > 0 and math.isfinite(norm):
-                rho = equations.gsa_radius(self.z, theta_norm, norm, self.d, self.group_sizes[k], self.rho_clamp)
-                self.eps.add_(equations.gsa_perturbation(self.scale, self.direction, self.base, rho), alpha=shares[k])
-                stats.rho[k] = rho
-            else:
-                stats.rho[k] = 0.0
+            ok = usable(norm)  # a zero direction adds no perturbation
+            rho = torch.where(ok, equations.gsa_radius(self.z, theta_norm, norm.double(), self.d,
+                                                       self.group_sizes[k], self.rho_clamp), 0.0)
+            self.eps.add_(equations.gsa_perturbation(self.scale, self.direction, self.base, rho,
+                                                     torch.where(ok, norm, 1.0)), alpha=shares[k])
+            stats.rho[k] = rho
         self.eps.div_(sum(shares[k] for k in present))
         grad.zero_()
 
@@ -157,16 +157,15 @@ class ReleasedGSA(StepCore):
             with self.autocast():
                 perturbed = upcast(loss_fn(everyone))
             self._backward(perturbed.sum() / total, alpha)
-        means, _ = self._group_means(perturbed, gid, counts, True)
-        stats.ascent = [m - l for m, l in zip(means, stats.group_loss)]
+        means, _ = self._group_means(perturbed, gid, n, True)
+        stats.ascent = means - stats.group_loss
         if self.gkp_terms is None:
             return self._finish(stats)
         anchors, fisher, _ = self.gkp_terms
-        value = self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, shares, present))
+        value = self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, n / n.sum()))
 
-        def add_gkp() -> float:  # P_j's gradient at theta + eps, added to the reduced task gradient
-            task = float(torch.linalg.vector_norm(flat.grad))
-            stats.gkp_grad_ratio = float(torch.linalg.vector_norm(self.gkp_grad)) / task if task > 0 else math.nan
+        def add_gkp() -> torch.Tensor:  # P_j's gradient at theta + eps, added to the reduced task gradient
+            stats.gkp_grad_ratio = self._gkp_ratio()
             flat.grad[:self.num_covered].add_(self.gkp_grad)
             return value
         return self._finish(stats, extra=add_gkp)

@@ -15,7 +15,9 @@ perturbed weights b_c, L_a = (1/B) sum_i a_{y_i} l_i and L_b = (1/B) sum_i b_{y_
 - Focal-SAM (Li et al. 2025): a_c = 1 - omega_c, b_c = omega_c = lam (1 - n_c / N)^gamma. 2F + 3B.
 
 BatchNorm's running statistics move in the pass at theta only (ImbSAM with `perturbed_bn="update"`: in the pass at
-theta + eps too, as its authors' code does). Under DDP the ascent direction is the global batch's
+theta + eps too, as its authors' code does). A step waits for the device twice (lt_recipes.host_sync): the non-finite
+checks of the ascent gradient (a non-finite one would move theta + eps to NaN) and of the update. Under DDP the ascent
+direction is the global batch's
 (one all-reduce), so every rank takes the same eps and a step equals the one-process step on the global batch.
 """
 from __future__ import annotations
@@ -70,32 +72,29 @@ class SAM(StepCore):
             return losses.mean()
         return (losses * weights[targets]).sum() / len(targets)
 
-    def first_step(self, loss_fn: LossFn, targets: torch.Tensor, stats: StepStats) -> tuple[bool, float]:
+    def first_step(self, loss_fn: LossFn, targets: torch.Tensor,
+                   stats: StepStats) -> tuple[bool, torch.Tensor | float]:
         """theta -> theta + eps: the clean part's gradient kept in row 0, the perturbed part's gradient reduced over
-        ranks and turned into eps. Returns (finite, L_b at theta)."""
+        ranks and turned into eps. Returns (finite, L_b at theta on the device)."""
         flat, world = self.flat, world_size()
         self._begin()
         with self.autocast():
             losses = upcast(loss_fn(torch.arange(len(targets), device=targets.device)))
-        stats.loss = float(losses.detach().mean())
-        flat.rows.zero_()
-        clean = self.clean_weights is not None and bool(self.clean_weights[targets].any())
-        if clean:
-            flat.grads_to_row(0)
+        stats.loss = losses.detach().mean()
+        if self.clean_weights is not None:  # zero when the batch has no clean class: no host read to skip it
             self._backward(self._split(losses, targets, self.clean_weights), 1.0 / world, retain_graph=True)
-            flat.grads_to_main()
+            flat.rows[0].copy_(flat.grad)
+            flat.grad.zero_()
         perturbed = self._split(losses, targets, self.perturbed_weights)
         self._backward(perturbed, 1.0 / world)
         grad = all_reduce_(flat.grad)
         if not self._unscale(grad):
             return False, math.nan
-        eps = sam_perturbation(self.direction(grad), self.base, self.rho, self.adaptive)
-        if eps is not None:
-            flat.data.add_(eps)
+        flat.data.add_(sam_perturbation(self.direction(grad), self.base, self.rho, self.adaptive))
         grad.zero_()
-        return True, float(perturbed.detach())
+        return True, perturbed.detach()
 
-    def second_step(self, loss_fn: LossFn, targets: torch.Tensor, stats: StepStats, before: float,
+    def second_step(self, loss_fn: LossFn, targets: torch.Tensor, stats: StepStats, before: torch.Tensor,
                     alpha: float) -> StepStats:
         """The perturbed part's gradient at theta + eps plus the clean part's at theta; theta restored; the step."""
         frozen = self.perturbed_bn == "frozen"
@@ -104,9 +103,10 @@ class SAM(StepCore):
                 losses = upcast(loss_fn(torch.arange(len(targets), device=targets.device)))
             perturbed = self._split(losses, targets, self.perturbed_weights)
             self._backward(perturbed, 1.0 / world_size())
-        rise = torch.tensor([float(perturbed.detach()) - before], dtype=torch.float64, device=self.flat.data.device)
-        stats.ascent = [float(all_reduce_(rise)) / world_size()]
-        self.flat.grad.add_(self.flat.rows[0])
+        rise = (perturbed.detach() - before).double().reshape(1)
+        stats.ascent = all_reduce_(rise) / world_size()
+        if self.clean_weights is not None:
+            self.flat.grad.add_(self.flat.rows[0])
         return self._finish(stats, alpha, self.batch_shares(targets))
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
