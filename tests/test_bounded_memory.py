@@ -106,8 +106,9 @@ def test_fisher_through_the_run_loaders_equals_the_oracle_on_digits(digits):
     anchors = torch.nn.utils.parameters_to_vector(ordered_parameters(model, is_classifier)[0]).detach()
     anchors = anchors + 0.01 * torch.randn(3, n, generator=torch.Generator().manual_seed(1))
     want = oracle_fisher(model, data.train_eval, data.train_targets, group_of_class, anchors, 32)
-    got = gkp.estimate_fisher(model, ce, data.train_eval, data.train_targets, group_of_class, anchors, is_classifier,
-                              32, torch.device("cpu"), contextlib.nullcontext, loader_kw=loader_options(cfg, 0, "cpu"))
+    got = gkp.estimate_fisher(model, dataset=data.train_eval, targets=data.train_targets, group_of_class=group_of_class,
+                              anchors=anchors, classification_losses=ce, is_excluded=is_classifier, batch_size=32,
+                              device=torch.device("cpu"), loader_kw=loader_options(cfg, 0, "cpu"))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-12)
 
 

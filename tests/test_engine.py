@@ -198,7 +198,7 @@ def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
     fisher_calls = []
 
     def estimate_fisher(*args, **kw):
-        fisher_calls.append((args[7], kw["loader_kw"]["num_workers"]))  # the Fisher's batch size, its workers
+        fisher_calls.append((kw["batch_size"], kw["loader_kw"]["num_workers"]))  # the Fisher's batch size, its workers
         return real_estimate(*args, **kw)
 
     real_estimate = method.estimate_fisher
