@@ -50,7 +50,8 @@ _logger = logging.getLogger(__name__)
 # trained (data.num_workers changes nothing but speed: each draw is augmented from its own seed, lt_recipes.data.loader;
 # data.eval_batch_size stays: it is the Fisher's batch unless gkp.fisher_batch_size is set).
 RESUMABLE_CHANGES = frozenset({"data.root", "data.num_workers", "log_interval", "log_with", "checkpoint_interval",
-                               "groups.bank_spill_dir", "gsa.backend", "model.pretrained_path"})
+                               "groups.bank_spill_dir", "gsa.backend", "gsa.batched", "gsa.batch_chunk",
+                               "model.pretrained_path"})
 # The parts of the launch (`_launch`) a resumed run must keep: they change the numbers a run computes.
 LAUNCH_IDENTITY = ("mixed_precision", "num_processes")
 

@@ -74,7 +74,7 @@ def _rise_fractions(make_step) -> list[float]:
         idx = torch.randperm(len(y), generator=gen)[:BATCH]
         xb, yb = x[idx], y[idx]
         stats = step.step(lambda i: F.cross_entropy(model(xb[i]), yb[i], reduction="none"), yb)
-        for g, a in enumerate(stats.ascent):
+        for g, a in enumerate(stats.host().ascent):
             if not np.isnan(a):
                 present[g] += 1
                 rose[g] += a > 0
