@@ -235,9 +235,9 @@ class StepCore:
         check_gkp_state(anchors, fisher, strength, self.num_covered, self.flat.data.dtype)
         device = self.flat.data.device
         groups = group_of_class if group_of_class is not None else self.group_of_class
-        if groups is not None and int(torch.as_tensor(groups).max()) >= anchors.shape[0]:
-            raise ValueError(f"set_gkp: group ids up to {int(torch.as_tensor(groups).max())} but {anchors.shape[0]} "
-                             "anchor rows (one per group)")
+        top = None if groups is None else int(torch.as_tensor(groups).max())
+        if top is not None and top >= anchors.shape[0]:
+            raise ValueError(f"set_gkp: group ids up to {top} but {anchors.shape[0]} anchor rows (one per group)")
         self.gkp_terms = (anchors.to(device), fisher.to(device), strength.to(device))
         self.gkp_groups = None if group_of_class is None else \
             torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
