@@ -7,10 +7,7 @@ implementation and that the implementations' registries name exactly these optio
 """
 from __future__ import annotations
 
-# ---- data (lt_recipes.data) --------------------------------------------------------------------------------------
-IN_MEMORY_DATASETS = ("digits", "fmnist", "cifar10", "cifar100")  # read whole into uint8 arrays, then cut to a LT
-LIST_DATASETS = ("imagenet_lt", "places_lt", "inat2018")  # image files named by list files or iNat json
-DATASETS = IN_MEMORY_DATASETS + LIST_DATASETS
+# ---- data (lt_recipes.data); the datasets themselves are the dataset table's (lt_recipes.data.table) -------------
 AUGMENTS = ("none", "basic", "autoaugment", "randaugment")
 IN_MEMORY_AUGMENTS = ("autoaugment", "randaugment")  # torchvision policies on uint8 tensors; files use timm's
 CONTRASTIVE_VIEWS = (0, 2)  # BCL's two extra views, or none

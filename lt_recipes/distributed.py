@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data.constants import FMNIST_ROOT
+from .data.table import dataset_info
 from .errors import CheckpointError, DataNotFoundError
 
 _logger = logging.getLogger(__name__)
@@ -38,13 +38,13 @@ def process_name(rank: int) -> str:
 
 
 def check_data_root(data_cfg: dict[str, Any]) -> None:
-    """Every process checks that the recipe's data root (fmnist's default when data.root is unset) is a directory;
-    one missing anywhere is an error on every process naming the path and the ranks and nodes without it. Nothing to
-    check for a single process (the data layer names a missing root), for digits (bundled) or without a root (the
-    data layer says data.root is required)."""
+    """Every process checks that the recipe's data root (the dataset's default when data.root is unset,
+    lt_recipes.data.table) is a directory; one missing anywhere is an error on every process naming the path and the
+    ranks and nodes without it. Nothing to check for a single process (the data layer names a missing root), for a
+    dataset that reads no folder (digits) or without a root (the data layer says data.root is required)."""
     rank, world = rank_and_world()
-    root = data_cfg.root or (FMNIST_ROOT if data_cfg.dataset == "fmnist" else None)
-    if world == 1 or root is None or data_cfg.dataset == "digits":
+    root = dataset_info(data_cfg.dataset).root(data_cfg.root)
+    if world == 1 or root is None:
         return
     mine = (os.path.isdir(root), os.path.abspath(root), process_name(rank))
     everyone: list[Any] = [None] * world

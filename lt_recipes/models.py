@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import read_error
 from .sections import ModelConfig
-from .data.constants import MEAN_STD
+from .data.table import dataset_info
 from .errors import ModelError
 from .segments import shared
 
@@ -189,8 +189,9 @@ class CifarResNet(nn.Module):
 
 
 def _cifar_cfg() -> dict[str, Any]:
+    cifar = dataset_info("cifar10")
     return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-            "interpolation": "bilinear", "mean": MEAN_STD["cifar10"][0], "std": MEAN_STD["cifar10"][1],
+            "interpolation": "bilinear", "mean": cifar.mean, "std": cifar.std,
             "first_conv": "conv1", "classifier": "head.fc"}
 
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
-                      COMPILE_BACKENDS, CONTRASTIVE_VIEWS, DATASETS,
+                      COMPILE_BACKENDS, CONTRASTIVE_VIEWS,
                       DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
-                      LIST_DATASETS, LOSSES, LR_BASE_SCALES,
+                      LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
+from .data.table import DATASETS, dataset_info, list_datasets
 from .errors import ConfigError
 from .steps.registry import list_methods
 
@@ -185,20 +186,20 @@ class DataConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        listed = self.dataset in LIST_DATASETS
+        listed, list_files = not dataset_info(self.dataset).in_memory, list(list_datasets(in_memory=False))
         if listed and self.imbalance_ratio is not None:
             raise ConfigError(f"recipe key 'data.imbalance_ratio' does not apply to {self.dataset} (its long tail "
                               "comes from the list files); set it to null")
         if not listed and self.imbalance_ratio is None:
             raise ConfigError(f"recipe key 'data.imbalance_ratio' is required for {self.dataset}")
         if not listed and self.num_classes is not None:
-            raise ConfigError(f"recipe key 'data.num_classes' applies to the list-file datasets {list(LIST_DATASETS)}; "
+            raise ConfigError(f"recipe key 'data.num_classes' applies to the list-file datasets {list_files}; "
                               f"{self.dataset} has a fixed class count: set it to null")
         if listed and self.augment in IN_MEMORY_AUGMENTS:
             raise ConfigError(f"data.augment={self.augment} is for the in-memory datasets; {self.dataset} uses "
                               "timm's transforms: set data.augment=basic and data.auto_augment (e.g. rand-n2-m10)")
         if not listed and self.auto_augment is not None:
-            raise ConfigError(f"data.auto_augment applies to timm's transforms of {list(LIST_DATASETS)}, not "
+            raise ConfigError(f"data.auto_augment applies to timm's transforms of {list_files}, not "
                               f"{self.dataset} (use data.augment)")
 
 

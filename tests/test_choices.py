@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from lt_recipes import choices, equations, ops
 from lt_recipes.config import SCHEMA, ConfigError, defaults, load_config
-from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES, EpochSampler, build_transforms
-from lt_recipes.data.constants import MEAN_STD
+from lt_recipes.data import CIFAR_LAYOUT, DATASETS, EpochSampler, build_transforms, dataset_info, list_datasets
 from lt_recipes.gkp import gkp_strength
 from lt_recipes.grouping import DTYPES, MemoryBank
 from lt_recipes.steps import GroupedSAM
@@ -24,7 +23,7 @@ from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
 
 # Every schema key that takes one of a few names, and the tuple of lt_recipes.choices it offers.
 OPTION_KEYS = {
-    "method": list_methods(), "data.dataset": choices.DATASETS, "data.augment": choices.AUGMENTS,
+    "method": list_methods(), "data.dataset": DATASETS, "data.augment": choices.AUGMENTS,
     "data.contrastive_views": choices.CONTRASTIVE_VIEWS, "data.sampler": choices.SAMPLERS,
     "model.classifier": choices.CLASSIFIERS, "model.compile": choices.COMPILE_BACKENDS, "loss.name": choices.LOSSES,
     "optim.lr_base_scale": choices.LR_BASE_SCALES,
@@ -139,8 +138,10 @@ def test_every_classifier_lr_scale_scheduler_and_bank_dtype_is_its_own():
 
 
 def test_every_dataset_has_its_reader_and_constants():
-    assert {"digits", "fmnist", *CIFAR_LAYOUT} == set(choices.IN_MEMORY_DATASETS) == set(MEAN_STD)
-    assert tuple(NUM_CLASSES) == choices.DATASETS
+    in_memory = list_datasets(in_memory=True)
+    assert {"digits", "fmnist", *CIFAR_LAYOUT} == set(in_memory)
+    assert all(callable(dataset_info(n).reader) and dataset_info(n).mean is not None for n in in_memory)
+    assert tuple(DATASETS) == list_datasets() == in_memory + list_datasets(in_memory=False)
 
 
 def test_every_augment_and_sampler_is_its_own():

@@ -14,6 +14,7 @@ import pytest
 
 from lt_recipes import choices
 from lt_recipes.config import SCHEMA, load_config
+from lt_recipes.data import DATASETS
 from lt_recipes.errors import ConfigError
 from lt_recipes.sections import SECTIONS, GSAConfig, Recipe
 from lt_recipes.steps import list_methods
@@ -66,13 +67,15 @@ def test_the_schema_is_derived_from_the_sections():
 
 def test_every_option_list_is_one_registry_tuple():
     """A key that takes one of a few names offers a tuple of lt_recipes.choices itself (or the step registry's
-    methods), and no package module writes one of those tuples out again."""
+    methods, or the dataset table's names), and no package module writes one of those tuples out again."""
     for section in (Recipe, *SECTIONS):
         for key, field in section.fields().items():
             if field.choices is None:
                 continue
             if key == "method":
                 assert field.choices == list_methods()
+            elif key == "dataset":
+                assert field.choices is DATASETS  # the dataset table's live names
             else:
                 assert any(field.choices is t for t in CHOICE_TUPLES.values()), f"{section.section}.{key}"
     options = {tuple(t): name for name, t in CHOICE_TUPLES.items() if len(t) > 1}

@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 
 from lt_recipes.config import load_config
-from lt_recipes.data import CIFAR_LAYOUT, NUM_CLASSES
+from lt_recipes.data import CIFAR_LAYOUT, dataset_info
 from lt_recipes.engine import Trainer
 
 
@@ -38,7 +38,7 @@ def write_synthetic_cifar(root: str, dataset: str, seed: int = 0, train_images: 
                           test_images: int = 10_000) -> None:
     """Random-pixel CIFAR in torchvision's on-disk layout, the images split evenly over the classes."""
     folder, train_files, (test_file,), key = CIFAR_LAYOUT[dataset]
-    num_classes = NUM_CLASSES[dataset]
+    num_classes = dataset_info(dataset).num_classes
     out = os.path.join(root, folder)
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)

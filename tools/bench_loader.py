@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from bench_epoch import write_synthetic_cifar
 from lt_recipes.config import load_config
-from lt_recipes.data import CIFAR_LAYOUT, build_data, loader_options
+from lt_recipes.data import CIFAR_LAYOUT, build_data, dataset_info, loader_options
 from lt_recipes.data.loader import SeededEpochSampler, SeededSamples
 from lt_recipes.sections import Recipe
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, Any] = {"dataset": d.dataset, "img_size": d.img_size,
                                "augment": d.auto_augment or d.augment, "views": 1 + d.contrastive_views,
                                "batch_size": batch, "images_per_s": rates, "cpu_ms_per_image": cpu_ms}
-        family = "cifar" if d.dataset in CIFAR_LAYOUT or d.dataset in ("digits", "fmnist") else "files"
+        family = "cifar" if dataset_info(d.dataset).in_memory else "files"
         if family in steps:
             row["gpu_step"] = family
             row["workers_needed"] = {kind: workers_needed(cpu_ms, ms)

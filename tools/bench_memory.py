@@ -14,7 +14,7 @@ import argparse
 import json
 
 from lt_recipes.config import load_recipe
-from lt_recipes.data import NUM_CLASSES
+from lt_recipes.data import dataset_info
 from lt_recipes.models import is_classifier
 from lt_recipes.models import create_lt_model
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     cfg = load_recipe(args.recipe, args.overrides)
-    C = NUM_CLASSES[cfg.data.dataset]
+    C = dataset_info(cfg.data.dataset).num_classes
     model = create_lt_model(cfg.model, C, 3)
     d = sum(p.numel() for p in model.parameters())
     d_enc = sum(p.numel() for n, p in model.named_parameters() if not is_classifier(n))

@@ -24,7 +24,7 @@ import torch
 from lt_recipes.checkpoint import tensor_bytes
 from lt_recipes.steps import uses_memory_groups
 from lt_recipes.config import load_recipe
-from lt_recipes.data import NUM_CLASSES, dataset_in_chans
+from lt_recipes.data import dataset_info
 from lt_recipes.grouping import DTYPES
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_recipe(args.recipe, args.overrides)
     dataset = cfg.data.dataset
-    num_classes, groups = NUM_CLASSES[dataset], cfg.groups.num_groups
+    num_classes, groups = dataset_info(dataset).num_classes, cfg.groups.num_groups
     most = min(num_classes, cfg.epochs // cfg.groups.eval_interval)
     counts = [args.snapshots] if args.snapshots else sorted({1, most})
     out = {"recipe": cfg.name, "model": cfg.model.name, "num_classes": num_classes, "groups": groups,
            "optimizer": cfg.optim.opt, "sizes": {}}
-    weights = weights_and_optimizer(cfg, num_classes, dataset_in_chans(dataset))
+    weights = weights_and_optimizer(cfg, num_classes, dataset_info(dataset).in_chans)
     for k in counts:
         method = method_parts(cfg, weights["params"], weights["covered_params"], num_classes, groups, k)
         parts = {**weights, "method_parts": method, "method": sum(method.values())}

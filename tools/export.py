@@ -38,7 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, atomic_write_json,
                                    check_output_dir, evaluation_identity, load_checkpoint)
 from lt_recipes.config import load_config
-from lt_recipes.data import dataset_in_chans, eval_data_config
+from lt_recipes.data import dataset_info, eval_data_config
 from lt_recipes.errors import CheckpointError, LTRecipesError
 from lt_recipes.models import LTModel, create_lt_model
 from lt_recipes.sections import Recipe
@@ -105,7 +105,7 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights" + (" (the run had ema.decay=null)" if ema else ""))
     recipe = Recipe.from_dict(cfg)
-    num_classes, in_chans = state["identity"]["num_classes"], dataset_in_chans(recipe.data.dataset)
+    num_classes, in_chans = state["identity"]["num_classes"], dataset_info(recipe.data.dataset).in_chans
     data_config = eval_data_config(recipe.data.dataset, recipe.data, in_chans)
     model = create_lt_model(dataclasses.replace(recipe.model, pretrained_path=None), num_classes, in_chans)
     try:

@@ -1,8 +1,9 @@
 """`build_data`: a validated recipe's dataset as the train / train-eval / val / test splits a run needs (`LTData`).
 
-In-memory datasets are cut to the long-tailed profile (lt_recipes.data.profile) and get validation images from the
-cut's leftovers; digits first gives a class-balanced test split of ``data.test_per_class`` images per class, carved
-with a fixed seed (so every run seed is scored on the same test set). List datasets are long-tailed as listed; without
+The dataset's row (lt_recipes.data.table) says how: in-memory datasets are read by the row's reader, cut to the
+long-tailed profile (lt_recipes.data.profile) and get validation images from the cut's leftovers; one whose reader
+gives no test split (digits) first gives a class-balanced test split of ``data.test_per_class`` images per class,
+carved with a fixed seed (so every run seed is scored on the same test set). List datasets are long-tailed as listed; without
 ``data.val_list`` they hold out ``data.val_per_class`` training images per class.
 """
 from __future__ import annotations
@@ -15,20 +16,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..choices import IN_MEMORY_DATASETS
 from ..errors import DataError, DataNotFoundError
 from ..metrics import class_splits
 from ..sections import DataConfig
-from .constants import FMNIST_ROOT, NUM_CLASSES
 from .image_lists import ImageListDataset, Record, check_images, read_entries
-from .in_memory import TensorImageDataset, read_cifar, read_digits, read_fmnist
+from .in_memory import TensorImageDataset
 from .loader import resolve_num_workers
-from .profile import balanced_pick, hold_out_val, long_tail_indices
+from .profile import balanced_pick, class_sizes, hold_out_val, long_tail_indices
+from .table import DatasetInfo, dataset_info
 from .transforms import build_transforms, eval_data_config
 
 _logger = logging.getLogger(__name__)
 
-DIGITS_TEST_SEED = 0
+TEST_SEED = 0  # draws the test split of a dataset whose reader gives none
 
 
 @dataclass
@@ -51,30 +51,45 @@ class LTData:
 
 
 def _data_root(data_cfg: DataConfig) -> str:
-    dataset, root = data_cfg.dataset, data_cfg.root
+    root = dataset_info(data_cfg.dataset).root(data_cfg.root)
     if root is None:
-        if dataset != "fmnist":
-            raise DataError(f"data.root is required for dataset {dataset!r} (e.g. --set data.root=/path/to/data)")
-        root = FMNIST_ROOT
+        raise DataError(f"data.root is required for dataset {data_cfg.dataset!r} (e.g. --set data.root=/path/to/data)")
     if not os.path.isdir(root):
         raise DataNotFoundError(f"data.root={root!r} does not exist or is not a directory")
     return root
 
 
+def _read(info: DatasetInfo, d: DataConfig) -> list[np.ndarray]:
+    """The arrays of an in-memory dataset's reader (uint8 images (N, C, H, W) and int64 labels), checked."""
+    arrays = info.reader(_data_root(d)) if info.reads_root else info.reader()
+    if len(arrays) not in (2, 4):
+        raise DataError(f"the reader of dataset {info.name!r} returned {len(arrays)} arrays; expected (images, labels)"
+                        " or (images, labels, test images, test labels)")
+    out = []
+    for images, labels in zip(arrays[::2], arrays[1::2]):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"the reader of dataset {info.name!r} returned images {images.dtype} {images.shape} and "
+                            f"labels {labels.shape}; expected uint8 (N, C, H, W) and N labels")
+        labels = labels.astype(np.int64, copy=False)
+        class_sizes(labels, info.num_classes, f"the labels of dataset {info.name!r}")
+        out += [images, labels]
+    return out
+
+
 def _build_in_memory(d: DataConfig, seed: int, uint8_train: bool) -> LTData:
     dataset = d.dataset
-    num_classes = NUM_CLASSES[dataset]
-    if dataset == "digits":
-        images, targets = read_digits()
-        test_idx = balanced_pick(targets, num_classes, d.test_per_class, np.random.default_rng(DIGITS_TEST_SEED),
+    info = dataset_info(dataset)
+    num_classes = info.num_classes
+    images, targets, *test = _read(info, d)
+    if test:
+        test_images, test_targets = test
+    else:
+        test_idx = balanced_pick(targets, num_classes, d.test_per_class, np.random.default_rng(TEST_SEED),
                                  "data.test_per_class")
         pool = np.setdiff1d(np.arange(len(targets)), test_idx)
         test_images, test_targets = images[test_idx], targets[test_idx]
         images, targets = images[pool], targets[pool]
-    elif dataset == "fmnist":
-        images, targets, test_images, test_targets = read_fmnist(_data_root(d))
-    else:
-        images, targets, test_images, test_targets = read_cifar(_data_root(d), dataset)
     cap = d.max_per_class
     n_max = None if cap is None else min(cap, int(np.bincount(targets, minlength=num_classes).min()))
     kept = long_tail_indices(targets, num_classes, d.imbalance_ratio, n_max)
@@ -197,7 +212,8 @@ def build_data(data_cfg: DataConfig, seed: int, uint8_train: bool = False) -> LT
     validation images. With `uint8_train` the training split yields uint8 images (a GPU run normalises them on the
     device, `train_normalize`); the other splits are always normalised floats."""
     dataset = data_cfg.dataset
-    data = (_build_in_memory if dataset in IN_MEMORY_DATASETS else _build_from_files)(data_cfg, seed, uint8_train)
+    build = _build_in_memory if dataset_info(dataset).in_memory else _build_from_files
+    data = build(data_cfg, seed, uint8_train)
     if uint8_train:
         norm = eval_data_config(dataset, data_cfg, data.in_chans)
         data.train_normalize = (norm["mean"], norm["std"])

@@ -5,7 +5,8 @@
 * ``cifar10`` / ``cifar100``: the python-pickle folders of torchvision's layout (``cifar-10-batches-py``,
   ``cifar-100-python``) under ``data.root``, read directly (no md5 check), so generated folders work too.
 
-The images stay uint8 tensors in `TensorImageDataset`; the transforms convert them (lt_recipes.data.transforms).
+These are the built-in rows' readers (lt_recipes.data.table). The images stay uint8 tensors in `TensorImageDataset`;
+the transforms convert them (lt_recipes.data.transforms).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError, DataNotFoundError
-from .constants import NUM_CLASSES
 from .profile import class_sizes
+from .table import dataset_info
 
 # folder, training files, test files, label key of each CIFAR pickle folder
 CIFAR_LAYOUT = {
@@ -75,7 +76,7 @@ def read_fmnist(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{images_path} (shape {images.shape}) and {labels_path} (shape {labels.shape}) "
                             "do not hold N images of HxW and N labels")
-        class_sizes(labels, NUM_CLASSES["fmnist"], labels_path)
+        class_sizes(labels, dataset_info("fmnist").num_classes, labels_path)
         out += [images[:, None], labels]
     return out[0], out[1], out[2], out[3]
 
@@ -109,7 +110,7 @@ def read_cifar(root: str, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     """Training images (N, 3, 32, 32), labels, test images and labels of cifar10 / cifar100 under `root`."""
     folder, train_files, test_files, label_key = CIFAR_LAYOUT[dataset]
     folder = os.path.join(root, folder)
-    num_classes = NUM_CLASSES[dataset]
+    num_classes = dataset_info(dataset).num_classes
     train = _read_cifar_files(folder, train_files, label_key, num_classes)
     test = _read_cifar_files(folder, test_files, label_key, num_classes)
     return train[0], train[1], test[0], test[1]

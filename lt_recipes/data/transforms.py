@@ -1,7 +1,7 @@
 """Train, eval and contrastive-view transforms, and each dataset's channels and normalisation.
 
-In-memory images stay uint8 tensors and go through ``torchvision.transforms.v2``; digits are never flipped
-(a mirrored digit is a different glyph). Image files (ImageNet-LT, Places-LT, iNat) get timm's
+In-memory images stay uint8 tensors and go through ``torchvision.transforms.v2``, flipped only where the dataset's
+row allows (never digits: a mirrored digit is a different glyph). Image files (ImageNet-LT, Places-LT, iNat) get timm's
 ``create_transform``, with the recipe's ``data.auto_augment`` policy string (``rand-n2-m10`` as in the paper).
 """
 from __future__ import annotations
@@ -12,10 +12,9 @@ import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.transforms import v2
 
-from ..choices import LIST_DATASETS
 from ..errors import DataError
 from ..sections import DataConfig
-from .constants import MEAN_STD
+from .table import dataset_info
 
 # How both evaluation pipelines resize: bilinearly, torchvision v2's default and timm's create_transform's.
 EVAL_INTERPOLATION = "bilinear"
@@ -49,13 +48,9 @@ class Cutout(torch.nn.Module):
         return out
 
 
-def dataset_in_chans(dataset: str) -> int:
-    """Image channels of a dataset: 1 for the grey-scale digits and Fashion-MNIST, 3 for the others."""
-    return len(MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN,))[0])
-
-
 def _mean_std(data_cfg: DataConfig, dataset: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    default = MEAN_STD.get(dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    info = dataset_info(dataset)
+    default = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if info.mean is None else (info.mean, info.std)
     out = []
     for i, key in enumerate(("mean", "std")):
         value = getattr(data_cfg, key)
@@ -77,7 +72,7 @@ def eval_data_config(dataset: str, data_cfg: DataConfig, in_chans: int) -> dict[
     mean, std = _mean_std(data_cfg, dataset, in_chans)
     size = data_cfg.img_size
     return {"input_size": (in_chans, size, size), "interpolation": EVAL_INTERPOLATION, "mean": mean, "std": std,
-            "crop_pct": DEFAULT_CROP_PCT if dataset in LIST_DATASETS else 1.0, "crop_mode": "center"}
+            "crop_pct": 1.0 if dataset_info(dataset).in_memory else DEFAULT_CROP_PCT, "crop_mode": "center"}
 
 
 def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
@@ -117,8 +112,9 @@ def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int, native_s
     ``uint8_train`` the training images (and views) stay uint8, to be normalised on the device (`normalize_uint8`).
 
     Image files (PIL) get timm's transforms (`_timm_transforms`). In-memory datasets (uint8 tensors, which timm's
-    PIL-based transforms do not take) keep torchvision v2: pad-and-crop, flip (never for digits), the CIFAR or
-    ImageNet AutoAugment policy with Cutout, or RandAugment(2, 10); conversion to float and normalisation last.
+    PIL-based transforms do not take) keep torchvision v2: pad-and-crop, flip (where the dataset's row allows), the
+    CIFAR or ImageNet AutoAugment policy with Cutout, or RandAugment(2, 10); conversion to float and normalisation
+    last.
     """
     size, augment = data_cfg.img_size, data_cfg.augment
     eval_cfg = eval_data_config(dataset, data_cfg, in_chans)
@@ -130,7 +126,7 @@ def build_transforms(dataset: str, data_cfg: DataConfig, in_chans: int, native_s
     resize = [] if size == native_size else [v2.Resize(size, interpolation=v2.InterpolationMode(EVAL_INTERPOLATION))]
     eval_tf = v2.Compose([*resize, *_finish(mean, std)])
     finish = [v2.ToImage(), v2.ToPureTensor()] if uint8_train else _finish(mean, std)
-    flip = [] if dataset == "digits" else [v2.RandomHorizontalFlip()]
+    flip = [v2.RandomHorizontalFlip()] if dataset_info(dataset).flip else []
     if augment == "none":
         train_tf = v2.Compose([*resize, *finish])
     else:
