@@ -24,7 +24,7 @@ from .table import DATASETS, DatasetInfo, dataset_info, list_datasets, register_
 _LAZY = {"LTData": "build", "build_data": "build", "CIFAR_LAYOUT": "in_memory", "EpochSampler": "loader",
          "build_loaders": "loader", "loader_options": "loader", "resolve_num_workers": "loader",
          "long_tail_counts": "profile", "long_tail_indices": "profile", "Cutout": "transforms",
-         "build_transforms": "transforms", "dataset_in_chans": "transforms", "eval_data_config": "transforms",
+         "build_transforms": "transforms", "eval_data_config": "transforms",
          "normalize_uint8": "transforms"}
 
 __all__ = ["DATASETS", "DataError", "DataNotFoundError", "DatasetInfo", "dataset_info", "list_datasets",
