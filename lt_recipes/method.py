@@ -85,16 +85,6 @@ def compile_forward(recipe: Recipe, model: nn.Module, step: StepCore) -> nn.Modu
     return torch.compile(model, backend=backend)
 
 
-def method_label(recipe: Recipe) -> str:
-    """`<base>` or `<base>+<modules>`, with `@<direction>` when the paper's grouped step ascends along a non-default
-    direction (the released step's direction is its own, named by its reading)."""
-    modules = method_modules(recipe.method)
-    label = "+".join([recipe.loss.name, *modules])
-    if "gsa" in modules and recipe.gsa.step == "grouped" and recipe.gsa.direction != GSAConfig.direction:
-        label += f"@{recipe.gsa.direction}"
-    return label
-
-
 def index_inputs(inputs: torch.Tensor | list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
     """The batch rows `idx` of an input tensor or of every view of a multi-view input."""
     if isinstance(inputs, (list, tuple)):

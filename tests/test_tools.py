@@ -3,7 +3,7 @@ import pytest
 
 from lt_recipes.config import load_config, load_recipe
 from lt_recipes.data import build_data
-from lt_recipes.method import method_label
+from lt_recipes.labels import method_label
 from lt_recipes.sections import GSAConfig, Recipe
 from toolload import load_tool
 

@@ -40,8 +40,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lt_recipes.steps import list_methods, list_steps, method_modules
 from lt_recipes.cli import last_error
+from lt_recipes.labels import DEFAULT_DIRECTION, parse_label
+from lt_recipes.steps import list_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = {
@@ -51,8 +52,6 @@ BASES = {
     "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
-# the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
-METHOD_OF_MODULES = {"+".join(method_modules(method)): method for method in list_methods()}
 # the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
 DEFAULT_VARIANT = "paper_exact_rho_div10"
 # the adaptive radius clamp of the released code, the default before the readings grid measured a smaller one
@@ -198,23 +197,15 @@ EXTRAS = {"fmnist64": {100: [f"bcl+gkp+gsa#{DEFAULT_VARIANT}_G2", f"bcl+gkp+gsa#
                              "ce+gkp+gsa#per_group_share", "ce+gkp+gsa#per_group_rho_div10"]}}
 
 
-def parse(label: str) -> tuple[str, str, str, str]:
-    """'bcl+gkp+gsa@sam#G2' -> ('bcl', 'gkp+gsa', 'sam', 'G2'); empty strings for what is not given."""
-    label, _, variant = label.partition("#")
-    label, _, direction = label.partition("@")
-    base, _, mods = label.partition("+")
-    return base, mods, direction, variant
-
-
 def overrides(label: str, ratio: int | None, seed: int, bases: dict[str, list[str]] = BASES) -> list[str]:
     """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2` (`bases`: the grid's base keys;
     a ratio of None leaves a list-file dataset's own long tail)."""
-    base, mods, direction, variant = parse(label)
-    out = bases[base] + [f"method={METHOD_OF_MODULES[mods]}"]
+    run = parse_label(label)
+    out = bases[run.base] + [f"method={run.method}"]
     out += ([] if ratio is None else [f"data.imbalance_ratio={ratio}"]) + [f"seed={seed}"]
-    out += VARIANTS[variant] if variant else []
+    out += VARIANTS[run.variant] if run.variant else []
     # the direction after the variant: a variant's `reading=...` presets the direction, a key set after it wins
-    return out + ([f"gsa.direction={direction}"] if direction else [])
+    return out + ([f"gsa.direction={run.direction}"] if run.direction != DEFAULT_DIRECTION else [])
 
 
 def folder_of(grid: Grid, ratio: int | None) -> str:
@@ -286,7 +277,7 @@ def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argpars
     for name in ["args.yaml", "train.log"] if diverged else COPY:
         if os.path.exists(os.path.join(scratch, name)):
             shutil.copy(os.path.join(scratch, name), os.path.join(dest, name))
-    variant = parse(label)[3]
+    variant = parse_label(label).variant
     if variant:
         with open(os.path.join(dest, "variant.json"), "w") as f:
             json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)
