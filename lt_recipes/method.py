@@ -37,7 +37,7 @@ from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups
 from .models import is_classifier, ordered_parameters
 from .sections import GSAConfig, Recipe
-from .steps import create_step, method_modules, split_method, step_class, step_info, uses_memory_groups
+from .steps import create_step, split_method, step_class, step_info, uses_memory_groups
 from .steps.core import LossScaler, StepCore, StepStats
 from .steps.released import ReleasedGSA
 
