@@ -114,6 +114,21 @@ def test_the_default_variant_spells_out_the_current_defaults():
     assert all(_resolved(load_config(recipe, grid.overrides(f"bcl+gkp+gsa#{v}", 100, 0))) != plain for v in others)
 
 
+def test_the_default_variant_is_read_from_the_sections(monkeypatch):
+    """run_grid takes the default step's variant from the schema: with the released clamp as the adaptive scaling's
+    default, the variant spelling the exact step at that clamp becomes the default one; with two variants spelling
+    the defaults out, it refuses to choose."""
+    grid = load_tool("run_grid")
+    assert grid.default_variant() == grid.DEFAULT_VARIANT == "paper_exact_rho_div10"
+    monkeypatch.setattr(GSAConfig, "SCALE_DEFAULTS", {**GSAConfig.SCALE_DEFAULTS,
+                                                      "adaptive": (0.1, GSAConfig.RELEASED_RADIUS[1])})
+    assert grid.default_variant() == "paper_exact"
+    monkeypatch.undo()
+    monkeypatch.setitem(grid.VARIANTS, "spelled_twice", list(grid.VARIANTS[grid.DEFAULT_VARIANT]))
+    with pytest.raises(RuntimeError, match="2 variants spell out"):
+        grid.default_variant()
+
+
 def test_long_recipe_has_the_paper_schedule_shape():
     """64 epochs: 5% warm-up, x0.1 at 80% and 90% (the paper's 160/180 of 200), groups from 10%, refreshed every 10%."""
     cfg = load_config("fmnist_lt_resnet8_long")
