@@ -6,7 +6,7 @@ In-memory images stay uint8 tensors and go through ``torchvision.transforms.v2``
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -14,8 +14,10 @@ from torchvision.transforms import v2
 
 from ..choices import LIST_DATASETS
 from ..errors import DataError
-from ..sections import DataConfig
 from .constants import MEAN_STD
+
+if TYPE_CHECKING:
+    from ..sections import DataConfig
 
 # How both evaluation pipelines resize: bilinearly, torchvision v2's default and timm's create_transform's.
 EVAL_INTERPOLATION = "bilinear"
