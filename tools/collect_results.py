@@ -127,7 +127,7 @@ def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
         missing = [k for k in ("method", "seed", "dataset", "imbalance_ratio", "per_class") + METRICS if k not in res]
         if missing:
             raise AnalysisError(f"{path} lacks key(s) {missing}")
-        name, variant = parse_label(method).plain, parse_label(method).variant  # the folder names the run
+        name, variant = parse_label(method).plain, parse_label(method).variant
         if res["method"] != name:
             raise AnalysisError(f"{path}: method {res['method']!r} does not match its folder {method!r}")
         if variant:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run a results grid of Fashion-MNIST-LT and write commit-ready files under results/.
 
-A grid is a recipe plus, per imbalance ratio, a list of run labels `<base>[+<modules>][@<direction>][#<variant>]`:
-the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam, gkp, gsa, gkp+gsa), GSA's ascent direction
+A grid is a recipe plus, per imbalance ratio, a list of run labels (lt_recipes.labels),
+`<base>[+<modules>][@<direction>][#<variant>]`: the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam, gkp, gsa, gkp+gsa), GSA's ascent direction
 when not h_g, and a named variant (VARIANTS: recipe keys changed on top, such as the Euclidean scaling or the group
 count). Each job trains one label, ratio and seed into a scratch run directory, then copies args.yaml, results.json,
 groups.json, quality.json and summary.csv (and variant.json for a variant) to
