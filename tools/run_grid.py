@@ -2,13 +2,13 @@
 """Run a results grid of Fashion-MNIST-LT and write commit-ready files under results/.
 
 A grid is a recipe plus, per imbalance ratio, a list of run labels (lt_recipes.labels),
-`<base>[+<modules>][@<direction>][#<variant>]`: the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam, gkp, gsa, gkp+gsa), GSA's ascent direction
-when not h_g, and a named variant (VARIANTS: recipe keys changed on top, such as the Euclidean scaling or the group
-count). Each job trains one label, ratio and seed into a scratch run directory, then copies args.yaml, results.json,
-groups.json, quality.json and summary.csv (and variant.json for a variant) to
-results/<folder>_r<ratio>/<label>/seed<k>/; checkpoints stay in scratch. Jobs whose results exist are skipped and
-unfinished scratch runs resume, so a grid can be stopped and continued by a later session. Jobs run one at a time
-by default (the CPU machines have two cores).
+`<base>[+<modules>][@<direction>][#<variant>]`: the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam,
+gkp, gsa, gkp+gsa), GSA's ascent direction when not h_g, and a named variant (VARIANTS: recipe keys changed on top,
+such as the Euclidean scaling or the group count). Each job trains one label, ratio and seed into a scratch run
+directory, then copies args.yaml, results.json, groups.json, quality.json and summary.csv (and variant.json for a
+variant) to results/<folder>_r<ratio>/<label>/seed<k>/; checkpoints stay in scratch. Jobs whose results exist are
+skipped and unfinished scratch runs resume, so a grid can be stopped and continued by a later session. Jobs run one at
+a time by default (the CPU machines have two cores).
 
     python tools/run_grid.py --grid digits                   # the main job's recipe, default method vs its base
     python tools/run_grid.py --grid fmnist16                 # the 16-epoch grid (README results)
