@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from typing import Any, Callable, Sequence
@@ -25,15 +24,12 @@ import yaml
 
 from . import faults
 from .config import defaults, flatten
-from .errors import CheckpointError, OutputError, UnreadableCheckpointError
+from .errors import CheckpointError, OutputError, UnreadableCheckpointError, read_error
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "model_best.pt"
-
-# Lines of torch.load's errors that advise retrying with weights_only=False, which would run code from the file.
-_TORCH_ADVICE = ("weights_only", "Re-running", "arbitrary code", "Please file an issue", "Check the documentation")
 
 
 def _file_mode() -> int:
@@ -171,15 +167,6 @@ def save_checkpoint(path: str, state: dict[str, Any], keep_previous: bool = True
 
     _atomic_write(path, data, point=point, before_replace=rotate)
     return len(data)
-
-
-def read_error(e: BaseException) -> str:
-    """torch.load's error in one line, without its advice to retry with weights_only=False (that would run code)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    kept = [ln for ln in lines if not any(a in ln for a in _TORCH_ADVICE)]
-    what = "holds pickled Python objects, which are never loaded" if isinstance(e, pickle.UnpicklingError) \
-        else "is corrupt or truncated"
-    return f"{what} ({type(e).__name__}: {'; '.join(kept) or 'no detail'})"
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:

@@ -43,7 +43,8 @@ def run_recipe_path(recipe: str | None, run_dir: str | None) -> str:
 
 
 def process_rank() -> int:
-    """This process's rank as torchrun / accelerate launch export it (0 for a plain `python` run)."""
+    """This process's rank as torchrun / accelerate launch export it (0 for a plain `python` run): known before
+    torch is imported and the process group set up (lt_recipes.distributed.rank_and_world asks the group)."""
     return int(os.environ.get("RANK", "0"))
 
 

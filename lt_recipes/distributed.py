@@ -24,10 +24,16 @@ _logger = logging.getLogger(__name__)
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(global rank, world size) of this process; (0, 1) without a process group."""
+    """(global rank, world size) of this process in the default process group; (0, 1) without one. The one place
+    that asks torch.distributed; before the group exists the launcher's environment says it (cli.process_rank)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def world_size() -> int:
+    """Processes in the default process group (1 without one)."""
+    return rank_and_world()[1]
 
 
 def process_name(rank: int) -> str:

@@ -38,8 +38,9 @@ from .sections import Recipe
 from .data import LTData, build_data, build_loaders, normalize_uint8
 from .distributed import check_data_root, check_same_resume
 from .errors import CheckpointError, ConfigError, NonFiniteError
+from .labels import method_label
 from .losses import create_loss
-from .method import Method, create_method, method_label
+from .method import Method, create_method
 from .metrics import format_table, split_report, topk_accuracy
 from .models import create_lt_model
 from .optim import create_optimizer, scaled_lr

@@ -2,7 +2,8 @@
 
 Each reads like the paper; the step classes and the grouping call them. tests/oracles.py holds the plain float64
 versions of the rest (the naive bank, the anchors, Eq. 6, the Fisher, Eq. 16) that the fast paths are tested against.
-The recipe schema validates every option name once, so the functions here trust the names they are given.
+The recipe schema validates every option name once, so the functions here trust the names they are given; they
+take explicit arguments, with literal defaults equal to the schema's (tests/test_sections.py compares them).
 The GSA equations take and return tensors where the step computes them (norms, radii, weights), so a step never
 reads a value back from the device to decide on it; they accept Python floats too.
 """
@@ -14,13 +15,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .sections import GroupsConfig, GSAConfig
 
 # ---- Memory-based grouping (Eq. 2, supplement Eq. 17-19) -----------------------------------------------------
 
 
 def feature_quality(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    beta: float = GroupsConfig.quality_beta, var_floor: float = 1e-12) -> torch.Tensor:
+                    beta: float = 0.5, var_floor: float = 1e-12) -> torch.Tensor:
     """Q(c) = Dis(c) - beta * log Var(c) (supplement Eq. 17-19), vectorised, float64 on the CPU.
 
     mu_c: mean feature of class c; Dis(c) = min_{c' != c} ||mu_c - mu_c'||; Var(c) = mean ||a - mu_c||^2 over the
@@ -74,7 +74,7 @@ PARALLEL_TOL = 1e-6
 
 
 def ascent_direction(direction: str, g_g: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor | None = None,
-                     sigma: float = GSAConfig.friendly_sigma, coef: torch.Tensor | None = None) -> torch.Tensor:
+                     sigma: float = 1.0, coef: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 12 and the ablation directions of paper Table 5 plus FriendlySAM: gsa (h_g = g_g - (<g_g, g> / ||g||^2) g),
     sam (g), gsa_proj (g_g - h_g), friendly (g_g - sigma m).
 

@@ -4,9 +4,15 @@ Every one derives from `LTRecipesError`, which train.py, validate.py and the too
 (it names the key, file or value at fault) and exit with code 2 instead of a traceback. Each also keeps the builtin
 base it has always had (ValueError, RuntimeError, FileNotFoundError, OSError), so callers that catch those still do.
 Errors of the code itself (a broken invariant, a misuse of the API) stay plain builtins and keep their traceback.
-This module imports nothing, so the recipe checks that raise `ConfigError` run before torch is imported.
+This module imports only the standard library, so the recipe checks that raise `ConfigError` run before torch is
+imported.
 """
 from __future__ import annotations
+
+import pickle
+
+# Lines of torch.load's errors that advise retrying with weights_only=False, which would run code from the file.
+_TORCH_ADVICE = ("weights_only", "Re-running", "arbitrary code", "Please file an issue", "Check the documentation")
 
 
 class LTRecipesError(Exception):
@@ -43,6 +49,16 @@ class CheckpointError(LTRecipesError, RuntimeError):
 
 class UnreadableCheckpointError(CheckpointError):
     """A checkpoint file that torch.load(weights_only=True) cannot read: truncated, corrupt, or holding code."""
+
+
+def read_error(e: BaseException) -> str:
+    """torch.load's error in one line, without its advice to retry with weights_only=False (that would run code):
+    what the checkpoint and model loaders say about a file they cannot read."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    kept = [ln for ln in lines if not any(a in ln for a in _TORCH_ADVICE)]
+    what = "holds pickled Python objects, which are never loaded" if isinstance(e, pickle.UnpicklingError) \
+        else "is corrupt or truncated"
+    return f"{what} ({type(e).__name__}: {'; '.join(kept) or 'no detail'})"
 
 
 class OutputError(LTRecipesError, OSError):

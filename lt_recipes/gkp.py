@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from .choices import GKP_NORMS
+from .distributed import rank_and_world
 from .flat import flat_view, pack
 from .models import head_rule, ordered_parameters
 from .sections import DataConfig
@@ -178,7 +179,7 @@ def estimate_fisher(model: nn.Module, *, dataset: Dataset, targets: Sequence[int
     names = {id(p): n for n, p in work.named_parameters()}
     cov_names = [names[id(p)] for p in cov_params]
     chunk = chunk or max(1, 2 ** 26 // max(n_cov, 1))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     fisher = torch.zeros(G, n_cov, dtype=torch.float32, device=device)
     counts = torch.zeros(G, dtype=torch.float64, device=device)
     group_of_sample = group_of_class[targets]

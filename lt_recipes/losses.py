@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,9 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .errors import LossError
-from .sections import LossConfig
+
+if TYPE_CHECKING:
+    from .sections import LossConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class LTLoss(nn.Module):
 
     contrastive_views: int = 0
 
-    def __init__(self, class_counts: Sequence[int], label_smoothing: float = LossConfig.label_smoothing) -> None:
+    def __init__(self, class_counts: Sequence[int], label_smoothing: float = 0.0) -> None:
         super().__init__()
         counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
         if counts.ndim != 1 or counts.numel() == 0:
@@ -77,8 +79,8 @@ class CrossEntropy(LTLoss):
 class LogitAdjusted(LTLoss):
     """Logit-adjusted CE (Menon et al. 2021): CE on z + tau * log(pi), pi the training class prior."""
 
-    def __init__(self, class_counts: Sequence[int], tau: float = LossConfig.tau,
-                 label_smoothing: float = LossConfig.label_smoothing) -> None:
+    def __init__(self, class_counts: Sequence[int], tau: float = 1.0,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__(class_counts, label_smoothing)
         self.tau = tau
         prior = self.class_counts.double() / self.class_counts.double().sum()
@@ -91,7 +93,7 @@ class LogitAdjusted(LTLoss):
 class BalancedSoftmax(LTLoss):
     """Balanced Softmax (Ren et al. 2020): CE on z + log(n_c)."""
 
-    def __init__(self, class_counts: Sequence[int], label_smoothing: float = LossConfig.label_smoothing) -> None:
+    def __init__(self, class_counts: Sequence[int], label_smoothing: float = 0.0) -> None:
         super().__init__(class_counts, label_smoothing)
         self.register_buffer("log_counts", self.class_counts.log())
 
@@ -107,9 +109,9 @@ class LDAMDRW(LTLoss):
     (1 - beta) / (1 - beta^n_c), normalised so the weights sum to C; before it, unweighted.
     """
 
-    def __init__(self, class_counts: Sequence[int], max_m: float = LossConfig.ldam_max_m,
-                 s: float = LossConfig.ldam_s, drw_epoch: int = 0, beta: float = LossConfig.drw_beta,
-                 label_smoothing: float = LossConfig.label_smoothing) -> None:
+    def __init__(self, class_counts: Sequence[int], max_m: float = 0.5,
+                 s: float = 30.0, drw_epoch: int = 0, beta: float = 0.9999,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__(class_counts, label_smoothing)
         self.s = s
         self.drw_epoch = drw_epoch
@@ -183,9 +185,9 @@ class BCL(LogitAdjusted):
 
     contrastive_views = 2
 
-    def __init__(self, class_counts: Sequence[int], alpha: float = LossConfig.bcl_alpha,
-                 beta: float = LossConfig.bcl_beta, temperature: float = LossConfig.bcl_temperature,
-                 tau: float = LossConfig.tau, label_smoothing: float = LossConfig.label_smoothing) -> None:
+    def __init__(self, class_counts: Sequence[int], alpha: float = 2.0,
+                 beta: float = 0.6, temperature: float = 0.1,
+                 tau: float = 1.0, label_smoothing: float = 0.0) -> None:
         super().__init__(class_counts, tau=tau, label_smoothing=label_smoothing)
         self.alpha = alpha
         self.beta = beta

@@ -37,7 +37,7 @@ from .gkp import estimate_fisher, gkp_strength
 from .grouping import DTYPES, MemoryBank, compute_groups
 from .models import is_classifier, ordered_parameters
 from .sections import GSAConfig, Recipe
-from .steps import create_step, method_modules, split_method, step_class, step_info, uses_memory_groups
+from .steps import create_step, split_method, step_class, step_info, uses_memory_groups
 from .steps.core import LossScaler, StepCore, StepStats
 from .steps.released import ReleasedGSA
 
@@ -83,16 +83,6 @@ def compile_forward(recipe: Recipe, model: nn.Module, step: StepCore) -> nn.Modu
     _logger.info("the %s step forwards the model compiled with torch.compile(backend=%s)", type(step).__name__,
                  backend)
     return torch.compile(model, backend=backend)
-
-
-def method_label(recipe: Recipe) -> str:
-    """`<base>` or `<base>+<modules>`, with `@<direction>` when the paper's grouped step ascends along a non-default
-    direction (the released step's direction is its own, named by its reading)."""
-    modules = method_modules(recipe.method)
-    label = "+".join([recipe.loss.name, *modules])
-    if "gsa" in modules and recipe.gsa.step == "grouped" and recipe.gsa.direction != GSAConfig.direction:
-        label += f"@{recipe.gsa.direction}"
-    return label
 
 
 def index_inputs(inputs: torch.Tensor | list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

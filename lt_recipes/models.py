@@ -7,9 +7,11 @@ checkpoint can be loaded with `model.pretrained_path` (timm's loader and `load_p
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Callable, Mapping
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import timm
 import torch
@@ -19,13 +21,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_
 from timm.models import load_pretrained as timm_load_pretrained
 from torch import nn
 
-from .checkpoint import read_error
-from .sections import ModelConfig
 from .data.table import dataset_info
-from .errors import ModelError
-from .segments import shared
+from .errors import ModelError, read_error
+
+if TYPE_CHECKING:
+    from .sections import ModelConfig
 
 _logger = logging.getLogger(__name__)
+_rows = threading.local()
 
 __all__ = ["CifarResNet", "ShortcutA", "CosineLinear", "LTModel", "ModelError", "create_lt_model", "is_classifier",
            "head_rule", "ordered_parameters"]
@@ -74,6 +77,23 @@ def ordered_parameters(model: nn.Module,
     """Trainable parameters split into the GKP-covered ones (encoder and heads) and the excluded ones (classifier)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [p for n, p in named if not is_excluded(n)], [p for n, p in named if is_excluded(n)]
+
+
+@contextlib.contextmanager
+def shared() -> Iterator[None]:
+    """Rows computed inside are not batch samples (BCL's class prototypes): a pass that gives each group's rows
+    parameters of their own (the grouped step's offset pass, lt_recipes.segments) runs the layers inside at the
+    parameters' own value for every row. The model says where its rows are not samples; the pass reads it."""
+    _rows.shared = getattr(_rows, "shared", 0) + 1
+    try:
+        yield
+    finally:
+        _rows.shared -= 1
+
+
+def in_shared() -> bool:
+    """Whether this thread runs inside `shared()`."""
+    return getattr(_rows, "shared", 0) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,7 +159,7 @@ class CifarResNet(nn.Module):
     """CIFAR-style ResNet with the timm model API (`depth` = 6 * blocks_per_stage + 2: 8, 20, 32, 44, 56, 110)."""
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
-                 drop_rate: float = ModelConfig.drop_rate, widths: tuple[int, int, int] = (16, 32, 64),
+                 drop_rate: float = 0.0, widths: tuple[int, int, int] = (16, 32, 64),
                  norm_layer: str = "batchnorm") -> None:
         super().__init__()
         if norm_layer not in NORM_LAYERS:
@@ -253,7 +273,8 @@ class LTModel(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, num_features: int, num_classes: int,
-                 classifier: str = ModelConfig.classifier, cosine_scale: float = ModelConfig.cosine_scale, proj_dims: tuple[int, int] | None = None) -> None:
+                 classifier: str = "linear", cosine_scale: float = 30.0,
+                 proj_dims: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.num_features = num_features
@@ -296,7 +317,7 @@ class LTModel(nn.Module):
         """L2-normalised class prototypes [C, out]: the prototype head applied to the classifier's weight rows.
 
         Their rows are classes, not batch samples: in the grouped step's offset passes they are computed at the
-        parameters' own value (lt_recipes.segments.shared)."""
+        parameters' own value (`shared`)."""
         with shared():
             return F.normalize(self._heads()[1](self.classifier.weight), dim=1)
 

@@ -27,7 +27,6 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .choices import BACKENDS
-from .sections import GSAConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def _gkp_penalty_accumulate_fake(theta: torch.Tensor, anchors: torch.Tensor, fis
     return theta.new_empty(())
 
 
-def gsa_project(grads: torch.Tensor, weights: torch.Tensor, backend: str = GSAConfig.backend,
+def gsa_project(grads: torch.Tensor, weights: torch.Tensor, backend: str = "auto",
                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global gradient and each group's component along it, in one read of the group gradients.
 
@@ -251,7 +250,7 @@ def _gsa_project_reference(grads: torch.Tensor, weights: torch.Tensor, out: torc
 
 
 def gkp_penalty(theta: torch.Tensor, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor,
-                grad_out: torch.Tensor | None = None, backend: str = GSAConfig.backend) -> torch.Tensor:
+                grad_out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """sum_j coef_j sum_i fisher_ji (theta_i - anchors_ji)^2 as a 0-dim tensor of theta's dtype, in one pass.
 
     theta [d] and coef [G] are float32, or both float64 (the float64 path: CPU kernel or reference); anchors and

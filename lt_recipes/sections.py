@@ -354,7 +354,7 @@ class GSAConfig(Section):
 
     # Z (or C) of Eq. 13 and the clamp of rho_g that belong to each perturbation scaling (docs/method.md), used where
     # gsa.z is null and gsa.rho_clamp is auto: the released code's adaptive scaling with C = 0.1 and a clamp ten times
-    # below its [0.002, 0.003] (measured on the 64-epoch grid: the released clamp cost 1.9-9.6 points on every base);
+    # below its [0.002, 0.003] (docs/method.md, "Perturbation scaling": what the released clamp cost on every base);
     # Eq. 13-14 as printed with Z = 1e-2 and no clamp. The released step's own are its script's.
     SCALE_DEFAULTS: ClassVar[dict[str, tuple[float, tuple[float, float] | None]]] = {
         "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}

@@ -11,9 +11,9 @@ BatchNorm still normalises the whole batch (its affine part is per segment). Two
   theta: group g's samples see theta + eps_g, the perturbed group losses of Eq. 15 in one pass.
 
 A model input may stack several views of the batch ([x, v1, v2] for BCL): a layer input of k * B rows is read as k
-copies of the segments. Computations whose rows are not samples (BCL's class prototypes) run inside `shared()`,
-at the parameters' own value; a layer that sees a row count that is not a multiple of B outside `shared()` is an
-error rather than a silent mis-assignment.
+copies of the segments. Computations whose rows are not samples (BCL's class prototypes) run inside
+`lt_recipes.models.shared()`, at the parameters' own value (the model says where; this pass reads it); a layer that
+sees a row count that is not a multiple of B outside `shared()` is an error rather than a silent mis-assignment.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from .models import in_shared, shared
 
 _logger = logging.getLogger(__name__)
 
@@ -71,17 +73,7 @@ class Layout:
 
 
 def _active() -> tuple[Layout, dict[int, torch.Tensor], bool] | None:
-    return None if getattr(_state, "shared", 0) else getattr(_state, "active", None)
-
-
-@contextlib.contextmanager
-def shared() -> Iterator[None]:
-    """Layers inside run at their parameters' own value for every row (rows that are not batch samples)."""
-    _state.shared = getattr(_state, "shared", 0) + 1
-    try:
-        yield
-    finally:
-        _state.shared -= 1
+    return None if in_shared() else getattr(_state, "active", None)
 
 
 def _base(p: torch.Tensor) -> torch.Tensor:

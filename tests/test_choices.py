@@ -14,7 +14,7 @@ from lt_recipes.gkp import gkp_strength
 from lt_recipes.grouping import DTYPES, MemoryBank
 from lt_recipes.steps import GroupedSAM
 from lt_recipes.losses import BCL, LOSS_BUILDERS, create_loss
-from lt_recipes.method import method_label
+from lt_recipes.labels import method_label
 from lt_recipes.steps import list_methods
 from lt_recipes.models import LTModel
 from lt_recipes.optim import scaled_lr

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+from typing import Iterator
 
 import pytest
 
@@ -45,6 +46,51 @@ _NOT_LITERAL = object()
 
 def _package_sources() -> list[pathlib.Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("sections.py", "choices.py"))
+
+
+def _defaults(path: pathlib.Path) -> Iterator[tuple[str, int, str, ast.expr]]:
+    """(qualified function name, line, parameter, default expression) of every parameter default in a source file."""
+    def walk(node: ast.AST, prefix: str) -> Iterator[tuple[str, int, str, ast.expr]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = child.args.posonlyargs + child.args.args
+                pairs = list(zip(args[len(args) - len(child.args.defaults):], child.args.defaults))
+                pairs += [(a, d) for a, d in zip(child.args.kwonlyargs, child.args.kw_defaults) if d is not None]
+                for arg, default in pairs:
+                    yield prefix + child.name, child.lineno, arg.arg, default
+                yield from walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                yield from walk(child, f"{prefix}{child.name}.")
+            else:
+                yield from walk(child, prefix)
+    return walk(ast.parse(path.read_text()), "")
+
+
+# The lower layers (the math, the ops, the models, the losses) take explicit arguments with literal defaults and do
+# not import the recipe schema (tests/test_layers.py); each of those defaults that a recipe key also sets is listed
+# here with that key, and must equal the key's default.
+LITERAL_DEFAULTS = {
+    ("equations.py", "feature_quality", "beta"): "groups.quality_beta",
+    ("equations.py", "ascent_direction", "sigma"): "gsa.friendly_sigma",
+    ("ops.py", "gsa_project", "backend"): "gsa.backend",
+    ("ops.py", "gkp_penalty", "backend"): "gsa.backend",
+    ("models.py", "CifarResNet.__init__", "drop_rate"): "model.drop_rate",
+    ("models.py", "LTModel.__init__", "classifier"): "model.classifier",
+    ("models.py", "LTModel.__init__", "cosine_scale"): "model.cosine_scale",
+    ("losses.py", "LTLoss.__init__", "label_smoothing"): "loss.label_smoothing",
+    ("losses.py", "LogitAdjusted.__init__", "tau"): "loss.tau",
+    ("losses.py", "LogitAdjusted.__init__", "label_smoothing"): "loss.label_smoothing",
+    ("losses.py", "BalancedSoftmax.__init__", "label_smoothing"): "loss.label_smoothing",
+    ("losses.py", "LDAMDRW.__init__", "max_m"): "loss.ldam_max_m",
+    ("losses.py", "LDAMDRW.__init__", "s"): "loss.ldam_s",
+    ("losses.py", "LDAMDRW.__init__", "beta"): "loss.drw_beta",
+    ("losses.py", "LDAMDRW.__init__", "label_smoothing"): "loss.label_smoothing",
+    ("losses.py", "BCL.__init__", "alpha"): "loss.bcl_alpha",
+    ("losses.py", "BCL.__init__", "beta"): "loss.bcl_beta",
+    ("losses.py", "BCL.__init__", "temperature"): "loss.bcl_temperature",
+    ("losses.py", "BCL.__init__", "tau"): "loss.tau",
+    ("losses.py", "BCL.__init__", "label_smoothing"): "loss.label_smoothing",
+}
 
 
 def test_the_schema_is_derived_from_the_sections():
@@ -90,25 +136,37 @@ def test_every_option_list_is_one_registry_tuple():
 
 def test_no_default_is_written_twice():
     """No function or constructor in the package gives a literal default to a parameter named like a section key
-    with that key's default: it takes it from the section (`rho: float = SAMConfig.rho`)."""
+    with that key's default: it takes it from the section (`rho: float = SAMConfig.rho`), or, in a lower layer that
+    does not import the schema, is listed in LITERAL_DEFAULTS, which the next test compares with the sections."""
     defaults = _section_defaults()
     twice = []
     for path in _package_sources():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for name, line, arg, default in _defaults(path):
+            value = _literal(default)
+            if value is _NOT_LITERAL or value is None or (path.name, name, arg) in LITERAL_DEFAULTS:
                 continue
-            args = node.args.posonlyargs + node.args.args
-            pairs = list(zip(args[len(args) - len(node.args.defaults):], node.args.defaults))
-            pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
-            for arg, default in pairs:
-                value = _literal(default)
-                if value is _NOT_LITERAL or value is None:
-                    continue
-                for key, key_default in defaults.get(arg.arg, []):
-                    if value == key_default and type(value) is type(key_default):
-                        twice.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}({arg.arg}="
-                                     f"{value!r}) repeats {key}")
+            for key, key_default in defaults.get(arg, []):
+                if value == key_default and type(value) is type(key_default):
+                    twice.append(f"{path.relative_to(PACKAGE.parent)}:{line} {name}({arg}={value!r}) repeats {key}")
     assert not twice, "\n".join(twice)
+
+
+def test_the_lower_layers_literal_defaults_equal_the_sections():
+    """Each literal default of LITERAL_DEFAULTS is there, a literal, and equal (value and type) to its key's default
+    in the sections: a default changed in the schema and not in the math (or back) fails here."""
+    keys = {f"{section.section}.{name}": field.default for section in SECTIONS
+            for name, field in section.fields().items()}
+    found = {}
+    for path in {PACKAGE / f for f, _, _ in LITERAL_DEFAULTS}:
+        for name, line, arg, default in _defaults(path):
+            if (path.name, name, arg) in LITERAL_DEFAULTS:
+                found[path.name, name, arg] = (line, _literal(default))
+    assert found.keys() == LITERAL_DEFAULTS.keys(), f"not found: {sorted(LITERAL_DEFAULTS.keys() - found.keys())}"
+    for where, key in LITERAL_DEFAULTS.items():
+        line, value = found[where]
+        assert value is not _NOT_LITERAL, f"{where[0]}:{line} {where[1]}({where[2]}) is not a literal"
+        assert value == keys[key] and type(value) is type(keys[key]), \
+            f"{where[0]}:{line} {where[1]}({where[2]}={value!r}) differs from {key} = {keys[key]!r}"
 
 
 def test_a_hand_built_section_checks_itself():

@@ -3,7 +3,7 @@ import pytest
 
 from lt_recipes.config import load_config, load_recipe
 from lt_recipes.data import build_data
-from lt_recipes.method import method_label
+from lt_recipes.labels import method_label
 from lt_recipes.sections import GSAConfig, Recipe
 from toolload import load_tool
 
@@ -112,6 +112,21 @@ def test_the_default_variant_spells_out_the_current_defaults():
         assert _resolved(default) == plain
     others = [v for v in ("paper", "paper_exact", "released") if v != grid.DEFAULT_VARIANT]
     assert all(_resolved(load_config(recipe, grid.overrides(f"bcl+gkp+gsa#{v}", 100, 0))) != plain for v in others)
+
+
+def test_the_default_variant_is_read_from_the_sections(monkeypatch):
+    """run_grid takes the default step's variant from the schema: with the released clamp as the adaptive scaling's
+    default, the variant spelling the exact step at that clamp becomes the default one; with two variants spelling
+    the defaults out, it refuses to choose."""
+    grid = load_tool("run_grid")
+    assert grid.default_variant() == grid.DEFAULT_VARIANT == "paper_exact_rho_div10"
+    monkeypatch.setattr(GSAConfig, "SCALE_DEFAULTS", {**GSAConfig.SCALE_DEFAULTS,
+                                                      "adaptive": (0.1, GSAConfig.RELEASED_RADIUS[1])})
+    assert grid.default_variant() == "paper_exact"
+    monkeypatch.undo()
+    monkeypatch.setitem(grid.VARIANTS, "spelled_twice", list(grid.VARIANTS[grid.DEFAULT_VARIANT]))
+    with pytest.raises(RuntimeError, match="2 variants spell out"):
+        grid.default_variant()
 
 
 def test_long_recipe_has_the_paper_schedule_shape():

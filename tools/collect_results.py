@@ -34,6 +34,7 @@ from lt_recipes.checkpoint import atomic_write_text
 from lt_recipes.cli import last_error
 from lt_recipes.choices import DIRECTIONS, LOSSES
 from lt_recipes.errors import AnalysisError, LTRecipesError
+from lt_recipes.labels import parse_label
 from lt_recipes.steps import list_methods, method_modules
 
 from analysis import (head_to_tail, indexed_columns, load_run, new_figure, read_json, read_summary, save_figure,
@@ -99,15 +100,6 @@ class MethodStats:
     groups: int | None
 
 
-def parse_label(label: str) -> tuple[str, str, str, str]:
-    """'bcl+gkp+gsa@sam#G2' -> ('bcl', 'gkp+gsa', 'sam', 'G2'); the direction is 'gsa' when no '@' is given and
-    the variant '' when no '#' is."""
-    name, _, variant = label.partition("#")
-    name, _, direction = name.partition("@")
-    base, _, modules = name.partition("+")
-    return base, modules, direction or "gsa", variant
-
-
 # the direction ablation (Table 5) by direction, the component ablation (Table 4) by base and modules
 PAPER_DIRECTIONS = {parse_label(label)[2]: top1 for label, top1 in paper_top1("Table 5").items()}
 PAPER_COMPONENTS: dict[str, dict[str, float]] = {}
@@ -135,7 +127,7 @@ def _scan(root: str) -> dict[str, dict[str, list[tuple[str, dict[str, Any]]]]]:
         missing = [k for k in ("method", "seed", "dataset", "imbalance_ratio", "per_class") + METRICS if k not in res]
         if missing:
             raise AnalysisError(f"{path} lacks key(s) {missing}")
-        name, _, variant = method.partition("#")
+        name, variant = parse_label(method).plain, parse_label(method).variant
         if res["method"] != name:
             raise AnalysisError(f"{path}: method {res['method']!r} does not match its folder {method!r}")
         if variant:
@@ -440,11 +432,11 @@ def per_class_plot(stats: dict[str, MethodStats], pairs: Sequence[tuple[str, str
 def group_table(stats: dict[str, MethodStats]) -> list[str]:
     """Top-1 of base+gkp+gsa at each group number G (`#G<n>` runs; the label without a variant is the recipe's G)."""
     rows = []
-    for plain in sorted({m.partition("#")[0] for m in stats if parse_label(m)[1] == "gkp+gsa"}, key=_order_key):
+    for plain in sorted({parse_label(m).plain for m in stats if parse_label(m)[1] == "gkp+gsa"}, key=_order_key):
         # `#G<n>` beside the plain label, or `#<DEFAULT_VARIANT>_G<n>` beside the spelled-out default step
         full = current_label(stats, plain)
         prefix = "" if full == plain else f"{DEFAULT_VARIANT}_"
-        counts = sorted((int(v[len(prefix) + 1:]), m) for m in stats if m.partition("#")[0] == plain
+        counts = sorted((int(v[len(prefix) + 1:]), m) for m in stats if parse_label(m).plain == plain
                         for v in [parse_label(m)[3]] if v.startswith(prefix + "G") and v[len(prefix) + 1:].isdigit())
         if not counts or full is None:
             continue

@@ -32,10 +32,11 @@ from lt_recipes.checkpoint import atomic_write_text
 from lt_recipes.config import load_recipe
 from lt_recipes.data.profile import long_tail_counts
 from lt_recipes.errors import AnalysisError, LTRecipesError
+from lt_recipes.labels import parse_label
 from lt_recipes.sections import Recipe
 
 from collect_results import METRICS, _fmt, _scan, _table, read_paper, replace_block, summarize
-from run_grid import GRID_SETS, GRIDS, PAPER_GRIDS, ROOT, Grid, folder_of, overrides, parse
+from run_grid import GRID_SETS, GRIDS, PAPER_GRIDS, ROOT, Grid, folder_of, overrides
 
 _logger = logging.getLogger("paper_tables")
 
@@ -154,7 +155,7 @@ def project(grid: Grid, label: str, ratio: int | None, bench: Bench) -> Projecti
             plain_ms, basis = plain_ms + compute_ms - step["sgd_ms"] * timed_images / step["batch"], basis + "S"
     else:
         plain_ms, basis = compute_ms, "S" + basis
-    modules = parse(label)[1]
+    modules = parse_label(label).modules
     method_ms, start = plain_ms, recipe.epochs
     if same_step_measured(recipe, bench):
         _, epoch = bench.epochs[recipe.model.name]

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Run a results grid of Fashion-MNIST-LT and write commit-ready files under results/.
 
-A grid is a recipe plus, per imbalance ratio, a list of run labels `<base>[+<modules>][@<direction>][#<variant>]`:
-the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam, gkp, gsa, gkp+gsa), GSA's ascent direction
-when not h_g, and a named variant (VARIANTS: recipe keys changed on top, such as the Euclidean scaling or the group
-count). Each job trains one label, ratio and seed into a scratch run directory, then copies args.yaml, results.json,
-groups.json, quality.json and summary.csv (and variant.json for a variant) to
-results/<folder>_r<ratio>/<label>/seed<k>/; checkpoints stay in scratch. Jobs whose results exist are skipped and
-unfinished scratch runs resume, so a grid can be stopped and continued by a later session. Jobs run one at a time
-by default (the CPU machines have two cores).
+A grid is a recipe plus, per imbalance ratio, a list of run labels (lt_recipes.labels),
+`<base>[+<modules>][@<direction>][#<variant>]`: the base loss (ce, la, bs, ldam_drw, bcl), the method's modules (sam,
+gkp, gsa, gkp+gsa), GSA's ascent direction when not h_g, and a named variant (VARIANTS: recipe keys changed on top,
+such as the Euclidean scaling or the group count). Each job trains one label, ratio and seed into a scratch run
+directory, then copies args.yaml, results.json, groups.json, quality.json and summary.csv (and variant.json for a
+variant) to results/<folder>_r<ratio>/<label>/seed<k>/; checkpoints stay in scratch. Jobs whose results exist are
+skipped and unfinished scratch runs resume, so a grid can be stopped and continued by a later session. Jobs run one at
+a time by default (the CPU machines have two cores).
 
     python tools/run_grid.py --grid digits                   # the main job's recipe, default method vs its base
     python tools/run_grid.py --grid fmnist16                 # the 16-epoch grid (README results)
@@ -39,9 +39,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from lt_recipes.steps import list_methods, list_steps, method_modules
 from lt_recipes.cli import last_error
+from lt_recipes.config import defaults, flatten, parse_override, reading_preset
+from lt_recipes.labels import DEFAULT_DIRECTION, parse_label
+from lt_recipes.sections import GSAConfig
+from lt_recipes.steps import list_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = {
@@ -51,10 +55,6 @@ BASES = {
     "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
-# the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
-METHOD_OF_MODULES = {"+".join(method_modules(method)): method for method in list_methods()}
-# the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
-DEFAULT_VARIANT = "paper_exact_rho_div10"
 # the adaptive radius clamp of the released code, the default before the readings grid measured a smaller one
 _RELEASED_CLAMP = "gsa.rho_clamp=[0.002, 0.003]"
 VARIANTS = {
@@ -75,13 +75,13 @@ VARIANTS = {
     "paper_exact": ["reading=paper", "gsa.perturbation=per_group_exact", _RELEASED_CLAMP],  # one pass per group
     "paper_ema": ["reading=paper", "gsa.perturbation=per_group", "gsa.group_grad_ema=0.9", _RELEASED_CLAMP],
     "released": ["reading=released"],                                     # the authors' script as its README runs it
-    # ASAM at the released radius: rho = sqrt(d) x 0.003 (its clamp's top) = 1.57 for BCL's ResNet-8, d = 274,928
+    # ASAM at the released radius (docs/results.md, "What the readings grid says": how the value follows from it)
     # (run as method sam with sam.adaptive, the key before ASAM was a step of its own)
     "r1.57": ["asam.rho=1.57"],
     "b128": ["data.batch_size=128", "optim.lr=0.2"],                       # 4x the batch, the learning rate scaled
     "paper_exact_b128": ["reading=paper", "gsa.perturbation=per_group_exact", "data.batch_size=128", "optim.lr=0.2",
                          _RELEASED_CLAMP],
-    # a ten times smaller radius clamp (the perturbed-pass loss rose by a median 1.4 at the released one): the default
+    # a ten times smaller radius clamp, the default (docs/method.md, "Perturbation scaling": why)
     "paper_exact_rho_div10": ["reading=paper", "gsa.perturbation=per_group_exact", "gsa.rho_clamp=[0.0002, 0.0003]"],
     "paper_exact_lam1e5": ["reading=paper", "gsa.perturbation=per_group_exact", "gkp.lam=1e5", _RELEASED_CLAMP],
     # the default step with another group number (the paper's Table 4 ablation)
@@ -91,7 +91,7 @@ VARIANTS = {
                                      "gsa.rho_clamp=[0.0002, 0.0003]", "gkp.lam=1e5"],
     "lam0": ["gkp.lam=0"],                                                # GKP's control: alpha's schedule alone
     # GKP strength sweep: lambda with the released Fisher (batch_mean) and EWC's (per_sample), and the paper's |G_j|
-    # (8-epoch probes at lambda 100: ||grad GKP|| / ||grad task|| about 1e-4 with batch_mean, 3e-2 with per_sample)
+    # (the ranges probed: docs/results.md, "What the readings grid says")
     **{f"lam1e{k}": [f"gkp.lam=1e{k}"] for k in (4, 5, 6, 7)},
     **{f"ps_lam1e{k}": ["gkp.fisher=per_sample", f"gkp.lam=1e{k}"] for k in (1, 2, 3, 4)},
     "classes": ["gkp.norm=per_classes"], "ps_classes": ["gkp.fisher=per_sample", "gkp.norm=per_classes"],
@@ -101,6 +101,40 @@ VARIANTS = {
     "G8": ["groups.num_groups=8"],
 }
 COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv"]
+
+
+def resolved(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat recipe keys with the grouped step's radius written out (a null gsa.z and an `auto` clamp: the values
+    GSAConfig.radius resolves them to), so that two spellings of one step compare equal."""
+    z, clamp = GSAConfig.radius(flat["gsa.step"], flat["gsa.scale"], flat["gsa.z"], flat["gsa.rho_clamp"])
+    return {**flat, "gsa.z": z, "gsa.rho_clamp": None if clamp is None else list(clamp)}
+
+
+def variant_keys(name: str) -> dict[str, Any]:
+    """The flat recipe keys a variant sets, its `reading` spelled out as the reading's preset."""
+    out: dict[str, Any] = {}
+    for text in VARIANTS[name]:
+        key, value = parse_override(text)
+        out.update(reading_preset(value) if key == "reading" else {key: value})
+    return out
+
+
+def default_variant() -> str:
+    """The variant that spells out the grouped step's defaults (the schema's, lt_recipes.sections): of the variants
+    that set only `reading` and gsa keys, the one whose keys change nothing of the schema's defaults. Its rows stand
+    for the default step in the tables; a changed default makes another variant (or none) the one."""
+    schema = flatten(defaults())
+    candidates = [name for name, keys in VARIANTS.items()
+                  if all(k.startswith(("reading=", "gsa.")) for k in keys)
+                  and resolved({**schema, **variant_keys(name)}) == resolved(schema)]
+    if len(candidates) != 1:
+        raise RuntimeError(f"tools/run_grid.py: {len(candidates)} variants spell out the grouped step's defaults "
+                           f"({', '.join(candidates) or 'none'}); VARIANTS needs exactly one")
+    return candidates[0]
+
+
+# the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
+DEFAULT_VARIANT = default_variant()
 
 
 @dataclass(frozen=True)
@@ -117,7 +151,7 @@ class Grid:
 
 # The paper's recipes are BCL recipes (BCL is the paper's base): the BCL rows take the recipe as it is; the CE rows
 # drop BCL's extra views, projection head and cosine classifier, and train with crop and flip (the plain CE
-# baseline of the long-tail literature, 38.3-38.4 on CIFAR-100-LT r=100).
+# baseline of the long-tail literature; docs/reproduce.md).
 PAPER_BASES = {"bcl": [], "ce": ["loss.name=ce", "data.contrastive_views=0", "model.proj_head=null",
                                   "model.classifier=linear", "data.augment=basic"]}
 _TABLE1 = ["ce", "ce+gkp+gsa", "bcl", "bcl+gkp+gsa"]
@@ -170,7 +204,7 @@ GRIDS = {
         "bcl+gkp+gsa#released", "bcl+gkp#lam0", "bcl", "bcl+gkp", "bcl#b128",
         # the chosen default (the exact paper reading: every group ascends) at 4x the batch and on the other bases
         "bcl+gkp+gsa#paper_exact_b128", "ce", "ce+gkp+gsa#paper_exact", "la", "la+gkp+gsa#paper_exact",
-        # phase 2: a ten times smaller radius (seed 0 on BCL: 83.6 against 80.1 at the released clamp) on every base;
+        # phase 2: a ten times smaller radius on every base;
         # the strongest GKP that binds without diverging (the sweep: batch-mean Fisher, lambda 1e5) alone and inside
         # the default step
         "bcl+gkp+gsa#paper_exact_rho_div10", "ce+gkp+gsa#paper_exact_rho_div10", "la+gkp+gsa#paper_exact_rho_div10",
@@ -198,23 +232,15 @@ EXTRAS = {"fmnist64": {100: [f"bcl+gkp+gsa#{DEFAULT_VARIANT}_G2", f"bcl+gkp+gsa#
                              "ce+gkp+gsa#per_group_share", "ce+gkp+gsa#per_group_rho_div10"]}}
 
 
-def parse(label: str) -> tuple[str, str, str, str]:
-    """'bcl+gkp+gsa@sam#G2' -> ('bcl', 'gkp+gsa', 'sam', 'G2'); empty strings for what is not given."""
-    label, _, variant = label.partition("#")
-    label, _, direction = label.partition("@")
-    base, _, mods = label.partition("+")
-    return base, mods, direction, variant
-
-
 def overrides(label: str, ratio: int | None, seed: int, bases: dict[str, list[str]] = BASES) -> list[str]:
     """Recipe overrides for a run label such as `la+gkp+gsa@sam` or `bcl+gkp+gsa#G2` (`bases`: the grid's base keys;
     a ratio of None leaves a list-file dataset's own long tail)."""
-    base, mods, direction, variant = parse(label)
-    out = bases[base] + [f"method={METHOD_OF_MODULES[mods]}"]
+    run = parse_label(label)
+    out = bases[run.base] + [f"method={run.method}"]
     out += ([] if ratio is None else [f"data.imbalance_ratio={ratio}"]) + [f"seed={seed}"]
-    out += VARIANTS[variant] if variant else []
+    out += VARIANTS[run.variant] if run.variant else []
     # the direction after the variant: a variant's `reading=...` presets the direction, a key set after it wins
-    return out + ([f"gsa.direction={direction}"] if direction else [])
+    return out + ([f"gsa.direction={run.direction}"] if run.direction != DEFAULT_DIRECTION else [])
 
 
 def folder_of(grid: Grid, ratio: int | None) -> str:
@@ -286,7 +312,7 @@ def _train_and_copy(grid: Grid, label: str, ratio: int, seed: int, args: argpars
     for name in ["args.yaml", "train.log"] if diverged else COPY:
         if os.path.exists(os.path.join(scratch, name)):
             shutil.copy(os.path.join(scratch, name), os.path.join(dest, name))
-    variant = parse(label)[3]
+    variant = parse_label(label).variant
     if variant:
         with open(os.path.join(dest, "variant.json"), "w") as f:
             json.dump({"name": variant, "overrides": VARIANTS[variant]}, f, indent=1)

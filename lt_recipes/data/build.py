@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,13 +19,15 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError, DataNotFoundError
 from ..metrics import class_splits
-from ..sections import DataConfig
 from .image_lists import ImageListDataset, Record, check_images, read_entries
 from .in_memory import TensorImageDataset
 from .loader import resolve_num_workers
 from .profile import balanced_pick, class_sizes, hold_out_val, long_tail_indices
 from .table import DatasetInfo, dataset_info
 from .transforms import build_transforms, eval_data_config
+
+if TYPE_CHECKING:
+    from ..sections import DataConfig
 
 _logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..errors import DataError
-from ..sections import DataConfig
 
 if TYPE_CHECKING:  # build imports resolve_num_workers from here
+    from ..sections import DataConfig
     from .build import LTData
 
 

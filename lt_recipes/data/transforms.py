@@ -6,15 +6,17 @@ row allows (never digits: a mirrored digit is a different glyph). Image files (I
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.transforms import v2
 
 from ..errors import DataError
-from ..sections import DataConfig
 from .table import dataset_info
+
+if TYPE_CHECKING:
+    from ..sections import DataConfig
 
 # How both evaluation pipelines resize: bilinearly, torchvision v2's default and timm's create_transform's.
 EVAL_INTERPOLATION = "bilinear"

@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import equations, ops
 from ..batchnorm import BNState
+from ..distributed import world_size
 from ..errors import ModelError
 from ..flat import FlatParams
 from ..models import head_rule, ordered_parameters
@@ -75,11 +76,6 @@ class LossScaler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
-
-
-def world_size() -> int:
-    """Processes in the default group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
