@@ -75,12 +75,6 @@ def _set_vector(params: Sequence[torch.Tensor], vec: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def _flat_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor], lead: tuple[int, ...] = ()):
-    """Concatenate gradients (None: zeros) into [*lead, n] float32."""
-    return torch.cat([(g if g is not None else p.new_zeros(*lead, *p.shape)).reshape(*lead, -1).float()
-                      for g, p in zip(grads, params)], dim=-1)
-
-
 def _batch_statistics(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every BatchNorm layer's batch mean and (biased) variance in one training-mode forward of `x`, as the running
     statistics buffers an evaluation-mode forward would need to normalise exactly as that forward did."""

@@ -130,7 +130,7 @@ def test_fewer_groups_than_asked_are_said_once_and_read_everywhere(tmp_path, cap
 
     cfg = load_config("digits_lt", ["epochs=3", "method=gsa", "gsa.perturbation=per_group", "groups.num_groups=16",
                                     "groups.start_epoch=1", "groups.interval=1", "data.batch_size=128"])
-    caplog.set_level(logging.WARNING, logger="lt_recipes.method")
+    caplog.set_level(logging.WARNING, logger="lt_recipes.grouping_cycle")
     trainer = Trainer(cfg, str(tmp_path))
     trainer.fit()
     said = [r for r in caplog.records if "groups of the 16 asked" in r.getMessage()]

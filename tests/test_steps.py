@@ -334,8 +334,8 @@ def test_registry_is_the_one_source_of_methods_and_their_options():
     cfg = defaults()
     for name, cls in classes.items():
         info = step_info(name)
-        # gsa's section also configures the released step and the ops; gbg's sets how many groups the method forms
-        if info.section is None or name == "gsa" or info.grouping == "gradient":
+        # gsa's section also configures the released step and the ops
+        if info.section is None or name == "gsa":
             continue
         sig = inspect.signature(cls.__init__).parameters
         own = {k: p.default for k, p in sig.items()

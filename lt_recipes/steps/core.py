@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -127,6 +127,24 @@ class StepStats:
         return StepStats(**out, skipped=self.skipped)
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a step may read from the training run before its first step (`StepCore.prepare`): the training images
+    with the test-time transform (`dataset`, yielding (image, label)) and their labels (`targets`), the training
+    images per class, the base's per-sample classification loss on logits, the evaluation batch size, the device,
+    the run's seed and loader settings (workers, pinned memory), and whether this process speaks for the run."""
+
+    dataset: Any
+    targets: Sequence[int]
+    class_counts: Sequence[int]
+    head_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batch_size: int
+    device: torch.device
+    seed: int = 0
+    loader_kw: Mapping[str, Any] = field(default_factory=dict)
+    is_main_process: bool = True
+
+
 def sample_counts(index: torch.Tensor, size: int) -> torch.Tensor:
     """How many entries of `index` hold each value 0..size-1, float64 on the device (a bincount that, unlike
     torch.bincount, needs no host read to size its output)."""
@@ -210,6 +228,14 @@ class StepCore:
     def num_groups(self) -> int:
         """The groups installed by `set_groups` (0 before)."""
         return len(self.group_sizes)
+
+    def prepare(self, run: TrainingRun) -> None:
+        """Hook before a training run's first step (lt_recipes.method): a step that needs the run's data forms what
+        it needs here (GBG its groups); the others need nothing."""
+
+    def artifacts(self) -> dict[str, Any]:
+        """Extra JSON files for the run directory, by file name, that the step itself produces (none)."""
+        return {}
 
     # ---- groups and GKP --------------------------------------------------------------------------------------
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
