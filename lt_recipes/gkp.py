@@ -1,8 +1,10 @@
-"""Grouped Knowledge Preservation (paper Eq. 5-6): Fisher estimates and the per-group strengths.
+"""Grouped Knowledge Preservation (paper Eq. 5-6): the GKP term every step carries, Fisher estimates and the
+per-group strengths.
 
 Summed over the groups of Eq. 16 with group weights w_g, the penalty is sum_j c_j sum_i F_ji (theta_i - theta*_ji)^2
-with c_j = (1 - alpha) (sum_{g != j} w_g) (lambda / 2) / |G_j|, which `lt_recipes.ops.gkp_penalty` evaluates with
-its gradient in one pass over theta, the anchors and the Fisher rows (`GroupedSAM` forms c_j every step).
+with c_j = (1 - alpha) (sum_{g != j} w_g) (lambda / 2) / |G_j|: `GKPTerm` holds the anchors, Fisher rows, strengths
+and GKP's groups, forms c_j and evaluates the penalty with its gradient in one pass over theta, the anchors and the
+Fisher rows (`lt_recipes.ops.gkp_penalty`); the step core (lt_recipes.steps.core) adds it to every step the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
+from . import equations, ops
 from .choices import GKP_NORMS
 from .flat import flat_view, pack
 from .models import head_rule, ordered_parameters
@@ -65,6 +68,38 @@ def check_gkp_state(anchors: torch.Tensor, fisher: torch.Tensor, strength: torch
     if strength.shape != (G,) or not strength.is_floating_point():
         raise ValueError(f"set_gkp: strength must be a floating [G] = [{G}] tensor (gkp_strength), got "
                          f"{strength.dtype} {list(strength.shape)}")
+
+
+class GKPTerm:
+    """GKP (Eq. 6) as one term: group j's anchor a_j and Fisher row F_j over a step's covered parameters ([G,
+    num_covered] each, flattened in `named_parameters` order), its strength s_j = (lambda / 2) / |G_j| ([G],
+    `gkp_strength`), and GKP's group of every class (None: the step's own groups, `StepCore.set_groups`).
+
+    In an update whose task term weighs group g by w_g and the task gradient by alpha (Eq. 16), group j's penalty
+    s_j sum_i F_ji (theta_i - a_ji)^2 is weighted (1 - alpha) sum_{g != j} w_g (`coefficients`); `penalty` evaluates
+    the weighted sum with its gradient in one fused pass. Built by `StepCore.set_gkp`, which checks the shapes and
+    dtypes (`check_gkp_state`) and moves the tensors to the parameters' device."""
+
+    def __init__(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
+                 group_of_class: torch.Tensor | None = None) -> None:
+        self.anchors = anchors
+        self.fisher = fisher
+        self.strength = strength
+        self.group_of_class = group_of_class
+
+    @property
+    def num_groups(self) -> int:
+        return self.anchors.shape[0]
+
+    def coefficients(self, alpha: float, weights: torch.Tensor) -> torch.Tensor:
+        """c_j = (1 - alpha) s_j sum_{g != j} w_g for the groups' weights `weights` in the update ([G], float64)."""
+        return (1 - alpha) * self.strength * equations.gkp_weights(weights).to(self.strength.dtype)
+
+    def penalty(self, theta: torch.Tensor, coef: torch.Tensor, grad_out: torch.Tensor, backend: str) -> torch.Tensor:
+        """sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the covered parameters `theta` (0-dim, on the device), its
+        gradient added to `grad_out`; formed in theta's dtype (float64 for a float64 model)."""
+        return ops.gkp_penalty(theta, self.anchors, self.fisher, coef.to(theta.dtype), grad_out=grad_out,
+                               backend=backend)
 
 
 @torch.no_grad()
