@@ -38,7 +38,6 @@ from ..errors import ModelError
 from ..flat import FlatParams
 from ..gkp import GKPTerm, check_gkp_state
 from ..models import head_rule, ordered_parameters
-from ..sections import GSAConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -186,7 +185,11 @@ class StepCore:
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int = 0,
                  is_excluded: Callable[[str], bool] | None = None,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
-                 clip_grad: float | None = None, backend: str = GSAConfig.backend) -> None:
+                 clip_grad: float | None = None, backend: str = "auto") -> None:
+        """`num_rows` gradient rows (a step's per-group or scratch gradients), `is_excluded` the head rule (None:
+        `models.head_rule`), `autocast` and `scaler` the mixed precision, `clip_grad` the update's norm clip, `backend`
+        the fused ops' (recipe key gsa.backend). The defaults are written here, not read from the recipe schema;
+        tests/test_sections.py checks them against it."""
         self.model = model
         self.base_optimizer = base_optimizer
         covered, rest = ordered_parameters(model, is_excluded or head_rule(model))  # the head last, not covered

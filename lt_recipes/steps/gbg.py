@@ -34,7 +34,6 @@ from .. import equations
 from ..grouping import Groups, order_head_first, say_fewer_groups
 from ..host_sync import on_host
 from ..models import is_classifier, ordered_parameters
-from ..sections import GBGConfig
 from .core import LossFn, StepCore, StepStats, TrainingRun, all_reduce_, upcast
 from .registry import register_step
 
@@ -161,7 +160,7 @@ class GBG(StepCore):
     retains_graph = True  # one backward per group through the one forward
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
-                 num_groups: int = GBGConfig.num_groups, **kw: Any) -> None:
+                 num_groups: int = 4, **kw: Any) -> None:
         super().__init__(model, base_optimizer, **kw)
         self.asked_groups = num_groups
         self.resumed_labels: list[int] | None = None  # a resumed run's groups, installed by `prepare`
