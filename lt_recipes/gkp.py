@@ -73,7 +73,8 @@ def check_gkp_state(anchors: torch.Tensor, fisher: torch.Tensor, strength: torch
 class GKPTerm:
     """GKP (Eq. 6) as one term: group j's anchor a_j and Fisher row F_j over a step's covered parameters ([G,
     num_covered] each, flattened in `named_parameters` order), its strength s_j = (lambda / 2) / |G_j| ([G],
-    `gkp_strength`), and GKP's group of every class (None: the step's own groups, `StepCore.set_groups`).
+    `gkp_strength`), and GKP's group of every class (None: the step's own groups, `StepCore.set_groups`). With
+    `ema_decay` the Fisher rows are an EMA of the squared group gradients the step hands to `track` (gkp.fisher=ema).
 
     In an update whose task term weighs group g by w_g and the task gradient by alpha (Eq. 16), group j's penalty
     s_j sum_i F_ji (theta_i - a_ji)^2 is weighted (1 - alpha) sum_{g != j} w_g (`coefficients`); `penalty` evaluates
@@ -81,11 +82,12 @@ class GKPTerm:
     dtypes (`check_gkp_state`) and moves the tensors to the parameters' device."""
 
     def __init__(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
-                 group_of_class: torch.Tensor | None = None) -> None:
+                 group_of_class: torch.Tensor | None = None, ema_decay: float | None = None) -> None:
         self.anchors = anchors
         self.fisher = fisher
         self.strength = strength
         self.group_of_class = group_of_class
+        self.ema_decay = ema_decay
 
     @property
     def num_groups(self) -> int:
@@ -94,6 +96,14 @@ class GKPTerm:
     def coefficients(self, alpha: float, weights: torch.Tensor) -> torch.Tensor:
         """c_j = (1 - alpha) s_j sum_{g != j} w_g for the groups' weights `weights` in the update ([G], float64)."""
         return (1 - alpha) * self.strength * equations.gkp_weights(weights).to(self.strength.dtype)
+
+    def track(self, rows: torch.Tensor, present: Sequence[int]) -> None:
+        """The EMA Fisher's update (with `ema_decay` beta): F_g <- beta F_g + (1 - beta) g_g^2 for each group g in
+        the batch, `rows` [G, num_covered] its group gradients over the covered parameters."""
+        if self.ema_decay is None:
+            return
+        for g in present:
+            self.fisher[g].mul_(self.ema_decay).addcmul_(rows[g], rows[g], value=1 - self.ema_decay)
 
     def penalty(self, theta: torch.Tensor, coef: torch.Tensor, grad_out: torch.Tensor, backend: str) -> torch.Tensor:
         """sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the covered parameters `theta` (0-dim, on the device), its

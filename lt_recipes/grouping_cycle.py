@@ -230,7 +230,11 @@ class GroupedMethod(Method):
                     autocast=self.acc.autocast, max_batches=k.fisher_batches, estimate=k.fisher, chunk=k.fisher_chunk,
                     loader_kw=self._loader_kw()).to(dtype)
             else:
-                self.fisher = self.step_fn.track_fisher(k.fisher_ema)
+                # the EMA Fisher: GKP's term keeps it from the grouped step's group gradients (a new grouping
+                # with as many groups keeps the rows it has)
+                same = self.fisher is not None and self.fisher.shape[0] == self.memory_groups.count
+                self.fisher = self.fisher if same else \
+                    self.step_fn.covered.new_zeros(self.memory_groups.count, self.step_fn.num_covered)
             self._install_gkp()
         _logger.info("groups at epoch %d: %s (classes per group %s)", epoch, self.memory_groups.count,
                      list(self.memory_groups.classes))
@@ -239,7 +243,7 @@ class GroupedMethod(Method):
         groups, k = self.memory_groups, self.recipe.gkp
         self.step_fn.set_gkp(self.anchors, self.fisher,
                              gkp_strength(groups.classes, groups.samples, k.lam, k.norm).to(self.acc.device),
-                             groups.of_class)
+                             groups.of_class, k.fisher_ema if k.fisher == "ema" else None)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def train_step(self, inputs: Any, targets: torch.Tensor, epoch: int, step: int) -> float | None:
@@ -316,7 +320,8 @@ class GroupedMethod(Method):
                 self.step_fn.set_groups(self.memory_groups.of_class, self.memory_groups.samples)
         super().load_state_dict(state)
         if self.recipe.gkp.fisher == "ema":
-            self.fisher = self.step_fn.fisher_ema
+            self.fisher = None if state["step"]["fisher_ema"] is None else \
+                state["step"]["fisher_ema"].to(self.acc.device)
         elif state["fisher"] is not None:
             self.fisher = state["fisher"].to(self.acc.device)
         if self.fisher is not None and self.memory_groups is not None:

@@ -251,7 +251,7 @@ class StepCore:
             self.flat.resize_rows(self.num_groups)
 
     def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
-                group_of_class: Sequence[int] | torch.Tensor | None = None) -> None:
+                group_of_class: Sequence[int] | torch.Tensor | None = None, fisher_ema: float | None = None) -> None:
         """Install GKP (`gkp.GKPTerm`) over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i -
         a_ji)^2, with strength_j = (lambda / 2) / |G_j| (Eq. 6); every step weighs it by (1 - alpha) sum_{g != j}
         w_g (Eq. 16), w_g the batch share of GKP's group g (`group_of_class`; None: the step's own groups of
@@ -260,7 +260,8 @@ class StepCore:
         anchors and fisher are [G, num_covered]: row j over the covered parameters flattened in `named_parameters`
         order (as `covered`), float32 (or the parameters' dtype; bf16/fp16 to halve their memory); strength is [G]
         (`gkp.gkp_strength`). Wrong shapes or dtypes are a ValueError here, naming the expected shape; the tensors
-        are moved to the parameters' device."""
+        are moved to the parameters' device. With `fisher_ema` (a decay), a step with group gradients keeps `fisher`
+        as their squared EMA (GroupedSAM; gkp.fisher=ema)."""
         check_gkp_state(anchors, fisher, strength, self.num_covered, self.flat.data.dtype)
         device = self.flat.data.device
         groups = group_of_class if group_of_class is not None else self.group_of_class
@@ -269,7 +270,7 @@ class StepCore:
             raise ValueError(f"set_gkp: group ids up to {top} but {anchors.shape[0]} anchor rows (one per group)")
         self.gkp = GKPTerm(anchors.to(device), fisher.to(device), strength.to(device),
                            None if group_of_class is None else
-                           torch.as_tensor(group_of_class, dtype=torch.long, device=device))
+                           torch.as_tensor(group_of_class, dtype=torch.long, device=device), fisher_ema)
 
     def group_counts(self, targets: torch.Tensor, reduce: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
         """Group of every sample, local samples per group, and samples per group over all ranks (with `reduce`; the
