@@ -26,7 +26,6 @@ from . import equations, ops
 from .choices import GKP_NORMS
 from .flat import flat_view, pack
 from .models import head_rule, ordered_parameters
-from .sections import DataConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ def _squared_gradients(model: nn.Module, classification_losses: Callable, x: tor
 def estimate_fisher(model: nn.Module, *, dataset: Dataset, targets: Sequence[int] | np.ndarray,
                     group_of_class: Sequence[int] | np.ndarray, anchors: torch.Tensor,
                     classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = DataConfig.eval_batch_size,
+                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = 256,
                     device: torch.device | None = None, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                     max_batches: int = 0, estimate: str = "batch_mean", chunk: int = 0,
                     loader_kw: Mapping[str, Any] | None = None) -> torch.Tensor:

@@ -88,20 +88,23 @@ def test_every_option_list_is_one_registry_tuple():
 
 # Modules below the recipe schema, which do not import it: their constructors write a section key's default as a
 # literal, and test_literal_defaults_equal_the_sections compares each with the section (module -> {parameter: key}).
-LITERAL_DEFAULTS = {"steps/core.py": {"backend": "gsa.backend"}, "steps/gbg.py": {"num_groups": "gbg.num_groups"}}
+LITERAL_DEFAULTS = {"steps/core.py": {"backend": "gsa.backend"}, "steps/gbg.py": {"num_groups": "gbg.num_groups"},
+                    "gkp.py": {"batch_size": "data.eval_batch_size"}}
 
 
 def test_literal_defaults_equal_the_sections():
-    """The step core and GBG take explicit arguments with literal defaults (they do not import the recipe schema):
-    each literal is its section key's default."""
+    """The step core, GBG and GKP's Fisher estimate take explicit arguments with literal defaults (their modules do
+    not import the recipe schema): each literal is its section key's default."""
+    from lt_recipes.gkp import estimate_fisher
     from lt_recipes.steps import GBG, StepCore
 
     cfg = Recipe.from_dict(load_config("digits_lt"))
-    for module, cls in (("steps/core.py", StepCore), ("steps/gbg.py", GBG)):
+    for module, fn in (("steps/core.py", StepCore.__init__), ("steps/gbg.py", GBG.__init__),
+                       ("gkp.py", estimate_fisher)):
         imported = {n.module for n in ast.walk(ast.parse((PACKAGE / module).read_text()))
                     if isinstance(n, ast.ImportFrom)}
         assert not {"sections", "lt_recipes.sections"} & imported, f"{module} imports the recipe schema"
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(fn).parameters
         for name, key in LITERAL_DEFAULTS[module].items():
             section, field = key.split(".")
             assert params[name].default == getattr(getattr(cfg, section), field), f"{module} {name} vs {key}"
