@@ -1,8 +1,10 @@
-"""Grouped Knowledge Preservation (paper Eq. 5-6): Fisher estimates and the per-group strengths.
+"""Grouped Knowledge Preservation (paper Eq. 5-6): the GKP term every step carries, Fisher estimates and the
+per-group strengths.
 
 Summed over the groups of Eq. 16 with group weights w_g, the penalty is sum_j c_j sum_i F_ji (theta_i - theta*_ji)^2
-with c_j = (1 - alpha) (sum_{g != j} w_g) (lambda / 2) / |G_j|, which `lt_recipes.ops.gkp_penalty` evaluates with
-its gradient in one pass over theta, the anchors and the Fisher rows (`GroupedSAM` forms c_j every step).
+with c_j = (1 - alpha) (sum_{g != j} w_g) (lambda / 2) / |G_j|: `GKPTerm` holds the anchors, Fisher rows, strengths
+and GKP's groups, forms c_j and evaluates the penalty with its gradient in one pass over theta, the anchors and the
+Fisher rows (`lt_recipes.ops.gkp_penalty`); the step core (lt_recipes.steps.core) adds it to every step the same way.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
+from . import equations, ops
 from .choices import GKP_NORMS
 from .distributed import rank_and_world
 from .flat import flat_view, pack
 from .models import head_rule, ordered_parameters
-from .sections import DataConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -68,18 +70,54 @@ def check_gkp_state(anchors: torch.Tensor, fisher: torch.Tensor, strength: torch
                          f"{strength.dtype} {list(strength.shape)}")
 
 
+class GKPTerm:
+    """GKP (Eq. 6) as one term: group j's anchor a_j and Fisher row F_j over a step's covered parameters ([G,
+    num_covered] each, flattened in `named_parameters` order), its strength s_j = (lambda / 2) / |G_j| ([G],
+    `gkp_strength`), and GKP's group of every class (None: the step's own groups, `StepCore.set_groups`). With
+    `ema_decay` the Fisher rows are an EMA of the squared group gradients the step hands to `track` (gkp.fisher=ema).
+
+    In an update whose task term weighs group g by w_g and the task gradient by alpha (Eq. 16), group j's penalty
+    s_j sum_i F_ji (theta_i - a_ji)^2 is weighted (1 - alpha) sum_{g != j} w_g (`coefficients`); `penalty` evaluates
+    the weighted sum with its gradient in one fused pass. Built by `StepCore.set_gkp`, which checks the shapes and
+    dtypes (`check_gkp_state`) and moves the tensors to the parameters' device."""
+
+    def __init__(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
+                 group_of_class: torch.Tensor | None = None, ema_decay: float | None = None) -> None:
+        self.anchors = anchors
+        self.fisher = fisher
+        self.strength = strength
+        self.group_of_class = group_of_class
+        self.ema_decay = ema_decay
+
+    @property
+    def num_groups(self) -> int:
+        return self.anchors.shape[0]
+
+    def coefficients(self, alpha: float, weights: torch.Tensor) -> torch.Tensor:
+        """c_j = (1 - alpha) s_j sum_{g != j} w_g for the groups' weights `weights` in the update ([G], float64)."""
+        return (1 - alpha) * self.strength * equations.gkp_weights(weights).to(self.strength.dtype)
+
+    def track(self, rows: torch.Tensor, present: Sequence[int]) -> None:
+        """The EMA Fisher's update (with `ema_decay` beta): F_g <- beta F_g + (1 - beta) g_g^2 for each group g in
+        the batch, `rows` [G, num_covered] its group gradients over the covered parameters."""
+        if self.ema_decay is None:
+            return
+        for g in present:
+            self.fisher[g].mul_(self.ema_decay).addcmul_(rows[g], rows[g], value=1 - self.ema_decay)
+
+    def penalty(self, theta: torch.Tensor, coef: torch.Tensor, grad_out: torch.Tensor, backend: str) -> torch.Tensor:
+        """sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the covered parameters `theta` (0-dim, on the device), its
+        gradient added to `grad_out`; formed in theta's dtype (float64 for a float64 model)."""
+        return ops.gkp_penalty(theta, self.anchors, self.fisher, coef.to(theta.dtype), grad_out=grad_out,
+                               backend=backend)
+
+
 @torch.no_grad()
 def _set_vector(params: Sequence[torch.Tensor], vec: torch.Tensor) -> None:
     offset = 0
     for p in params:
         p.copy_(flat_view(vec[offset:offset + p.numel()], p))
         offset += p.numel()
-
-
-def _flat_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor], lead: tuple[int, ...] = ()):
-    """Concatenate gradients (None: zeros) into [*lead, n] float32."""
-    return torch.cat([(g if g is not None else p.new_zeros(*lead, *p.shape)).reshape(*lead, -1).float()
-                      for g, p in zip(grads, params)], dim=-1)
 
 
 def _batch_statistics(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,7 +176,7 @@ def _squared_gradients(model: nn.Module, classification_losses: Callable, x: tor
 def estimate_fisher(model: nn.Module, *, dataset: Dataset, targets: Sequence[int] | np.ndarray,
                     group_of_class: Sequence[int] | np.ndarray, anchors: torch.Tensor,
                     classification_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = DataConfig.eval_batch_size,
+                    is_excluded: Callable[[str], bool] | None = None, batch_size: int = 256,
                     device: torch.device | None = None, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                     max_batches: int = 0, estimate: str = "batch_mean", chunk: int = 0,
                     loader_kw: Mapping[str, Any] | None = None) -> torch.Tensor:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -169,13 +170,47 @@ class MemoryBank:
                 raise RuntimeError(f"memory bank snapshot {self._path(uid)} referenced by the checkpoint is missing")
 
 
+@dataclass(frozen=True)
+class Groups:
+    """A realised grouping of the classes: the group of every class, and each group's classes and training samples.
+    Its `count` is the one group count every step, summary column and artifact reads."""
+
+    of_class: np.ndarray
+    classes: tuple[int, ...]
+    samples: tuple[int, ...]
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[int] | np.ndarray, train_counts: Sequence[int]) -> "Groups":
+        """The grouping of a group-id-per-class array (ids 0..G-1, every group non-empty)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.asarray(train_counts)
+        G = int(labels.max()) + 1
+        return cls(labels, tuple(int((labels == g).sum()) for g in range(G)),
+                   tuple(int(counts[labels == g].sum()) for g in range(G)))
+
+    @property
+    def count(self) -> int:
+        return len(self.classes)
+
+    def members(self) -> list[list[int]]:
+        """The classes of every group."""
+        return [np.flatnonzero(self.of_class == g).tolist() for g in range(self.count)]
+
+
+
+def say_fewer_groups(where: str, groups: Groups, asked: int, num_classes: int, detail: str = "") -> None:
+    """Log that a grouping (`where`) realised fewer groups than asked; the run trains with the ones it has."""
+    _logger.warning("%s gave %d groups of the %d asked (%d classes%s); the run uses the %d it has", where,
+                    groups.count, asked, num_classes, f", {detail}" if detail else "", groups.count)
+
+
 def compute_groups(bank: MemoryBank, num_groups: int, train_counts: list[int], seed: int = 0) -> np.ndarray:
     """Cut the classes into groups (Eq. 2); returns a group id per class, groups ordered head first.
 
     Degenerate cases: G >= number of classes (one class per group), fewer distinct snapshots than G (classes sharing
     a snapshot are indistinguishable, so one group per snapshot), and a disconnected affinity graph (a tiny uniform
     affinity is added so the normalized cut is defined). The grouping may have fewer groups than `num_groups`; the
-    method that asked says so (lt_recipes.method.Groups).
+    method that asked says so (`Groups` holds the realised grouping).
     """
     num_classes = bank.num_classes
     uids = bank.uids

@@ -236,7 +236,7 @@ def test_set_gkp_keeps_the_tensors_on_the_parameters_device(step_name: str) -> N
     n = step.num_covered
     step.flat.data = torch.empty(step.flat.data.shape, device="meta")
     step.set_gkp(torch.zeros(2, n), torch.ones(2, n), gkp_strength([1, 1], [3, 1], lam=1.0, norm="per_samples"))
-    assert [t.device.type for t in step.gkp_terms] == ["meta"] * 3
+    assert [t.device.type for t in (step.gkp.anchors, step.gkp.fisher, step.gkp.strength)] == ["meta"] * 3
 
 
 def test_own_loop_helpers_make_their_tensors_on_the_asked_device() -> None:

@@ -190,7 +190,7 @@ def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
     """A digits run with random crops, the grouped step and GKP's Fisher (read through the run's loaders, in batches
     of gkp.fisher_batch_size) trains to the same results with the loaders on the main process and with `auto` workers
     (2 on this machine)."""
-    from lt_recipes import method
+    from lt_recipes import grouping_cycle as method
     from lt_recipes.config import load_config
     from lt_recipes.data import resolve_num_workers
     from lt_recipes.engine import run

@@ -216,12 +216,34 @@ def test_the_fewer_groups_warning_is_the_main_process_s(main_process, caplog):
     """Under two processes every rank realises the same grouping: only rank 0 says so (it printed once per rank)."""
     from types import SimpleNamespace
 
-    from lt_recipes.method import Groups, Method
+    from lt_recipes.grouping import Groups
+    from lt_recipes.grouping_cycle import GroupedMethod
 
     me = SimpleNamespace(_fewer_groups_said=False, acc=SimpleNamespace(is_main_process=main_process),
                          data=SimpleNamespace(num_classes=3), bank_snapshots=2)
     groups = Groups.from_labels([0, 1, 1], [5, 3, 2])
     for _ in range(2):
-        assert Method._realised(me, groups, 4, "the grouping") is groups
+        assert GroupedMethod._realised(me, groups, 4, "the grouping") is groups
     said = [r for r in caplog.records if "gave 2 groups of the 4 asked" in r.getMessage()]
     assert len(said) == (1 if main_process else 0)
+
+
+@pytest.mark.parametrize("memory_step", [True, False])
+def test_a_non_finite_warm_up_step_is_named_by_its_number(memory_step):
+    """Before the first grouping the grouped method runs its warm-up step; when non-finite steps exceed the budget,
+    the error names the epoch and the step's number (it named the step's bound method)."""
+    from types import SimpleNamespace
+
+    from lt_recipes.errors import NonFiniteError
+    from lt_recipes.grouping_cycle import GroupedMethod
+    from lt_recipes.method import Method
+    from lt_recipes.steps import StepStats
+
+    skipped = lambda loss_fn, targets: StepStats(skipped=True)  # noqa: E731
+    me = SimpleNamespace(memory_groups=None, memory_step=memory_step, nonfinite_run=0,
+                         step_fn=SimpleNamespace(plain_step=skipped, step=skipped),
+                         recipe=SimpleNamespace(max_nonfinite_steps=0), _loss_fn=lambda inputs, targets: None)
+    me._finish = lambda stats, epoch, step: Method._finish(me, stats, epoch, step)
+    me._nonfinite = lambda epoch, step, where: Method._nonfinite(me, epoch, step, where)
+    with pytest.raises(NonFiniteError, match=r"\(epoch 3, step 17\)"):
+        GroupedMethod.train_step(me, None, None, 3, 17)

@@ -126,7 +126,7 @@ def test_an_added_synchronisation_fails_the_budget(monkeypatch):
 def test_the_engine_step_loop_keeps_the_budget(tmp_path, monkeypatch):
     """method.train_step as the engine calls it, on digits with BCL + GKP + GSA: the grouped method's plain steps
     before the first grouping (1), its grouped steps after (3); the loss comes back on the device, unread."""
-    from lt_recipes import method as method_mod
+    from lt_recipes import grouping_cycle as method_mod
     from lt_recipes.config import load_config
     from lt_recipes.engine import run
 

@@ -309,6 +309,36 @@ def test_gbg_equals_its_oracle(kind):
     _exact(_flat(m), want)
 
 
+
+def test_gbg_forms_its_own_groups_before_the_first_step_and_keeps_them_on_resume(monkeypatch):
+    """GBG takes its section (num_groups) and groups the classes itself from what the run hands it (`prepare`): the
+    groups of `gradient_groups` on the run's training set, their training samples from the run's class counts; a
+    step loaded from its state installs the saved groups without grouping again."""
+    from torch.utils.data import TensorDataset
+
+    from lt_recipes.steps import TrainingRun
+    from lt_recipes.steps import gbg as gbg_module
+
+    model, (x, y) = _model("plain"), _data("plain", n=48)
+    counts = np.bincount(y.numpy(), minlength=NUM_CLASSES).tolist()
+    run = TrainingRun(dataset=TensorDataset(x, y), targets=y.numpy(), class_counts=counts, head_losses=lambda logits, t: F.cross_entropy(logits, t, reduction="none"),
+                      batch_size=16, device=torch.device("cpu"))
+    step = GBG(model, torch.optim.SGD(model.parameters(), lr=LR), num_groups=2)
+    step.prepare(run)
+    covered = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    want = gbg_module.gradient_groups(model, run.head_losses, run.dataset, y.numpy(), NUM_CLASSES, 2, covered, 16,
+                                      torch.device("cpu"), step.autocast)
+    assert step.group_of_class.tolist() == want.tolist() and step.num_groups == 2
+    assert step.group_sizes == [sum(c for c, g in zip(counts, want) if g == k) for k in range(2)]
+    step.step(_loss_fn(model, x, y), y)
+    assert step.artifacts()["groups.json"]["groups"] == [np.flatnonzero(want == k).tolist() for k in range(2)]
+
+    resumed = GBG(model, torch.optim.SGD(model.parameters(), lr=LR), num_groups=2)
+    resumed.load_state_dict(step.state_dict())
+    monkeypatch.setattr(gbg_module, "gradient_groups", lambda *a, **k: pytest.fail("grouped again on resume"))
+    resumed.prepare(run)
+    assert resumed.group_of_class.tolist() == want.tolist() and resumed.group_sizes == step.group_sizes
+
 def test_sharpness_aware_peers_raise_their_perturbed_loss():
     """The defining property: the loss a peer ascends on is higher at theta + eps than at theta, at its defaults, in
     every step (FriendlySAM ascends along g - sigma m, the batch's deviation from the gradient EMA, which need not
@@ -334,8 +364,8 @@ def test_registry_is_the_one_source_of_methods_and_their_options():
     cfg = defaults()
     for name, cls in classes.items():
         info = step_info(name)
-        # gsa's section also configures the released step and the ops; gbg's sets how many groups the method forms
-        if info.section is None or name == "gsa" or info.grouping == "gradient":
+        # gsa's section also configures the released step and the ops
+        if info.section is None or name == "gsa":
             continue
         sig = inspect.signature(cls.__init__).parameters
         own = {k: p.default for k, p in sig.items()

@@ -158,6 +158,25 @@ def test_checkpoint_size(capsys: pytest.CaptureFixture) -> None:
     assert one["checkpoint"] >= one["model"] + one["optimizer"] + one["method"]
 
 
+
+def test_checkpoint_size_counts_the_grouped_step_s_own_state() -> None:
+    """The layout checkpoint_size reads (lt_recipes.grouping_cycle.state_parts) against a real grouped step's saved
+    state: FriendlySAM momenta and the group-gradient EMA, [G, d] each (the tool missed the EMA)."""
+    import torch
+
+    from lt_recipes.checkpoint import tensor_bytes
+    from lt_recipes.config import load_recipe
+    from lt_recipes.method import create_grouped_step
+
+    cfg = load_recipe("digits_lt", ["method=gsa", "gsa.direction=friendly", "gsa.group_grad_ema=0.5"])
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    step = create_grouped_step(cfg.gsa, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step.set_groups([0, 1, 1], [10, 4])
+    params = sum(p.numel() for p in model.parameters())
+    parts = load_tool("checkpoint_size").method_parts(cfg, params, step.num_covered, 3, 2, 1)
+    assert parts["friendly_momentum"] == parts["grad_ema"] == 2 * params * 4
+    assert parts["friendly_momentum"] + parts["grad_ema"] == tensor_bytes(step.state_dict())
+
 def _tiny_fashion_mnist(root: Path) -> None:
     """Fashion-MNIST's idx files with 100 training and 10 test images per class of random pixels."""
     rng = np.random.default_rng(0)

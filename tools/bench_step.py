@@ -190,9 +190,7 @@ def main() -> None:
             steps[kind], state_bytes[kind] = sgd_step, 0
         elif kind in REGISTERED:
             info = step_info(kind)
-            # a step on gradient groups takes none of its section: it sets how many groups are formed
-            options = dataclasses.asdict(SECTION_OF[info.section]()) \
-                if info.section and info.grouping != "gradient" else {}
+            options = dataclasses.asdict(SECTION_OF[info.section]()) if info.section else {}
             run = {"class_counts": counts, "head_losses": lambda z, t: F.cross_entropy(z, t, reduction="none")}
             step = create_step(kind, model, opt, autocast=autocast, **options, **{k: run[k] for k in info.uses})
             if info.grouping == "gradient":

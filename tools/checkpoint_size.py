@@ -5,9 +5,9 @@
 
 The model (and its EMA copy) and the optimizer state are measured on the real objects built on the CPU (timm's
 model, one optimizer step on zero gradients so the optimizer allocates its state). The method's state is sized
-from the shapes the grouped methods store: memory-bank snapshots of the parameters GKP covers (everything but the
-classifier), anchors and exact Fisher rows [G, d_covered] in `gkp.state_dtype`, the EMA Fisher [G, d_covered] and
-FriendlySAM momenta [G, d] in fp32. The bank holds K distinct snapshots, 1 up to min(classes, evaluations);
+from the layout the grouped methods store (lt_recipes.grouping_cycle.state_parts): memory-bank snapshots of the
+parameters GKP covers (everything but the classifier), anchors and exact Fisher rows [G, d_covered] in
+`gkp.state_dtype`, the EMA Fisher [G, d_covered], FriendlySAM momenta and the group-gradient EMA [G, d] in fp32. The bank holds K distinct snapshots, 1 up to min(classes, evaluations);
 `groups.bank_spill_dir` keeps them out of the checkpoint. tests/test_faults.py checks these figures against a
 real checkpoint.
 """
@@ -22,10 +22,9 @@ from typing import Any
 import torch
 
 from lt_recipes.checkpoint import tensor_bytes
-from lt_recipes.steps import uses_memory_groups
 from lt_recipes.config import load_recipe
 from lt_recipes.data import dataset_info
-from lt_recipes.grouping import DTYPES
+from lt_recipes.grouping_cycle import state_parts
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.models import create_lt_model
 from lt_recipes.optim import create_optimizer
@@ -51,20 +50,10 @@ def weights_and_optimizer(cfg: Recipe, num_classes: int, in_chans: int) -> dict[
 
 def method_parts(cfg: Recipe, params: int, covered: int, num_classes: int, groups: int,
                  snapshots: int) -> dict[str, int]:
-    """Tensor bytes of the grouped method's state by part (none for method none / sam)."""
-    g, k = cfg.groups, cfg.gkp
-    state, bank = DTYPES[k.state_dtype].itemsize, DTYPES[g.bank_dtype].itemsize
-    if not uses_memory_groups(cfg.method):
-        return {}
-    parts = {"bank": num_classes * 8 + (0 if g.bank_spill_dir else snapshots * covered * bank),
-             "anchors": groups * covered * state}
-    if cfg.method != "gsa" and k.fisher != "ema":
-        parts["fisher"] = groups * covered * state
-    if k.fisher == "ema":
-        parts["fisher_ema"] = groups * covered * 4
-    if cfg.gsa.direction == "friendly":
-        parts["friendly_momentum"] = groups * params * 4
-    return parts
+    """Tensor bytes of the method's state by part (lt_recipes.grouping_cycle.state_parts; none for method none / sam)."""
+    sizes = {"groups": groups, "snapshots": snapshots, "classes": num_classes, "covered": covered, "params": params,
+             "one": 1}
+    return {name: sum(t.nbytes(cfg, sizes) for t in tensors) for name, tensors in state_parts(cfg).items()}
 
 
 def checkpoint_parts(cfg: Recipe, num_classes: int, in_chans: int, groups: int,

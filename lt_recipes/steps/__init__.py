@@ -13,7 +13,8 @@ from .registry import (GKP_PREFIX, StepInfo, create_step, list_methods, list_ste
                        register_step, split_method, step_class, step_info, uses_memory_groups)
 
 # public name -> module that defines it (imported on first access, so importing the registry stays torch-free)
-_LAZY = {"StepCore": "core", "StepStats": "core", "LossScaler": "core", "LossFn": "core", "PlainStep": "plain",
+_LAZY = {"StepCore": "core", "StepStats": "core", "LossScaler": "core", "LossFn": "core", "TrainingRun": "core",
+         "PlainStep": "plain",
          "SAM": "sam", "ASAM": "sam", "FriendlySAM": "sam", "ImbSAM": "sam", "FocalSAM": "sam", "CCSAM": "cc_sam",
          "GBG": "gbg", "GroupedSAM": "gsa", "ReleasedGSA": "released"}
 

@@ -13,8 +13,9 @@ everything the passes share:
 - clipping of the update gradient, and skipping a step whose gradient is not finite, with one skip counter: the one
   host synchronisation every step makes (lt_recipes.host_sync; everything else a step computes, its statistics
   included, stays on the device);
-- GKP (Eq. 6), a term any step can carry: with groups and anchors installed, `_finish` adds its gradient at theta,
-  weighted (1 - alpha) sum_{g != j} w_g as in Eq. 16, and the task gradient is weighted alpha.
+- GKP (Eq. 6), the one term every step carries the same way (`gkp.GKPTerm`, installed by `set_gkp`): `_finish`
+  adds its gradient (`_add_gkp`), weighted (1 - alpha) sum_{g != j} w_g as in Eq. 16, and the task gradient is
+  weighted alpha.
 
 A loss function `loss_fn(idx)` returns the per-sample losses of the batch rows `idx`, in that order, whose mean over
 the whole batch is the batch loss (lt_recipes.losses.LTLoss.per_sample).
@@ -25,19 +26,19 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import equations, ops
+from .. import equations
 from ..batchnorm import BNState
 from ..distributed import world_size
 from ..errors import ModelError
 from ..flat import FlatParams
+from ..gkp import GKPTerm, check_gkp_state
 from ..models import head_rule, ordered_parameters
-from ..sections import GSAConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -123,6 +124,24 @@ class StepStats:
         return StepStats(**out, skipped=self.skipped)
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a step may read from the training run before its first step (`StepCore.prepare`): the training images
+    with the test-time transform (`dataset`, yielding (image, label)) and their labels (`targets`), the training
+    images per class, the base's per-sample classification loss on logits, the evaluation batch size, the device,
+    the run's seed and loader settings (workers, pinned memory), and whether this process speaks for the run."""
+
+    dataset: Any
+    targets: Sequence[int]
+    class_counts: Sequence[int]
+    head_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batch_size: int
+    device: torch.device
+    seed: int = 0
+    loader_kw: Mapping[str, Any] = field(default_factory=dict)
+    is_main_process: bool = True
+
+
 def sample_counts(index: torch.Tensor, size: int) -> torch.Tensor:
     """How many entries of `index` hold each value 0..size-1, float64 on the device (a bincount that, unlike
     torch.bincount, needs no host read to size its output)."""
@@ -162,7 +181,11 @@ class StepCore:
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, num_rows: int = 0,
                  is_excluded: Callable[[str], bool] | None = None,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler: LossScaler | None = None,
-                 clip_grad: float | None = None, backend: str = GSAConfig.backend) -> None:
+                 clip_grad: float | None = None, backend: str = "auto") -> None:
+        """`num_rows` gradient rows (a step's per-group or scratch gradients), `is_excluded` the head rule (None:
+        `models.head_rule`), `autocast` and `scaler` the mixed precision, `clip_grad` the update's norm clip, `backend`
+        the fused ops' (recipe key gsa.backend). The defaults are written here, not read from the recipe schema;
+        tests/test_sections.py checks them against it."""
         self.model = model
         self.base_optimizer = base_optimizer
         covered, rest = ordered_parameters(model, is_excluded or head_rule(model))  # the head last, not covered
@@ -182,9 +205,8 @@ class StepCore:
         self.group_of_class: torch.Tensor | None = None
         self.group_sizes: list[int] = []
         self.counts: torch.Tensor | None = None  # the last batch's samples per group over all ranks, on the device
-        self.gkp_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.gkp_groups: torch.Tensor | None = None
-        self.gkp_grad: torch.Tensor | None = None
+        self.gkp: GKPTerm | None = None  # GKP (Eq. 6), installed by set_gkp
+        self.gkp_grad: torch.Tensor | None = None  # GKP's gradient over the covered parameters (a scratch buffer)
 
     def compile_refusal(self, backend: str) -> str | None:
         """Why this step cannot run on a model whose forward torch.compile compiled with `backend` (recipe key
@@ -207,6 +229,14 @@ class StepCore:
         """The groups installed by `set_groups` (0 before)."""
         return len(self.group_sizes)
 
+    def prepare(self, run: TrainingRun) -> None:
+        """Hook before a training run's first step (lt_recipes.method): a step that needs the run's data forms what
+        it needs here (GBG its groups); the others need nothing."""
+
+    def artifacts(self) -> dict[str, Any]:
+        """Extra JSON files for the run directory, by file name, that the step itself produces (none)."""
+        return {}
+
     # ---- groups and GKP --------------------------------------------------------------------------------------
     def set_groups(self, group_of_class: Sequence[int] | torch.Tensor, group_sizes: Sequence[int]) -> None:
         """Install a grouping: group id of every class and the number of training samples n_g of every group (GKP's
@@ -217,26 +247,26 @@ class StepCore:
             self.flat.resize_rows(self.num_groups)
 
     def set_gkp(self, anchors: torch.Tensor, fisher: torch.Tensor, strength: torch.Tensor,
-                group_of_class: Sequence[int] | torch.Tensor | None = None) -> None:
-        """GKP over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i - a_ji)^2, with
-        strength_j = (lambda / 2) / |G_j| (Eq. 6); each step weighs it by (1 - alpha) sum_{g != j} w_g (Eq. 16), w_g
-        the batch share of GKP's group g (`group_of_class`; None: the step's own groups of `set_groups`).
+                group_of_class: Sequence[int] | torch.Tensor | None = None, fisher_ema: float | None = None) -> None:
+        """Install GKP (`gkp.GKPTerm`) over the covered parameters: group j's term is strength_j sum_i F_ji (theta_i -
+        a_ji)^2, with strength_j = (lambda / 2) / |G_j| (Eq. 6); every step weighs it by (1 - alpha) sum_{g != j}
+        w_g (Eq. 16), w_g the batch share of GKP's group g (`group_of_class`; None: the step's own groups of
+        `set_groups`).
 
         anchors and fisher are [G, num_covered]: row j over the covered parameters flattened in `named_parameters`
         order (as `covered`), float32 (or the parameters' dtype; bf16/fp16 to halve their memory); strength is [G]
         (`gkp.gkp_strength`). Wrong shapes or dtypes are a ValueError here, naming the expected shape; the tensors
-        are moved to the parameters' device."""
-        from ..gkp import check_gkp_state
-
+        are moved to the parameters' device. With `fisher_ema` (a decay), a step with group gradients keeps `fisher`
+        as their squared EMA (GroupedSAM; gkp.fisher=ema)."""
         check_gkp_state(anchors, fisher, strength, self.num_covered, self.flat.data.dtype)
         device = self.flat.data.device
         groups = group_of_class if group_of_class is not None else self.group_of_class
         top = None if groups is None else int(torch.as_tensor(groups).max())
         if top is not None and top >= anchors.shape[0]:
             raise ValueError(f"set_gkp: group ids up to {top} but {anchors.shape[0]} anchor rows (one per group)")
-        self.gkp_terms = (anchors.to(device), fisher.to(device), strength.to(device))
-        self.gkp_groups = None if group_of_class is None else \
-            torch.as_tensor(group_of_class, dtype=torch.long, device=self.flat.data.device)
+        self.gkp = GKPTerm(anchors.to(device), fisher.to(device), strength.to(device),
+                           None if group_of_class is None else
+                           torch.as_tensor(group_of_class, dtype=torch.long, device=device), fisher_ema)
 
     def group_counts(self, targets: torch.Tensor, reduce: bool = True) -> tuple[torch.Tensor, list[int], list[float]]:
         """Group of every sample, local samples per group, and samples per group over all ranks (with `reduce`; the
@@ -255,38 +285,30 @@ class StepCore:
         return gid, [int(c) for c in local], counts
 
     def batch_shares(self, targets: torch.Tensor) -> torch.Tensor | None:
-        """The batch share |D_g| / |D| of every group over all ranks, the w_g GKP is weighted with (None without
+        """The batch share |D_g| / |D| of every GKP group over all ranks, the w_g GKP is weighted with (None without
         GKP), on the device."""
-        if self.gkp_terms is None:
+        if self.gkp is None:
             return None
-        groups = self.group_of_class if self.gkp_groups is None else self.gkp_groups
-        counts = sample_counts(groups[targets], self.gkp_terms[0].shape[0])
+        groups = self.group_of_class if self.gkp.group_of_class is None else self.gkp.group_of_class
+        counts = sample_counts(groups[targets], self.gkp.num_groups)
         return equations.group_weights("samples", all_reduce_(counts))
 
-    def _gkp_gradient(self, anchors: torch.Tensor, fisher: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """GKP's value sum_j coef_j sum_i F_ji (theta_i - a_ji)^2 at the current weights (0-dim, on the device),
-        its gradient left in a scratch buffer (the covered parameters only)."""
+    def _add_gkp(self, alpha: float, weights: torch.Tensor, stats: StepStats | None = None,
+                 at: torch.Tensor | None = None) -> torch.Tensor:
+        """GKP's one path into a step: its value at the covered parameters (`at`, default the current weights) with
+        group j weighted (1 - alpha) sum_{g != j} w_g (`weights`: the groups' weights in the update), its gradient
+        added to the gradient buffer; with `stats`, ||grad GKP|| / ||grad task|| recorded before (NaN for a zero task
+        gradient). Returns GKP's value (0-dim, on the device)."""
         n = self.num_covered
         if self.gkp_grad is None:
             self.gkp_grad = torch.zeros(n, dtype=self.flat.grad.dtype, device=self.flat.grad.device)
         self.gkp_grad.zero_()
-        coef = coef.to(self.flat.data.dtype)  # the op computes in theta's dtype (float64 for a float64 model)
-        return ops.gkp_penalty(self.flat.data[:n], anchors, fisher, coef, grad_out=self.gkp_grad,
-                               backend=self.backend)
-
-    def _gkp_ratio(self) -> torch.Tensor:
-        """||grad GKP|| / ||grad task|| before GKP's gradient is added (NaN for a zero task gradient)."""
-        task = torch.linalg.vector_norm(self.flat.grad)
-        return torch.where(task > 0, torch.linalg.vector_norm(self.gkp_grad) / task, math.nan)
-
-    def _add_gkp(self, alpha: float, weights: torch.Tensor, stats: StepStats) -> torch.Tensor:
-        """Add the GKP gradient, weighted (1 - alpha) sum_{g != j} w_g, to the reduced task gradient; record
-        ||grad GKP|| / ||grad task||; return GKP's value."""
-        anchors, fisher, strength = self.gkp_terms
-        over = equations.gkp_weights(weights).to(strength.dtype)
-        value = self._gkp_gradient(anchors, fisher, (1 - alpha) * strength * over)
-        stats.gkp_grad_ratio = self._gkp_ratio()
-        self.flat.grad[:self.num_covered].add_(self.gkp_grad)
+        value = self.gkp.penalty(self.flat.data[:n] if at is None else at, self.gkp.coefficients(alpha, weights),
+                                 self.gkp_grad, self.backend)
+        if stats is not None:
+            task = torch.linalg.vector_norm(self.flat.grad)
+            stats.gkp_grad_ratio = torch.where(task > 0, torch.linalg.vector_norm(self.gkp_grad) / task, math.nan)
+        self.flat.grad[:n].add_(self.gkp_grad)
         return value
 
     # ---- passes ----------------------------------------------------------------------------------------------
@@ -316,19 +338,20 @@ class StepCore:
         return bool(torch.isfinite(grad).all())
 
     def _finish(self, stats: StepStats, alpha: float = 1.0, gkp_weights: torch.Tensor | None = None,
-                reduced: bool = False, extra: Callable[[], torch.Tensor] | None = None) -> StepStats:
+                reduced: bool = False, extra: Callable[[], torch.Tensor] | None = None,
+                weighted: bool = False, gkp_at: torch.Tensor | None = None) -> StepStats:
         """Restore theta, reduce and unscale the update gradient (unless `reduced`: the step did both), skip on
-        inf/NaN, weigh it by
-        `alpha`, add GKP (with the group weights `gkp_weights`) and `extra` terms, clip, step."""
+        inf/NaN, weigh it by `alpha` (unless `weighted`: the step's passes did), add GKP (`_add_gkp`, with the group
+        weights `gkp_weights`, at theta or at the covered point `gkp_at`) and `extra` terms, clip, step."""
         self.flat.data.copy_(self.base)
         grad = self.flat.grad
         finite = self._unscale(all_reduce_(grad)) if not reduced else bool(torch.isfinite(grad).all())
         if not finite:
             return self._skip(stats)
-        if alpha != 1.0:
+        if alpha != 1.0 and not weighted:
             grad.mul_(alpha)
-        if self.gkp_terms is not None and gkp_weights is not None:
-            stats.gkp = self._add_gkp(alpha, gkp_weights, stats)
+        if self.gkp is not None and gkp_weights is not None:
+            stats.gkp = self._add_gkp(alpha, gkp_weights, stats, gkp_at)
         if extra is not None:
             stats.gkp += extra()
         if self.clip_grad is not None:

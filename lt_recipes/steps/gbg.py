@@ -1,6 +1,6 @@
 """GBG (AAAI 2024, WickyLee1998/GBG_v1): class groups from gradient clustering, and MGDA weights over them per step.
 
-Grouping, once from the initial weights: every class's mean per-sample gradient of the classification loss over its
+Grouping, once from the initial weights (`GBG.prepare`, before a training run's first step): every class's mean per-sample gradient of the classification loss over its
 training images (evaluation mode, the covered parameters: the encoder and its heads, not the classifier), cosine
 affinity (from the Gram matrix of the class gradients, accumulated a block of classes at a time in bounded memory),
 normalised-cut spectral clustering into G groups (the grouping's own affinity and clustering, lt_recipes.equations). Each step:
@@ -31,9 +31,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import equations
-from ..grouping import order_head_first
+from ..grouping import Groups, order_head_first, say_fewer_groups
 from ..host_sync import on_host
-from .core import LossFn, StepCore, StepStats, all_reduce_, upcast
+from ..models import is_classifier, ordered_parameters
+from .core import LossFn, StepCore, StepStats, TrainingRun, all_reduce_, upcast
 from .registry import register_step
 
 _logger = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def gradient_groups(model: nn.Module, classification_losses: Callable[[torch.Ten
 
 @register_step("gbg")
 class GBG(StepCore):
-    """GBG's step over installed groups (`set_groups`; the training loop forms them with `gradient_groups`).
+    """GBG's step over its groups: `num_groups` formed from the initial weights by `prepare` before a training run's
+    first step (`gradient_groups`), or installed by hand with `set_groups`.
 
     >>> step = GBG(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     >>> step.set_groups(group_of_class, group_sizes)
@@ -157,9 +159,51 @@ class GBG(StepCore):
     rows_per_group = True
     retains_graph = True  # one backward per group through the one forward
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
+                 num_groups: int = 4, **kw: Any) -> None:
         super().__init__(model, base_optimizer, **kw)
+        self.asked_groups = num_groups
+        self.resumed_labels: list[int] | None = None  # a resumed run's groups, installed by `prepare`
         self.last_weights: list[float] = []
+
+    def prepare(self, run: TrainingRun) -> None:
+        """The groups before the run's first step: a resumed run's as they were, else `num_groups` from the current
+        (initial) weights' class gradients over the covered parameters (nothing when installed by hand)."""
+        if self.group_of_class is not None:
+            return
+        labels = self.resumed_labels
+        if labels is None:
+            covered, _ = ordered_parameters(self.model, is_classifier)
+            labels = gradient_groups(self.model, run.head_losses, run.dataset, np.asarray(run.targets),
+                                     len(run.class_counts), self.asked_groups, covered, run.batch_size, run.device,
+                                     self.autocast, run.seed, loader_kw=run.loader_kw)
+        groups = Groups.from_labels(labels, run.class_counts)
+        if self.resumed_labels is None:
+            if groups.count < self.asked_groups and run.is_main_process:
+                say_fewer_groups("gbg's gradient grouping", groups, self.asked_groups, len(run.class_counts))
+            _logger.info("gbg groups from the initial weights' class gradients: %s", groups.members())
+        self.set_groups(groups.of_class, groups.samples)
+
+    def _labels(self) -> list[int] | None:
+        return self.group_of_class.tolist() if self.group_of_class is not None else self.resumed_labels
+
+    def artifacts(self) -> dict[str, Any]:
+        """groups.json: the groups' classes and the last step's MGDA weights (null for a group absent from it)."""
+        labels = self._labels()
+        if labels is None:
+            return {}
+        members = [[c for c, g in enumerate(labels) if g == k] for k in range(max(labels) + 1)]
+        return {"groups.json": {"groups": members,
+                                "weights": [None if math.isnan(w) else w for w in self.last_weights]}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The core's state and the groups (a resumed run keeps them)."""
+        return {**super().state_dict(), "group_of_class": self._labels()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state.get("group_of_class") is not None:
+            self.resumed_labels = [int(g) for g in state["group_of_class"]]
 
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One step on a batch with labels `targets`; `alpha` weighs the task gradient against GKP (Eq. 16)."""

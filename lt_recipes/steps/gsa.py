@@ -109,8 +109,6 @@ class GroupedSAM(StepCore):
         self.grad_ema: torch.Tensor | None = None
         self.grad_ema_set: list[bool] = []
         self.glob = torch.empty_like(self.flat.data)
-        self.fisher_ema: torch.Tensor | None = None
-        self.fisher_ema_decay = 0.0
         self._offsets()
 
     def _offsets(self) -> None:
@@ -153,13 +151,6 @@ class GroupedSAM(StepCore):
         if self.group_grad_ema > 0:
             self.grad_ema = self.flat.data.new_zeros(self.num_groups, self.d)
             self.grad_ema_set = [False] * self.num_groups
-
-    def track_fisher(self, decay: float) -> torch.Tensor:
-        """Keep an EMA of squared per-group gradients (the cheap Fisher option) over the covered parameters."""
-        self.fisher_ema_decay = decay
-        if self.fisher_ema is None or self.fisher_ema.shape[0] != self.num_groups:
-            self.fisher_ema = self.flat.data.new_zeros(self.num_groups, self.num_covered)
-        return self.fisher_ema
 
     # ---- the step --------------------------------------------------------------------------------------------
     def _group_gradients(self, loss_fn: LossFn, gid: torch.Tensor, local: list[int], counts: list[float],
@@ -254,10 +245,8 @@ class GroupedSAM(StepCore):
         radii and cosines recorded (on the device, NaN for an absent group)."""
         rows, n = self.flat.rows, self.counts
         present = [g for g, c in enumerate(counts) if c > 0]
-        if self.fisher_ema is not None:
-            m, decay = self.num_covered, self.fisher_ema_decay
-            for g in present:
-                self.fisher_ema[g].mul_(decay).addcmul_(rows[g, :m], rows[g, :m], value=1 - decay)
+        if self.gkp is not None:  # GKP's EMA Fisher (gkp.fisher=ema) from the group gradients
+            self.gkp.track(rows[:, :self.num_covered], present)
         src = self._direction_rows(present)
         shares = (n / n.sum()).to(rows.dtype)
         glob, coef, res_norm = ops.gsa_project(src, shares, backend=self.backend, out=self.glob)
@@ -342,7 +331,8 @@ class GroupedSAM(StepCore):
         """Step state that a resumed run needs: loss scale, FriendlySAM momenta, group-gradient EMA, Fisher EMA, skip
         count."""
         return {**super().state_dict(), "momentum": self.momentum, "momentum_set": list(self.momentum_set),
-                "grad_ema": self.grad_ema, "grad_ema_set": list(self.grad_ema_set), "fisher_ema": self.fisher_ema}
+                "grad_ema": self.grad_ema, "grad_ema_set": list(self.grad_ema_set),
+                "fisher_ema": self.gkp.fisher if self.gkp is not None and self.gkp.ema_decay is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -352,5 +342,3 @@ class GroupedSAM(StepCore):
         if state.get("grad_ema") is not None:
             self.grad_ema = state["grad_ema"].to(self.flat.data.device)
             self.grad_ema_set = list(state["grad_ema_set"])
-        if state["fisher_ema"] is not None:
-            self.fisher_ema = state["fisher_ema"].to(self.flat.data.device)

@@ -96,12 +96,6 @@ class ReleasedGSA(StepCore):
         self.momentum = self.flat.data.new_zeros(self.num_groups, self.d)
         self.momentum_set = [False] * self.num_groups
 
-    def _gkp_coef(self, alpha: float, weights: torch.Tensor) -> torch.Tensor:
-        """(1 - alpha) strength_j sum_{k in K, k != j} w_k: the weight of P_j in a pass whose group k has weight w_k
-        (`weights` zero for the groups absent from the batch)."""
-        _, _, strength = self.gkp_terms
-        return (1 - alpha) * strength * equations.gkp_weights(weights).to(strength.dtype)
-
     def step(self, loss_fn: LossFn, targets: torch.Tensor, alpha: float = 1.0) -> StepStats:
         """One full training step on a batch with labels `targets`; `alpha` weighs the task term against GKP."""
         flat, stats = self.flat, StepStats()
@@ -123,10 +117,8 @@ class ReleasedGSA(StepCore):
         grad = all_reduce_(flat.grad)
         if not self._unscale(grad):
             return self._skip(stats)
-        if self.gkp_terms is not None:
-            anchors, fisher, _ = self.gkp_terms
-            self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, (n > 0).double()))
-            grad[:self.num_covered].add_(self.gkp_grad)
+        if self.gkp is not None:  # every present group's task term has weight 1
+            self._add_gkp(alpha, (n > 0).double())
 
         # 2-3. cascaded FriendlySAM directions, ASAM radius with the clamp, the batch-share mean perturbation
         self.direction.copy_(grad)
@@ -159,16 +151,10 @@ class ReleasedGSA(StepCore):
             self._backward(perturbed.sum() / total, alpha)
         means, _ = self._group_means(perturbed, gid, n, True)
         stats.ascent = means - stats.group_loss
-        if self.gkp_terms is None:
-            return self._finish(stats)
-        anchors, fisher, _ = self.gkp_terms
-        value = self._gkp_gradient(anchors, fisher, self._gkp_coef(alpha, n / n.sum()))
-
-        def add_gkp() -> torch.Tensor:  # P_j's gradient at theta + eps, added to the reduced task gradient
-            stats.gkp_grad_ratio = self._gkp_ratio()
-            flat.grad[:self.num_covered].add_(self.gkp_grad)
-            return value
-        return self._finish(stats, extra=add_gkp)
+        # GKP at theta + eps (held in the direction buffer, free now), group k's task term weighted w_k
+        m = self.num_covered
+        at = torch.add(self.base[:m], self.eps[:m], out=self.direction[:m]) if self.gkp is not None else None
+        return self._finish(stats, alpha, n / n.sum(), weighted=True, gkp_at=at)
 
     def state_dict(self) -> dict[str, Any]:
         """Step state that a resumed run needs: loss scale, skip count, FriendlySAM momenta."""
