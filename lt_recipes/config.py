@@ -24,7 +24,7 @@ import yaml
 from .choices import READINGS
 from .errors import ConfigError
 from .sections import FLOAT, SECTIONS, Field, GSAConfig, Recipe
-from .steps.registry import split_method, step_info, uses_memory_groups
+from .step_table import split_method, step_info, uses_memory_groups
 
 _logger = logging.getLogger(__name__)
 

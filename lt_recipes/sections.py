@@ -22,7 +22,7 @@ from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DI
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
-from .steps.registry import list_methods
+from .step_table import list_methods
 
 INT = (int,)
 FLOAT = (int, float)
@@ -35,16 +35,22 @@ _SPEC = "spec"
 @dataclass(frozen=True)
 class Field:
     """One recipe key: default value, accepted types, optional extra check returning an error text or None, and for a
-    key that takes one of a few names, those names (`choices`, from lt_recipes.choices or a registry)."""
+    key that takes one of a few names, those names (`options`: a tuple of lt_recipes.choices, or a registry's
+    function that names them when a value is checked, so names registered later are offered too)."""
 
     default: Any
     types: tuple
     check: Callable[[Any], str | None] | None = None
     nullable: bool = False
-    choices: tuple | None = None
+    options: tuple | Callable[[], tuple] | None = None
     # an epoch count (or a list of them) that may be given as a fraction of `epochs`: config.resolve_epochs makes it
     # whole
     of_epochs: bool = False
+
+    @property
+    def choices(self) -> tuple | None:
+        """The names this key takes now (None: any value of its types)."""
+        return self.options() if callable(self.options) else self.options
 
     def checked(self, key: str, value: Any) -> Any:
         """`value` if it fits this key, else ConfigError naming `key`."""
@@ -56,8 +62,9 @@ class Field:
             raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in self.types)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"recipe key '{key}': value {value!r} is not finite")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"recipe key '{key}' = {value!r}: must be one of {list(self.choices)}")
+        choices = self.choices
+        if choices is not None and value not in choices:
+            raise ConfigError(f"recipe key '{key}' = {value!r}: must be one of {list(choices)}")
         if self.check is not None:
             err = self.check(value)
             if err:
@@ -66,7 +73,7 @@ class Field:
 
 
 def key(default: Any, types: tuple, check: Callable[[Any], str | None] | None = None, *, nullable: bool = False,
-        choices: tuple | None = None, of_epochs: bool = False) -> Any:
+        choices: tuple | Callable[[], tuple] | None = None, of_epochs: bool = False) -> Any:
     """A dataclass field carrying its recipe key's Field (a list default is a tuple in the section: it is frozen)."""
     spec = Field(default, types, check, nullable, choices, of_epochs)
     return dataclasses.field(default=tuple(default) if isinstance(default, list) else default, metadata={_SPEC: spec})
@@ -353,8 +360,8 @@ class GSAConfig(Section):
 
     # Z (or C) of Eq. 13 and the clamp of rho_g that belong to each perturbation scaling (docs/method.md), used where
     # gsa.z is null and gsa.rho_clamp is auto: the released code's adaptive scaling with C = 0.1 and a clamp ten times
-    # below its [0.002, 0.003] (measured on the 64-epoch grid: the released clamp cost 1.9-9.6 points on every base);
-    # Eq. 13-14 as printed with Z = 1e-2 and no clamp. The released step's own are its script's.
+    # below its [0.002, 0.003] (chosen by measurement: docs/method.md, the defaults' table); Eq. 13-14 as printed with
+    # Z = 1e-2 and no clamp. The released step's own are its script's.
     SCALE_DEFAULTS: ClassVar[dict[str, tuple[float, tuple[float, float] | None]]] = {
         "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}
     RELEASED_RADIUS: ClassVar[tuple[float, tuple[float, float]]] = (0.1, (0.002, 0.003))
@@ -485,9 +492,10 @@ class Recipe(Section):
     name: str = key("", STR)
     epochs: int = key(10, INT, _at_least(1))
     seed: int = key(0, INT, _at_least(0))
-    # a registered step (lt_recipes.steps), with GKP as gkp_<step> (gkp alone: the plain step with GKP)
-    method: str = key("none", STR, choices=list_methods())
-    # a named reading of the method: a preset of keys (lt_recipes.config.READINGS_PRESETS), applied where it is set
+    # a step of the step table (lt_recipes.step_table; a step registered from outside too: checked when the value
+    # is), with GKP as gkp_<step> (gkp alone: the plain step with GKP)
+    method: str = key("none", STR, choices=list_methods)
+    # a named reading of the method: a preset of keys (lt_recipes.config.reading_preset), applied where it is set
     reading: str = key("paper", STR, choices=READINGS)
     log_interval: int = key(50, INT, _at_least(1))
     checkpoint_interval: int = key(1, INT, _at_least(1))
