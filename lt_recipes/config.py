@@ -17,13 +17,14 @@ import math
 import os
 import re
 import textwrap
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from .choices import READINGS
 from .errors import ConfigError
-from .sections import FLOAT, SECTIONS, Field, GSAConfig, Recipe
+from .sections import FLOAT, Field, GSAConfig, Recipe, recipe_sections
 from .step_table import split_method, step_info, uses_memory_groups
 
 _logger = logging.getLogger(__name__)
@@ -31,9 +32,25 @@ _logger = logging.getLogger(__name__)
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 
-# Every key a recipe may set, by section: derived from the typed sections (lt_recipes.sections), the one home of each
-# key's default, type, range and options.
-SCHEMA: dict[str, Any] = {**Recipe.fields(), **{s.section: s.fields() for s in SECTIONS}}
+class _Schema(Mapping):
+    """Every key a recipe may set, by section: derived from the typed sections (lt_recipes.sections), the one home of
+    each key's default, type, range and options, when it is read (so the section of a step registered from outside
+    is in it)."""
+
+    def _now(self) -> dict[str, Any]:
+        return {**Recipe.fields(), **{s.section: s.fields() for s in recipe_sections()}}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._now()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+
+SCHEMA: Mapping[str, Any] = _Schema()
 
 
 # The released script's reading (ChenShengHan100/gkp-gsa; docs/method.md): its step, radius, GKP strength, alpha
@@ -82,7 +99,7 @@ def reading_preset(name: str) -> dict[str, Any]:
     return {k: copy.deepcopy(_field(k).default) for k in RELEASED if k not in RECIPE_DEPENDENT}
 
 
-def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
+def defaults(schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The configuration every recipe starts from."""
     schema = SCHEMA if schema is None else schema
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
@@ -95,7 +112,7 @@ def _did_you_mean(key: str) -> str:
 
 
 def _field(key: str) -> Field:
-    node: Any = SCHEMA
+    node: Any = dict(SCHEMA)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(f"unknown recipe key '{key}'{_did_you_mean(key)}")

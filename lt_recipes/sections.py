@@ -14,7 +14,8 @@ import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
                       COMPILE_BACKENDS, CONTRASTIVE_VIEWS, DATASETS,
@@ -22,7 +23,7 @@ from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DI
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
-from .step_table import list_methods
+from .step_table import list_methods, list_steps, step_info
 
 INT = (int,)
 FLOAT = (int, float)
@@ -139,10 +140,20 @@ def _numbers(v: Any) -> str | None:
     return None if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) else "must be numbers"
 
 
+# Every section class by its recipe section name (Section.__init_subclass__): a step's row names its section by it
+_SECTION_CLASSES: dict[str, type["Section"]] = {}
+
+
 class Section:
-    """Base of the sections: checks every field against its Field when created, and names its recipe section."""
+    """Base of the sections: checks every field against its Field when created, and names its recipe section. A
+    subclass with a `section` name is known by it (`section_class`), so a step's row can name it."""
 
     section: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.section:
+            _SECTION_CLASSES[cls.section] = cls
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -480,9 +491,31 @@ class GBGConfig(Section):
     num_groups: int = key(4, INT, _at_least(1))
 
 
-SECTIONS: tuple[type[Section], ...] = (DataConfig, ModelConfig, LossConfig, OptimConfig, EmaConfig, SchedConfig,
-                                       GroupsConfig, GKPConfig, GSAConfig, SAMConfig, ASAMConfig, FSAMConfig,
-                                       ImbSAMConfig, FocalSAMConfig, CCSAMConfig, GBGConfig, AlphaConfig)
+# The run's own sections; every step's section joins them through its row in the step table (`step_sections`)
+RUN_SECTIONS: tuple[type[Section], ...] = (DataConfig, ModelConfig, LossConfig, OptimConfig, EmaConfig, SchedConfig,
+                                           GroupsConfig, GKPConfig, AlphaConfig)
+
+
+def section_class(name: str) -> type[Section]:
+    """The section class of recipe section `name` (KeyError naming the known ones)."""
+    if name not in _SECTION_CLASSES:
+        raise KeyError(f"no recipe section {name!r}; known: {', '.join(_SECTION_CLASSES)}")
+    return _SECTION_CLASSES[name]
+
+
+def step_sections() -> tuple[type[Section], ...]:
+    """The sections the step table's rows name now, in row order (a step registered from outside adds its own)."""
+    names = dict.fromkeys(info.section for name in list_steps() if (info := step_info(name)).section)
+    return tuple(section_class(n) for n in names)
+
+
+def recipe_sections() -> tuple[type[Section], ...]:
+    """Every section of a recipe now: the run's, then the steps'."""
+    return RUN_SECTIONS + step_sections()
+
+
+def _step_defaults() -> Mapping[str, Section]:
+    return MappingProxyType({s.section: s() for s in step_sections()})
 
 
 @dataclass(frozen=True)
@@ -519,16 +552,39 @@ class Recipe(Section):
     cc_sam: CCSAMConfig = dataclasses.field(default_factory=CCSAMConfig)
     gbg: GBGConfig = dataclasses.field(default_factory=GBGConfig)
     alpha: AlphaConfig = dataclasses.field(default_factory=AlphaConfig)
+    # the steps' sections by name (`recipe.gsa`, `recipe.sam`): one per section the step table names
+    steps: Mapping[str, Section] = dataclasses.field(default_factory=_step_defaults)
+
+    def __getattr__(self, name: str) -> Section:
+        steps = self.__dict__.get("steps", {})
+        if name in steps:
+            return steps[name]
+        raise AttributeError(f"'Recipe' object has no attribute {name!r}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "Recipe":
         """The typed recipe of a loaded recipe (lt_recipes.config.load_config's dict, or a run's args.yaml)."""
-        sections = {s.section: s(**cfg[s.section]) for s in SECTIONS}
-        return cls(**{k: cfg[k] for k in cls.fields()}, **sections)
+        run = {s.section: s(**cfg[s.section]) for s in RUN_SECTIONS}
+        steps = MappingProxyType({s.section: s(**cfg[s.section]) for s in step_sections()})
+        return cls(**{k: cfg[k] for k in cls.fields()}, **run, steps=steps)
+
+    def sections(self) -> dict[str, Section]:
+        """Every section of this recipe by name, the run's then the steps'."""
+        return {**{s.section: getattr(self, s.section) for s in RUN_SECTIONS}, **self.steps}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as data, as args.yaml holds it and load_config gives it (lists, not tuples)."""
+        def plain(v: Any) -> Any:
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+        out: dict[str, Any] = {k: plain(getattr(self, k)) for k in self.fields()}
+        for name, section in self.sections().items():
+            out[name] = {k: plain(getattr(section, k)) for k in section.fields()}
+        return out
 
     def step_options(self, section: str | None) -> dict[str, Any]:
         """The options of a step's recipe section (none for a step without one)."""
         return dataclasses.asdict(getattr(self, section)) if section else {}
 
 
-SECTION_OF: dict[str, type[Section]] = {s.section: s for s in SECTIONS}
+# The built-in recipe's sections (recipe_sections() now: with the sections of steps registered since)
+SECTIONS: tuple[type[Section], ...] = recipe_sections()

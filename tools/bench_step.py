@@ -50,7 +50,7 @@ from lt_recipes.host_sync import count_host_syncs
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.steps import GroupedSAM, create_step, list_steps, step_info
 from lt_recipes.models import create_lt_model
-from lt_recipes.sections import SECTION_OF, GBGConfig, GSAConfig, ModelConfig
+from lt_recipes.sections import GBGConfig, GSAConfig, ModelConfig, section_class
 from lt_recipes.steps import ReleasedGSA
 
 # kind -> (with GKP, group_grads, perturbation), from the option tuples the step accepts: `[gkp_]gsa_<group grads>`
@@ -191,7 +191,7 @@ def main() -> None:
         elif kind in REGISTERED:
             info = step_info(kind)
             # a step on gradient groups takes none of its section: it sets how many groups are formed
-            options = dataclasses.asdict(SECTION_OF[info.section]()) \
+            options = dataclasses.asdict(section_class(info.section)()) \
                 if info.section and info.grouping != "gradient" else {}
             run = {"class_counts": counts, "head_losses": lambda z, t: F.cross_entropy(z, t, reduction="none")}
             step = create_step(kind, model, opt, autocast=autocast, **options, **{k: run[k] for k in info.uses})

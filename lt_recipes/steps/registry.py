@@ -21,12 +21,15 @@ __all__ = ["GKP_PREFIX", "RUN_FACTS", "StepInfo", "create_step", "list_methods",
 _CLASSES: dict[str, type] = {}
 
 
-def register_step(name: str, *, module: str | None = None, section: str | None = None, grouping: str | None = None,
-                  uses: tuple[str, ...] = (), summary: str = "") -> Callable[[type], type]:
+def register_step(name: str, *, module: str | None = None, section: str | type | None = None,
+                  grouping: str | None = None, uses: tuple[str, ...] = (), summary: str = "") -> Callable[[type], type]:
     """Class decorator: register a step class under `name`. The built-in steps have their row in the step table
-    (their arguments come from it); a new name adds its row with these arguments."""
+    (their arguments come from it); a new name adds its row with these arguments. `section`: the step's recipe
+    section, a `lt_recipes.sections.Section` subclass (or its name), whose fields are the step's options in a recipe
+    (`mine.rho: 0.1`) and are passed to its constructor."""
     def wrap(cls: type) -> type:
-        add_step(StepInfo(name, module or cls.__module__, section, grouping, tuple(uses), summary))
+        own = section if section is None or isinstance(section, str) else section.section
+        add_step(StepInfo(name, module or cls.__module__, own, grouping, tuple(uses), summary))
         _CLASSES[name] = cls
         return cls
     return wrap
