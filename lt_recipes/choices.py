@@ -43,9 +43,7 @@ GROUP_GRADS = ("masked", "share")
 PERTURBATIONS = ("per_group", "per_group_exact", "averaged")
 # Directions whose batch-share average is exactly zero (sum_g w_g h_g = g - g): never averaged
 CANCELLING_DIRECTIONS = ("gsa",)
-# The step that runs a grouped method: the paper's GroupedSAM, or the authors' released script's step
-GROUPED_STEPS = ("grouped", "released")
-# Named readings of the method, each a preset of recipe keys (lt_recipes.config.reading_preset)
+# Named readings of the method: its step and a preset of recipe keys (lt_recipes.config.reading_preset)
 READINGS = ("paper", "released")
 WEIGHTINGS = ("samples", "sum", "mean")  # w_g of Eq. 16
 BACKENDS = ("auto", "fused", "reference")

@@ -24,8 +24,8 @@ import yaml
 
 from .choices import READINGS
 from .errors import ConfigError
-from .sections import FLOAT, Field, GSAConfig, Recipe, recipe_sections
-from .step_table import split_method, step_info, uses_memory_groups
+from .sections import FLOAT, Field, Recipe, ReleasedConfig, recipe_sections
+from .step_table import method_of, split_method, step_info, uses_memory_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -53,16 +53,14 @@ class _Schema(Mapping):
 SCHEMA: Mapping[str, Any] = _Schema()
 
 
-# The released script's reading (ChenShengHan100/gkp-gsa; docs/method.md): its step, radius, GKP strength, alpha
-# schedule, and one group formed once from the initial weights, as its README runs it.
-RELEASED: dict[str, Any] = {
-    "gsa.step": "released", "gsa.direction": "friendly", "gsa.perturbation": "averaged", "gsa.scale": "adaptive",
-    "gsa.z": GSAConfig.RELEASED_RADIUS[0], "gsa.rho_clamp": list(GSAConfig.RELEASED_RADIUS[1]),
-    "gsa.friendly_sigma": 1.0, "gsa.friendly_momentum": 0.9,
-    "gsa.group_weighting": "samples", "gkp.lam": 10.0, "gkp.norm": "per_samples", "gkp.fisher": "batch_mean",
-    "alpha.start": 0.9, "alpha.end": 0.8, "groups.num_groups": 1, "groups.start_epoch": 0, "groups.interval": 0}
-# Keys a recipe sets for its data (the paper's G and grouping epochs per benchmark): `paper` leaves them to the recipe.
+# A reading names the grouped step it trains (method gsa <-> released, GKP kept) and presets keys: `released` its
+# script's run values (ReleasedConfig.SCRIPT_RUN: GKP strength, alpha, one group from epoch 0; the step's own options
+# are its section's defaults), `paper` the schema defaults of the same keys, except those a recipe sets for its data,
+# and of the grouped step's keys in which the two steps' passes differ.
+READING_STEP: dict[str, dict[str, str]] = {"released": {"gsa": "released"}, "paper": {"released": "gsa"}}
 RECIPE_DEPENDENT = ("groups.num_groups", "groups.start_epoch", "groups.interval")
+_PAPER_STEP_KEYS = ("gsa.direction", "gsa.perturbation", "gsa.scale", "gsa.z", "gsa.rho_clamp", "gsa.friendly_sigma",
+                    "gsa.friendly_momentum", "gsa.group_weighting")
 
 # train.py --tiny: any recipe as a minutes-long CPU try-out of its whole path (warm-up, grouping, Fisher, GKP+GSA,
 # checkpoint, test) with its own model, base and method (docs/usage.md, "Trying a big recipe small"). The numbers
@@ -90,13 +88,26 @@ def tiny_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def reading_preset(name: str) -> dict[str, Any]:
-    """The recipe keys a reading sets: `released` its script's values; `paper` the schema defaults (the paper's
-    equations and the measured choices where it is silent) of the same keys, except those a recipe sets for its data."""
+    """The recipe keys a reading sets besides its step (READING_STEP): `released` its script's run values
+    (ReleasedConfig.SCRIPT_RUN); `paper` the schema defaults (the paper's equations and the measured choices where it
+    is silent) of the same keys, except those a recipe sets for its data, and of the grouped step's pass keys."""
     if name not in READINGS:
         raise ConfigError(f"unknown reading {name!r} (one of {list(READINGS)})")
     if name == "released":
-        return dict(RELEASED)
-    return {k: copy.deepcopy(_field(k).default) for k in RELEASED if k not in RECIPE_DEPENDENT}
+        return dict(ReleasedConfig.SCRIPT_RUN)
+    keys = [k for k in ReleasedConfig.SCRIPT_RUN if k not in RECIPE_DEPENDENT] + list(_PAPER_STEP_KEYS)
+    return {k: copy.deepcopy(_field(k).default) for k in keys}
+
+
+def reading_step(cfg: dict[str, Any]) -> None:
+    """Set the method's step to the one `cfg`'s reading names (gsa <-> released, GKP kept), in place; the released
+    reading is refused for a method whose step is not the grouped one."""
+    step, gkp = split_method(cfg["method"])
+    steps = READING_STEP[cfg["reading"]]
+    if cfg["reading"] == "released" and step not in (*steps, *steps.values()):
+        raise ConfigError(f"reading=released is the released script's grouped step: it reads method gsa or gkp_gsa, "
+                          f"not method={cfg['method']}")
+    cfg["method"] = method_of(steps.get(step, step), gkp)
 
 
 def defaults(schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -255,15 +266,15 @@ def check_combinations(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
                           f"for method={cfg['method']}: lower groups.start_epoch, or give it as a fraction of the "
                           "run (groups.start_epoch=0.1: from 10% of epochs)")
-    gsa = cfg["gsa"]
-    if gsa["step"] == "released" and cfg["gkp"]["fisher"] == "ema":
-        raise ConfigError("gkp.fisher=ema needs the group gradients of gsa.step=grouped; the released step has none")
     if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
-        raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa")
+        raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa"
+                          + (" (the released step has none)" if cfg["method"] == "gkp_released" else ""))
     step = split_method(cfg["method"])[0]
-    if step != "gsa" and (gsa["direction"] != "gsa" or gsa["step"] != "grouped"):
-        raise ConfigError(f"gsa.direction and gsa.step set the grouped step of methods gsa/gkp_gsa, not "
-                          f"method={cfg['method']} (its options are the section {step_info(step).section or 'none'})")
+    if step != "gsa" and cfg["gsa"]["direction"] != "gsa":
+        own = step_info(step).section or "none"
+        raise ConfigError(f"gsa.direction sets the grouped step of methods gsa/gkp_gsa, not method={cfg['method']} "
+                          + ("(the released script's step cascades FriendlySAM directions of its own; its options "
+                             "are the section released)" if step == "released" else f"(its options are the section {own})"))
     sched = cfg["sched"]
     if sched["warmup_epochs"] >= cfg["epochs"]:
         raise ConfigError(f"sched.warmup_epochs={sched['warmup_epochs']} must be < epochs={cfg['epochs']}: lower "
@@ -328,14 +339,49 @@ def _apply_reading(cfg: dict[str, Any], name: Any, source: str) -> None:
         _merge(cfg, _nest(key, value), "", f"{source} (reading {name})")
 
 
-def _retire(raw: dict[str, Any]) -> None:
-    """Rewrite keys that runs trained before a schema change wrote into their args.yaml: `sam.adaptive` (method
-    sam with ASAM's scaling) became the step `asam` with its own `asam.rho`."""
+# what the released step took from the grouped step's section before it had its own (a `gsa.step: released` run)
+_RELEASED_FROM_GSA = ("z", "rho_clamp", "scale", "friendly_sigma", "friendly_momentum", "backend")
+
+
+def retire(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite, in place, keys that runs trained before a schema change wrote into their args.yaml (and checkpoint
+    identity): `sam.adaptive` (method sam with ASAM's scaling) became the step `asam` with its own `asam.rho`;
+    `gsa.step: released` (method gsa on the released script's step) became the step `released` with its own
+    section (its null `z` and `auto` clamp were the script's, now that section's defaults), and `gsa.step: grouped`
+    is method gsa itself."""
     sam = raw.get("sam")
     if isinstance(sam, dict) and "adaptive" in sam:
         if sam.pop("adaptive") is True and raw.get("method") in ("sam", "gkp_sam"):
             raw["method"] = raw["method"].replace("sam", "asam")
             raw["asam"] = {"rho": sam.pop("rho", SCHEMA["sam"]["rho"].default)}
+    gsa = raw.get("gsa")
+    if isinstance(gsa, dict) and "step" in gsa and gsa.pop("step") == "released":
+        step, gkp = split_method(raw.get("method", "none"))
+        if step == "gsa":
+            raw["method"] = method_of("released", gkp)
+            own = {k: gsa.pop(k) for k in _RELEASED_FROM_GSA if k in gsa}
+            own = {k: v for k, v in own.items() if not (k == "z" and v is None or k == "rho_clamp" and v == "auto")}
+            raw["released"] = {**own, **(raw.get("released") or {})}
+            for k in ("direction", "perturbation", "group_weighting", "group_grad_ema"):  # what the step fixed
+                gsa.pop(k, None)
+    return raw
+
+
+def retired_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's identity (its flattened recipe under `config`, its `method`) with `retire`'s rewrites, so a
+    checkpoint written before a schema change resumes under the keys that replaced the old ones."""
+    flat = identity.get("config")
+    if not isinstance(flat, dict):
+        return identity
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    config = flatten(retire(nested))
+    return {**identity, "config": config, "method": config.get("method", identity.get("method"))}
 
 
 def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
@@ -353,7 +399,7 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
         raise ConfigError(f"recipe file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe file {path} must hold a mapping of keys")
-    _retire(raw)
+    retire(raw)
     cfg = defaults()
     if "reading" in raw:
         try:
@@ -361,6 +407,11 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     _merge(cfg, raw, "", path)
+    if "reading" in raw:  # the step of the file's method
+        try:
+            reading_step(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if not cfg["name"]:
         cfg["name"] = os.path.splitext(os.path.basename(path))[0]
     if tiny:
@@ -371,10 +422,13 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
         if key == "reading":
             try:
                 _apply_reading(cfg, value, f"override '{text}'")
+                reading_step(cfg)
             except ConfigError as e:
                 raise ConfigError(f"override '{text}': {e}") from None
         else:
             _merge(cfg, _nest(key, value), "", f"override '{text}'")
+    if cfg["reading"] == "released":  # a method set after the reading is read by it too
+        reading_step(cfg)
     return check_registries(check_combinations(resolve_epochs(cfg)))
 
 

@@ -11,7 +11,6 @@ literal. Imports neither torch nor timm, so a bad key or value is reported befor
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -19,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
                       COMPILE_BACKENDS, CONTRASTIVE_VIEWS, DATASETS,
-                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
+                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, IN_MEMORY_AUGMENTS,
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
@@ -344,10 +343,9 @@ class GKPConfig(Section):
 
 @dataclass(frozen=True)
 class GSAConfig(Section):
-    """Grouped Sharpness-Aware minimization (lt_recipes.steps.gsa, .released): direction, radius, passes, ops."""
+    """Grouped Sharpness-Aware minimization (lt_recipes.steps.gsa): direction, radius, passes, ops."""
 
     section: ClassVar[str] = "gsa"
-    step: str = key("grouped", STR, choices=GROUPED_STEPS)
     direction: str = key("gsa", STR, choices=DIRECTIONS)
     scale: str = key("adaptive", STR, choices=SCALES)
     # Z of Eq. 13; null: the scale's own (Z_DEFAULTS)
@@ -372,42 +370,53 @@ class GSAConfig(Section):
     # Z (or C) of Eq. 13 and the clamp of rho_g that belong to each perturbation scaling (docs/method.md), used where
     # gsa.z is null and gsa.rho_clamp is auto: the released code's adaptive scaling with C = 0.1 and a clamp ten times
     # below its [0.002, 0.003] (chosen by measurement: docs/method.md, the defaults' table); Eq. 13-14 as printed with
-    # Z = 1e-2 and no clamp. The released step's own are its script's.
+    # Z = 1e-2 and no clamp. The released step's own are its section's (ReleasedConfig).
     SCALE_DEFAULTS: ClassVar[dict[str, tuple[float, tuple[float, float] | None]]] = {
         "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}
-    RELEASED_RADIUS: ClassVar[tuple[float, tuple[float, float]]] = (0.1, (0.002, 0.003))
-    # what the released script's step fixes (gsa.step=released)
-    RELEASED_FIXED: ClassVar[dict[str, Any]] = {"direction": "friendly", "perturbation": "averaged",
-                                                 "group_weighting": "samples", "group_grad_ema": 0.0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.step == "grouped" and self.perturbation == "averaged" and self.direction in CANCELLING_DIRECTIONS:
+        if self.perturbation == "averaged" and self.direction in CANCELLING_DIRECTIONS:
             raise ConfigError(f"gsa.perturbation=averaged with gsa.direction={self.direction} cancels: the "
                               "batch-share mean of the projected directions h_g is exactly zero (sum_g w_g h_g = "
                               "g - g), so the tail groups' losses fall in the perturbed pass; set "
                               "gsa.perturbation=per_group (or per_group_exact), or another gsa.direction")
-        if self.batched and (self.step != "grouped" or self.perturbation != "per_group_exact"):
-            raise ConfigError(f"gsa.batched=true batches the per_group_exact passes of gsa.step=grouped; got "
-                              f"gsa.step={self.step}, gsa.perturbation={self.perturbation} (set gsa.batched=false)")
-        wrong = {k: getattr(self, k) for k, v in self.RELEASED_FIXED.items() if getattr(self, k) != v}
-        if self.step == "released" and wrong:
-            raise ConfigError(f"gsa.step=released is the released script's step, which fixes "
-                              f"{', '.join(f'gsa.{k}={v}' for k, v in self.RELEASED_FIXED.items())}; got "
-                              f"{', '.join(f'gsa.{k}={v}' for k, v in wrong.items())} (use gsa.step=grouped)")
+        if self.batched and self.perturbation != "per_group_exact":
+            raise ConfigError(f"gsa.batched=true batches the per_group_exact passes of the grouped step; got "
+                              f"gsa.perturbation={self.perturbation} (set gsa.batched=false)")
 
     @classmethod
-    def radius(cls, step: str, scale: str, z: float | None, rho_clamp: Any) -> tuple[float, tuple[float, float] | None]:
-        """Z of Eq. 13 and the clamp of rho_g a step runs with: `z` and `rho_clamp` as given, a null `z` and an
-        `auto` clamp resolved to the step's own (the released step) or the scale's (SCALE_DEFAULTS)."""
-        own = cls.RELEASED_RADIUS if step == "released" else cls.SCALE_DEFAULTS[scale]
+    def radius(cls, scale: str, z: float | None, rho_clamp: Any) -> tuple[float, tuple[float, float] | None]:
+        """Z of Eq. 13 and the clamp of rho_g the grouped step runs with: `z` and `rho_clamp` as given, a null `z`
+        and an `auto` clamp resolved to the scale's own (SCALE_DEFAULTS)."""
+        own = cls.SCALE_DEFAULTS[scale]
         clamp = own[1] if isinstance(rho_clamp, str) else rho_clamp
         return (own[0] if z is None else float(z)), (None if clamp is None else (float(clamp[0]), float(clamp[1])))
 
-    def step_kwargs(self, step: type) -> dict[str, Any]:
-        """The options of this section a grouped step class takes: its constructor's, and `backend` (the ops')."""
-        names = set(inspect.signature(step.__init__).parameters) | {"backend"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+
+@dataclass(frozen=True)
+class ReleasedConfig(Section):
+    """The authors' released step (lt_recipes.steps.released; method `released`, `gkp_released`): its options, at the
+    released script's values (ChenShengHan100/gkp-gsa, as its README runs it; docs/method.md, section 5).
+
+    The script also fixes what the grouped methods share: GKP's strength, the alpha schedule and one group formed at
+    epoch 0 and never refreshed. Those keys belong to their sections (gkp, alpha, groups) and every grouped method
+    reads them there; their script values are `SCRIPT_RUN`, the one home that the reading `released` sets
+    (lt_recipes.config.reading_preset) over a recipe's, so a key set after the reading still wins.
+    """
+
+    section: ClassVar[str] = "released"
+    # C of the radius, and the clamp of rho_k (null: none)
+    z: float = key(0.1, FLOAT, _at_least(0.0))
+    rho_clamp: tuple[float, float] | None = key([0.002, 0.003], LIST, _pair_of_increasing, nullable=True)
+    scale: str = key("adaptive", STR, choices=SCALES)
+    friendly_sigma: float = key(1.0, FLOAT)
+    friendly_momentum: float = key(0.9, FLOAT, _between(0.0, 1.0))
+    backend: str = key("auto", STR, choices=BACKENDS)
+
+    SCRIPT_RUN: ClassVar[dict[str, Any]] = {
+        "gkp.lam": 10.0, "gkp.norm": "per_samples", "gkp.fisher": "batch_mean", "alpha.start": 0.9, "alpha.end": 0.8,
+        "groups.num_groups": 1, "groups.start_epoch": 0, "groups.interval": 0}
 
 
 @dataclass(frozen=True)
@@ -543,17 +552,18 @@ class Recipe(Section):
     sched: SchedConfig = dataclasses.field(default_factory=SchedConfig)
     groups: GroupsConfig = dataclasses.field(default_factory=GroupsConfig)
     gkp: GKPConfig = dataclasses.field(default_factory=GKPConfig)
-    gsa: GSAConfig = dataclasses.field(default_factory=GSAConfig)
-    sam: SAMConfig = dataclasses.field(default_factory=SAMConfig)
-    asam: ASAMConfig = dataclasses.field(default_factory=ASAMConfig)
-    fsam: FSAMConfig = dataclasses.field(default_factory=FSAMConfig)
-    imbsam: ImbSAMConfig = dataclasses.field(default_factory=ImbSAMConfig)
-    focal_sam: FocalSAMConfig = dataclasses.field(default_factory=FocalSAMConfig)
-    cc_sam: CCSAMConfig = dataclasses.field(default_factory=CCSAMConfig)
-    gbg: GBGConfig = dataclasses.field(default_factory=GBGConfig)
     alpha: AlphaConfig = dataclasses.field(default_factory=AlphaConfig)
-    # the steps' sections by name (`recipe.gsa`, `recipe.sam`): one per section the step table names
+    # the steps' sections by name (`recipe.gsa`, `recipe.sam`): one per section the step table names (those not given
+    # at their defaults)
     steps: Mapping[str, Section] = dataclasses.field(default_factory=_step_defaults)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        known = {s.section: s for s in step_sections()}
+        unknown = sorted(set(self.steps) - set(known))
+        if unknown:
+            raise ConfigError(f"no step has the recipe section(s) {unknown}; the steps' sections: {sorted(known)}")
+        object.__setattr__(self, "steps", MappingProxyType({n: self.steps.get(n) or s() for n, s in known.items()}))
 
     def __getattr__(self, name: str) -> Section:
         steps = self.__dict__.get("steps", {})

@@ -22,7 +22,8 @@ class StepInfo:
     with its options (None: none), the class grouping it runs on (`memory`: the paper's memory-based groups, formed
     during training, the plain step running until then; `gradient`: GBG's, formed from the initial weights; None),
     and what it takes from the training run (`class_counts`: training images per class; `head_losses`: the base's
-    classification loss on logits)."""
+    classification loss on logits). `label`: its module's name in a run's label (`bcl+gkp+<label>`; empty: its
+    name)."""
 
     name: str
     module: str
@@ -30,6 +31,7 @@ class StepInfo:
     grouping: str | None = None
     uses: tuple[str, ...] = ()
     summary: str = ""
+    label: str = ""
 
 
 _BUILTIN = (
@@ -47,6 +49,10 @@ _BUILTIN = (
              summary="GBG (2024): MGDA weights over gradient-clustered class groups"),
     StepInfo("gsa", "gsa", "gsa", grouping="memory",
              summary="GSA (this paper): one SAM step per memory-based group along h_g"),
+    # a reading of GSA: its runs keep GSA's label (the run grid tells them apart by their variant, `#released`)
+    StepInfo("released", "released", "released", grouping="memory", label="gsa",
+             summary="GSA as the authors' released script runs it: one gradient, cascaded FriendlySAM directions, "
+                     "one averaged perturbed pass"),
 )
 _INFO: dict[str, StepInfo] = {info.name: info for info in _BUILTIN}
 
@@ -93,7 +99,7 @@ def split_method(method: str) -> tuple[str, bool]:
 def method_modules(method: str) -> tuple[str, ...]:
     """A method's modules on top of the base loss, as in its label (`bcl+gkp+imbsam`): () for the plain step."""
     step, gkp = split_method(method)
-    return (("gkp",) if gkp else ()) + (() if step == "none" else (step,))
+    return (("gkp",) if gkp else ()) + (() if step == "none" else (step_info(step).label or step,))
 
 
 def uses_memory_groups(method: str) -> bool:

@@ -57,13 +57,9 @@ def _model() -> nn.Module:
 def _build(name: str, gkp: bool, options: dict | None = None):
     model, loss = _model(), BCL(COUNTS)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    uses = () if name == "released" else step_info(name).uses
+    uses = step_info(name).uses
     kw = {k: {"class_counts": COUNTS, "head_losses": loss.classification_losses}[k] for k in uses}
-    if name == "released":
-        from lt_recipes.steps.released import ReleasedGSA
-        step = ReleasedGSA(model, opt)
-    else:
-        step = create_step(name, model, opt, **kw, **(options or {}))
+    step = create_step(name, model, opt, **kw, **(options or {}))
     if name in ("gbg", "gsa", "released"):
         step.set_groups(GROUP_OF_CLASS, GROUP_SAMPLES)
     if gkp:
@@ -95,7 +91,7 @@ def step_syncs(name: str, gkp: bool, variant: dict | None = None) -> list[int]:
     return counts
 
 
-KINDS = [(s, gkp) for s in [*list_steps(), "released"] for gkp in (False, True)]
+KINDS = [(s, gkp) for s in list_steps() for gkp in (False, True)]
 
 
 @pytest.mark.parametrize("name,gkp", KINDS, ids=[f"{'gkp_' if g else ''}{s}" for s, g in KINDS])

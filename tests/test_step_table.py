@@ -94,3 +94,35 @@ def test_adding_a_step_touches_the_files_the_docs_list():
         if info.section:
             assert isinstance(getattr(recipe, info.section), section_class(info.section)), info.name
             assert section_class(info.section).__module__ == "lt_recipes.sections", info.name
+
+
+def test_the_typed_recipe_holds_every_key_of_the_data():
+    """Recipe.from_dict keeps every value, the step sections' included, and to_dict gives the same data back."""
+    from lt_recipes.sections import Recipe
+    cfg = load_config("digits_lt", ["sam.rho=0.07", "gsa.direction=sam", "released.z=0.2", "gbg.num_groups=3"])
+    recipe = Recipe.from_dict(cfg)
+    assert (recipe.sam.rho, recipe.gsa.direction, recipe.released.z, recipe.gbg.num_groups) == (0.07, "sam", 0.2, 3)
+    assert recipe.to_dict() == cfg
+
+
+RELEASED_RUN = ROOT / "results" / "fmnist64_r100" / "bcl+gkp+gsa#released" / "seed0" / "args.yaml"
+
+
+def test_a_released_run_written_before_the_step_had_its_row_loads_and_resumes():
+    """A committed args.yaml of `reading: released` (method gkp_gsa with gsa.step released and the script's keys in
+    the gsa section) loads as method gkp_released with the same values, and its checkpoint identity matches."""
+    import yaml
+    from lt_recipes.config import flatten, retired_identity
+    old = flatten(yaml.safe_load(RELEASED_RUN.read_text()))
+    assert (old["method"], old["gsa.step"], old["gsa.direction"]) == ("gkp_gsa", "released", "friendly")
+    new = flatten(load_config(str(RELEASED_RUN)))
+    assert new["method"] == "gkp_released" and "gsa.step" not in new
+    assert {k: new[k] for k in ("released.z", "released.rho_clamp", "released.scale", "released.friendly_sigma",
+                                "released.friendly_momentum")} == {
+        "released.z": old["gsa.z"], "released.rho_clamp": old["gsa.rho_clamp"], "released.scale": old["gsa.scale"],
+        "released.friendly_sigma": old["gsa.friendly_sigma"], "released.friendly_momentum": old["gsa.friendly_momentum"]}
+    kept = [k for k in old if not k.startswith("gsa.") and k not in ("method", "sam.adaptive")]
+    assert all(new[k] == old[k] for k in kept)
+    identity = retired_identity({"method": old["method"], "config": old})
+    assert identity["method"] == "gkp_released"
+    assert all(new[k] == v for k, v in identity["config"].items())

@@ -96,7 +96,7 @@ def test_paper_grids_run_the_paper_rows_on_its_recipes(tmp_path, capsys):
 def _resolved(cfg: dict) -> dict:
     """The config with the step's own radius scale and clamp written out (null / "auto": GSAConfig.radius)."""
     gsa = dict(cfg["gsa"])
-    z, clamp = GSAConfig.radius(gsa["step"], gsa["scale"], gsa["z"], gsa["rho_clamp"])
+    z, clamp = GSAConfig.radius(gsa["scale"], gsa["z"], gsa["rho_clamp"])
     gsa["z"], gsa["rho_clamp"] = z, (list(clamp) if clamp else None)
     return {**cfg, "gsa": gsa}
 

@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lt_recipes.steps import list_methods, list_steps, method_modules
+from lt_recipes.steps import list_methods, list_steps, method_modules, split_method, step_info
 from lt_recipes.cli import last_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +51,10 @@ BASES = {
     "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
     "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
 }
-# the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa
-METHOD_OF_MODULES = {"+".join(method_modules(method)): method for method in list_methods()}
+# the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa (a step labelled as another, the
+# released reading of gsa, is chosen by its variant's reading, not by a label)
+METHOD_OF_MODULES = {"+".join(method_modules(method)): method for method in list_methods()
+                     if not step_info(split_method(method)[0]).label}
 # the variant whose keys are the current defaults of the grouped step (its rows stand for the default in the tables)
 DEFAULT_VARIANT = "paper_exact_rho_div10"
 # the adaptive radius clamp of the released code, the default before the readings grid measured a smaller one
@@ -146,8 +148,8 @@ PAPER_GRIDS = {
 
 
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
-# every registered sharpness-aware step other than the paper's own (its default runs are the fmnist64 grid's rows)
-PEER_STEPS = [s for s in list_steps() if s not in ("none", "gsa")]
+# every registered sharpness-aware step other than the paper's own and its released reading (the fmnist64 grid's rows)
+PEER_STEPS = [s for s in list_steps() if s != "none" and step_info(s).grouping != "memory"]
 GRIDS = {
     # the main job's recipe (scikit-learn digits, r=10, 30 epochs): the default method against its base
     "digits": Grid("digits_lt", "digits", {10: ["ce", f"ce+gkp+gsa#{DEFAULT_VARIANT}"]}),
