@@ -25,7 +25,7 @@ import yaml
 from .choices import READINGS
 from .errors import ConfigError
 from .sections import FLOAT, Field, Recipe, ReleasedConfig, recipe_sections
-from .step_table import method_of, split_method, step_info, uses_memory_groups
+from .step_table import method_of, split_method
 
 _logger = logging.getLogger(__name__)
 
@@ -243,51 +243,6 @@ def resolve_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def check_combinations(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Cross-key checks: combinations of keys that cannot work together (each key alone is its Field's to check)."""
-    Recipe.from_dict(cfg)  # each section checks its own keys and their combinations
-    data, loss, model = cfg["data"], cfg["loss"], cfg["model"]
-    if loss["name"] == "bcl":
-        if data["contrastive_views"] != 2:
-            raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per image)")
-        if model["proj_head"] is None:
-            raise ConfigError("loss.name=bcl needs model.proj_head=[hidden, out] (the contrastive heads)")
-    elif model["proj_head"] is not None:
-        raise ConfigError("model.proj_head builds the contrastive heads of loss.name=bcl; unused heads break DDP "
-                          f"with loss.name={loss['name']}: set model.proj_head=null")
-    elif data["contrastive_views"]:
-        raise ConfigError(f"data.contrastive_views={data['contrastive_views']} is only used by loss.name=bcl, "
-                          f"not {loss['name']}")
-    if loss["name"] == "ldam_drw" and (model["classifier"] != "cosine" or model["cosine_scale"] != 1.0):
-        raise ConfigError("loss.name=ldam_drw pairs with an unscaled cosine classifier, as in LDAM's own code (the "
-                          "loss multiplies the margin-shifted cosines by loss.ldam_s): set model.classifier=cosine "
-                          f"and model.cosine_scale=1 (got {model['classifier']}, scale {model['cosine_scale']:g})")
-    if uses_memory_groups(cfg["method"]) and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
-        raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
-                          f"for method={cfg['method']}: lower groups.start_epoch, or give it as a fraction of the "
-                          "run (groups.start_epoch=0.1: from 10% of epochs)")
-    if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
-        raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa"
-                          + (" (the released step has none)" if cfg["method"] == "gkp_released" else ""))
-    step = split_method(cfg["method"])[0]
-    if step != "gsa" and cfg["gsa"]["direction"] != "gsa":
-        own = step_info(step).section or "none"
-        raise ConfigError(f"gsa.direction sets the grouped step of methods gsa/gkp_gsa, not method={cfg['method']} "
-                          + ("(the released script's step cascades FriendlySAM directions of its own; its options "
-                             "are the section released)" if step == "released" else f"(its options are the section {own})"))
-    sched = cfg["sched"]
-    if sched["warmup_epochs"] >= cfg["epochs"]:
-        raise ConfigError(f"sched.warmup_epochs={sched['warmup_epochs']} must be < epochs={cfg['epochs']}: lower "
-                          "sched.warmup_epochs, or give it as a fraction of the run (sched.warmup_epochs=0.05: 5% of "
-                          "epochs)")
-    late = [m for m in sched["decay_milestones"] if m > cfg["epochs"]]
-    if sched["sched"] in ("step", "multistep") and late:
-        raise ConfigError(f"sched.decay_milestones={sched['decay_milestones']}: {late} lie past epochs={cfg['epochs']} "
-                          "and are never reached: lower sched.decay_milestones, or give them as fractions of the run "
-                          "(sched.decay_milestones=[0.8, 0.9]: at 80% and 90% of epochs)")
-    return cfg
-
-
 def _check_optimizer(name: str) -> None:
     from timm.optim import list_optimizers
 
@@ -322,14 +277,14 @@ def _check_trackers(log_with: str | list[str]) -> None:
             raise ConfigError(f"recipe key 'log_with': tracker {name!r} needs its package: pip install {name}")
 
 
-def check_registries(cfg: dict[str, Any]) -> dict[str, Any]:
+def check_registries(recipe: Recipe) -> Recipe:
     """Check the names that live in timm's and Accelerate's registries; imports both, so it runs last."""
-    _check_optimizer(cfg["optim"]["opt"])
-    if cfg["data"]["auto_augment"] is not None:
-        _check_auto_augment(cfg["data"]["auto_augment"])
-    if cfg["log_with"] is not None:
-        _check_trackers(cfg["log_with"])
-    return cfg
+    _check_optimizer(recipe.optim.opt)
+    if recipe.data.auto_augment is not None:
+        _check_auto_augment(recipe.data.auto_augment)
+    if recipe.log_with is not None:
+        _check_trackers(recipe.log_with if isinstance(recipe.log_with, str) else list(recipe.log_with))
+    return recipe
 
 
 def _apply_reading(cfg: dict[str, Any], name: Any, source: str) -> None:
@@ -384,8 +339,10 @@ def retired_identity(identity: dict[str, Any]) -> dict[str, Any]:
     return {**identity, "config": config, "method": config.get("method", identity.get("method"))}
 
 
-def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
+def load_recipe(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> Recipe:
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
+    The typed `Recipe` is built once, here: its sections check their keys, and the recipe the combinations across
+    sections (Recipe.__post_init__).
 
     A `reading` sets its preset of keys where it appears: in a recipe file before the file's other keys, in the
     overrides at its position. `tiny` applies `tiny_overrides` after the file, before the overrides. Keys, types,
@@ -429,12 +386,12 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
             _merge(cfg, _nest(key, value), "", f"override '{text}'")
     if cfg["reading"] == "released":  # a method set after the reading is read by it too
         reading_step(cfg)
-    return check_registries(check_combinations(resolve_epochs(cfg)))
+    return check_registries(Recipe.from_dict(resolve_epochs(cfg)))
 
 
-def load_recipe(recipe: str, overrides: Sequence[str] = ()) -> Recipe:
-    """`load_config`'s recipe as the typed Recipe."""
-    return Recipe.from_dict(load_config(recipe, overrides))
+def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
+    """`load_recipe`'s recipe as data (what args.yaml holds: `Recipe.to_dict()`)."""
+    return load_recipe(recipe, overrides, tiny).to_dict()
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:

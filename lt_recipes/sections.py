@@ -22,7 +22,7 @@ from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DI
                       LIST_DATASETS, LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .errors import ConfigError
-from .step_table import list_methods, list_steps, step_info
+from .step_table import list_methods, list_steps, split_method, step_info, uses_memory_groups
 
 INT = (int,)
 FLOAT = (int, float)
@@ -564,6 +564,51 @@ class Recipe(Section):
         if unknown:
             raise ConfigError(f"no step has the recipe section(s) {unknown}; the steps' sections: {sorted(known)}")
         object.__setattr__(self, "steps", MappingProxyType({n: self.steps.get(n) or s() for n, s in known.items()}))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Combinations of keys of different sections that cannot work together (each section checks its own)."""
+        data, loss, model, method = self.data, self.loss, self.model, self.method
+        if loss.name == "bcl":
+            if data.contrastive_views != 2:
+                raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per "
+                                  "image)")
+            if model.proj_head is None:
+                raise ConfigError("loss.name=bcl needs model.proj_head=[hidden, out] (the contrastive heads)")
+        elif model.proj_head is not None:
+            raise ConfigError("model.proj_head builds the contrastive heads of loss.name=bcl; unused heads break DDP "
+                              f"with loss.name={loss.name}: set model.proj_head=null")
+        elif data.contrastive_views:
+            raise ConfigError(f"data.contrastive_views={data.contrastive_views} is only used by loss.name=bcl, "
+                              f"not {loss.name}")
+        if loss.name == "ldam_drw" and (model.classifier != "cosine" or model.cosine_scale != 1.0):
+            raise ConfigError("loss.name=ldam_drw pairs with an unscaled cosine classifier, as in LDAM's own code (the "
+                              "loss multiplies the margin-shifted cosines by loss.ldam_s): set model.classifier=cosine "
+                              f"and model.cosine_scale=1 (got {model.classifier}, scale {model.cosine_scale:g})")
+        if uses_memory_groups(method) and self.groups.start_epoch >= self.epochs:
+            raise ConfigError(f"groups.start_epoch={self.groups.start_epoch} must be < epochs={self.epochs} "
+                              f"for method={method}: lower groups.start_epoch, or give it as a fraction of the "
+                              "run (groups.start_epoch=0.1: from 10% of epochs)")
+        if self.gkp.fisher == "ema" and method != "gkp_gsa":
+            raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa"
+                              + (" (the released step has none)" if method == "gkp_released" else ""))
+        step = split_method(method)[0]
+        if step != "gsa" and self.steps["gsa"].direction != "gsa":
+            own = step_info(step).section or "none"
+            raise ConfigError(f"gsa.direction sets the grouped step of methods gsa/gkp_gsa, not method={method} "
+                              + ("(the released script's step cascades FriendlySAM directions of its own; its options "
+                                 "are the section released)" if step == "released"
+                                 else f"(its options are the section {own})"))
+        sched = self.sched
+        if sched.warmup_epochs >= self.epochs:
+            raise ConfigError(f"sched.warmup_epochs={sched.warmup_epochs} must be < epochs={self.epochs}: lower "
+                              "sched.warmup_epochs, or give it as a fraction of the run (sched.warmup_epochs=0.05: 5% "
+                              "of epochs)")
+        late = [m for m in sched.decay_milestones if m > self.epochs]
+        if sched.sched in ("step", "multistep") and late:
+            raise ConfigError(f"sched.decay_milestones={list(sched.decay_milestones)}: {late} lie past "
+                              f"epochs={self.epochs} and are never reached: lower sched.decay_milestones, or give them "
+                              "as fractions of the run (sched.decay_milestones=[0.8, 0.9]: at 80% and 90% of epochs)")
 
     def __getattr__(self, name: str) -> Section:
         steps = self.__dict__.get("steps", {})

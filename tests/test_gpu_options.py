@@ -75,12 +75,12 @@ GKP_RUN = ["epochs=3", "method=gkp", "groups.start_epoch=1", "groups.interval=1"
 
 def _gkp_run(out, *sets):
     """The model weights at the end of a GKP_RUN with `sets` (one torch thread, as the other in-process runs)."""
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(load_config("digits_lt", GKP_RUN + list(sets)), str(out))
+        run(load_recipe("digits_lt", GKP_RUN + list(sets)), str(out))
     finally:
         torch.set_num_threads(threads)
     return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
@@ -143,10 +143,10 @@ def test_compile_backends_are_torch_backends():
 
 @pytest.mark.usefixtures("single_thread")
 def test_the_default_recipe_refuses_inductor_before_training(tmp_path):
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
     with pytest.raises(ConfigError, match="model.compile=inductor is refused for method gkp_gsa \\(GroupedSAM\\)"):
-        run(load_config("digits_lt", ["model.compile=inductor"]), str(tmp_path))
+        run(load_recipe("digits_lt", ["model.compile=inductor"]), str(tmp_path))
     assert not (tmp_path / "checkpoint.pt").exists()
 
 

@@ -123,7 +123,7 @@ def test_the_engine_step_loop_keeps_the_budget(tmp_path, monkeypatch):
     """method.train_step as the engine calls it, on digits with BCL + GKP + GSA: the grouped method's plain steps
     before the first grouping (1), its grouped steps after (3); the loss comes back on the device, unread."""
     from lt_recipes import method as method_mod
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
 
     seen: list[tuple[bool, int]] = []
@@ -138,7 +138,7 @@ def test_the_engine_step_loop_keeps_the_budget(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(method_mod.GroupedMethod, "train_step", counted)
-    run(load_config("digits_lt", ["epochs=2", "groups.start_epoch=1", "method=gkp_gsa", "loss.name=bcl",
+    run(load_recipe("digits_lt", ["epochs=2", "groups.start_epoch=1", "method=gkp_gsa", "loss.name=bcl",
                                   "data.contrastive_views=2", "model.proj_head=[32, 16]", "model.classifier=cosine",
                                   "data.eval_batch_size=256"]), str(tmp_path))
     assert {grouped for grouped, _ in seen} == {False, True}

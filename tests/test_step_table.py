@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lt_recipes import step_table
-from lt_recipes.config import ConfigError, load_config
+from lt_recipes.config import ConfigError, load_config, load_recipe
 from lt_recipes.sections import FLOAT, Section, key
 from lt_recipes.steps import StepCore, StepStats, list_methods, register_step, registry
 
@@ -70,7 +70,7 @@ def test_a_user_registered_step_trains_from_a_recipe(toy_step, tmp_path):
     """One tiny epoch of digits with method=half: the engine builds the user's class and every training step is its."""
     from lt_recipes.engine import run
 
-    cfg = load_config("digits_lt", ["method=half", "half.factor=0.25", "epochs=1", "data.batch_size=128",
+    cfg = load_recipe("digits_lt", ["method=half", "half.factor=0.25", "epochs=1", "data.batch_size=128",
                                     "data.test_per_class=10", "data.val_per_class=2"])
     res = run(cfg, str(tmp_path))
     assert res["method"] == "ce+half" and toy_step.calls and set(toy_step.calls) == {0.25}
