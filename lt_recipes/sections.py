@@ -258,6 +258,12 @@ class LossConfig(Section):
     bcl_temperature: float = key(0.1, FLOAT, _positive)
     label_smoothing: float = key(0.0, FLOAT, _between(0.0, 1.0))
 
+    # what a base needs of the other sections (Recipe checks it, tools/run_grid sets it): LDAM's unscaled cosine
+    # classifier, as in its authors' code (the loss owns the scale s), and BCL's two extra contrastive views (BCL also
+    # needs a projection head, whose size is the recipe's)
+    PAIRED_KEYS: ClassVar[dict[str, dict[str, Any]]] = {
+        "ldam_drw": {"model.classifier": "cosine", "model.cosine_scale": 1.0}, "bcl": {"data.contrastive_views": 2}}
+
 
 @dataclass(frozen=True)
 class OptimConfig(Section):
@@ -569,8 +575,10 @@ class Recipe(Section):
     def _check_combinations(self) -> None:
         """Combinations of keys of different sections that cannot work together (each section checks its own)."""
         data, loss, model, method = self.data, self.loss, self.model, self.method
+        paired = {k: v for k, v in LossConfig.PAIRED_KEYS.get(loss.name, {}).items()
+                  if getattr(getattr(self, k.split(".")[0]), k.split(".")[1]) != v}
         if loss.name == "bcl":
-            if data.contrastive_views != 2:
+            if paired:
                 raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per "
                                   "image)")
             if model.proj_head is None:
@@ -581,7 +589,7 @@ class Recipe(Section):
         elif data.contrastive_views:
             raise ConfigError(f"data.contrastive_views={data.contrastive_views} is only used by loss.name=bcl, "
                               f"not {loss.name}")
-        if loss.name == "ldam_drw" and (model.classifier != "cosine" or model.cosine_scale != 1.0):
+        if loss.name == "ldam_drw" and paired:
             raise ConfigError("loss.name=ldam_drw pairs with an unscaled cosine classifier, as in LDAM's own code (the "
                               "loss multiplies the margin-shifted cosines by loss.ldam_s): set model.classifier=cosine "
                               f"and model.cosine_scale=1 (got {model.classifier}, scale {model.cosine_scale:g})")

@@ -126,3 +126,34 @@ def test_a_released_run_written_before_the_step_had_its_row_loads_and_resumes():
     identity = retired_identity({"method": old["method"], "config": old})
     assert identity["method"] == "gkp_released"
     assert all(new[k] == v for k, v in identity["config"].items())
+
+
+def test_the_base_pairings_have_one_home():
+    """Each base's keys in the run grid are its loss and LossConfig.PAIRED_KEYS: every base loads with them, and the
+    recipe refuses a pairing left out (the check and the grid read the same table)."""
+    from toolload import load_tool
+    from lt_recipes.choices import LOSSES
+    from lt_recipes.sections import LossConfig
+    bases = load_tool("run_grid").BASES
+    assert set(bases) == set(LOSSES)
+    for name, keys in bases.items():
+        assert load_config("digits_lt", keys)["loss"]["name"] == name
+        for paired in LossConfig.PAIRED_KEYS.get(name, {}):
+            assert any(k.startswith(f"{paired}=") for k in keys), (name, paired)
+            with pytest.raises(ConfigError, match=f"loss.name={name}"):
+                load_config("digits_lt", [k for k in keys if not k.startswith(f"{paired}=")])
+
+
+def test_reading_released_builds_the_released_step_with_the_scripts_values():
+    """`reading: released` names the step (gkp_gsa -> gkp_released) and the step takes its section's values: the
+    script's radius C 0.1, clamp [0.002, 0.003], FriendlySAM sigma 1 and EMA 0.9, adaptive scaling."""
+    from lt_recipes.steps import create_step, split_method, step_info
+    recipe = load_recipe("cifar100_lt_resnet32", ["reading=released"])
+    step_name = split_method(recipe.method)[0]
+    assert recipe.method == "gkp_released"
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    step = create_step(step_name, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       **recipe.step_options(step_info(step_name).section))
+    assert type(step).__name__ == "ReleasedGSA"
+    assert (step.z, step.rho_clamp, step.sigma, step.lam, step.scale) == (0.1, (0.002, 0.003), 1.0, 0.9, "adaptive")
+    assert (recipe.gkp.lam, recipe.alpha.start, recipe.alpha.end, recipe.groups.num_groups) == (10.0, 0.9, 0.8, 1)

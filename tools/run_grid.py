@@ -40,17 +40,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from lt_recipes.choices import LOSSES
+from lt_recipes.sections import LossConfig
 from lt_recipes.steps import list_methods, list_steps, method_modules, split_method, step_info
 from lt_recipes.cli import last_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASES = {
-    "ce": ["loss.name=ce"],
-    "la": ["loss.name=la"],
-    "bs": ["loss.name=bs"],
-    "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
-    "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
-}
+# each base's keys: its loss and what the loss needs of the other sections (LossConfig.PAIRED_KEYS, which the recipe
+# checks), and the grid's own choice for BCL: a 512-128 projection head and the cosine classifier
+_GRID_KEYS = {"bcl": ["model.proj_head=[512, 128]", "model.classifier=cosine"]}
+BASES = {name: [f"loss.name={name}", *(f"{k}={v}" for k, v in LossConfig.PAIRED_KEYS.get(name, {}).items()),
+                *_GRID_KEYS.get(name, [])] for name in LOSSES}
 # the recipe method of each label's modules: "" -> none, ..., "gkp+gsa" -> gkp_gsa (a step labelled as another, the
 # released reading of gsa, is chosen by its variant's reading, not by a label)
 METHOD_OF_MODULES = {"+".join(method_modules(method)): method for method in list_methods()
