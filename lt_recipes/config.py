@@ -2,8 +2,9 @@
 
 Every key a recipe or an override (`--set data.root=/x`) may set is a field of a typed section
 (lt_recipes.sections) with its default, type, range and options; `SCHEMA` is derived from them, so an unknown key
-or a bad value fails early with a message that names it. `load_config` gives the recipe as data (what args.yaml
-holds); `load_recipe` the typed `Recipe` built from it, which the run passes on section by section. This module
+or a bad value fails early with a message that names it. `load_recipe` gives the typed `Recipe`, built once from
+the merged keys (its sections and the recipe check every key and combination), which the run passes on section by
+section; `load_config` its `to_dict()`, the recipe as data (what args.yaml holds). This module
 imports neither torch nor timm: a bad key or value is reported in a fraction of a second. Only the names that live
 in timm's and Accelerate's registries (optimizer, augmentation policy, trackers) are checked against them, last,
 by `check_registries`, which imports them when it runs.
