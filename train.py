@@ -14,6 +14,7 @@ import os
 import sys
 
 from lt_recipes.cli import DEFAULT_RECIPE, add_recipe_args, process_rank, run_recipe, run_recipe_path, setup_logging
+from lt_recipes.sections import Recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,33 +45,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging()
 
-    def output(cfg: dict) -> str:
-        return args.output or f"output/{cfg['name']}"
+    def output(recipe: Recipe) -> str:
+        return args.output or f"output/{recipe.name}"
 
     continuing = args.resume or args.resume_or_start
     recipe = run_recipe_path(args.recipe, args.output or f"output/{DEFAULT_RECIPE}") if continuing \
         else args.recipe or DEFAULT_RECIPE
 
-    def train(cfg: dict) -> int:
+    def train(recipe: Recipe) -> int:
         if args.print_config:
             import yaml
 
-            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
         from lt_recipes.engine import run
 
-        results = run(cfg, output(cfg), resume="or_start" if args.resume_or_start else args.resume,
+        results = run(recipe, output(recipe), resume="or_start" if args.resume_or_start else args.resume,
                       mixed_precision=args.mixed_precision)
         if process_rank() == 0:
-            print(f"results: {output(cfg)}/results.json  top1={results['top1']:.2f}")
+            print(f"results: {output(recipe)}/results.json  top1={results['top1']:.2f}")
         return 0
 
-    def log_path(cfg: dict) -> str | None:
+    def log_path(recipe: Recipe) -> str | None:
         from lt_recipes.checkpoint import has_checkpoint
 
-        if args.print_config or (args.resume and not has_checkpoint(output(cfg))):
+        if args.print_config or (args.resume and not has_checkpoint(output(recipe))):
             return None  # nothing to resume (an error): a mistyped --output is not created for a log
-        return os.path.join(output(cfg), "train.log")
+        return os.path.join(output(recipe), "train.log")
 
     return run_recipe(recipe, args.overrides, train, log_path=log_path, tiny=args.tiny)
 

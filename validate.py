@@ -15,6 +15,7 @@ import os
 import sys
 
 from lt_recipes.cli import add_recipe_args, process_rank, run_recipe, run_recipe_path, setup_logging
+from lt_recipes.sections import Recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
 
-    def evaluate(cfg: dict) -> int:
+    def evaluate(recipe: Recipe) -> int:
         from lt_recipes.engine import evaluate_checkpoint
 
         stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
         output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"validate-{stem}")
-        res = evaluate_checkpoint(cfg, args.checkpoint, output, mixed_precision=args.mixed_precision)
+        res = evaluate_checkpoint(recipe, args.checkpoint, output, mixed_precision=args.mixed_precision)
         if process_rank() == 0:
             top5 = "" if res["top5"] is None else f"  top5={res['top5']:.2f}"
             print(f"results: {output}/results.json  top1={res['top1']:.2f}{top5}")

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from . import faults
-from .config import defaults, flatten
+from .config import defaults, flatten, retired_identity
 from .errors import CheckpointError, OutputError, UnreadableCheckpointError, read_error
 
 _logger = logging.getLogger(__name__)
@@ -269,11 +269,12 @@ def load_checkpoint(path: str, expect: dict[str, Any] | None = None) -> dict[str
     if not isinstance(state, dict) or "identity" not in state:
         raise CheckpointError(f"checkpoint {path} is not an lt-recipes checkpoint (no 'identity' entry)")
     expect = expect or {}
-    check_identity(path, state["identity"], {k: v for k, v in expect.items() if not isinstance(v, dict)})
+    identity = retired_identity(state["identity"])
+    check_identity(path, identity, {k: v for k, v in expect.items() if not isinstance(v, dict)})
     for key, want in expect.items():
         if not isinstance(want, dict):
             continue
-        have = state["identity"].get(key)
+        have = identity.get(key)
         if not isinstance(have, dict):
             raise CheckpointError(f"checkpoint {path} does not record its {key} (made before lt-recipes did), so it "
                                   "cannot be checked against this run: start a new --output")

@@ -22,8 +22,8 @@ LOSSES = ("ce", "la", "bs", "ldam_drw", "bcl")
 LR_BASE_SCALES = ("linear", "sqrt")
 SCHEDULERS = ("cosine", "step", "multistep", "none")  # timm's schedulers by name; none keeps optim.lr
 
-# ---- the method's options (grouping, gkp, steps.gsa, ops); the methods themselves are the step registry's
-# (lt_recipes.steps.registry) ---------------------------------------------------------------------------------------
+# ---- the method's options (grouping, gkp, steps.gsa, ops); the methods themselves are the step table's
+# (lt_recipes.step_table) -------------------------------------------------------------------------------------------
 AFFINITIES = ("cosine",)
 BANK_DTYPES = ("fp32", "bf16")
 STATE_DTYPES = ("fp32", "bf16", "fp16")
@@ -40,9 +40,7 @@ GROUP_GRADS = ("masked", "share")
 PERTURBATIONS = ("per_group", "per_group_exact", "averaged")
 # Directions whose batch-share average is exactly zero (sum_g w_g h_g = g - g): never averaged
 CANCELLING_DIRECTIONS = ("gsa",)
-# The step that runs a grouped method: the paper's GroupedSAM, or the authors' released script's step
-GROUPED_STEPS = ("grouped", "released")
-# Named readings of the method, each a preset of recipe keys (lt_recipes.config.READINGS)
+# Named readings of the method: its step and a preset of recipe keys (lt_recipes.config.reading_preset)
 READINGS = ("paper", "released")
 WEIGHTINGS = ("samples", "sum", "mean")  # w_g of Eq. 16
 BACKENDS = ("auto", "fused", "reference")

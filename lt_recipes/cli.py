@@ -7,9 +7,12 @@ import argparse
 import contextlib
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import LTRecipesError
+
+if TYPE_CHECKING:
+    from .sections import Recipe
 
 _logger = logging.getLogger("lt_recipes")
 
@@ -95,15 +98,15 @@ def _exit_code(fn: Callable[[], int]) -> int:
         return 130
 
 
-def run_recipe(recipe: str, overrides: list[str], body: Callable[[dict[str, Any]], int],
-               log_path: Callable[[dict[str, Any]], str | None] | None = None, tiny: bool = False) -> int:
-    """Load and validate the recipe (`tiny`: its --tiny form), then `body(cfg)`, logging to the file `log_path(cfg)`
-    names as well; exit code 2 for bad input, 130 for Ctrl-C (`_exit_code`)."""
-    from .config import load_config
+def run_recipe(recipe: str, overrides: list[str], body: Callable[["Recipe"], int],
+               log_path: Callable[["Recipe"], str | None] | None = None, tiny: bool = False) -> int:
+    """Load and validate the recipe (`tiny`: its --tiny form) into the typed `Recipe`, then `body(recipe)`, logging
+    to the file `log_path(recipe)` names as well; exit code 2 for bad input, 130 for Ctrl-C (`_exit_code`)."""
+    from .config import load_recipe
 
     def start() -> int:
-        cfg = load_config(recipe, overrides, tiny=tiny)
-        with log_file(log_path(cfg) if log_path is not None else None):
-            return _exit_code(lambda: body(cfg))
+        typed = load_recipe(recipe, overrides, tiny=tiny)
+        with log_file(log_path(typed) if log_path is not None else None):
+            return _exit_code(lambda: body(typed))
 
     return _exit_code(start)

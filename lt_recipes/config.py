@@ -2,8 +2,9 @@
 
 Every key a recipe or an override (`--set data.root=/x`) may set is a field of a typed section
 (lt_recipes.sections) with its default, type, range and options; `SCHEMA` is derived from them, so an unknown key
-or a bad value fails early with a message that names it. `load_config` gives the recipe as data (what args.yaml
-holds); `load_recipe` the typed `Recipe` built from it, which the run passes on section by section. This module
+or a bad value fails early with a message that names it. `load_recipe` gives the typed `Recipe`, built once from
+the merged keys (its sections and the recipe check every key and combination), which the run passes on section by
+section; `load_config` its `to_dict()`, the recipe as data (what args.yaml holds). This module
 imports neither torch nor timm: a bad key or value is reported in a fraction of a second. Only the names that live
 in timm's and Accelerate's registries (optimizer, augmentation policy, trackers) are checked against them, last,
 by `check_registries`, which imports them when it runs.
@@ -17,35 +18,50 @@ import math
 import os
 import re
 import textwrap
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from .choices import READINGS
 from .errors import ConfigError
-from .sections import FLOAT, SECTIONS, Field, GSAConfig, Recipe
-from .steps.registry import split_method, step_info, uses_memory_groups
+from .sections import FLOAT, Field, Recipe, ReleasedConfig, recipe_sections
+from .step_table import method_of, split_method
 
 _logger = logging.getLogger(__name__)
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 
-# Every key a recipe may set, by section: derived from the typed sections (lt_recipes.sections), the one home of each
-# key's default, type, range and options.
-SCHEMA: dict[str, Any] = {**Recipe.fields(), **{s.section: s.fields() for s in SECTIONS}}
+class _Schema(Mapping):
+    """Every key a recipe may set, by section: derived from the typed sections (lt_recipes.sections), the one home of
+    each key's default, type, range and options, when it is read (so the section of a step registered from outside
+    is in it)."""
+
+    def _now(self) -> dict[str, Any]:
+        return {**Recipe.fields(), **{s.section: s.fields() for s in recipe_sections()}}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._now()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
 
 
-# The released script's reading (ChenShengHan100/gkp-gsa; docs/method.md): its step, radius, GKP strength, alpha
-# schedule, and one group formed once from the initial weights, as its README runs it.
-RELEASED: dict[str, Any] = {
-    "gsa.step": "released", "gsa.direction": "friendly", "gsa.perturbation": "averaged", "gsa.scale": "adaptive",
-    "gsa.z": GSAConfig.RELEASED_RADIUS[0], "gsa.rho_clamp": list(GSAConfig.RELEASED_RADIUS[1]),
-    "gsa.friendly_sigma": 1.0, "gsa.friendly_momentum": 0.9,
-    "gsa.group_weighting": "samples", "gkp.lam": 10.0, "gkp.norm": "per_samples", "gkp.fisher": "batch_mean",
-    "alpha.start": 0.9, "alpha.end": 0.8, "groups.num_groups": 1, "groups.start_epoch": 0, "groups.interval": 0}
-# Keys a recipe sets for its data (the paper's G and grouping epochs per benchmark): `paper` leaves them to the recipe.
+SCHEMA: Mapping[str, Any] = _Schema()
+
+
+# A reading names the grouped step it trains (method gsa <-> released, GKP kept) and presets keys: `released` its
+# script's run values (ReleasedConfig.SCRIPT_RUN: GKP strength, alpha, one group from epoch 0; the step's own options
+# are its section's defaults), `paper` the schema defaults of the same keys, except those a recipe sets for its data,
+# and of the grouped step's keys in which the two steps' passes differ.
+READING_STEP: dict[str, dict[str, str]] = {"released": {"gsa": "released"}, "paper": {"released": "gsa"}}
 RECIPE_DEPENDENT = ("groups.num_groups", "groups.start_epoch", "groups.interval")
+_PAPER_STEP_KEYS = ("gsa.direction", "gsa.perturbation", "gsa.scale", "gsa.z", "gsa.rho_clamp", "gsa.friendly_sigma",
+                    "gsa.friendly_momentum", "gsa.group_weighting")
 
 # train.py --tiny: any recipe as a minutes-long CPU try-out of its whole path (warm-up, grouping, Fisher, GKP+GSA,
 # checkpoint, test) with its own model, base and method (docs/usage.md, "Trying a big recipe small"). The numbers
@@ -73,16 +89,29 @@ def tiny_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def reading_preset(name: str) -> dict[str, Any]:
-    """The recipe keys a reading sets: `released` its script's values; `paper` the schema defaults (the paper's
-    equations and the measured choices where it is silent) of the same keys, except those a recipe sets for its data."""
+    """The recipe keys a reading sets besides its step (READING_STEP): `released` its script's run values
+    (ReleasedConfig.SCRIPT_RUN); `paper` the schema defaults (the paper's equations and the measured choices where it
+    is silent) of the same keys, except those a recipe sets for its data, and of the grouped step's pass keys."""
     if name not in READINGS:
         raise ConfigError(f"unknown reading {name!r} (one of {list(READINGS)})")
     if name == "released":
-        return dict(RELEASED)
-    return {k: copy.deepcopy(_field(k).default) for k in RELEASED if k not in RECIPE_DEPENDENT}
+        return dict(ReleasedConfig.SCRIPT_RUN)
+    keys = [k for k in ReleasedConfig.SCRIPT_RUN if k not in RECIPE_DEPENDENT] + list(_PAPER_STEP_KEYS)
+    return {k: copy.deepcopy(_field(k).default) for k in keys}
 
 
-def defaults(schema: dict[str, Any] | None = None) -> dict[str, Any]:
+def reading_step(cfg: dict[str, Any]) -> None:
+    """Set the method's step to the one `cfg`'s reading names (gsa <-> released, GKP kept), in place; the released
+    reading is refused for a method whose step is not the grouped one."""
+    step, gkp = split_method(cfg["method"])
+    steps = READING_STEP[cfg["reading"]]
+    if cfg["reading"] == "released" and step not in (*steps, *steps.values()):
+        raise ConfigError(f"reading=released is the released script's grouped step: it reads method gsa or gkp_gsa, "
+                          f"not method={cfg['method']}")
+    cfg["method"] = method_of(steps.get(step, step), gkp)
+
+
+def defaults(schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The configuration every recipe starts from."""
     schema = SCHEMA if schema is None else schema
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
@@ -95,7 +124,7 @@ def _did_you_mean(key: str) -> str:
 
 
 def _field(key: str) -> Field:
-    node: Any = SCHEMA
+    node: Any = dict(SCHEMA)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(f"unknown recipe key '{key}'{_did_you_mean(key)}")
@@ -215,51 +244,6 @@ def resolve_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def check_combinations(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Cross-key checks: combinations of keys that cannot work together (each key alone is its Field's to check)."""
-    Recipe.from_dict(cfg)  # each section checks its own keys and their combinations
-    data, loss, model = cfg["data"], cfg["loss"], cfg["model"]
-    if loss["name"] == "bcl":
-        if data["contrastive_views"] != 2:
-            raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per image)")
-        if model["proj_head"] is None:
-            raise ConfigError("loss.name=bcl needs model.proj_head=[hidden, out] (the contrastive heads)")
-    elif model["proj_head"] is not None:
-        raise ConfigError("model.proj_head builds the contrastive heads of loss.name=bcl; unused heads break DDP "
-                          f"with loss.name={loss['name']}: set model.proj_head=null")
-    elif data["contrastive_views"]:
-        raise ConfigError(f"data.contrastive_views={data['contrastive_views']} is only used by loss.name=bcl, "
-                          f"not {loss['name']}")
-    if loss["name"] == "ldam_drw" and (model["classifier"] != "cosine" or model["cosine_scale"] != 1.0):
-        raise ConfigError("loss.name=ldam_drw pairs with an unscaled cosine classifier, as in LDAM's own code (the "
-                          "loss multiplies the margin-shifted cosines by loss.ldam_s): set model.classifier=cosine "
-                          f"and model.cosine_scale=1 (got {model['classifier']}, scale {model['cosine_scale']:g})")
-    if uses_memory_groups(cfg["method"]) and cfg["groups"]["start_epoch"] >= cfg["epochs"]:
-        raise ConfigError(f"groups.start_epoch={cfg['groups']['start_epoch']} must be < epochs={cfg['epochs']} "
-                          f"for method={cfg['method']}: lower groups.start_epoch, or give it as a fraction of the "
-                          "run (groups.start_epoch=0.1: from 10% of epochs)")
-    gsa = cfg["gsa"]
-    if gsa["step"] == "released" and cfg["gkp"]["fisher"] == "ema":
-        raise ConfigError("gkp.fisher=ema needs the group gradients of gsa.step=grouped; the released step has none")
-    if cfg["gkp"]["fisher"] == "ema" and cfg["method"] != "gkp_gsa":
-        raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa")
-    step = split_method(cfg["method"])[0]
-    if step != "gsa" and (gsa["direction"] != "gsa" or gsa["step"] != "grouped"):
-        raise ConfigError(f"gsa.direction and gsa.step set the grouped step of methods gsa/gkp_gsa, not "
-                          f"method={cfg['method']} (its options are the section {step_info(step).section or 'none'})")
-    sched = cfg["sched"]
-    if sched["warmup_epochs"] >= cfg["epochs"]:
-        raise ConfigError(f"sched.warmup_epochs={sched['warmup_epochs']} must be < epochs={cfg['epochs']}: lower "
-                          "sched.warmup_epochs, or give it as a fraction of the run (sched.warmup_epochs=0.05: 5% of "
-                          "epochs)")
-    late = [m for m in sched["decay_milestones"] if m > cfg["epochs"]]
-    if sched["sched"] in ("step", "multistep") and late:
-        raise ConfigError(f"sched.decay_milestones={sched['decay_milestones']}: {late} lie past epochs={cfg['epochs']} "
-                          "and are never reached: lower sched.decay_milestones, or give them as fractions of the run "
-                          "(sched.decay_milestones=[0.8, 0.9]: at 80% and 90% of epochs)")
-    return cfg
-
-
 def _check_optimizer(name: str) -> None:
     from timm.optim import list_optimizers
 
@@ -294,14 +278,14 @@ def _check_trackers(log_with: str | list[str]) -> None:
             raise ConfigError(f"recipe key 'log_with': tracker {name!r} needs its package: pip install {name}")
 
 
-def check_registries(cfg: dict[str, Any]) -> dict[str, Any]:
+def check_registries(recipe: Recipe) -> Recipe:
     """Check the names that live in timm's and Accelerate's registries; imports both, so it runs last."""
-    _check_optimizer(cfg["optim"]["opt"])
-    if cfg["data"]["auto_augment"] is not None:
-        _check_auto_augment(cfg["data"]["auto_augment"])
-    if cfg["log_with"] is not None:
-        _check_trackers(cfg["log_with"])
-    return cfg
+    _check_optimizer(recipe.optim.opt)
+    if recipe.data.auto_augment is not None:
+        _check_auto_augment(recipe.data.auto_augment)
+    if recipe.log_with is not None:
+        _check_trackers(recipe.log_with if isinstance(recipe.log_with, str) else list(recipe.log_with))
+    return recipe
 
 
 def _apply_reading(cfg: dict[str, Any], name: Any, source: str) -> None:
@@ -311,18 +295,55 @@ def _apply_reading(cfg: dict[str, Any], name: Any, source: str) -> None:
         _merge(cfg, _nest(key, value), "", f"{source} (reading {name})")
 
 
-def _retire(raw: dict[str, Any]) -> None:
-    """Rewrite keys that runs trained before a schema change wrote into their args.yaml: `sam.adaptive` (method
-    sam with ASAM's scaling) became the step `asam` with its own `asam.rho`."""
+# what the released step took from the grouped step's section before it had its own (a `gsa.step: released` run)
+_RELEASED_FROM_GSA = ("z", "rho_clamp", "scale", "friendly_sigma", "friendly_momentum", "backend")
+
+
+def retire(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite, in place, keys that runs trained before a schema change wrote into their args.yaml (and checkpoint
+    identity): `sam.adaptive` (method sam with ASAM's scaling) became the step `asam` with its own `asam.rho`;
+    `gsa.step: released` (method gsa on the released script's step) became the step `released` with its own
+    section (its null `z` and `auto` clamp were the script's, now that section's defaults), and `gsa.step: grouped`
+    is method gsa itself."""
     sam = raw.get("sam")
     if isinstance(sam, dict) and "adaptive" in sam:
         if sam.pop("adaptive") is True and raw.get("method") in ("sam", "gkp_sam"):
             raw["method"] = raw["method"].replace("sam", "asam")
             raw["asam"] = {"rho": sam.pop("rho", SCHEMA["sam"]["rho"].default)}
+    gsa = raw.get("gsa")
+    if isinstance(gsa, dict) and "step" in gsa and gsa.pop("step") == "released":
+        step, gkp = split_method(raw.get("method", "none"))
+        if step == "gsa":
+            raw["method"] = method_of("released", gkp)
+            own = {k: gsa.pop(k) for k in _RELEASED_FROM_GSA if k in gsa}
+            own = {k: v for k, v in own.items() if not (k == "z" and v is None or k == "rho_clamp" and v == "auto")}
+            raw["released"] = {**own, **(raw.get("released") or {})}
+            for k in ("direction", "perturbation", "group_weighting", "group_grad_ema"):  # what the step fixed
+                gsa.pop(k, None)
+    return raw
 
 
-def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
+def retired_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's identity (its flattened recipe under `config`, its `method`) with `retire`'s rewrites, so a
+    checkpoint written before a schema change resumes under the keys that replaced the old ones."""
+    flat = identity.get("config")
+    if not isinstance(flat, dict):
+        return identity
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    config = flatten(retire(nested))
+    return {**identity, "config": config, "method": config.get("method", identity.get("method"))}
+
+
+def load_recipe(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> Recipe:
     """Load a recipe (name or path), apply `KEY=VALUE` overrides, validate everything; raise ConfigError naming the key.
+    The typed `Recipe` is built once, here: its sections check their keys, and the recipe the combinations across
+    sections (Recipe.__post_init__).
 
     A `reading` sets its preset of keys where it appears: in a recipe file before the file's other keys, in the
     overrides at its position. `tiny` applies `tiny_overrides` after the file, before the overrides. Keys, types,
@@ -336,7 +357,7 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
         raise ConfigError(f"recipe file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe file {path} must hold a mapping of keys")
-    _retire(raw)
+    retire(raw)
     cfg = defaults()
     if "reading" in raw:
         try:
@@ -344,6 +365,11 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     _merge(cfg, raw, "", path)
+    if "reading" in raw:  # the step of the file's method
+        try:
+            reading_step(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if not cfg["name"]:
         cfg["name"] = os.path.splitext(os.path.basename(path))[0]
     if tiny:
@@ -354,16 +380,19 @@ def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) 
         if key == "reading":
             try:
                 _apply_reading(cfg, value, f"override '{text}'")
+                reading_step(cfg)
             except ConfigError as e:
                 raise ConfigError(f"override '{text}': {e}") from None
         else:
             _merge(cfg, _nest(key, value), "", f"override '{text}'")
-    return check_registries(check_combinations(resolve_epochs(cfg)))
+    if cfg["reading"] == "released":  # a method set after the reading is read by it too
+        reading_step(cfg)
+    return check_registries(Recipe.from_dict(resolve_epochs(cfg)))
 
 
-def load_recipe(recipe: str, overrides: Sequence[str] = ()) -> Recipe:
-    """`load_config`'s recipe as the typed Recipe."""
-    return Recipe.from_dict(load_config(recipe, overrides))
+def load_config(recipe: str, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, Any]:
+    """`load_recipe`'s recipe as data (what args.yaml holds: `Recipe.to_dict()`)."""
+    return load_recipe(recipe, overrides, tiny).to_dict()
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:

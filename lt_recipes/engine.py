@@ -210,14 +210,16 @@ def _tracker_config(cfg: dict[str, Any]) -> dict[str, Any]:
 class Trainer:
     """One training run in one output directory."""
 
-    def __init__(self, cfg: dict[str, Any], output_dir: str, accelerator: Accelerator | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, recipe: Recipe, output_dir: str, accelerator: Accelerator | None = None) -> None:
+        """`recipe`: the typed recipe, checked when it was built (config.load_recipe); its `to_dict()` is what
+        args.yaml, the trackers and the checkpoint identity record."""
+        self.recipe = r = recipe
+        self.cfg = cfg = recipe.to_dict()
         self.output_dir = output_dir
         self.accelerator = accelerator or Accelerator(dataloader_config=loader_config())
         acc = self.accelerator
         if acc.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every recipe's images have one size: tune the convolutions once
-        self.recipe = r = Recipe.from_dict(cfg)
         set_seed(r.seed)
         _logger.info("recipe %s: method %s (method=%s, loss.name=%s), model %s, %d epochs", r.name, method_label(r),
                      r.method, r.loss.name, r.model.name, r.epochs)
@@ -473,11 +475,12 @@ def _no_checkpoint(output_dir: str) -> CheckpointError:
                            "--output path (--resume-or-start starts the run there when it has none)")
 
 
-def run(cfg: dict[str, Any], output_dir: str, resume: bool | str = False,
+def run(recipe: Recipe, output_dir: str, resume: bool | str = False,
         mixed_precision: str | None = None) -> dict[str, Any]:
-    """Train `cfg` into `output_dir`; with `resume`, continue from the checkpoint there (an error when there is none;
-    `resume="or_start"`: start from scratch then)."""
-    accelerator = _accelerator(mixed_precision, log_with=cfg["log_with"], project_dir=output_dir)
+    """Train `recipe` into `output_dir`; with `resume`, continue from the checkpoint there (an error when there is
+    none; `resume="or_start"`: start from scratch then)."""
+    log_with = list(recipe.log_with) if isinstance(recipe.log_with, tuple) else recipe.log_with
+    accelerator = _accelerator(mixed_precision, log_with=log_with, project_dir=output_dir)
     ckpt = os.path.join(output_dir, CHECKPOINT_NAME)
     found = has_checkpoint(output_dir)
     if not resume and found:
@@ -487,7 +490,7 @@ def run(cfg: dict[str, Any], output_dir: str, resume: bool | str = False,
         raise _no_checkpoint(output_dir)  # before a mistyped folder is created and the data is built
     if accelerator.is_main_process:
         check_output_dir(output_dir)  # before the data and model are built
-    trainer = Trainer(cfg, output_dir, accelerator)
+    trainer = Trainer(recipe, output_dir, accelerator)
     if resume:
         trainer.resume()
         check_same_resume(trainer.start_epoch, trainer.checkpoint_path)  # every process found the same one
@@ -501,15 +504,15 @@ def run(cfg: dict[str, Any], output_dir: str, resume: bool | str = False,
                           else "interrupted before the first checkpoint: nothing to resume") from None
 
 
-def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, output_dir: str,
+def evaluate_checkpoint(recipe: Recipe, checkpoint: str, output_dir: str,
                         mixed_precision: str | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `cfg`'s model on its test split, and its EMA
+    """Evaluate a checkpoint (checkpoint.pt or model_best.pt) of `recipe`'s model on its test split, and its EMA
     weights when it holds them, as the end of training does; writes `output_dir`/results.json (validate.py)."""
+    r = recipe
     acc = _accelerator(mixed_precision)
-    state = load_checkpoint(checkpoint, expect=evaluation_identity(cfg))  # before the data is built
+    state = load_checkpoint(checkpoint, expect=evaluation_identity(r.to_dict()))  # before the data is built
     if acc.is_main_process:
         check_output_dir(output_dir)  # so a mistyped checkpoint path leaves no empty folder
-    r = Recipe.from_dict(cfg)
     check_data_root(r.data)
     data = build_data(r.data, r.seed)
     check_identity(checkpoint, state["identity"], {"num_classes": data.num_classes})

@@ -73,9 +73,9 @@ def state_parts(recipe: Recipe) -> dict[str, tuple[StatePart, ...]]:
         parts["fisher"] = (StatePart("groups", "covered", "gkp.state_dtype"),)
     if gkp and k.fisher == "ema":
         parts["fisher_ema"] = (StatePart("groups", "covered", "float32"),)
-    if step == "gsa" and gsa.direction == "friendly":
+    if step == "released" or step == "gsa" and gsa.direction == "friendly":  # the released step ascends friendly
         parts["friendly_momentum"] = (StatePart("groups", "params", "float32"),)
-    if step == "gsa" and gsa.step == "grouped" and gsa.group_grad_ema > 0:
+    if step == "gsa" and gsa.group_grad_ema > 0:
         parts["grad_ema"] = (StatePart("groups", "params", "float32"),)
     return parts
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from .sections import GSAConfig
-from .steps.registry import list_methods, method_modules
+from .steps.registry import list_methods, method_modules, split_method, step_info
 
 if TYPE_CHECKING:
     from .sections import Recipe
@@ -57,8 +57,9 @@ def parse_label(label: str) -> RunLabel:
 
 
 def method_of_modules(modules: str) -> str:
-    """The recipe `method` whose label modules are `modules`; KeyError naming the known ones otherwise."""
-    methods = {"+".join(method_modules(m)): m for m in list_methods()}
+    """The recipe `method` whose label modules are `modules`; KeyError naming the known ones otherwise. A step
+    labelled as another (the released reading of gsa) is chosen by its variant's reading, not by a label."""
+    methods = {"+".join(method_modules(m)): m for m in list_methods() if not step_info(split_method(m)[0]).label}
     if modules not in methods:
         raise KeyError(f"no method has the label modules {modules!r}; known: {', '.join(sorted(methods))}")
     return methods[modules]
@@ -68,5 +69,5 @@ def method_label(recipe: Recipe) -> str:
     """The label a recipe trains under (results.json's `method`): its base loss and method, with the direction of
     the paper's grouped step (the released step's direction is its own, named by its reading)."""
     modules = method_modules(recipe.method)
-    grouped = "gsa" in modules and recipe.gsa.step == "grouped"
+    grouped = split_method(recipe.method)[0] == "gsa"
     return format_label(recipe.loss.name, "+".join(modules), recipe.gsa.direction if grouped else DEFAULT_DIRECTION)

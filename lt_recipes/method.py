@@ -22,29 +22,18 @@ from .choices import COMPILE_BACKENDS
 from .data import LTData
 from .data.loader import loader_options
 from .errors import ConfigError, NonFiniteError
-from .sections import GSAConfig, Recipe
-from .steps import create_step, split_method, step_class, step_info, uses_memory_groups
+from .sections import Recipe
+from .steps import create_step, split_method, step_info, uses_memory_groups
 from .steps.core import LossScaler, StepCore, StepStats, TrainingRun
-from .steps.released import ReleasedGSA
 
 _logger = logging.getLogger(__name__)
-
-
-def create_grouped_step(gsa: GSAConfig, model: nn.Module, optimizer: torch.optim.Optimizer, **kw: Any) -> StepCore:
-    """The grouped step of the recipe section `gsa`: `gsa.step` grouped (the paper's GroupedSAM) or released (the
-    authors' script's step), with the section's options it takes; `kw` passes autocast, scaler, clip_grad."""
-    cls = ReleasedGSA if gsa.step == "released" else step_class("gsa")
-    return cls(model, optimizer, **gsa.step_kwargs(cls), **kw)
 
 
 def build_step(recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                data: LTData, **kw: Any) -> StepCore:
     """The recipe's step: its registered class with its recipe section's options and what it uses from the run
-    (training counts, the base's classification loss); the grouped step is `gsa.step`'s (the paper's GroupedSAM or
-    the released script's). `kw` passes autocast, scaler, clip_grad."""
+    (training counts, the base's classification loss). `kw` passes autocast, scaler, clip_grad."""
     name = split_method(recipe.method)[0]
-    if name == "gsa":
-        return create_grouped_step(recipe.gsa, model, optimizer, **kw)
     info = step_info(name)
     options = recipe.step_options(info.section)
     return create_step(name, model, optimizer, class_counts=list(data.train_counts),

@@ -11,19 +11,19 @@ literal. Imports neither torch nor timm, so a bad key or value is reported befor
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
 
 from .choices import (AFFINITIES, AUGMENTS, BACKENDS, BANK_DTYPES, CANCELLING_DIRECTIONS, CLASSIFIERS,
                       COMPILE_BACKENDS, CONTRASTIVE_VIEWS,
-                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, GROUPED_STEPS, IN_MEMORY_AUGMENTS,
+                      DIRECTIONS, FISHER_ESTIMATES, GKP_NORMS, GROUP_GRADS, IN_MEMORY_AUGMENTS,
                       LOSSES, LR_BASE_SCALES,
                       PERTURBATIONS, PERTURBED_BN, READINGS, SAMPLERS, SCALES, SCHEDULERS, STATE_DTYPES, WEIGHTINGS)
 from .data.table import DATASETS, dataset_info, list_datasets
 from .errors import ConfigError
-from .steps.registry import list_methods
+from .step_table import list_methods, list_steps, split_method, step_info, uses_memory_groups
 
 INT = (int,)
 FLOAT = (int, float)
@@ -36,16 +36,22 @@ _SPEC = "spec"
 @dataclass(frozen=True)
 class Field:
     """One recipe key: default value, accepted types, optional extra check returning an error text or None, and for a
-    key that takes one of a few names, those names (`choices`, from lt_recipes.choices or a registry)."""
+    key that takes one of a few names, those names (`options`: a tuple of lt_recipes.choices, or a registry's
+    function that names them when a value is checked, so names registered later are offered too)."""
 
     default: Any
     types: tuple
     check: Callable[[Any], str | None] | None = None
     nullable: bool = False
-    choices: tuple | None = None
+    options: tuple | Callable[[], tuple] | None = None
     # an epoch count (or a list of them) that may be given as a fraction of `epochs`: config.resolve_epochs makes it
     # whole
     of_epochs: bool = False
+
+    @property
+    def choices(self) -> tuple | None:
+        """The names this key takes now (None: any value of its types)."""
+        return self.options() if callable(self.options) else self.options
 
     def checked(self, key: str, value: Any) -> Any:
         """`value` if it fits this key, else ConfigError naming `key`."""
@@ -57,8 +63,9 @@ class Field:
             raise ConfigError(f"recipe key '{key}': expected {'/'.join(t.__name__ for t in self.types)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"recipe key '{key}': value {value!r} is not finite")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"recipe key '{key}' = {value!r}: must be one of {list(self.choices)}")
+        choices = self.choices
+        if choices is not None and value not in choices:
+            raise ConfigError(f"recipe key '{key}' = {value!r}: must be one of {list(choices)}")
         if self.check is not None:
             err = self.check(value)
             if err:
@@ -67,7 +74,7 @@ class Field:
 
 
 def key(default: Any, types: tuple, check: Callable[[Any], str | None] | None = None, *, nullable: bool = False,
-        choices: tuple | None = None, of_epochs: bool = False) -> Any:
+        choices: tuple | Callable[[], tuple] | None = None, of_epochs: bool = False) -> Any:
     """A dataclass field carrying its recipe key's Field (a list default is a tuple in the section: it is frozen)."""
     spec = Field(default, types, check, nullable, choices, of_epochs)
     return dataclasses.field(default=tuple(default) if isinstance(default, list) else default, metadata={_SPEC: spec})
@@ -133,10 +140,20 @@ def _numbers(v: Any) -> str | None:
     return None if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) else "must be numbers"
 
 
+# Every section class by its recipe section name (Section.__init_subclass__): a step's row names its section by it
+_SECTION_CLASSES: dict[str, type["Section"]] = {}
+
+
 class Section:
-    """Base of the sections: checks every field against its Field when created, and names its recipe section."""
+    """Base of the sections: checks every field against its Field when created, and names its recipe section. A
+    subclass with a `section` name is known by it (`section_class`), so a step's row can name it."""
 
     section: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.section:
+            _SECTION_CLASSES[cls.section] = cls
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -242,6 +259,12 @@ class LossConfig(Section):
     bcl_temperature: float = key(0.1, FLOAT, _positive)
     label_smoothing: float = key(0.0, FLOAT, _between(0.0, 1.0))
 
+    # what a base needs of the other sections (Recipe checks it, tools/run_grid sets it): LDAM's unscaled cosine
+    # classifier, as in its authors' code (the loss owns the scale s), and BCL's two extra contrastive views (BCL also
+    # needs a projection head, whose size is the recipe's)
+    PAIRED_KEYS: ClassVar[dict[str, dict[str, Any]]] = {
+        "ldam_drw": {"model.classifier": "cosine", "model.cosine_scale": 1.0}, "bcl": {"data.contrastive_views": 2}}
+
 
 @dataclass(frozen=True)
 class OptimConfig(Section):
@@ -327,10 +350,9 @@ class GKPConfig(Section):
 
 @dataclass(frozen=True)
 class GSAConfig(Section):
-    """Grouped Sharpness-Aware minimization (lt_recipes.steps.gsa, .released): direction, radius, passes, ops."""
+    """Grouped Sharpness-Aware minimization (lt_recipes.steps.gsa): direction, radius, passes, ops."""
 
     section: ClassVar[str] = "gsa"
-    step: str = key("grouped", STR, choices=GROUPED_STEPS)
     direction: str = key("gsa", STR, choices=DIRECTIONS)
     scale: str = key("adaptive", STR, choices=SCALES)
     # Z of Eq. 13; null: the scale's own (Z_DEFAULTS)
@@ -355,42 +377,53 @@ class GSAConfig(Section):
     # Z (or C) of Eq. 13 and the clamp of rho_g that belong to each perturbation scaling (docs/method.md), used where
     # gsa.z is null and gsa.rho_clamp is auto: the released code's adaptive scaling with C = 0.1 and a clamp ten times
     # below its [0.002, 0.003] (docs/method.md, "Perturbation scaling": what the released clamp cost on every base);
-    # Eq. 13-14 as printed with Z = 1e-2 and no clamp. The released step's own are its script's.
+    # Eq. 13-14 as printed with Z = 1e-2 and no clamp. The released step's own are its section's (ReleasedConfig).
     SCALE_DEFAULTS: ClassVar[dict[str, tuple[float, tuple[float, float] | None]]] = {
         "adaptive": (0.1, (0.0002, 0.0003)), "euclidean": (1e-2, None)}
-    RELEASED_RADIUS: ClassVar[tuple[float, tuple[float, float]]] = (0.1, (0.002, 0.003))
-    # what the released script's step fixes (gsa.step=released)
-    RELEASED_FIXED: ClassVar[dict[str, Any]] = {"direction": "friendly", "perturbation": "averaged",
-                                                 "group_weighting": "samples", "group_grad_ema": 0.0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.step == "grouped" and self.perturbation == "averaged" and self.direction in CANCELLING_DIRECTIONS:
+        if self.perturbation == "averaged" and self.direction in CANCELLING_DIRECTIONS:
             raise ConfigError(f"gsa.perturbation=averaged with gsa.direction={self.direction} cancels: the "
                               "batch-share mean of the projected directions h_g is exactly zero (sum_g w_g h_g = "
                               "g - g), so the tail groups' losses fall in the perturbed pass; set "
                               "gsa.perturbation=per_group (or per_group_exact), or another gsa.direction")
-        if self.batched and (self.step != "grouped" or self.perturbation != "per_group_exact"):
-            raise ConfigError(f"gsa.batched=true batches the per_group_exact passes of gsa.step=grouped; got "
-                              f"gsa.step={self.step}, gsa.perturbation={self.perturbation} (set gsa.batched=false)")
-        wrong = {k: getattr(self, k) for k, v in self.RELEASED_FIXED.items() if getattr(self, k) != v}
-        if self.step == "released" and wrong:
-            raise ConfigError(f"gsa.step=released is the released script's step, which fixes "
-                              f"{', '.join(f'gsa.{k}={v}' for k, v in self.RELEASED_FIXED.items())}; got "
-                              f"{', '.join(f'gsa.{k}={v}' for k, v in wrong.items())} (use gsa.step=grouped)")
+        if self.batched and self.perturbation != "per_group_exact":
+            raise ConfigError(f"gsa.batched=true batches the per_group_exact passes of the grouped step; got "
+                              f"gsa.perturbation={self.perturbation} (set gsa.batched=false)")
 
     @classmethod
-    def radius(cls, step: str, scale: str, z: float | None, rho_clamp: Any) -> tuple[float, tuple[float, float] | None]:
-        """Z of Eq. 13 and the clamp of rho_g a step runs with: `z` and `rho_clamp` as given, a null `z` and an
-        `auto` clamp resolved to the step's own (the released step) or the scale's (SCALE_DEFAULTS)."""
-        own = cls.RELEASED_RADIUS if step == "released" else cls.SCALE_DEFAULTS[scale]
+    def radius(cls, scale: str, z: float | None, rho_clamp: Any) -> tuple[float, tuple[float, float] | None]:
+        """Z of Eq. 13 and the clamp of rho_g the grouped step runs with: `z` and `rho_clamp` as given, a null `z`
+        and an `auto` clamp resolved to the scale's own (SCALE_DEFAULTS)."""
+        own = cls.SCALE_DEFAULTS[scale]
         clamp = own[1] if isinstance(rho_clamp, str) else rho_clamp
         return (own[0] if z is None else float(z)), (None if clamp is None else (float(clamp[0]), float(clamp[1])))
 
-    def step_kwargs(self, step: type) -> dict[str, Any]:
-        """The options of this section a grouped step class takes: its constructor's, and `backend` (the ops')."""
-        names = set(inspect.signature(step.__init__).parameters) | {"backend"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+
+@dataclass(frozen=True)
+class ReleasedConfig(Section):
+    """The authors' released step (lt_recipes.steps.released; method `released`, `gkp_released`): its options, at the
+    released script's values (ChenShengHan100/gkp-gsa, as its README runs it; docs/method.md, section 5).
+
+    The script also fixes what the grouped methods share: GKP's strength, the alpha schedule and one group formed at
+    epoch 0 and never refreshed. Those keys belong to their sections (gkp, alpha, groups) and every grouped method
+    reads them there; their script values are `SCRIPT_RUN`, the one home that the reading `released` sets
+    (lt_recipes.config.reading_preset) over a recipe's, so a key set after the reading still wins.
+    """
+
+    section: ClassVar[str] = "released"
+    # C of the radius, and the clamp of rho_k (null: none)
+    z: float = key(0.1, FLOAT, _at_least(0.0))
+    rho_clamp: tuple[float, float] | None = key([0.002, 0.003], LIST, _pair_of_increasing, nullable=True)
+    scale: str = key("adaptive", STR, choices=SCALES)
+    friendly_sigma: float = key(1.0, FLOAT)
+    friendly_momentum: float = key(0.9, FLOAT, _between(0.0, 1.0))
+    backend: str = key("auto", STR, choices=BACKENDS)
+
+    SCRIPT_RUN: ClassVar[dict[str, Any]] = {
+        "gkp.lam": 10.0, "gkp.norm": "per_samples", "gkp.fisher": "batch_mean", "alpha.start": 0.9, "alpha.end": 0.8,
+        "groups.num_groups": 1, "groups.start_epoch": 0, "groups.interval": 0}
 
 
 @dataclass(frozen=True)
@@ -474,9 +507,31 @@ class GBGConfig(Section):
     num_groups: int = key(4, INT, _at_least(1))
 
 
-SECTIONS: tuple[type[Section], ...] = (DataConfig, ModelConfig, LossConfig, OptimConfig, EmaConfig, SchedConfig,
-                                       GroupsConfig, GKPConfig, GSAConfig, SAMConfig, ASAMConfig, FSAMConfig,
-                                       ImbSAMConfig, FocalSAMConfig, CCSAMConfig, GBGConfig, AlphaConfig)
+# The run's own sections; every step's section joins them through its row in the step table (`step_sections`)
+RUN_SECTIONS: tuple[type[Section], ...] = (DataConfig, ModelConfig, LossConfig, OptimConfig, EmaConfig, SchedConfig,
+                                           GroupsConfig, GKPConfig, AlphaConfig)
+
+
+def section_class(name: str) -> type[Section]:
+    """The section class of recipe section `name` (KeyError naming the known ones)."""
+    if name not in _SECTION_CLASSES:
+        raise KeyError(f"no recipe section {name!r}; known: {', '.join(_SECTION_CLASSES)}")
+    return _SECTION_CLASSES[name]
+
+
+def step_sections() -> tuple[type[Section], ...]:
+    """The sections the step table's rows name now, in row order (a step registered from outside adds its own)."""
+    names = dict.fromkeys(info.section for name in list_steps() if (info := step_info(name)).section)
+    return tuple(section_class(n) for n in names)
+
+
+def recipe_sections() -> tuple[type[Section], ...]:
+    """Every section of a recipe now: the run's, then the steps'."""
+    return RUN_SECTIONS + step_sections()
+
+
+def _step_defaults() -> Mapping[str, Section]:
+    return MappingProxyType({s.section: s() for s in step_sections()})
 
 
 @dataclass(frozen=True)
@@ -486,9 +541,10 @@ class Recipe(Section):
     name: str = key("", STR)
     epochs: int = key(10, INT, _at_least(1))
     seed: int = key(0, INT, _at_least(0))
-    # a registered step (lt_recipes.steps), with GKP as gkp_<step> (gkp alone: the plain step with GKP)
-    method: str = key("none", STR, choices=list_methods())
-    # a named reading of the method: a preset of keys (lt_recipes.config.READINGS_PRESETS), applied where it is set
+    # a step of the step table (lt_recipes.step_table; a step registered from outside too: checked when the value
+    # is), with GKP as gkp_<step> (gkp alone: the plain step with GKP)
+    method: str = key("none", STR, choices=list_methods)
+    # a named reading of the method: a preset of keys (lt_recipes.config.reading_preset), applied where it is set
     reading: str = key("paper", STR, choices=READINGS)
     log_interval: int = key(50, INT, _at_least(1))
     checkpoint_interval: int = key(1, INT, _at_least(1))
@@ -503,25 +559,96 @@ class Recipe(Section):
     sched: SchedConfig = dataclasses.field(default_factory=SchedConfig)
     groups: GroupsConfig = dataclasses.field(default_factory=GroupsConfig)
     gkp: GKPConfig = dataclasses.field(default_factory=GKPConfig)
-    gsa: GSAConfig = dataclasses.field(default_factory=GSAConfig)
-    sam: SAMConfig = dataclasses.field(default_factory=SAMConfig)
-    asam: ASAMConfig = dataclasses.field(default_factory=ASAMConfig)
-    fsam: FSAMConfig = dataclasses.field(default_factory=FSAMConfig)
-    imbsam: ImbSAMConfig = dataclasses.field(default_factory=ImbSAMConfig)
-    focal_sam: FocalSAMConfig = dataclasses.field(default_factory=FocalSAMConfig)
-    cc_sam: CCSAMConfig = dataclasses.field(default_factory=CCSAMConfig)
-    gbg: GBGConfig = dataclasses.field(default_factory=GBGConfig)
     alpha: AlphaConfig = dataclasses.field(default_factory=AlphaConfig)
+    # the steps' sections by name (`recipe.gsa`, `recipe.sam`): one per section the step table names (those not given
+    # at their defaults)
+    steps: Mapping[str, Section] = dataclasses.field(default_factory=_step_defaults)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        known = {s.section: s for s in step_sections()}
+        unknown = sorted(set(self.steps) - set(known))
+        if unknown:
+            raise ConfigError(f"no step has the recipe section(s) {unknown}; the steps' sections: {sorted(known)}")
+        object.__setattr__(self, "steps", MappingProxyType({n: self.steps.get(n) or s() for n, s in known.items()}))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Combinations of keys of different sections that cannot work together (each section checks its own)."""
+        data, loss, model, method = self.data, self.loss, self.model, self.method
+        paired = {k: v for k, v in LossConfig.PAIRED_KEYS.get(loss.name, {}).items()
+                  if getattr(getattr(self, k.split(".")[0]), k.split(".")[1]) != v}
+        if loss.name == "bcl":
+            if paired:
+                raise ConfigError("loss.name=bcl needs data.contrastive_views=2 (two extra contrastive views per "
+                                  "image)")
+            if model.proj_head is None:
+                raise ConfigError("loss.name=bcl needs model.proj_head=[hidden, out] (the contrastive heads)")
+        elif model.proj_head is not None:
+            raise ConfigError("model.proj_head builds the contrastive heads of loss.name=bcl; unused heads break DDP "
+                              f"with loss.name={loss.name}: set model.proj_head=null")
+        elif data.contrastive_views:
+            raise ConfigError(f"data.contrastive_views={data.contrastive_views} is only used by loss.name=bcl, "
+                              f"not {loss.name}")
+        if loss.name == "ldam_drw" and paired:
+            raise ConfigError("loss.name=ldam_drw pairs with an unscaled cosine classifier, as in LDAM's own code (the "
+                              "loss multiplies the margin-shifted cosines by loss.ldam_s): set model.classifier=cosine "
+                              f"and model.cosine_scale=1 (got {model.classifier}, scale {model.cosine_scale:g})")
+        if uses_memory_groups(method) and self.groups.start_epoch >= self.epochs:
+            raise ConfigError(f"groups.start_epoch={self.groups.start_epoch} must be < epochs={self.epochs} "
+                              f"for method={method}: lower groups.start_epoch, or give it as a fraction of the "
+                              "run (groups.start_epoch=0.1: from 10% of epochs)")
+        if self.gkp.fisher == "ema" and method != "gkp_gsa":
+            raise ConfigError("gkp.fisher=ema tracks the per-group gradients that GSA computes: it needs method=gkp_gsa"
+                              + (" (the released step has none)" if method == "gkp_released" else ""))
+        step = split_method(method)[0]
+        if step != "gsa" and self.steps["gsa"].direction != "gsa":
+            own = step_info(step).section or "none"
+            raise ConfigError(f"gsa.direction sets the grouped step of methods gsa/gkp_gsa, not method={method} "
+                              + ("(the released script's step cascades FriendlySAM directions of its own; its options "
+                                 "are the section released)" if step == "released"
+                                 else f"(its options are the section {own})"))
+        sched = self.sched
+        if sched.warmup_epochs >= self.epochs:
+            raise ConfigError(f"sched.warmup_epochs={sched.warmup_epochs} must be < epochs={self.epochs}: lower "
+                              "sched.warmup_epochs, or give it as a fraction of the run (sched.warmup_epochs=0.05: 5% "
+                              "of epochs)")
+        late = [m for m in sched.decay_milestones if m > self.epochs]
+        if sched.sched in ("step", "multistep") and late:
+            raise ConfigError(f"sched.decay_milestones={list(sched.decay_milestones)}: {late} lie past "
+                              f"epochs={self.epochs} and are never reached: lower sched.decay_milestones, or give them "
+                              "as fractions of the run (sched.decay_milestones=[0.8, 0.9]: at 80% and 90% of epochs)")
+
+    def __getattr__(self, name: str) -> Section:
+        steps = self.__dict__.get("steps", {})
+        if name in steps:
+            return steps[name]
+        raise AttributeError(f"'Recipe' object has no attribute {name!r}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "Recipe":
         """The typed recipe of a loaded recipe (lt_recipes.config.load_config's dict, or a run's args.yaml)."""
-        sections = {s.section: s(**cfg[s.section]) for s in SECTIONS}
-        return cls(**{k: cfg[k] for k in cls.fields()}, **sections)
+        run = {s.section: s(**cfg[s.section]) for s in RUN_SECTIONS}
+        steps = MappingProxyType({s.section: s(**cfg[s.section]) for s in step_sections()})
+        return cls(**{k: cfg[k] for k in cls.fields()}, **run, steps=steps)
+
+    def sections(self) -> dict[str, Section]:
+        """Every section of this recipe by name, the run's then the steps'."""
+        return {**{s.section: getattr(self, s.section) for s in RUN_SECTIONS}, **self.steps}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as data, as args.yaml holds it and load_config gives it (lists, not tuples)."""
+        def plain(v: Any) -> Any:
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+        out: dict[str, Any] = {k: plain(getattr(self, k)) for k in self.fields()}
+        for name, section in self.sections().items():
+            out[name] = {k: plain(getattr(section, k)) for k in section.fields()}
+        return out
 
     def step_options(self, section: str | None) -> dict[str, Any]:
         """The options of a step's recipe section (none for a step without one)."""
         return dataclasses.asdict(getattr(self, section)) if section else {}
 
 
-SECTION_OF: dict[str, type[Section]] = {s.section: s for s in SECTIONS}
+# The built-in recipe's sections (recipe_sections() now: with the sections of steps registered since)
+SECTIONS: tuple[type[Section], ...] = recipe_sections()

@@ -8,14 +8,14 @@ import torch
 from accelerate import Accelerator
 
 from lt_recipes.cli import setup_logging
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.engine import Trainer
 
 
 def main(out: str) -> None:
     setup_logging()
     acc = Accelerator(cpu=True)
-    cfg = load_config("digits_lt", ["epochs=4", "groups.start_epoch=1", "data.eval_batch_size=16",
+    cfg = load_recipe("digits_lt", ["epochs=4", "groups.start_epoch=1", "data.eval_batch_size=16",
                                     "gkp.fisher_batches=3", "groups.num_groups=3"])
     method = Trainer(cfg, out, acc).method
     params = list(method.model.parameters())

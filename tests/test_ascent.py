@@ -17,8 +17,7 @@ from lt_recipes.steps import uses_memory_groups
 from lt_recipes.config import flatten, load_config
 from lt_recipes.data.in_memory import read_digits
 from lt_recipes.data.profile import long_tail_indices
-from lt_recipes.steps import GroupedSAM
-from lt_recipes.method import create_grouped_step
+from lt_recipes.steps import GroupedSAM, create_step, split_method
 from lt_recipes.sections import Recipe
 from test_config import RECIPES
 
@@ -103,7 +102,7 @@ def test_every_group_ascends_with_the_defaults(source):
         cfg = _grouped_recipes()[source]
 
         def make(model, opt):
-            return create_grouped_step(Recipe.from_dict(cfg).gsa, model, opt)
+            return create_step("gsa", model, opt, **Recipe.from_dict(cfg).step_options("gsa"))
     fractions = _rise_fractions(make)
     print(f"\n{source}: fraction of batches in which each group's loss rose: {[round(f, 3) for f in fractions]}")
     assert min(fractions) >= MIN_RISE, fractions
@@ -148,11 +147,11 @@ def test_one_pass_against_the_exact_whole_batch_pass(source):
     direction (cosine > 0.5) while BatchNorm keeps them apart (distance > 0). Without BatchNorm they are equal
     (tests/test_gsa.py)."""
     cfg = _grouped_recipes()[source]
-    if cfg["gsa"].get("step", "grouped") != "grouped":
+    if split_method(cfg["method"])[0] == "released":
         pytest.skip("the released step has one averaged pass")
 
     def make(model, opt):
-        return create_grouped_step(Recipe.from_dict(cfg).gsa, model, opt)
+        return create_step("gsa", model, opt, **Recipe.from_dict(cfg).step_options("gsa"))
     one_pass, exact = _update(make, "per_group"), _update(make, "per_group_exact")
     distance = float((one_pass - exact).norm() / exact.norm())
     cosine = float(F.cosine_similarity(one_pass, exact, dim=0))

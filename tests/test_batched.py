@@ -191,8 +191,8 @@ def test_bn_tracking_restored_when_the_pass_fails():
 def test_refusals_name_the_combination():
     with pytest.raises(ConfigError, match="per_group_exact"):
         GSAConfig(batched=True, perturbation="per_group")
-    with pytest.raises(ConfigError, match="gsa.step=released"):
-        GSAConfig(batched=True, step="released", direction="friendly", perturbation="averaged")
+    with pytest.raises(ConfigError, match="gsa.perturbation=averaged"):
+        GSAConfig(batched=True, direction="friendly", perturbation="averaged")
     with pytest.raises(ConfigError, match="batch_chunk"):
         GSAConfig(batched=True, batch_chunk=0)
     model = nn.Sequential(nn.Linear(5, 4), nn.SyncBatchNorm(4), nn.Linear(4, NUM_CLASSES))

@@ -155,19 +155,23 @@ def test_list_dataset_rejects_ratio():
 def test_a_reading_is_a_preset_applied_where_it_is_set():
     """reading=released sets the released script's keys over the recipe's; a key set after it wins; paper restores
     the schema defaults of the same keys but leaves the recipe's grouping epochs and G."""
-    from lt_recipes.config import RELEASED, flatten
+    from lt_recipes.config import flatten
+    from lt_recipes.sections import ReleasedConfig
     rel = flatten(load_config("cifar100_lt_resnet32", ["reading=released"]))
-    assert all(rel[k] == v for k, v in RELEASED.items()) and rel["reading"] == "released"
+    script = {**ReleasedConfig.SCRIPT_RUN, "method": "gkp_released", "released.z": 0.1,
+              "released.rho_clamp": [0.002, 0.003], "released.scale": "adaptive", "released.friendly_sigma": 1.0,
+              "released.friendly_momentum": 0.9}
+    assert all(rel[k] == v for k, v in script.items()) and rel["reading"] == "released"
     assert (rel["groups.num_groups"], rel["groups.start_epoch"], rel["gkp.lam"]) == (1, 0, 10.0)
     later = flatten(load_config("cifar100_lt_resnet32", ["reading=released", "groups.num_groups=4"]))
-    assert later["groups.num_groups"] == 4 and later["gsa.step"] == "released"
+    assert later["groups.num_groups"] == 4 and later["method"] == "gkp_released"
     back = flatten(load_config("cifar100_lt_resnet32", ["gsa.direction=sam", "reading=paper"]))
     assert back["gsa.direction"] == "gsa" and back["groups.start_epoch"] == 20
 
 
 @pytest.mark.parametrize("sets,match", [
     (["gsa.perturbation=averaged"], "cancels"),
-    (["reading=released", "gsa.direction=gsa"], "released script's step"),
+    (["reading=released", "gsa.direction=sam"], "released script's step"),
     (["reading=released", "gkp.fisher=ema"], "gkp.fisher=ema"),
     (["reading=nope"], "must be one of"),
 ])

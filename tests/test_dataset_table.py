@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from lt_recipes.config import ConfigError, load_config
+from lt_recipes.config import ConfigError, load_config, load_recipe
 from lt_recipes.data import (DATASETS, DataNotFoundError, DatasetInfo, build_data, build_transforms, dataset_info,
                              list_datasets, long_tail_counts, register_dataset, table)
 from lt_recipes.sections import DataConfig
@@ -123,7 +123,7 @@ model:
 sched:
   sched: none
 """)
-    trainer = Trainer(load_config(str(recipe)), str(tmp_path / "run"))
+    trainer = Trainer(load_recipe(str(recipe)), str(tmp_path / "run"))
     res = trainer.fit()
     assert trainer.data.dataset == TOY and trainer.data.in_chans == 2 and toy[1] == [toy[0].default_root]
     assert len(trainer.rows) == 1 and math.isfinite(trainer.rows[0]["train_loss"]) and res["skipped_steps"] == 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import free_port
 from test_faults import summary_without_time
 from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
-from lt_recipes.steps import GroupedSAM, list_steps
+from lt_recipes.steps import GroupedSAM, list_steps, step_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**{k: v for k, v in os.environ.items() if k != "LT_RECIPES_FAILPOINT"}, "OMP_NUM_THREADS": "1",
@@ -185,7 +185,7 @@ def test_every_step_under_ddp_equals_the_one_process_step_on_the_global_batch(tm
     out = tmp_path / "steps.pt"
     torchrun([os.path.join(ROOT, "tests", "ddp_steps_worker.py"), str(out)], tmp_path)
     got = torch.load(out)
-    assert set(got) == {s for s in list_steps() if s != "gsa"}
+    assert set(got) == {s for s in list_steps() if step_info(s).grouping != "memory"}
     for name, thetas in got.items():
         want = run_two_steps(name)
         for theta in thetas:

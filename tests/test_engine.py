@@ -120,10 +120,10 @@ def test_two_process_gkp_gsa_run_resumes_to_the_same_result(tmp_path):
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("direction", ["gsa", "sam", "gsa_proj", "friendly"])
 def test_each_direction_runs_end_to_end_in_process(direction, tmp_path):
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
 
-    cfg = load_config("digits_lt", ["epochs=2", "groups.start_epoch=1", f"gsa.direction={direction}",
+    cfg = load_recipe("digits_lt", ["epochs=2", "groups.start_epoch=1", f"gsa.direction={direction}",
                                     "gkp.fisher=ema" if direction == "friendly" else "gkp.norm=per_samples"])
     res = run(cfg, str(tmp_path))
     suffix = "" if direction == "gsa" else f"@{direction}"
@@ -145,10 +145,10 @@ def test_fisher_ema_and_friendly_state_survive_a_kill(tmp_path):
 @pytest.mark.usefixtures("single_thread")
 def test_ema_with_decay_zero_is_the_model_and_is_evaluated_beside_it(tmp_path):
     """ModelEmaV3 is updated after every optimizer step: with decay 0 it is the model, metric for metric."""
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
 
-    res = run(load_config("digits_lt", ["epochs=1", "method=none", "ema.decay=0.0",
+    res = run(load_recipe("digits_lt", ["epochs=1", "method=none", "ema.decay=0.0",
                                                         "sched.warmup_epochs=0"]), str(tmp_path))
     keys = ("top1", "top5", "per_class")
     assert {k: res["ema"][k] for k in keys} == {k: res[k] for k in keys}
@@ -158,24 +158,24 @@ def test_ema_with_decay_zero_is_the_model_and_is_evaluated_beside_it(tmp_path):
 
 @pytest.mark.usefixtures("single_thread")
 def test_ema_state_survives_a_kill(tmp_path):
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
 
     sets = ["epochs=2", "method=none", "ema.decay=0.9"]
-    want = run(load_config("digits_lt", sets), str(tmp_path / "full"))
+    want = run(load_recipe("digits_lt", sets), str(tmp_path / "full"))
     cut = tmp_path / "cut"
     assert launch(cut, *sets, failpoint="step:12").returncode == -signal.SIGKILL  # mid-epoch 1 (8 steps per epoch)
-    assert run(load_config("digits_lt", sets), str(cut), resume=True) == want and want["ema"]["top1"] != want["top1"]
+    assert run(load_recipe("digits_lt", sets), str(cut), resume=True) == want and want["ema"]["top1"] != want["top1"]
 
 
 @pytest.mark.usefixtures("single_thread")
 def test_tensorboard_tracker_gets_every_epoch_row(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import TRACKER_PROJECT, run
 
-    res = run(load_config("digits_lt", ["epochs=2", "method=none", "log_with=tensorboard"]), str(tmp_path))
+    res = run(load_recipe("digits_lt", ["epochs=2", "method=none", "log_with=tensorboard"]), str(tmp_path))
     events = EventAccumulator(str(tmp_path / TRACKER_PROJECT))
     events.Reload()
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
@@ -191,7 +191,7 @@ def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
     of gkp.fisher_batch_size) trains to the same results with the loaders on the main process and with `auto` workers
     (2 on this machine)."""
     from lt_recipes import grouping_cycle as method
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.data import resolve_num_workers
     from lt_recipes.engine import run
 
@@ -207,8 +207,8 @@ def test_the_worker_count_changes_nothing_but_speed(tmp_path, monkeypatch):
             "gkp.fisher_batch_size=16"]
     auto = resolve_num_workers("auto")
     assert auto > 0
-    main = run(load_config("digits_lt", [*sets, "data.num_workers=0"]), str(tmp_path / "main"))
-    workers = run(load_config("digits_lt", sets), str(tmp_path / "auto"))
+    main = run(load_recipe("digits_lt", [*sets, "data.num_workers=0"]), str(tmp_path / "main"))
+    workers = run(load_recipe("digits_lt", sets), str(tmp_path / "auto"))
     assert workers == main
     assert summary_without_time(tmp_path / "auto") == summary_without_time(tmp_path / "main")  # losses, groups
     assert fisher_calls == [(16, 0), (16, auto)]
@@ -232,11 +232,11 @@ def test_uint8_training_batches_train_as_the_float_ones(tmp_path, monkeypatch):
     """The engine's GPU input path on the CPU: training images kept uint8 by the workers and normalised by the engine
     train to the very results of the float pipeline."""
     from lt_recipes import engine
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
 
     sets = ["epochs=1", "method=sam", "data.augment=basic", "data.max_per_class=60"]
-    want = engine.run(load_config("digits_lt", sets), str(tmp_path / "floats"))
+    want = engine.run(load_recipe("digits_lt", sets), str(tmp_path / "floats"))
     real_build = engine.build_data
     monkeypatch.setattr(engine, "build_data", lambda d, seed, uint8_train=False: real_build(d, seed, uint8_train=True))
-    assert engine.run(load_config("digits_lt", sets), str(tmp_path / "uint8")) == want
+    assert engine.run(load_recipe("digits_lt", sets), str(tmp_path / "uint8")) == want
     assert summary_without_time(tmp_path / "uint8") == summary_without_time(tmp_path / "floats")  # the train loss

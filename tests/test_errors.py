@@ -39,7 +39,7 @@ def test_no_module_defines_its_own_error_but_for_code_errors():
 @pytest.mark.parametrize("cls", [c for c in USER_ERRORS if c is not LTRecipesError], ids=lambda c: c.__name__)
 def test_a_user_error_exits_with_code_2_and_its_message(cls, caplog):
     def body(cfg):
-        raise cls(f"bad input for {cfg['name']}")
+        raise cls(f"bad input for {cfg.name}")
 
     assert run_recipe("digits_lt", [], body) == 2
     assert "bad input for digits_lt" in caplog.text

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lt_recipes.checkpoint import CheckpointError, atomic_write_yaml, save_checkpoint
-from lt_recipes.config import flatten, load_config
+from lt_recipes.config import flatten, load_config, load_recipe
 from lt_recipes.data import build_data, build_loaders
 from lt_recipes.models import create_lt_model
 from lt_recipes.sections import Recipe
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(load_config("digits_lt", SETS), str(out))
+        run(load_recipe("digits_lt", SETS), str(out))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -244,7 +244,7 @@ def test_resume_refuses_a_checkpoint_of_other_data_naming_both_values(run_dir, t
 
     (tmp_path / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes())
     with pytest.raises(CheckpointError, match="data.img_size=8 there, data.img_size=16 here"):
-        run(load_config("digits_lt", SETS + ["data.img_size=16"]), str(tmp_path), resume=True)
+        run(load_recipe("digits_lt", SETS + ["data.img_size=16"]), str(tmp_path), resume=True)
 
 
 def test_export_names_a_missing_run(tmp_path):

@@ -28,7 +28,7 @@ TOLERANCE = {"cpu": {"rtol": 1e-5, "atol": 1e-6}, "cuda": {"rtol": 1e-4, "atol":
 def _recipe(method, backend, **gsa):
     from lt_recipes.sections import GSAConfig
     return Recipe(method=method, data=DataConfig(imbalance_ratio=10.0), model=ModelConfig(compile=backend),
-                  gsa=GSAConfig(**gsa))
+                  steps={"gsa": GSAConfig(**gsa)})
 
 
 def _step(name, model, **kw):
@@ -75,12 +75,12 @@ GKP_RUN = ["epochs=3", "method=gkp", "groups.start_epoch=1", "groups.interval=1"
 
 def _gkp_run(out, *sets):
     """The model weights at the end of a GKP_RUN with `sets` (one torch thread, as the other in-process runs)."""
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(load_config("digits_lt", GKP_RUN + list(sets)), str(out))
+        run(load_recipe("digits_lt", GKP_RUN + list(sets)), str(out))
     finally:
         torch.set_num_threads(threads)
     return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
@@ -116,17 +116,15 @@ RECOMPILES_PER_COUNT = "recompiles for every count"
     *[(m, {}, {"inductor": RETAINED}) for m in ("imbsam", "focal_sam", "gbg", "gsa", "gkp_gsa", "gkp_imbsam")],
     ("gsa", {"group_grads": "share"}, dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES)),
     ("gsa", {"perturbation": "per_group"}, dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES)),
-    ("gsa", {"step": "released", "direction": "friendly", "perturbation": "averaged"},
-     dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES_PER_COUNT)),
+    ("released", {}, dict.fromkeys(choices.COMPILE_BACKENDS, RECOMPILES_PER_COUNT)),
 ])
 def test_compile_is_refused_with_the_step_and_why(method, gsa, refusals):
-    from lt_recipes.method import create_grouped_step
     from lt_recipes.steps import split_method
     for backend in choices.COMPILE_BACKENDS:
         recipe = _recipe(method, backend, **gsa)
         model = Tiny(bn=True)
         step_name = split_method(method)[0]
-        step = create_grouped_step(recipe.gsa, model, torch.optim.SGD(model.parameters(), lr=0.1)) \
+        step = create_step("gsa", model, torch.optim.SGD(model.parameters(), lr=0.1), **recipe.step_options("gsa")) \
             if step_name == "gsa" else _step(step_name, model)
         if backend not in refusals:
             assert compile_forward(recipe, model, step) is not model
@@ -145,10 +143,10 @@ def test_compile_backends_are_torch_backends():
 
 @pytest.mark.usefixtures("single_thread")
 def test_the_default_recipe_refuses_inductor_before_training(tmp_path):
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
     with pytest.raises(ConfigError, match="model.compile=inductor is refused for method gkp_gsa \\(GroupedSAM\\)"):
-        run(load_config("digits_lt", ["model.compile=inductor"]), str(tmp_path))
+        run(load_recipe("digits_lt", ["model.compile=inductor"]), str(tmp_path))
     assert not (tmp_path / "checkpoint.pt").exists()
 
 

@@ -57,13 +57,9 @@ def _model() -> nn.Module:
 def _build(name: str, gkp: bool, options: dict | None = None):
     model, loss = _model(), BCL(COUNTS)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    uses = () if name == "released" else step_info(name).uses
+    uses = step_info(name).uses
     kw = {k: {"class_counts": COUNTS, "head_losses": loss.classification_losses}[k] for k in uses}
-    if name == "released":
-        from lt_recipes.steps.released import ReleasedGSA
-        step = ReleasedGSA(model, opt)
-    else:
-        step = create_step(name, model, opt, **kw, **(options or {}))
+    step = create_step(name, model, opt, **kw, **(options or {}))
     if name in ("gbg", "gsa", "released"):
         step.set_groups(GROUP_OF_CLASS, GROUP_SAMPLES)
     if gkp:
@@ -95,7 +91,7 @@ def step_syncs(name: str, gkp: bool, variant: dict | None = None) -> list[int]:
     return counts
 
 
-KINDS = [(s, gkp) for s in [*list_steps(), "released"] for gkp in (False, True)]
+KINDS = [(s, gkp) for s in list_steps() for gkp in (False, True)]
 
 
 @pytest.mark.parametrize("name,gkp", KINDS, ids=[f"{'gkp_' if g else ''}{s}" for s, g in KINDS])
@@ -127,7 +123,7 @@ def test_the_engine_step_loop_keeps_the_budget(tmp_path, monkeypatch):
     """method.train_step as the engine calls it, on digits with BCL + GKP + GSA: the grouped method's plain steps
     before the first grouping (1), its grouped steps after (3); the loss comes back on the device, unread."""
     from lt_recipes import grouping_cycle as method_mod
-    from lt_recipes.config import load_config
+    from lt_recipes.config import load_recipe
     from lt_recipes.engine import run
 
     seen: list[tuple[bool, int]] = []
@@ -142,7 +138,7 @@ def test_the_engine_step_loop_keeps_the_budget(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(method_mod.GroupedMethod, "train_step", counted)
-    run(load_config("digits_lt", ["epochs=2", "groups.start_epoch=1", "method=gkp_gsa", "loss.name=bcl",
+    run(load_recipe("digits_lt", ["epochs=2", "groups.start_epoch=1", "method=gkp_gsa", "loss.name=bcl",
                                   "data.contrastive_views=2", "model.proj_head=[32, 16]", "model.classifier=cosine",
                                   "data.eval_batch_size=256"]), str(tmp_path))
     assert {grouped for grouped, _ in seen} == {False, True}

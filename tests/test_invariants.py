@@ -9,7 +9,7 @@ import csv
 
 import pytest
 
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.engine import run
 
 ZERO = ["gkp.lam=0", "gsa.z=0", "gsa.rho_clamp=null", "alpha.start=1.0", "alpha.end=1.0"]
@@ -19,7 +19,7 @@ BCL = ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[32, 16]", 
 
 def _train(tmp_path, name, sets):
     out = tmp_path / name
-    res = run(load_config("digits_lt", SHORT + sets), str(out))
+    res = run(load_recipe("digits_lt", SHORT + sets), str(out))
     with open(out / "summary.csv") as f:
         return res, [float(r["train_loss"]) for r in csv.DictReader(f)]
 

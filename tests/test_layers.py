@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lt_recipes"
 # what the lower layers may not import: the recipe schema and its loader, the training driver and its files, the
@@ -65,8 +64,6 @@ def test_the_lower_layers_import_nothing_above_them():
     assert not {k: v for k, v in found.items() if v}, {k: v for k, v in found.items() if v}
 
 
-@pytest.mark.xfail(strict=True, reason="sections.py takes Recipe.method's choices from steps.registry; the step-table "
-                                       "part of issue 34 moves that table below the schema (then drop this mark)")
 def test_the_schema_imports_no_step():
     """The recipe schema (sections, choices) imports no step module: the steps take their sections, not back."""
     assert not _file_imports_any(PACKAGE / "sections.py", ("steps",)) + _file_imports_any(PACKAGE / "choices.py",

@@ -7,7 +7,7 @@ import torch
 from timm.optim import Lamb, get_optimizer_info, list_optimizers
 
 from lt_recipes.sections import OptimConfig
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.optim import OptimizerError, create_optimizer, scaled_lr
 
 
@@ -64,7 +64,7 @@ def test_sam_and_gkp_gsa_step_through_each_base_optimizer(method, opt, tmp_path)
     from lt_recipes.engine import Trainer
 
     cls, state_key, lr = BASE_OPTIMIZERS[opt]
-    cfg = load_config("digits_lt", [f"method={method}", f"optim.opt={opt}", f"optim.lr={lr}", "epochs=2",
+    cfg = load_recipe("digits_lt", [f"method={method}", f"optim.opt={opt}", f"optim.lr={lr}", "epochs=2",
                                     "groups.start_epoch=1", "data.batch_size=128", "sched.warmup_epochs=0"])
     trainer = Trainer(cfg, str(tmp_path))
     res = trainer.fit()

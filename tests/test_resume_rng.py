@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.engine import _epoch_seed, run
 
 
@@ -15,7 +15,7 @@ def test_every_epoch_reseeds_the_cuda_generators_from_seed_and_epoch(tmp_path, m
     seeded: list[int] = []
     # torch.manual_seed and Accelerate's set_seed both seed CUDA through this (lazily, without a GPU)
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(int(seed)))
-    cfg = load_config("digits_lt", ["epochs=2", "method=none", "seed=3"])
+    cfg = load_recipe("digits_lt", ["epochs=2", "method=none", "seed=3"])
     run(cfg, str(tmp_path / "run"))
     assert sorted(set(seeded)) == [3, _epoch_seed(3, 0), _epoch_seed(3, 1)], seeded  # the build, then each epoch
     assert seeded.index(_epoch_seed(3, 0)) < seeded.index(_epoch_seed(3, 1))

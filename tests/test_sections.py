@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from lt_recipes import choices
-from lt_recipes.config import SCHEMA, load_config
+from lt_recipes.config import SCHEMA, load_config, load_recipe
 from lt_recipes.data import DATASETS
 from lt_recipes.errors import ConfigError
 from lt_recipes.sections import SECTIONS, GSAConfig, Recipe
@@ -208,7 +208,7 @@ def test_fewer_groups_than_asked_are_said_once_and_read_everywhere(tmp_path, cap
     groupings), and the step, summary.csv and groups.json all hold the realised count."""
     from lt_recipes.engine import Trainer
 
-    cfg = load_config("digits_lt", ["epochs=3", "method=gsa", "gsa.perturbation=per_group", "groups.num_groups=16",
+    cfg = load_recipe("digits_lt", ["epochs=3", "method=gsa", "gsa.perturbation=per_group", "groups.num_groups=16",
                                     "groups.start_epoch=1", "groups.interval=1", "data.batch_size=128"])
     caplog.set_level(logging.WARNING, logger="lt_recipes.grouping_cycle")
     trainer = Trainer(cfg, str(tmp_path))
@@ -232,7 +232,7 @@ def test_the_method_is_built_once_after_prepare(tmp_path, monkeypatch):
     built = []
     real = engine.create_method
     monkeypatch.setattr(engine, "create_method", lambda *a, **kw: built.append(a) or real(*a, **kw))
-    trainer = engine.Trainer(load_config("digits_lt", ["epochs=1"]), str(tmp_path))
+    trainer = engine.Trainer(load_recipe("digits_lt", ["epochs=1"]), str(tmp_path))
     assert len(built) == 1
     assert trainer.method.optimizer is trainer.optimizer and trainer.method.val_loader is trainer.val_loader
     assert not hasattr(trainer.method, "bind")

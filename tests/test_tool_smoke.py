@@ -166,11 +166,11 @@ def test_checkpoint_size_counts_the_grouped_step_s_own_state() -> None:
 
     from lt_recipes.checkpoint import tensor_bytes
     from lt_recipes.config import load_recipe
-    from lt_recipes.method import create_grouped_step
+    from lt_recipes.steps import create_step
 
     cfg = load_recipe("digits_lt", ["method=gsa", "gsa.direction=friendly", "gsa.group_grad_ema=0.5"])
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    step = create_grouped_step(cfg.gsa, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = create_step("gsa", model, torch.optim.SGD(model.parameters(), lr=0.1), **cfg.step_options("gsa"))
     step.set_groups([0, 1, 1], [10, 4])
     params = sum(p.numel() for p in model.parameters())
     parts = load_tool("checkpoint_size").method_parts(cfg, params, step.num_covered, 3, 2, 1)

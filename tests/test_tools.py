@@ -4,7 +4,7 @@ import pytest
 from lt_recipes.config import load_config, load_recipe
 from lt_recipes.data import build_data
 from lt_recipes.labels import method_label
-from lt_recipes.sections import GSAConfig, Recipe
+from lt_recipes.sections import GSAConfig, Recipe, ReleasedConfig
 from toolload import load_tool
 
 def _bench_epoch():
@@ -96,7 +96,7 @@ def test_paper_grids_run_the_paper_rows_on_its_recipes(tmp_path, capsys):
 def _resolved(cfg: dict) -> dict:
     """The config with the step's own radius scale and clamp written out (null / "auto": GSAConfig.radius)."""
     gsa = dict(cfg["gsa"])
-    z, clamp = GSAConfig.radius(gsa["step"], gsa["scale"], gsa["z"], gsa["rho_clamp"])
+    z, clamp = GSAConfig.radius(gsa["scale"], gsa["z"], gsa["rho_clamp"])
     gsa["z"], gsa["rho_clamp"] = z, (list(clamp) if clamp else None)
     return {**cfg, "gsa": gsa}
 
@@ -121,7 +121,7 @@ def test_the_default_variant_is_read_from_the_sections(monkeypatch):
     grid = load_tool("run_grid")
     assert grid.default_variant() == grid.DEFAULT_VARIANT == "paper_exact_rho_div10"
     monkeypatch.setattr(GSAConfig, "SCALE_DEFAULTS", {**GSAConfig.SCALE_DEFAULTS,
-                                                      "adaptive": (0.1, GSAConfig.RELEASED_RADIUS[1])})
+                                                      "adaptive": (0.1, ReleasedConfig.rho_clamp)})
     assert grid.default_variant() == "paper_exact"
     monkeypatch.undo()
     monkeypatch.setitem(grid.VARIANTS, "spelled_twice", list(grid.VARIANTS[grid.DEFAULT_VARIANT]))

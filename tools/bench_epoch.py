@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from lt_recipes.config import load_config
+from lt_recipes.config import load_config, load_recipe
 from lt_recipes.data import CIFAR_LAYOUT, dataset_info
 from lt_recipes.engine import Trainer
 
@@ -89,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_cifar(tmp, full["data"]["dataset"], train_images=args.train_images,
                               test_images=args.test_images)
-        cfg = load_config(args.recipe, args.overrides + [
+        cfg = load_recipe(args.recipe, args.overrides + [
             f"data.root={tmp}", f"data.num_workers={args.num_workers}", f"epochs={bench_epochs}",
             "sched.warmup_epochs=1", f"groups.start_epoch={args.base_epochs}", "groups.interval=0",
             "groups.eval_interval=1", f"checkpoint_interval={bench_epochs + 1}"])

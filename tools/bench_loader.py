@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from bench_epoch import write_synthetic_cifar
-from lt_recipes.config import load_config
+from lt_recipes.config import load_config, load_recipe
 from lt_recipes.data import CIFAR_LAYOUT, build_data, dataset_info, loader_options
 from lt_recipes.data.loader import SeededEpochSampler, SeededSamples
 from lt_recipes.sections import Recipe
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in recipes:
         batch = args.batch_size or load_config(name)["data"]["batch_size"]
         with tempfile.TemporaryDirectory() as tmp:
-            recipe = Recipe.from_dict(load_config(name, synthetic_overrides(name, tmp, most * batch)))
+            recipe = load_recipe(name, synthetic_overrides(name, tmp, most * batch))
             data = build_data(recipe.data, recipe.seed, uint8_train=True)  # as a GPU run reads them
             runs = {str(w): measure(data, recipe, w, args.rounds, batch) for w in args.workers}
         rates = {w: rate for w, (rate, _) in runs.items()}

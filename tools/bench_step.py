@@ -50,7 +50,7 @@ from lt_recipes.host_sync import count_host_syncs
 from lt_recipes.models import is_classifier, ordered_parameters
 from lt_recipes.steps import GroupedSAM, create_step, list_steps, step_info
 from lt_recipes.models import create_lt_model
-from lt_recipes.sections import SECTION_OF, GBGConfig, GSAConfig, ModelConfig
+from lt_recipes.sections import GBGConfig, GSAConfig, ModelConfig, section_class
 from lt_recipes.steps import ReleasedGSA
 
 # kind -> (with GKP, group_grads, perturbation), from the option tuples the step accepts: `[gkp_]gsa_<group grads>`
@@ -63,8 +63,9 @@ GROUPED_KINDS = {f"{'gkp_' if gkp else ''}gsa_{grads}{'' if pert == _DEFAULT_PAS
                  (gkp, grads, pert) for pert in _PASSES for grads in GROUP_GRADS for gkp in (False, True)}
 # `<kind>_batched`: the same step with gsa.batched (the per_group_exact passes as one vmapped pass)
 BATCHED_KINDS = {f"{k}_batched": v for k, v in GROUPED_KINDS.items() if v[1] == "masked" and v[2] == "per_group_exact"}
-# every registered step with its recipe defaults (the grouped step is timed in its modes below)
-REGISTERED = [s for s in list_steps() if s != "gsa"]
+# every registered step with its recipe defaults (the steps on memory-based groups, the grouped step and the released
+# one, are timed on a grouping below)
+REGISTERED = [s for s in list_steps() if step_info(s).grouping != "memory"]
 KINDS = ["sgd", *REGISTERED, *GROUPED_KINDS, *BATCHED_KINDS, "gkp_released", "naive"]
 
 
@@ -190,7 +191,7 @@ def main() -> None:
             steps[kind], state_bytes[kind] = sgd_step, 0
         elif kind in REGISTERED:
             info = step_info(kind)
-            options = dataclasses.asdict(SECTION_OF[info.section]()) if info.section else {}
+            options = dataclasses.asdict(section_class(info.section)()) if info.section else {}
             run = {"class_counts": counts, "head_losses": lambda z, t: F.cross_entropy(z, t, reduction="none")}
             step = create_step(kind, model, opt, autocast=autocast, **options, **{k: run[k] for k in info.uses})
             if info.grouping == "gradient":

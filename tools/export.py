@@ -37,11 +37,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from lt_recipes.checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_write_bytes, atomic_write_json,
                                    check_output_dir, evaluation_identity, load_checkpoint)
-from lt_recipes.config import load_config
+from lt_recipes.config import load_recipe
 from lt_recipes.data import dataset_info, eval_data_config
 from lt_recipes.errors import CheckpointError, LTRecipesError
 from lt_recipes.models import LTModel, create_lt_model
-from lt_recipes.sections import Recipe
 
 _logger = logging.getLogger("export")
 
@@ -95,25 +94,24 @@ def export(run_dir: str, best: bool = False, ema: bool = False, out: str | None 
     if recipe is None and not os.path.isfile(os.path.join(run_dir, "args.yaml")):
         raise CheckpointError(f"{run_dir} is not a training run directory (no args.yaml; --recipe names the recipe "
                               "of a checkpoint without one)")
-    cfg = load_config(recipe or os.path.join(run_dir, "args.yaml"))
+    typed = load_recipe(recipe or os.path.join(run_dir, "args.yaml"))
     ckpt = os.path.join(run_dir, BEST_NAME if best else CHECKPOINT_NAME)
     stem = os.path.splitext(os.path.basename(ckpt))[0] + ("_ema" if ema else "")
     path = os.path.abspath(out or os.path.join(run_dir, f"{stem}.safetensors"))
     check_output_dir(os.path.dirname(path))  # before the checkpoint is read and the model built
-    state = load_checkpoint(ckpt, expect=evaluation_identity(cfg))
+    state = load_checkpoint(ckpt, expect=evaluation_identity(typed.to_dict()))
     key = "ema" if ema else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights" + (" (the run had ema.decay=null)" if ema else ""))
-    recipe = Recipe.from_dict(cfg)
-    num_classes, in_chans = state["identity"]["num_classes"], dataset_info(recipe.data.dataset).in_chans
-    data_config = eval_data_config(recipe.data.dataset, recipe.data, in_chans)
-    model = create_lt_model(dataclasses.replace(recipe.model, pretrained_path=None), num_classes, in_chans)
+    num_classes, in_chans = state["identity"]["num_classes"], dataset_info(typed.data.dataset).in_chans
+    data_config = eval_data_config(typed.data.dataset, typed.data, in_chans)
+    model = create_lt_model(dataclasses.replace(typed.model, pretrained_path=None), num_classes, in_chans)
     try:
         model.load_state_dict(state[key])
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt} does not fit the model of {run_dir}/args.yaml: {e}") from None
     weights, left_out = timm_state_dict(model)
-    name = recipe.model.name
+    name = typed.model.name
     head = 0 if left_out and left_out[0].startswith("classifier") else num_classes
     cfg_overlay = overlay(path, head, data_config, model.encoder.pretrained_cfg)
     pretrained_cfg = {k: v for k, v in {**model.encoder.pretrained_cfg, **cfg_overlay}.items() if k != "file"}

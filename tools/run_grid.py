@@ -41,20 +41,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from lt_recipes.choices import LOSSES
 from lt_recipes.cli import last_error
 from lt_recipes.config import defaults, flatten, parse_override, reading_preset
 from lt_recipes.labels import DEFAULT_DIRECTION, parse_label
-from lt_recipes.sections import GSAConfig
-from lt_recipes.steps import list_steps
+from lt_recipes.sections import GSAConfig, LossConfig
+from lt_recipes.steps import list_steps, step_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASES = {
-    "ce": ["loss.name=ce"],
-    "la": ["loss.name=la"],
-    "bs": ["loss.name=bs"],
-    "ldam_drw": ["loss.name=ldam_drw", "model.classifier=cosine", "model.cosine_scale=1"],
-    "bcl": ["loss.name=bcl", "data.contrastive_views=2", "model.proj_head=[512, 128]", "model.classifier=cosine"],
-}
+# each base's keys: its loss and what the loss needs of the other sections (LossConfig.PAIRED_KEYS, which the recipe
+# checks), and the grid's own choice for BCL: a 512-128 projection head and the cosine classifier
+_GRID_KEYS = {"bcl": ["model.proj_head=[512, 128]", "model.classifier=cosine"]}
+BASES = {name: [f"loss.name={name}", *(f"{k}={v}" for k, v in LossConfig.PAIRED_KEYS.get(name, {}).items()),
+                *_GRID_KEYS.get(name, [])] for name in LOSSES}
 # the adaptive radius clamp of the released code, the default before the readings grid measured a smaller one
 _RELEASED_CLAMP = "gsa.rho_clamp=[0.002, 0.003]"
 VARIANTS = {
@@ -106,7 +105,7 @@ COPY = ["args.yaml", "results.json", "groups.json", "quality.json", "summary.csv
 def resolved(flat: dict[str, Any]) -> dict[str, Any]:
     """Flat recipe keys with the grouped step's radius written out (a null gsa.z and an `auto` clamp: the values
     GSAConfig.radius resolves them to), so that two spellings of one step compare equal."""
-    z, clamp = GSAConfig.radius(flat["gsa.step"], flat["gsa.scale"], flat["gsa.z"], flat["gsa.rho_clamp"])
+    z, clamp = GSAConfig.radius(flat["gsa.scale"], flat["gsa.z"], flat["gsa.rho_clamp"])
     return {**flat, "gsa.z": z, "gsa.rho_clamp": None if clamp is None else list(clamp)}
 
 
@@ -180,8 +179,8 @@ PAPER_GRIDS = {
 
 
 _BCL_TABLE5 = ["bcl+gkp+gsa@sam", "bcl+gkp+gsa@gsa_proj"]
-# every registered sharpness-aware step other than the paper's own (its default runs are the fmnist64 grid's rows)
-PEER_STEPS = [s for s in list_steps() if s not in ("none", "gsa")]
+# every registered sharpness-aware step other than the paper's own and its released reading (the fmnist64 grid's rows)
+PEER_STEPS = [s for s in list_steps() if s != "none" and step_info(s).grouping != "memory"]
 GRIDS = {
     # the main job's recipe (scikit-learn digits, r=10, 30 epochs): the default method against its base
     "digits": Grid("digits_lt", "digits", {10: ["ce", f"ce+gkp+gsa#{DEFAULT_VARIANT}"]}),

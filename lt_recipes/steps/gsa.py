@@ -93,7 +93,7 @@ class GroupedSAM(StepCore):
         super().__init__(model, base_optimizer, **kw)
         self.direction = direction
         self.scale = scale
-        self.z, self.rho_clamp = GSAConfig.radius("grouped", scale, z, rho_clamp)
+        self.z, self.rho_clamp = GSAConfig.radius(scale, z, rho_clamp)
         self.group_grads = group_grads
         self.perturbation = perturbation
         self.group_weighting = group_weighting

@@ -1,80 +1,38 @@
 """The registry of training steps: every recipe `method` is a registered step, optionally carrying GKP.
 
 timm-style: `register_step` names a step class, `create_step(name, model, optimizer, ...)` builds it, `list_steps()`
-names them all. The table of built-in steps (name -> module, recipe section, what the step needs) is data that
-imports nothing, so the recipe schema offers exactly these names before torch is imported; the step classes
-register themselves when their module is imported (`create_step` imports it). A step of your own registers with the
-decorator and is then created like the built-in ones.
+names them all. The table of steps (name -> module, recipe section, what the step needs) is data
+(lt_recipes.step_table) that imports nothing, so the recipe schema checks a method against it before torch is
+imported; the step classes register themselves when their module is imported (`create_step` imports it). A step of
+your own registers with the decorator, which adds its row: it is then created like the built-in ones and can be named
+in a recipe (`method: mine`, `gkp_mine`).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Any, Callable
 
-# A method that carries GKP is its step's name with this prefix (`gkp_gsa`, `gkp_imbsam`); GKP on the plain step is
-# spelled `gkp`.
-GKP_PREFIX = "gkp_"
+from ..step_table import (GKP_PREFIX, StepInfo, add_step, list_methods, list_steps, method_modules, method_of,
+                          split_method, step_info, uses_memory_groups)
 
+__all__ = ["GKP_PREFIX", "RUN_FACTS", "StepInfo", "create_step", "list_methods", "list_steps", "method_modules",
+           "method_of", "register_step", "split_method", "step_class", "step_info", "uses_memory_groups"]
 
-@dataclass(frozen=True)
-class StepInfo:
-    """A registered step: its module under lt_recipes.steps, the recipe section with its options (None: none), the
-    class grouping it runs on (`memory`: the paper's memory-based groups, formed during training, the plain step
-    running until then; `gradient`: GBG's, formed from the initial weights; None), and what it takes from the
-    training run (`class_counts`: training images per class; `head_losses`: the base's classification loss on
-    logits)."""
-
-    name: str
-    module: str
-    section: str | None = None
-    grouping: str | None = None
-    uses: tuple[str, ...] = ()
-    summary: str = ""
-
-
-_BUILTIN = (
-    StepInfo("none", "plain", summary="the base loss's own step: one forward and backward"),
-    StepInfo("sam", "sam", "sam", summary="SAM (Foret et al. 2021): ascend along g / ||g||"),
-    StepInfo("asam", "sam", "asam", summary="ASAM (Kwon et al. 2021): SAM scaled by |theta|"),
-    StepInfo("fsam", "sam", "fsam", summary="FriendlySAM (Li et al. 2024): ascend along g - sigma m"),
-    StepInfo("imbsam", "sam", "imbsam", uses=("class_counts",),
-             summary="ImbSAM (Zhou et al. 2023): SAM on the tail classes' loss only"),
-    StepInfo("focal_sam", "sam", "focal_sam", uses=("class_counts",),
-             summary="Focal-SAM (Li et al. 2025): SAM on a focal-weighted share of each class's loss"),
-    StepInfo("cc_sam", "cc_sam", "cc_sam", uses=("class_counts", "head_losses"),
-             summary="CC-SAM (Zhou et al. 2023), stage 1 as released: class-wise classifier perturbations"),
-    StepInfo("gbg", "gbg", "gbg", grouping="gradient",
-             summary="GBG (2024): MGDA weights over gradient-clustered class groups"),
-    StepInfo("gsa", "gsa", "gsa", grouping="memory",
-             summary="GSA (this paper): one SAM step per memory-based group along h_g"),
-)
-_INFO: dict[str, StepInfo] = {info.name: info for info in _BUILTIN}
 _CLASSES: dict[str, type] = {}
 
 
-def register_step(name: str, *, module: str | None = None, section: str | None = None, grouping: str | None = None,
-                  uses: tuple[str, ...] = (), summary: str = "") -> Callable[[type], type]:
-    """Class decorator: register a step class under `name`. The built-in steps are already in the table (their
-    arguments come from it); a new name needs its options here."""
+def register_step(name: str, *, module: str | None = None, section: str | type | None = None,
+                  grouping: str | None = None, uses: tuple[str, ...] = (), summary: str = "") -> Callable[[type], type]:
+    """Class decorator: register a step class under `name`. The built-in steps have their row in the step table
+    (their arguments come from it); a new name adds its row with these arguments. `section`: the step's recipe
+    section, a `lt_recipes.sections.Section` subclass (or its name), whose fields are the step's options in a recipe
+    (`mine.rho: 0.1`) and are passed to its constructor."""
     def wrap(cls: type) -> type:
-        if name not in _INFO:
-            _INFO[name] = StepInfo(name, module or cls.__module__, section, grouping, tuple(uses), summary)
+        own = section if section is None or isinstance(section, str) else section.section
+        add_step(StepInfo(name, module or cls.__module__, own, grouping, tuple(uses), summary))
         _CLASSES[name] = cls
         return cls
     return wrap
-
-
-def list_steps() -> tuple[str, ...]:
-    """Every registered step, the built-in ones first in their table order."""
-    return tuple(_INFO)
-
-
-def step_info(name: str) -> StepInfo:
-    """The table entry of a step (KeyError with the known names for an unknown one)."""
-    if name not in _INFO:
-        raise KeyError(f"unknown step {name!r}; registered: {', '.join(_INFO)}")
-    return _INFO[name]
 
 
 def step_class(name: str) -> type:
@@ -102,35 +60,3 @@ def create_step(name: str, model: Any, base_optimizer: Any, *, class_counts: Any
     return step_class(name)(model, base_optimizer, **{k: facts[k] for k in info.uses}, **kw)
 
 
-def list_methods() -> tuple[str, ...]:
-    """The recipe's `method` choices: every step, then every step with GKP (`gkp` for the plain step with GKP)."""
-    return list_steps() + tuple(method_of(name, True) for name in list_steps())
-
-
-def method_of(step: str, gkp: bool) -> str:
-    """The method name of a step with or without GKP."""
-    if not gkp:
-        return step
-    return "gkp" if step == "none" else GKP_PREFIX + step
-
-
-def split_method(method: str) -> tuple[str, bool]:
-    """A method name -> (its step, whether it carries GKP)."""
-    if method == "gkp":
-        return "none", True
-    if method.startswith(GKP_PREFIX) and method[len(GKP_PREFIX):] in _INFO:
-        return method[len(GKP_PREFIX):], True
-    step_info(method)
-    return method, False
-
-
-def method_modules(method: str) -> tuple[str, ...]:
-    """A method's modules on top of the base loss, as in its label (`bcl+gkp+imbsam`): () for the plain step."""
-    step, gkp = split_method(method)
-    return (("gkp",) if gkp else ()) + (() if step == "none" else (step,))
-
-
-def uses_memory_groups(method: str) -> bool:
-    """Whether a method needs the memory bank and its grouping: it carries GKP, or its step runs on those groups."""
-    step, gkp = split_method(method)
-    return gkp or step_info(step).grouping == "memory"

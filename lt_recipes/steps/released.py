@@ -35,8 +35,9 @@ from torch import nn
 
 from .. import equations
 from ..batchnorm import batchnorms, frozen_bn_stats
-from ..sections import GSAConfig
+from ..sections import ReleasedConfig
 from .core import LossFn, StepCore, StepStats, all_reduce_, upcast, usable
+from .registry import register_step
 
 _logger = logging.getLogger(__name__)
 
@@ -56,26 +57,29 @@ def repeated_bn_updates(model: nn.Module, times: int) -> Iterator[None]:
             m.momentum = mom
 
 
+@register_step("released")
 class ReleasedGSA(StepCore):
     """The released script's step (module docstring), with the interface of `GroupedSAM`.
 
-    >>> step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9), num_groups=1)
+    >>> step = ReleasedGSA(model, torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9))
     >>> step.set_groups([0] * num_classes, [num_train_images])
     >>> stats = step.step(lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), y, alpha=0.9)
 
-    `z` is the radius scale C and `rho_clamp` the clamp (None and "auto": the script's 0.1 and [0.002, 0.003],
-    GSAConfig.RELEASED_RADIUS), `friendly_sigma` / `friendly_momentum` FriendlySAM's sigma and lam, `scale` adaptive
-    (the script's) or euclidean.
+    `z` is the radius scale C and `rho_clamp` the clamp of rho_k (None: none), `friendly_sigma` / `friendly_momentum`
+    FriendlySAM's sigma and lam, `scale` adaptive (the script's) or euclidean; the defaults are the script's, the
+    recipe section `released` (lt_recipes.sections.ReleasedConfig).
     """
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, z: float | None = GSAConfig.z,
-                 rho_clamp: Sequence[float] | str | None = GSAConfig.rho_clamp, scale: str = GSAConfig.scale,
-                 friendly_sigma: float = GSAConfig.friendly_sigma,
-                 friendly_momentum: float = GSAConfig.friendly_momentum, **kw: Any) -> None:
-        GSAConfig(step="released", **GSAConfig.RELEASED_FIXED, z=z, rho_clamp=rho_clamp, scale=scale,
-                  friendly_sigma=friendly_sigma, friendly_momentum=friendly_momentum)
-        super().__init__(model, base_optimizer, num_rows=0, **kw)
-        self.z, self.rho_clamp = GSAConfig.radius("released", scale, z, rho_clamp)
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, z: float = ReleasedConfig.z,
+                 rho_clamp: Sequence[float] | None = ReleasedConfig.rho_clamp, scale: str = ReleasedConfig.scale,
+                 friendly_sigma: float = ReleasedConfig.friendly_sigma,
+                 friendly_momentum: float = ReleasedConfig.friendly_momentum, backend: str = ReleasedConfig.backend,
+                 **kw: Any) -> None:
+        ReleasedConfig(z=z, rho_clamp=rho_clamp, scale=scale, friendly_sigma=friendly_sigma,
+                       friendly_momentum=friendly_momentum, backend=backend)  # the options' checks live there
+        super().__init__(model, base_optimizer, num_rows=0, backend=backend, **kw)
+        self.z = float(z)
+        self.rho_clamp = None if rho_clamp is None else (float(rho_clamp[0]), float(rho_clamp[1]))
         self.scale = scale
         self.sigma = friendly_sigma
         self.lam = friendly_momentum
