@@ -95,3 +95,62 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Rough seconds of the suite's longest tests on the 2-core machine (from `--durations`), to start them first:
+# pytest-xdist's worksteal hands each worker one contiguous share of the collection and steals from the queues' ends,
+# so a long test collected last ran alone at the end of the suite. A missing or stale entry costs only balance.
+LONG_TESTS = {
+    "test_tool_smoke.py::test_device_check_smoke": 100,
+    "test_tool_smoke.py::test_record_bench_smoke": 45,
+    "test_engine.py::test_two_process_gkp_gsa_run_resumes_to_the_same_result": 45,
+    "test_distributed.py::test_two_nodes_give_one_node_s_results_and_write_once": 45,
+    "test_cuda_compile.py::test_cuda_sources_compile_for_sm90": 33,
+    "test_tool_smoke.py::test_main_sh[.venv]": 30,
+    "test_distributed.py::test_one_memory_bank_per_run_groups_anchors_and_fisher_as_one_process": 25,
+    "test_distributed.py::test_a_data_root_missing_on_one_node_is_named_on_every_node": 16,
+    "test_engine.py::test_two_process_ddp_counts_every_sample_logs_once_and_scales_lr": 16,
+    "test_examples.py::test_own_loop_example_trains_gkp_gsa_and_a_peer": 14,
+    "test_sections.py::test_fewer_groups_than_asked_are_said_once_and_read_everywhere": 13,
+    "test_distributed.py::test_every_step_under_ddp_equals_the_one_process_step_on_the_global_batch": 13,
+    "test_distributed.py::test_synchronized_gsa_step_equals_single_process_step[share]": 12,
+    "test_distributed.py::test_synchronized_gsa_step_equals_single_process_step[masked]": 12,
+    "test_distributed.py::test_class_balanced_sampler_splits_batches_across_ranks_and_epoch_sums_reduce": 12,
+    "test_tool_smoke.py::test_main_sh[PYTHON]": 11,
+    "test_distributed.py::test_per_replica_gsa_keeps_replicas_identical": 11,
+    "test_invariants.py::test_zero_strength_trains_the_base_model[bcl-share]": 11,
+    "test_engine.py::test_accelerate_cpu_launch_of_two_processes_warns_and_logs_progress": 11,
+    "test_first_use.py::test_ctrl_c_ends_with_one_line_and_a_resumable_checkpoint": 10,
+    "test_readme.py::test_results_and_benchmark_blocks_are_generated": 10,
+    "test_tool_smoke.py::test_run_grid_job": 10,
+}
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module-scoped fixture: moved away from its module's other tests, it would build the
+    fixture once more."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, put LONG_TESTS at the head of the workers' shares, balanced longest first."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    seconds = {item: LONG_TESTS.get(item.nodeid.split("/")[-1], 0) for item in items}
+    long = sorted((i for i in items if seconds[i] and not _uses_module_fixture(i)), key=seconds.get, reverse=True)
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for item in long:  # longest first, each to the share with the least so far
+        min(heads, key=lambda head: sum(map(seconds.get, head))).append(item)
+    moved = set(long)
+    rest = [i for i in items if i not in moved]
+    ordered = []
+    for k, head in enumerate(heads):  # worksteal's first shares: worker k gets len(pending) // (workers - k) items
+        size = (len(items) - len(ordered)) // (workers - k)
+        take = max(0, size - len(head))
+        ordered += head + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered + rest

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import free_port
+from preloaded import run_script
 from test_faults import summary_without_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,8 @@ def launch(out, *sets, nproc=1, extra=(), failpoint=None, timeout=600):
     cmd = head + [os.path.join(ROOT, "train.py"), "--recipe", "digits_lt", "--output", str(out), *extra]
     for s in sets:
         cmd += ["--set", s]
+    if nproc == 1:
+        return run_script(cmd[1:], cwd=ROOT, env=env, timeout=timeout)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
