@@ -1,81 +1,94 @@
 """`python SCRIPT ARGS...` for the tests without paying the interpreter's start-up each time.
 
 A train.py run on the digits spends most of its seconds importing torch, timm (and through it torchvision and
-torch._dynamo), scikit-learn and Accelerate. `run_script` hands the command to a server process (one per pytest
-worker, started on first use) that has imported them once and forks a child per command: the child takes the
-command's working directory, environment, argv and stdin/stdout/stderr, runs the script as `__main__` and exits as
-the interpreter would (its exit code, a traceback and exit 1, or the signal that killed it, as a negative
-returncode; the exit handlers run, the module teardown is skipped). So a fail point's SIGKILL, an error's exit 2
-and resume equality are tested on a process of their own, as before. The server never runs a torch operation, so
-the children fork from a single-threaded interpreter.
+torch._dynamo), scikit-learn and Accelerate. `command(env)` gives the command line and environment to launch
+instead, `python tests/preloaded.py run SCRIPT ARGS...`: a stub that imports nothing heavy and hands its working
+directory, environment, argv and stdin/stdout/stderr to a server (one per pytest worker, started on first use) that
+has imported those modules once and forks a child per command. The child becomes `python SCRIPT ARGS` there and
+exits as the interpreter would (its exit code, or a traceback and exit 1; the exit handlers run, the module teardown
+is skipped); the stub exits with the child's code, or dies of the signal that killed it, and passes the signals it
+gets on to the child (a stub killed outright takes its child with it). So a fail point's SIGKILL, an error's exit 2,
+resume equality and torchrun's workers (the stub is what torchrun starts) run on processes of their own, as before.
+The server never runs a torch operation, so the children fork from a single-threaded interpreter.
 
-Commands the server cannot reproduce exactly (another OMP_NUM_THREADS, which the OpenMP runtime reads when torch is
-loaded, or another interpreter) run as plain subprocesses.
+A command the server cannot reproduce exactly (another OMP_NUM_THREADS, which the OpenMP runtime reads when torch is
+loaded) makes the stub exec the real interpreter instead.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import select
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOCKET_ENV = "LT_TESTS_PRELOADED"  # the server's socket, for the stubs
 THREADS = "1"  # OMP_NUM_THREADS of the server and so of every child
-PRELOAD = ("torch", "timm", "accelerate", "sklearn.datasets", "yaml", "lt_recipes.cli", "lt_recipes.engine")
+PRELOAD = ("torch", "timm", "accelerate", "sklearn.datasets", "yaml", "torch.distributed.run", "lt_recipes.cli",
+           "lt_recipes.engine")
 
-_server: subprocess.Popen | None = None
+_server: tuple[subprocess.Popen, str] | None = None
 
 
-def _start() -> subprocess.Popen:
+def command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command prefix that stands for `sys.executable` (append SCRIPT ARGS...) and `env` with the server's
+    socket in it; starts the server on first use."""
     global _server
-    if _server is None or _server.poll() is not None:
-        env = {**os.environ, "OMP_NUM_THREADS": THREADS}
-        _server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT, env=env,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
-        atexit.register(_server.kill)
-    return _server
+    if _server is None or _server[0].poll() is not None:
+        import atexit
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="lt-preloaded-"), "socket")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", path], cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": THREADS}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout.readline() == b"ready\n", "the preloaded interpreter did not start"
+        atexit.register(proc.kill)
+        _server = proc, path
+    return [sys.executable, os.path.abspath(__file__), "run"], {**env, SOCKET_ENV: _server[1]}
 
 
-def run_script(argv: list[str], cwd: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """`subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`,
-    run by a fork of the preloaded server where it can be."""
-    if env.get("OMP_NUM_THREADS") != THREADS:
-        return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    server = _start()
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": dict(env), "out": out, "err": err}
-        server.stdin.write(json.dumps(request).encode() + b"\n")
-        server.stdin.flush()
-        pid = int(server.stdout.readline())
-        ready, _, _ = select.select([server.stdout], [], [], timeout)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            server.stdout.readline()
-            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
-        returncode = int(server.stdout.readline())
-        with open(out) as o, open(err) as e:
-            return subprocess.CompletedProcess([sys.executable, *argv], returncode, o.read(), e.read())
+def _stub(argv: list[str]) -> None:
+    """`python SCRIPT ARGS` through the server: this process's directory, environment and stdio, its exit code."""
+    if os.environ.get("OMP_NUM_THREADS") != THREADS or not os.environ.get(SOCKET_ENV):
+        os.execv(sys.executable, [sys.executable, *argv])
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(os.environ[SOCKET_ENV])
+    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                          "unbuffered": sys.stdout.write_through}).encode()  # python -u
+    socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+    answers = conn.makefile("rb")
+    pid = int(answers.readline())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, _: os.kill(pid, s))
+    code = int(answers.readline())
+    if code < 0:  # killed by a signal: die of it too
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # the only two without a handler
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
-def _child(request: dict) -> None:
-    """In the forked child: become `python ARGV` in its directory and environment; never returns."""
+def _child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become `python ARGV` in the stub's directory, environment and stdio; never returns."""
+    for fd, received in enumerate(fds):
+        os.dup2(received, fd)
+        os.close(received)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
-                            (2, request["err"], os.O_WRONLY | os.O_CREAT)):
-        opened = os.open(path, flags, 0o644)
-        os.dup2(opened, fd)
-        os.close(opened)
     script = os.path.abspath(request["argv"][0])
-    sys.argv = [request["argv"][0], *request["argv"][1:]]
-    sys.path[0] = os.path.dirname(script)  # as `python SCRIPT` puts the script's folder first
+    sys.argv = list(request["argv"])
+    del sys.path[0]  # the server's (the repository)
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[:0] = [os.path.dirname(script), *extra]  # as `python SCRIPT` puts the script's folder first
+    if request["unbuffered"]:  # python -u (torchrun starts its workers so): stdout and stderr written through
+        import io
+
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace")
     import atexit
     import runpy
     import threading
@@ -99,29 +112,58 @@ def _child(request: dict) -> None:
     os._exit(code & 0xFF)
 
 
-def _serve() -> None:
-    """Read one JSON request a line; for each, fork a child that runs it, answer its pid and then its returncode."""
+def _serve(path: str) -> None:
+    """Accept stubs on `path`; fork a child for each; answer its pid, then its exit code (negative: the signal).
+    A stub that goes away first (killed) takes its child with it."""
     import importlib
+    import select
 
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except ImportError:  # a module moved: the child imports what it needs itself
             pass
-    requests, answers = sys.stdin.buffer, sys.stdout.buffer
-    for line in requests:
-        request = json.loads(line)
-        answers.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        answers.write(f"{pid}\n".encode())
-        answers.flush()
-        _, status = os.waitpid(pid, 0)
-        answers.write(f"{os.waitstatus_to_exitcode(status)}\n".encode())
-        answers.flush()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    children: dict[int, socket.socket] = {}  # pid -> its stub's connection
+    while True:
+        ready, _, _ = select.select([listener, *children.values()], [], [], 0.05)
+        for pid, conn in list(children.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                try:
+                    conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+                except OSError:
+                    pass
+                conn.close()
+                del children[pid]
+            elif conn in ready:  # the stub closed its end (it was killed): so is its child
+                os.kill(pid, signal.SIGKILL)
+        if listener in ready:
+            conn, _ = listener.accept()
+            head, fds, _, _ = socket.recv_fds(conn, 8, 3)
+            size, body = int.from_bytes(head, "big"), b""
+            while len(body) < size:
+                body += conn.recv(size - len(body))
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                for other in children.values():
+                    other.close()
+                conn.close()
+                _child(json.loads(body), fds)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(f"{pid}\n".encode())
+            children[pid] = conn
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
-    sys.path[0] = ROOT
-    _serve()
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        sys.path[0] = ROOT
+        _serve(sys.argv[2])
+    elif sys.argv[1] == "run":
+        _stub(sys.argv[2:])

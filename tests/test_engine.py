@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import free_port
-from preloaded import run_script
+import preloaded
 from test_faults import summary_without_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,14 +21,13 @@ def launch(out, *sets, nproc=1, extra=(), failpoint=None, timeout=600):
     env.pop("LT_RECIPES_FAILPOINT", None)
     if failpoint:
         env["LT_RECIPES_FAILPOINT"] = failpoint
-    head = [sys.executable] if nproc == 1 else [
+    python, env = preloaded.command(env)
+    head = python if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(free_port())]
+        "--master_port", str(free_port()), *python[1:]]
     cmd = head + [os.path.join(ROOT, "train.py"), "--recipe", "digits_lt", "--output", str(out), *extra]
     for s in sets:
         cmd += ["--set", s]
-    if nproc == 1:
-        return run_script(cmd[1:], cwd=ROOT, env=env, timeout=timeout)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -3,10 +3,11 @@ import csv
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
-from preloaded import run_script
+import preloaded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--recipe", "digits_lt", "--set", "epochs=4", "--set", "groups.start_epoch=1", "--set", "groups.interval=2",
@@ -18,8 +19,9 @@ def train(out, *extra, failpoint=None, args=ARGS):
     env.pop("LT_RECIPES_FAILPOINT", None)
     if failpoint:
         env["LT_RECIPES_FAILPOINT"] = failpoint
-    return run_script([os.path.join(ROOT, "train.py"), *args, "--output", str(out), *extra], cwd=ROOT, env=env,
-                      timeout=600)
+    python, env = preloaded.command(env)
+    return subprocess.run([*python, os.path.join(ROOT, "train.py"), *args, "--output", str(out), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def summary_without_time(run):
