@@ -91,8 +91,9 @@ def test_accelerate_cpu_launch_of_two_processes_warns_and_logs_progress(tmp_path
     """`accelerate launch --cpu --num_processes 2` runs one process: say so loudly; progress lines without a tty."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LT_RECIPES_FAILPOINT", None)
+    python, env = preloaded.command(env)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *python[1:],
                            os.path.join(ROOT, "train.py"), "--output", str(tmp_path), "--set", "epochs=1",
                            "--set", "method=none", "--set", "log_interval=3", "--set", "sched.warmup_epochs=0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
