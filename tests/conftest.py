@@ -101,10 +101,10 @@ def free_port() -> int:
 # pytest-xdist's worksteal hands each worker one contiguous share of the collection and steals from the queues' ends,
 # so a long test collected last ran alone at the end of the suite. A missing or stale entry costs only balance.
 LONG_TESTS = {
-    "test_tool_smoke.py::test_device_check_smoke": 100,
-    "test_tool_smoke.py::test_record_bench_smoke": 45,
-    "test_engine.py::test_two_process_gkp_gsa_run_resumes_to_the_same_result": 45,
-    "test_distributed.py::test_two_nodes_give_one_node_s_results_and_write_once": 45,
+    "test_tool_smoke.py::test_device_check_smoke": 40,
+    "test_tool_smoke.py::test_record_bench_smoke": 20,
+    "test_engine.py::test_two_process_gkp_gsa_run_resumes_to_the_same_result": 35,
+    "test_distributed.py::test_two_nodes_give_one_node_s_results_and_write_once": 30,
     "test_cuda_compile.py::test_cuda_sources_compile_for_sm90": 33,
     "test_tool_smoke.py::test_main_sh[.venv]": 30,
     "test_distributed.py::test_one_memory_bank_per_run_groups_anchors_and_fisher_as_one_process": 25,

@@ -51,7 +51,8 @@ def command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _stub(argv: list[str]) -> None:
-    """`python SCRIPT ARGS` through the server: this process's directory, environment and stdio, its exit code."""
+    """`python ARGV` (SCRIPT ARGS, -m MODULE ARGS or -c CODE ARGS) through the server: this process's directory,
+    environment and stdio, its exit code."""
     if os.environ.get("OMP_NUM_THREADS") != THREADS or not os.environ.get(SOCKET_ENV):
         os.execv(sys.executable, [sys.executable, *argv])
     conn = socket.socket(socket.AF_UNIX)
@@ -79,11 +80,13 @@ def _child(request: dict, fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    script = os.path.abspath(request["argv"][0])
-    sys.argv = list(request["argv"])
+    argv = request["argv"]
+    # python SCRIPT, python -m MODULE, python -c CODE: sys.argv and sys.path[0] as the interpreter sets them
+    sys.argv = ["-c", *argv[2:]] if argv[0] == "-c" else argv[1:] if argv[0] == "-m" else list(argv)
+    first = os.getcwd() if argv[0] == "-m" else "" if argv[0] == "-c" else os.path.dirname(os.path.abspath(argv[0]))
     del sys.path[0]  # the server's (the repository)
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-    sys.path[:0] = [os.path.dirname(script), *extra]  # as `python SCRIPT` puts the script's folder first
+    sys.path[:0] = [first, *extra]
     if request["unbuffered"]:  # python -u (torchrun starts its workers so): stdout and stderr written through
         import io
 
@@ -94,7 +97,13 @@ def _child(request: dict, fds: list[int]) -> None:
     import threading
 
     try:
-        runpy.run_path(script, run_name="__main__")
+        if argv[0] == "-c":
+            main = sys.modules["__main__"] = type(sys)("__main__")
+            exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+        elif argv[0] == "-m":
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
         code = 0
     except SystemExit as stop:  # as the interpreter reads it: None is 0, a message is printed with exit 1
         code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
