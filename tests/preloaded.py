@@ -149,8 +149,11 @@ def _serve(path: str) -> None:
                     pass
                 conn.close()
                 del children[pid]
-            elif conn in ready:  # the stub closed its end (it was killed): so is its child
-                os.kill(pid, signal.SIGKILL)
+            elif conn in ready:  # the stub closed its end (it was killed): so is its child, with its own children
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if listener in ready:
             conn, _ = listener.accept()
             head, fds, _, _ = socket.recv_fds(conn, 8, 3)
@@ -159,6 +162,7 @@ def _serve(path: str) -> None:
                 body += conn.recv(size - len(body))
             pid = os.fork()
             if pid == 0:
+                os.setpgid(0, 0)  # a process group of its own, which a killed stub's takes down whole
                 listener.close()
                 for other in children.values():
                     other.close()

@@ -24,7 +24,7 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "LT_RECIPES_FAILPOINT"}, "
 
 def torchrun(args, tmp_path, nproc=2, timeout=300):
     python, env = preloaded.command(ENV)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+    cmd = [*python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), *python[1:]] + args
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,7 +41,7 @@ def two_nodes(args, cwds, timeout=300):
     for k, cwd in enumerate(cwds):
         err = open(os.path.join(cwd, "agent.err"), "w+")
         procs.append((subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+            [*python, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
              str(k), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "lt", *python[1:],
              *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err))
     results = []

@@ -245,7 +245,7 @@ def test_main_sh(python: str, tmp_path: Path) -> None:
     """Two epochs of the main job into LT_OUTPUT; with .venv (no PYTHON), tools/setup_env.sh runs first."""
     env = {"LT_OUTPUT": str(tmp_path / "run")}
     if python == "PYTHON":
-        env["PYTHON"] = sys.executable
+        env.update(_preloaded_python())
     elif not (ROOT / ".venv" / "bin" / "python").exists():
         pytest.skip(f"{ROOT}/.venv/bin/python does not exist (tools/setup_env.sh has not run in this checkout)")
     proc = _run(["bash", "tools/main.sh", "--set", "epochs=2", "--set", "groups.start_epoch=1"], timeout=600, **env)
