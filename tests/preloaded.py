@@ -138,7 +138,8 @@ def _serve(path: str) -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     children: dict[int, socket.socket] = {}  # pid -> its stub's connection
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # until the pytest worker that started it is gone
         ready, _, _ = select.select([listener, *children.values()], [], [], 0.05)
         for pid, conn in list(children.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
