@@ -38,9 +38,13 @@ def command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     global _server
     if _server is None or _server[0].poll() is not None:
         import atexit
+        import shutil
         import tempfile
 
-        path = os.path.join(tempfile.mkdtemp(prefix="lt-preloaded-"), "socket")
+        # a short folder: a socket's path must stay under 108 bytes, which a long TMPDIR can pass
+        folder = tempfile.mkdtemp(prefix="lt-preloaded-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        atexit.register(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "socket")
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", path], cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": THREADS}, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
