@@ -63,7 +63,8 @@ def _stub(argv: list[str]) -> None:
     conn.connect(os.environ[SOCKET_ENV])
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
                           "unbuffered": sys.stdout.write_through}).encode()  # python -u
-    socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+    message = len(request).to_bytes(8, "big") + request
+    conn.sendall(message[socket.send_fds(conn, [message], [0, 1, 2]):])
     answers = conn.makefile("rb")
     pid = int(answers.readline())
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -163,8 +164,16 @@ def _serve(path: str) -> None:
             conn, _ = listener.accept()
             head, fds, _, _ = socket.recv_fds(conn, 8, 3)
             size, body = int.from_bytes(head, "big"), b""
-            while len(body) < size:
-                body += conn.recv(size - len(body))
+            while len(head) == 8 and len(body) < size:
+                chunk = conn.recv(size - len(body))
+                if not chunk:
+                    break
+                body += chunk
+            if len(head) < 8 or len(body) < size or len(fds) != 3:  # a stub that died while asking
+                for fd in fds:
+                    os.close(fd)
+                conn.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 os.setpgid(0, 0)  # a process group of its own, which a killed stub's takes down whole
@@ -175,7 +184,10 @@ def _serve(path: str) -> None:
                 _child(json.loads(body), fds)
             for fd in fds:
                 os.close(fd)
-            conn.sendall(f"{pid}\n".encode())
+            try:
+                conn.sendall(f"{pid}\n".encode())
+            except OSError:  # its stub is gone: the loop above ends the child
+                pass
             children[pid] = conn
 
 
