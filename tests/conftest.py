@@ -127,6 +127,18 @@ def _uses_module_fixture(item: pytest.Item) -> bool:
     return info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one torch thread per worker: the workers already fill the cores, and intra-op threads
+    competing with the other worker (and with whatever else runs on the machine) made in-process training tests
+    several times slower (the `single_thread` fixture's reason, for every test)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, put LONG_TESTS at the head of the workers' shares, balanced longest first."""
     import os
