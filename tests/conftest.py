@@ -95,3 +95,68 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Rough seconds of the suite's longest tests on the 2-core machine (from `--durations`), to start them first:
+# pytest-xdist's worksteal hands each worker one contiguous share of the collection and steals from the queues' ends,
+# so a long test collected last ran alone at the end of the suite. A missing or stale entry costs only balance.
+LONG_TESTS = {
+    "test_tool_smoke.py::test_device_check_smoke": 40,
+    "test_cuda_compile.py::test_cuda_sources_compile_for_sm90": 33,
+    "test_tool_smoke.py::test_main_sh[.venv]": 32,
+    "test_tool_smoke.py::test_record_bench_smoke": 20,
+    "test_engine.py::test_two_process_gkp_gsa_run_resumes_to_the_same_result": 20,
+    "test_distributed.py::test_two_nodes_give_one_node_s_results_and_write_once": 17,
+    "test_examples.py::test_own_loop_example_trains_gkp_gsa_and_a_peer": 14,
+    "test_sections.py::test_fewer_groups_than_asked_are_said_once_and_read_everywhere": 13,
+    "test_invariants.py::test_zero_strength_trains_the_base_model[bcl-share]": 11,
+    "test_tool_smoke.py::test_run_grid_job": 10,
+    "test_bounded_memory.py::test_gradient_grouping_memory_does_not_grow_with_classes_times_parameters": 9,
+    "test_distributed.py::test_one_memory_bank_per_run_groups_anchors_and_fisher_as_one_process": 8,
+    "test_paper_tables.py::test_paper_row_end_to_end_on_cifar_files": 7,
+    "test_invariants.py::test_zero_strength_trains_the_base_model[ce-masked]": 6,
+    "test_export.py::test_the_printed_load_code_works_in_a_fresh_interpreter": 6,
+    "test_ops.py::test_fake_kernels_are_registered_without_the_extension": 5,
+}
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module-scoped fixture: moved away from its module's other tests, it would build the
+    fixture once more."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one torch thread per worker: the workers already fill the cores, and intra-op threads
+    competing with the other worker (and with whatever else runs on the machine) made in-process training tests
+    several times slower (the `single_thread` fixture's reason, for every test)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, put LONG_TESTS at the head of the workers' shares, balanced longest first."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    seconds = {item: LONG_TESTS.get(item.nodeid.split("/")[-1], 0) for item in items}
+    long = sorted((i for i in items if seconds[i] and not _uses_module_fixture(i)), key=seconds.get, reverse=True)
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for item in long:  # longest first, each to the share with the least so far
+        min(heads, key=lambda head: sum(map(seconds.get, head))).append(item)
+    moved = set(long)
+    rest = [i for i in items if i not in moved]
+    ordered = []
+    for k, head in enumerate(heads):  # worksteal's first shares: worker k gets len(pending) // (workers - k) items
+        size = (len(items) - len(ordered)) // (workers - k)
+        take = max(0, size - len(head))
+        ordered += head + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered + rest

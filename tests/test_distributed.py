@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import preloaded
 from conftest import free_port
 from test_faults import summary_without_time
 from test_gsa import GROUP_OF_CLASS, GROUP_SIZES, Tiny, _batch, _theta
@@ -22,9 +23,10 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "LT_RECIPES_FAILPOINT"}, "
 
 
 def torchrun(args, tmp_path, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port())] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    python, env = preloaded.command(ENV)
+    cmd = [*python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), *python[1:]] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -34,13 +36,14 @@ def two_nodes(args, cwds, timeout=300):
     started in cwds[k]; returns each agent's (exit code, stderr). The rendezvous, not --node_rank, decides which
     agent's process becomes global rank 0."""
     port = free_port()
+    python, env = preloaded.command(ENV)
     procs = []
     for k, cwd in enumerate(cwds):
         err = open(os.path.join(cwd, "agent.err"), "w+")
         procs.append((subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-             str(k), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "lt", *args],
-            cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err))
+            [*python, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+             str(k), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "lt", *python[1:],
+             *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err))
     results = []
     for proc, err in procs:
         try:
@@ -111,7 +114,8 @@ def test_one_memory_bank_per_run_groups_anchors_and_fisher_as_one_process(tmp_pa
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    single = subprocess.run([sys.executable, worker, str(one)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+    python, env = preloaded.command(ENV)
+    single = subprocess.run([*python, worker, str(one)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     proc = torchrun([worker, str(two)], tmp_path)

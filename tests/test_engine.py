@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import free_port
+import preloaded
 from test_faults import summary_without_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,9 +21,10 @@ def launch(out, *sets, nproc=1, extra=(), failpoint=None, timeout=600):
     env.pop("LT_RECIPES_FAILPOINT", None)
     if failpoint:
         env["LT_RECIPES_FAILPOINT"] = failpoint
-    head = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(free_port())]
+    python, env = preloaded.command(env)
+    head = python if nproc == 1 else [
+        *python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()), *python[1:]]
     cmd = head + [os.path.join(ROOT, "train.py"), "--recipe", "digits_lt", "--output", str(out), *extra]
     for s in sets:
         cmd += ["--set", s]
@@ -89,8 +91,9 @@ def test_accelerate_cpu_launch_of_two_processes_warns_and_logs_progress(tmp_path
     """`accelerate launch --cpu --num_processes 2` runs one process: say so loudly; progress lines without a tty."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LT_RECIPES_FAILPOINT", None)
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    python, env = preloaded.command(env)
+    proc = subprocess.run([*python, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *python[1:],
                            os.path.join(ROOT, "train.py"), "--output", str(tmp_path), "--set", "epochs=1",
                            "--set", "method=none", "--set", "log_interval=3", "--set", "sched.warmup_epochs=0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

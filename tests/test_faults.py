@@ -4,9 +4,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
+
+import preloaded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--recipe", "digits_lt", "--set", "epochs=4", "--set", "groups.start_epoch=1", "--set", "groups.interval=2",
@@ -18,7 +19,8 @@ def train(out, *extra, failpoint=None, args=ARGS):
     env.pop("LT_RECIPES_FAILPOINT", None)
     if failpoint:
         env["LT_RECIPES_FAILPOINT"] = failpoint
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--output", str(out), *extra],
+    python, env = preloaded.command(env)
+    return subprocess.run([*python, os.path.join(ROOT, "train.py"), *args, "--output", str(out), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from lt_recipes.config import RECIPE_DIR, ConfigError, load_config, recipe_description
+import preloaded
 from test_engine import ROOT, launch
 
 RECIPES = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
@@ -132,8 +133,9 @@ def test_group_columns_only_for_realised_groups_and_readable_numbers(short_run):
 
 # ---- the CLI's conveniences ----------------------------------------------------------------------------------------
 def test_list_and_print_config(tmp_path):
-    train = [sys.executable, os.path.join(ROOT, "train.py")]
-    proc = subprocess.run(train + ["--list"], capture_output=True, text=True)
+    python, env = preloaded.command({**os.environ, "OMP_NUM_THREADS": "1"})
+    train = [*python, os.path.join(ROOT, "train.py")]
+    proc = subprocess.run(train + ["--list"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == len(RECIPES)
     assert re.search(r"^digits_lt +The default recipe: scikit-learn's bundled 8x8 digits", proc.stdout, re.M)
     for line in proc.stdout.splitlines():  # a shortened description ends at a whole word, never "long- ..."
@@ -141,7 +143,7 @@ def test_list_and_print_config(tmp_path):
         words = text.removesuffix(" ...").split()
         assert recipe_description(name, width=10_000).split()[:len(words)] == words, line
     proc = subprocess.run(train + ["--print-config", "--set", "epochs=4", "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and not (tmp_path / "run").exists()
     (tmp_path / "printed.yaml").write_text(proc.stdout)
     assert load_config(str(tmp_path / "printed.yaml")) == load_config("digits_lt", ["epochs=4"])
@@ -164,9 +166,9 @@ def test_seed_log_file_and_last_line_name_the_weights(short_run):
 
 
 def test_ctrl_c_ends_with_one_line_and_a_resumable_checkpoint(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--output", str(tmp_path), "--set", "epochs=200",
+    python, env = preloaded.command({**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [*python, os.path.join(ROOT, "train.py"), "--output", str(tmp_path), "--set", "epochs=200",
            "--set", "method=none"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120

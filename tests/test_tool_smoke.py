@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+import preloaded
 from conftest import write_idx
 from lt_recipes.steps import list_steps
 from toolload import ROOT, load_tool
@@ -85,6 +86,14 @@ def _run(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProc
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
     return proc
+
+
+def _preloaded_python() -> dict[str, str]:
+    """PYTHON for the shell tools: tests/preloaded_python, whose `python ARGS` fork from the preloaded interpreter
+    (tests/preloaded.py), with the variables it reads."""
+    _, env = preloaded.command({})
+    return {"PYTHON": str(ROOT / "tests" / "preloaded_python"), "LT_TESTS_PYTHON": sys.executable,
+            preloaded.SOCKET_ENV: env[preloaded.SOCKET_ENV]}
 
 
 def _positive(value: float) -> bool:
@@ -255,7 +264,7 @@ def test_main_sh(python: str, tmp_path: Path) -> None:
     """Two epochs of the main job into LT_OUTPUT; with .venv (no PYTHON), tools/setup_env.sh runs first."""
     env = {"LT_OUTPUT": str(tmp_path / "run")}
     if python == "PYTHON":
-        env["PYTHON"] = sys.executable
+        env.update(_preloaded_python())
     elif not (ROOT / ".venv" / "bin" / "python").exists():
         pytest.skip(f"{ROOT}/.venv/bin/python does not exist (tools/setup_env.sh has not run in this checkout)")
     proc = _run(["bash", "tools/main.sh", "--set", "epochs=2", "--set", "groups.start_epoch=1"], timeout=600, **env)
@@ -290,8 +299,8 @@ def test_record_bench_smoke(tmp_path: Path) -> None:
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        _run(["bash", "tools/record_bench.sh"], timeout=300, PYTHON=sys.executable, SMOKE="1", BENCH_DIR=str(bench),
-             BENCH_DOC=str(readme))
+        _run(["bash", "tools/record_bench.sh"], timeout=300, SMOKE="1", BENCH_DIR=str(bench), BENCH_DOC=str(readme),
+             **_preloaded_python())
     finally:
         done.set()
         watcher.join()
@@ -317,8 +326,8 @@ def test_record_bench_smoke(tmp_path: Path) -> None:
 def test_device_check_smoke(tmp_path: Path) -> None:
     """DEVICE_CHECK_SMOKE=1 device_check.sh: every part runs and passes on the CPU (or says why it cannot run in this
     checkout yet), every registered step takes its two steps, and each benchmark's JSON is saved."""
-    proc = _run(["bash", "tools/device_check.sh"], timeout=600, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1",
-                BENCH_DIR=str(tmp_path))
+    proc = _run(["bash", "tools/device_check.sh"], timeout=600, DEVICE_CHECK_SMOKE="1", BENCH_DIR=str(tmp_path),
+                **_preloaded_python())
     assert proc.stdout.rstrip().endswith("device check passed")
     assert "build the CUDA extension: skipped" in proc.stdout and "FAILED" not in proc.stdout
     run = re.findall(r"^==== (.*) \(limit \d+s\) ====$", proc.stdout, re.M)
