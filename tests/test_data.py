@@ -678,3 +678,18 @@ def test_dataset_summary_tool(tmp_path, capsys):
     assert out["num_lt"] == sum(data.lt_counts)
     assert (out["num_val_from_train"], out["num_val"], out["num_test"]) == (50, 50, 500)
     assert out["splits"] == {k: len(v) for k, v in class_splits(data.train_counts).items()}
+
+
+def test_a_loader_worker_does_not_print_a_connection_reset_after_ctrl_c(capsys, monkeypatch):
+    """A worker's fd-sharing thread reports through sys.excepthook; a connection error there (the main process stopped
+    mid-transfer) is dropped, any other error still printed."""
+    import sys
+
+    from lt_recipes.data.loader import quiet_worker_init
+
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: printed.append(kind))
+    quiet_worker_init(0)
+    for kind in (ConnectionResetError, BrokenPipeError, EOFError, ValueError):
+        sys.excepthook(kind, kind("x"), None)
+    assert printed == [ValueError]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -128,6 +129,23 @@ def resolve_num_workers(num_workers: int | str, env: Mapping[str, str] | None = 
     return max(1, min(MAX_AUTO_WORKERS, cores // local))
 
 
+# what a loader worker's fd-sharing thread raises when the main process stopped in the middle of taking a batch
+_PARENT_GONE = (ConnectionResetError, BrokenPipeError, EOFError)
+
+
+def quiet_worker_init(worker_id: int) -> None:
+    """A loader worker's start: the thread that hands batches' shared memory to the main process reports through
+    sys.excepthook, and a connection error there only means the main process stopped mid-transfer (Ctrl-C, which
+    ends the run with one line), so that one is not printed as a traceback after it."""
+    hook = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, _PARENT_GONE):
+            hook(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
 def loader_options(d: DataConfig, seed: int, device: torch.device | str | None = None) -> dict[str, Any]:
     """The DataLoader options every loader of a run shares: the resolved workers, kept alive across epochs; pinned
     memory when batches go to a GPU; a generator of the loader's own (its worker seeds are then not drawn from the
@@ -135,7 +153,7 @@ def loader_options(d: DataConfig, seed: int, device: torch.device | str | None =
     workers = resolve_num_workers(d.num_workers)
     cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cuda,
-            "generator": torch.Generator().manual_seed(seed)}
+            "generator": torch.Generator().manual_seed(seed), "worker_init_fn": quiet_worker_init if workers else None}
 
 
 def build_loaders(data: LTData, d: DataConfig, seed: int,
