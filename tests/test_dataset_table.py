@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from lt_recipes.config import ConfigError, load_config, load_recipe
+from lt_recipes.config import ConfigError, load_recipe
 from lt_recipes.data import (DATASETS, DataNotFoundError, DatasetInfo, build_data, build_transforms, dataset_info,
                              list_datasets, long_tail_counts, register_dataset, table)
 from lt_recipes.sections import DataConfig

@@ -13,7 +13,6 @@ from lt_recipes.gkp import gkp_strength
 from lt_recipes.host_sync import count_host_syncs, on_host
 from lt_recipes.losses import BCL
 from lt_recipes.models import LTModel, is_classifier, ordered_parameters
-from lt_recipes.sections import GSAConfig
 from lt_recipes.steps import create_step, list_steps, step_info
 from lt_recipes.steps.core import StepStats
 

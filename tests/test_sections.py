@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
-import inspect
 import json
 import logging
 import pathlib
